@@ -1,0 +1,107 @@
+"""Service configuration: one dataclass per service, read from flags and environment.
+
+Each field is declared once, with its default and help; :func:`parse` turns the dataclass into
+command-line flags (``--max-num-seqs``), and every flag can also come from the environment as
+``PAGEWIRE_MAX_NUM_SEQS`` (flags win). ``REDIS_URL`` is honoured as the standard name for Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str, env: str | None = None) -> Any:
+    """A config field: default, help text, and optionally an extra environment variable name."""
+    return field(default=default, metadata={"help": help, "env": env})
+
+
+@dataclass
+class CommonConfig:
+    redis_url: str = opt("", "Redis URL (redis://host:port/db or unix:///path). Empty: none.", "REDIS_URL")
+    deployment: str = opt("default", "Deployment name: namespaces every Redis key.")
+    log_level: str = opt("INFO", "Python log level.")
+
+
+@dataclass
+class WorkerConfig(CommonConfig):
+    model: str = opt("", "Hugging Face model directory (config.json, *.safetensors).")
+    served_model_name: str = opt("", "Name clients use for the model. Empty: the directory name.")
+    host: str = opt("127.0.0.1", "Address to listen on.")
+    port: int = opt(0, "Port to listen on (0: any free port; the chosen one is printed).")
+    worker_id: str = opt("", "Stable worker id for the registry. Empty: host:port.")
+    advertise: str = opt("", "Address the scheduler should dial. Empty: host:port.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
+    dtype: str = opt("auto", "auto (the model's dtype on GPU, float32 on CPU), float32, float16, bfloat16.")
+    block_size: int = opt(16, "Tokens per KV block.")
+    num_blocks: int = opt(0, "KV blocks to allocate. 0: size from --kv-cache-gb / GPU memory.")
+    kv_cache_gb: float = opt(0.5, "KV cache size on CPU when --num-blocks is 0.")
+    gpu_memory_utilization: float = opt(0.9, "Share of free GPU memory for the KV cache.")
+    max_model_len: int = opt(0, "Longest sequence. 0: the model's max_position_embeddings.")
+    attention_backend: str = opt("auto", "auto (triton on CUDA, torch on CPU), triton, torch.")
+    threads: int = opt(0, "torch CPU threads. 0: torch's default.")
+    heartbeat_s: float = opt(2.0, "Seconds between registry heartbeats (TTL is 3x).")
+
+
+@dataclass
+class SchedulerConfig(CommonConfig):
+    host: str = opt("127.0.0.1", "Address to listen on.")
+    port: int = opt(0, "Port to listen on (0: any free port).")
+    workers: str = opt("", "Comma-separated worker addresses. Empty: discover from the Redis registry.")
+    model_name: str = opt("", "Model name for Redis keys. Empty: the workers' served model name.")
+    max_num_seqs: int = opt(256, "Most sequences in one step.")
+    max_num_batched_tokens: int = opt(2048, "Most tokens (decodes + prefill chunks) in one step.")
+    max_queue: int = opt(4096, "Most waiting requests; past it Submit answers RESOURCE_EXHAUSTED.")
+
+
+@dataclass
+class RouterConfig(CommonConfig):
+    model: str = opt("", "Model directory (tokenizer files and config.json).")
+    served_model_name: str = opt("", "Name clients use for the model. Empty: the directory name.")
+    host: str = opt("127.0.0.1", "Address to listen on.")
+    port: int = opt(0, "Port to listen on (0: any free port).")
+    scheduler: str = opt("", "Scheduler address (host:port).")
+    max_prompt_chars: int = opt(1 << 20, "Longest prompt text accepted, in characters.")
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return "PAGEWIRE_" + name.upper()
+
+
+def _env_default(f: dataclasses.Field[Any]) -> Any:
+    for var in (env_name(f.name), f.metadata.get("env")):
+        if var and var in os.environ:
+            return type(f.default)(os.environ[var]) if not isinstance(f.default, bool) else (
+                os.environ[var].lower() in ("1", "true", "yes")
+            )
+    return f.default
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of the config dataclass ``cls``."""
+    for f in dataclasses.fields(cls):
+        env = env_name(f.name) + (f" or {f.metadata['env']}" if f.metadata.get("env") else "")
+        parser.add_argument(
+            flag_name(f.name),
+            dest=f.name,
+            type=type(f.default),
+            default=_env_default(f),
+            help=f"{f.metadata.get('help', '')} (env {env}; default %(default)r)",
+        )
+
+
+def parse(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
+    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    add_arguments(parser, cls)
+    ns = parser.parse_args(argv)
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})  # type: ignore[call-arg]

@@ -1,0 +1,52 @@
+"""Redis key names, one place for all services.
+
+Every key of one deployment and model carries the same hash tag ``{deployment:model}``, so a
+clustered Redis keeps them in one slot and multi-key transactions work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    deployment: str
+    model: str
+
+    @property
+    def prefix(self) -> str:
+        return f"pw:{{{self.deployment}:{self.model}}}"
+
+    # Worker registry: a set of worker ids, a hash of each worker's description, and a key with a
+    # TTL that the worker refreshes (the heartbeat; gone = dead).
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def worker_info(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}:info"
+
+    def worker_alive(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}:alive"
+
+    # Per worker KV bookkeeping, owned by the scheduler: the set of free block ids, and the
+    # published load figures routers read.
+    def free_blocks(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}:free"
+
+    def worker_load(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}:load"
+
+    # Per request: a hash of its description (prompt, sampling, worker, state), the list of its
+    # block ids (its block table) and the list of generated token ids.
+    def requests(self) -> str:
+        return f"{self.prefix}:requests"
+
+    def request(self, request_id: str) -> str:
+        return f"{self.prefix}:req:{request_id}"
+
+    def request_blocks(self, request_id: str) -> str:
+        return f"{self.prefix}:req:{request_id}:blocks"
+
+    def request_tokens(self, request_id: str) -> str:
+        return f"{self.prefix}:req:{request_id}:tokens"

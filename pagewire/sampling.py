@@ -1,0 +1,129 @@
+"""Sampling parameters: defaults, bounds and validation, in one place.
+
+The router validates every request with :func:`validate`; the scheduler and the worker trust what
+reaches them and read the resolved values from :class:`SamplingParams`. Each error names the field
+and its limit, because a client in another language only sees the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagewire.v1 import common_pb2
+
+DEFAULT_MAX_TOKENS = 16
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_K = 1 << 20
+MAX_SEED = (1 << 63) - 1
+
+
+class ValidationError(ValueError):
+    """A request field is out of bounds. ``field`` is the API name of the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Resolved sampling parameters (every default applied)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.SamplingParams) -> SamplingParams:
+        """Apply the documented defaults to a (possibly partial) message. Does not validate."""
+        return cls(
+            temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+            top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+            top_k=max(msg.top_k, 0) if msg.HasField("top_k") else 0,
+            max_tokens=msg.max_tokens if msg.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
+            stop=tuple(msg.stop),
+            stop_token_ids=tuple(msg.stop_token_ids),
+            ignore_eos=msg.ignore_eos,
+            seed=msg.seed if msg.HasField("seed") else None,
+            skip_special_tokens=(
+                msg.skip_special_tokens if msg.HasField("skip_special_tokens") else True
+            ),
+        )
+
+    def to_proto(self) -> common_pb2.SamplingParams:
+        msg = common_pb2.SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_tokens=self.max_tokens,
+            stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+        if self.seed is not None:
+            msg.seed = self.seed
+        return msg
+
+
+def validate(
+    msg: common_pb2.SamplingParams,
+    *,
+    prompt_len: int,
+    max_model_len: int,
+    vocab_size: int,
+) -> SamplingParams:
+    """Check every field against its bounds and return the resolved parameters.
+
+    Raises ValidationError naming the first offending field and its limit.
+    """
+    if msg.HasField("temperature") and not (0.0 <= msg.temperature <= 1e4):
+        raise ValidationError("temperature", f"must be >= 0 and <= 1e4, got {msg.temperature}")
+    if msg.HasField("top_p") and not (0.0 < msg.top_p <= 1.0):
+        raise ValidationError("top_p", f"must be in (0, 1], got {msg.top_p}")
+    if msg.HasField("top_k") and not (msg.top_k in (-1, 0) or 1 <= msg.top_k <= MAX_TOP_K):
+        raise ValidationError("top_k", f"must be -1, 0 (off) or in [1, {MAX_TOP_K}], got {msg.top_k}")
+    if msg.HasField("max_tokens") and msg.max_tokens < 1:
+        raise ValidationError("max_tokens", f"must be >= 1, got {msg.max_tokens}")
+    if prompt_len < 1:
+        raise ValidationError("prompt", "must not be empty")
+    if prompt_len >= max_model_len:
+        raise ValidationError(
+            "prompt",
+            f"is {prompt_len} tokens; the model's context is {max_model_len} tokens "
+            "(prompt must leave room for at least 1 generated token)",
+        )
+    params = SamplingParams.from_proto(msg)
+    if prompt_len + params.max_tokens > max_model_len:
+        raise ValidationError(
+            "max_tokens",
+            f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) must be <= the "
+            f"model's context of {max_model_len} tokens",
+        )
+    if len(msg.stop) > MAX_STOP_STRINGS:
+        raise ValidationError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(msg.stop)}")
+    for s in msg.stop:
+        if not s or len(s) > MAX_STOP_STRING_CHARS:
+            raise ValidationError(
+                "stop", f"each stop string must be 1 to {MAX_STOP_STRING_CHARS} characters"
+            )
+    if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValidationError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
+    for t in msg.stop_token_ids:
+        if not 0 <= t < vocab_size:
+            raise ValidationError("stop_token_ids", f"each id must be in [0, {vocab_size}), got {t}")
+    if msg.HasField("seed") and msg.seed > MAX_SEED:
+        raise ValidationError("seed", f"must be <= {MAX_SEED}")
+    return params

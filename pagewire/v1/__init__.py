@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for pagewire.v1 (do not edit; see pagewire.protogen)."""

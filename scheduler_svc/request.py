@@ -1,0 +1,58 @@
+"""A request as the scheduler sees it: tokens in, tokens out, and the KV blocks it holds."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from pagewire.sampling import SamplingParams
+from pagewire.v1 import common_pb2, scheduler_pb2
+
+_seq_ids = itertools.count(1)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    priority: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    status: Status = Status.WAITING
+    output: list[int] = field(default_factory=list)
+    # Tokens (prompt + output) whose K/V are in the cache, counting this step's once scheduled.
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    # The worker has this sequence's state (block table, sampling) from an earlier step.
+    on_worker: bool = False
+    finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+    aborted: bool = False
+    # Events for the Submit stream; None closes it.
+    events: asyncio.Queue[scheduler_pb2.TokenEvent | None] = field(default_factory=asyncio.Queue)
+    sent: int = 0  # output tokens already put on the events queue
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without concatenating the whole sequence."""
+        p = len(self.prompt)
+        chunk = self.prompt[start : min(end, p)] if start < p else []
+        if end > p:
+            chunk += self.output[max(start - p, 0) : end - p]
+        return chunk
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,202 @@
+"""Continuous batching for one worker: which requests run this step, with how many tokens.
+
+``schedule()`` is the decision, returned as plain data (:class:`ScheduledBatch`); ``update()``
+applies the worker's sampled tokens and says which requests finished. Running requests go first
+(one token each for decodes, the next chunk for unfinished prefills), then waiting requests in
+priority/FCFS order take what is left of the token budget, so a long prompt is split into chunks
+and never stalls decodes. When blocks run out, the lowest-priority, latest-arrived running request
+is preempted: it gives its blocks back and recomputes from prompt + output later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagewire.v1 import common_pb2
+from scheduler_svc.block_pool import BlockPool
+from scheduler_svc.request import Request, Status
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    start: int  # first position computed this step
+    num_tokens: int
+    new_blocks: list[int]
+    sample: bool
+    resend: bool  # worker must receive full state (first time, or after preemption)
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    released: list[Request] = field(default_factory=list)  # finished/aborted since the last step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+
+def _priority_key(r: Request) -> tuple[int, float]:
+    return (-r.priority, r.arrival)
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, pool: BlockPool) -> None:
+        self.limits = limits
+        self.pool = pool
+        self.waiting: list[Request] = []  # kept sorted by (priority desc, arrival)
+        self.running: list[Request] = []
+        self._released: list[Request] = []
+        # Blocks given back since the last drain, per request: what the state store must record.
+        self.freed: list[tuple[Request, list[int]]] = []
+
+    # ---- queue changes -------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+        self.waiting.sort(key=_priority_key)
+
+    def abort(self, req: Request) -> None:
+        """Finish ``req`` now and give its blocks back (effective before the next step)."""
+        if req.finished:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        req.aborted = True
+        self._finish(req, common_pb2.FINISH_REASON_ABORT)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._released)
+
+    def load_tokens(self) -> int:
+        """Tokens still to compute or generate: the load figure for placing new requests."""
+        return sum(r.num_tokens - r.num_computed + r.params.max_tokens - len(r.output)
+                   for r in (*self.waiting, *self.running))
+
+    # ---- the decision --------------------------------------------------------------------
+    def _blocks_needed(self, req: Request, num_tokens: int) -> int:
+        bs = self.limits.block_size
+        return -(-(req.num_computed + num_tokens) // bs) - len(req.block_table)
+
+    def _preempt(self, victim: Request, batch: ScheduledBatch) -> None:
+        self.running.remove(victim)
+        self.pool.release(victim.block_table)
+        self.freed.append((victim, victim.block_table))
+        victim.block_table = []
+        victim.num_computed = 0
+        victim.on_worker = False
+        victim.status = Status.WAITING
+        self.waiting.insert(0, victim)
+        self.waiting.sort(key=_priority_key)
+        batch.preempted.append(victim)
+
+    def _take(self, req: Request, num_tokens: int, batch: ScheduledBatch) -> None:
+        new_blocks = self.pool.allocate(self._blocks_needed(req, num_tokens))
+        req.block_table.extend(new_blocks)
+        start = req.num_computed
+        req.num_computed += num_tokens
+        batch.seqs.append(
+            ScheduledSeq(
+                request=req,
+                start=start,
+                num_tokens=num_tokens,
+                new_blocks=new_blocks,
+                sample=req.num_computed == req.num_tokens,
+                resend=not req.on_worker,
+            )
+        )
+        req.on_worker = True
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch(released=self._released)
+        self._released = []
+        budget = self.limits.max_num_batched_tokens
+        # Running requests, highest priority / earliest first; victims come from the other end.
+        self.running.sort(key=_priority_key)
+        i = 0
+        while i < len(self.running) and budget > 0 and len(batch.seqs) < self.limits.max_num_seqs:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            while self._blocks_needed(req, n) > self.pool.num_free:
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is req:
+                    break
+            else:
+                self._take(req, n, batch)
+                budget -= n
+                i += 1
+                continue
+            break  # req itself was preempted: nothing after it can run either
+        # Waiting requests, in order, while budget, sequence slots and blocks last.
+        while self.waiting and budget > 0 and len(batch.seqs) < self.limits.max_num_seqs:
+            req = self.waiting[0]
+            if req in batch.preempted:
+                break  # preempted this step: wait for blocks to come back
+            n = min(req.num_tokens - req.num_computed, budget)
+            if self._blocks_needed(req, n) > self.pool.num_free:
+                break  # strict FCFS: do not let later requests jump a stuck one
+            self.waiting.pop(0)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            self._take(req, n, batch)
+            budget -= n
+        return batch
+
+    # ---- applying results ----------------------------------------------------------------
+    def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Request]:
+        """Append sampled tokens (seq_id -> token); return requests that got tokens or finished."""
+        touched = []
+        for s in batch.seqs:
+            req = s.request
+            if req.finished or not s.sample:
+                continue
+            token = sampled.get(req.seq_id)
+            if token is None:
+                continue
+            req.output.append(token)
+            touched.append(req)
+            reason = self._stop_reason(req, token)
+            if reason:
+                self.running.remove(req)
+                self._finish(req, reason)
+        return touched
+
+    def _stop_reason(self, req: Request, token: int) -> int:
+        p = req.params
+        if not p.ignore_eos and token in self.limits.eos_token_ids:
+            return common_pb2.FINISH_REASON_STOP
+        if token in p.stop_token_ids:
+            return common_pb2.FINISH_REASON_STOP
+        if len(req.output) >= p.max_tokens or req.num_tokens >= self.limits.max_model_len:
+            return common_pb2.FINISH_REASON_LENGTH
+        return common_pb2.FINISH_REASON_UNSPECIFIED
+
+    def _finish(self, req: Request, reason: int) -> None:
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        if req.block_table:
+            self.pool.release(req.block_table)
+            self.freed.append((req, req.block_table))
+            req.block_table = []
+        self._released.append(req)
+
+    def drain_freed(self) -> list[tuple[Request, list[int]]]:
+        freed, self.freed = self.freed, []
+        return freed
+
+    def check_invariants(self) -> None:
+        self.pool.check([r.block_table for r in self.running] + [r.block_table for r in self.waiting])

@@ -1,0 +1,170 @@
+"""The worker process: loads the model, owns the KV memory, executes steps over a gRPC stream.
+
+Start: ``python -m worker_svc.server --model DIR --port P [--redis-url URL]``. With Redis it
+registers itself (``workers`` set, info hash, heartbeat key with a TTL) so schedulers can find it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import grpc
+import redis.asyncio as aioredis
+import torch
+
+import kernels
+from pagewire import config as pwconfig
+from pagewire import serving
+from pagewire.redis_keys import RedisKeys
+from pagewire.v1 import worker_pb2, worker_pb2_grpc
+from worker_svc.loader import load_model, read_model_dir, resolve_dtype
+from worker_svc.runner import ModelRunner, allocate_kv_cache, kv_block_bytes
+
+log = logging.getLogger("worker")
+SERVICE = "pagewire.v1.Worker"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.WorkerInfo]:
+    """Load weights, size and allocate the KV cache; describe the result."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    files = read_model_dir(cfg.model)
+    device = pick_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, files.hf_config, device)
+    max_len = cfg.max_model_len or files.max_position_embeddings
+    model = load_model(files, device, dtype, max_len)
+    block_bytes = kv_block_bytes(model, cfg.block_size, dtype)
+    num_blocks = cfg.num_blocks
+    if num_blocks <= 0:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = free * cfg.gpu_memory_utilization
+        else:
+            budget = cfg.kv_cache_gb * (1 << 30)
+        num_blocks = max(int(budget // block_bytes), 1)
+    backend_name = cfg.attention_backend
+    if backend_name == "auto":
+        backend_name = kernels.default_backend_name(device)
+    backend = kernels.get_backend(backend_name)
+    caches = allocate_kv_cache(model, num_blocks, cfg.block_size, dtype, device)
+    runner = ModelRunner(model, caches, cfg.block_size, backend, device)
+    info = worker_pb2.WorkerInfo(
+        worker_id=cfg.worker_id or f"{cfg.host}:{cfg.port}",
+        model=cfg.served_model_name or Path(cfg.model).resolve().name,
+        dtype=str(dtype).removeprefix("torch."),
+        block_size=cfg.block_size,
+        num_blocks=num_blocks,
+        max_model_len=max_len,
+        vocab_size=model.cfg.vocab_size,
+        eos_token_ids=list(files.eos_token_ids),
+        attention_backend=backend_name,
+        device=str(device),
+    )
+    return runner, info
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    """Registered before the model is loaded (so health answers at once); UNAVAILABLE until then."""
+
+    def __init__(self) -> None:
+        self.runner: ModelRunner | None = None
+        self.info = worker_pb2.WorkerInfo()
+        self.lock = asyncio.Lock()  # one scheduler stream drives the device at a time
+
+    async def Describe(
+        self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerInfo:
+        if self.runner is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is still loading")
+        return self.info
+
+    async def Execute(
+        self, request_iterator: AsyncIterator[worker_pb2.Step], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.StepResult]:
+        runner = self.runner
+        if runner is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is still loading")
+            return
+        async with self.lock:
+            runner.reset()
+            async for step in request_iterator:
+                yield await asyncio.to_thread(runner.execute, step)
+
+
+async def register(cfg: pwconfig.WorkerConfig, info: worker_pb2.WorkerInfo, address: str) -> None:
+    """Register in Redis and keep the heartbeat alive until cancelled."""
+    r = aioredis.Redis.from_url(cfg.redis_url)
+    keys = RedisKeys(cfg.deployment, info.model)
+    ttl_ms = int(cfg.heartbeat_s * 3000)
+    fields = {
+        "address": address,
+        "model": info.model,
+        "block_size": info.block_size,
+        "num_blocks": info.num_blocks,
+        "max_model_len": info.max_model_len,
+        "pid": os.getpid(),
+    }
+    try:
+        while True:
+            async with r.pipeline(transaction=True) as p:
+                p.sadd(keys.workers(), info.worker_id)
+                p.hset(keys.worker_info(info.worker_id), mapping=fields)
+                p.set(keys.worker_alive(info.worker_id), address, px=ttl_ms)
+                await p.execute()
+            await asyncio.sleep(cfg.heartbeat_s)
+    finally:
+        await r.delete(keys.worker_alive(info.worker_id))
+        await r.aclose()
+
+
+async def serve(cfg: pwconfig.WorkerConfig) -> None:
+    server, health_servicer = serving.new_server([SERVICE])
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    cfg.port = port
+    service = WorkerService()
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    await serving.set_serving(health_servicer, [SERVICE], False)
+    await server.start()
+    log.info("loading %s", cfg.model)
+    runner, info = await asyncio.to_thread(build_runner, cfg)
+    service.runner, service.info = runner, info
+    address = cfg.advertise or f"{cfg.host}:{port}"
+    heartbeat = asyncio.create_task(register(cfg, info, address)) if cfg.redis_url else None
+    await serving.set_serving(health_servicer, [SERVICE], True)
+    log.info(
+        "worker %s serving %s on %s: %d KV blocks of %d tokens, %s, %s attention",
+        info.worker_id, info.model, address, info.num_blocks, info.block_size, info.dtype,
+        info.attention_backend,
+    )
+
+    async def on_stop() -> None:
+        await serving.set_serving(health_servicer, [SERVICE], False)
+        if heartbeat is not None:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    await serving.run_until_signalled(server, on_stop)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = pwconfig.parse(pwconfig.WorkerConfig, argv, prog="pagewire-worker")
+    serving.setup_logging(cfg.log_level, f"worker[{socket.gethostname()}]")
+    if not cfg.model:
+        sys.exit("--model is required")
+    asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    main()
