@@ -1,0 +1,43 @@
+"""Small helpers shared by the Triton wrappers: shape checks and device facts."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (Triton tile extents must be powers of two)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def last_dim_contiguous(x: Tensor) -> Tensor:
+    """The kernels assume unit stride along head_dim; views such as q/k/v slices of a fused
+    projection already have it, so a copy happens only for unusual inputs."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def check_head_dim(head_dim: int) -> None:
+    """Head dims must be a power of two in 16..256: tile extents and tl.dot's minimum of 16."""
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two in 16..256, got {head_dim}")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (tests on machines without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; a small stand-in on CPU (interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

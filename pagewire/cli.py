@@ -1,0 +1,157 @@
+"""The ``pagewire`` command line.
+
+    pagewire up [--model DIR] [--port 50051]     run Redis, worker, scheduler and router locally
+    pagewire generate "text" [--max-tokens N]    stream a completion from a router
+    pagewire make-model DIR [--seed N] [--size]  build the random-weight Llama test model
+    pagewire worker|scheduler|router [flags]     run one service (what containers run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import runpy
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_ADDR = "127.0.0.1:50051"
+SERVICES = {"worker": "worker_svc.server", "scheduler": "scheduler_svc.server", "router": "router.server"}
+
+
+def default_model_dir() -> Path:
+    root = Path(os.environ.get("PAGEWIRE_CACHE", Path.home() / ".cache" / "pagewire"))
+    return root / "models" / "tiny-seed0"
+
+
+def cmd_make_model(args: argparse.Namespace) -> None:
+    from pagewire.testmodel import make_model
+
+    path = make_model(args.dir, seed=args.seed, size=args.size)
+    print(f"wrote {args.size} test model (seed {args.seed}) to {path}")
+
+
+async def _up(args: argparse.Namespace) -> None:
+    from pagewire.launcher import start_stack
+
+    model = args.model
+    if not model:
+        from pagewire.testmodel import ensure_model
+
+        model = str(ensure_model(default_model_dir(), seed=0, size="tiny"))
+        print(f"pagewire up: serving the test model at {model}", flush=True)
+    worker_args = ["--num-blocks", str(args.num_blocks)] if args.num_blocks else []
+    stack = await start_stack(
+        model,
+        router_port=args.port,
+        worker_args=worker_args,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+    )
+    try:
+        print(f"pagewire up: router listening on {stack.router}", flush=True)
+        print(f'pagewire up: try  pagewire generate --addr {stack.router} "Once upon a time"', flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        while not stop.is_set():
+            dead = [s.name for s in stack.services if s.process.poll() is not None]
+            if dead:
+                print(f"pagewire up: {', '.join(dead)} exited; stopping", file=sys.stderr)
+                break
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+    finally:
+        print("pagewire up: stopping", flush=True)
+        stack.stop()
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pagewire import serving
+    from pagewire.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+    sampling = common_pb2.SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, stop=args.stop or [], ignore_eos=args.ignore_eos,
+    )
+    if args.seed is not None:
+        sampling.seed = args.seed
+    request = generation_pb2.GenerateRequest(text=args.prompt, sampling=sampling)
+    async with serving.insecure_channel(args.addr) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        try:
+            async for resp in stub.Generate(request):
+                sys.stdout.write(resp.text)
+                sys.stdout.flush()
+                if resp.finish_reason:
+                    reason = common_pb2.FinishReason.Name(resp.finish_reason)
+                    u = resp.usage
+                    print(f"\n[{reason.removeprefix('FINISH_REASON_').lower()}: prompt {u.prompt_tokens}"
+                          f" tokens, completion {u.completion_tokens} tokens]", file=sys.stderr)
+        except grpc.aio.AioRpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagewire", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole stack locally")
+    up.add_argument("--model", default="", help="model directory (default: build the test model)")
+    up.add_argument("--port", type=int, default=50051, help="router port")
+    up.add_argument("--num-blocks", type=int, default=0, help="worker KV blocks (0: auto)")
+    up.add_argument("--log-dir", default="", help="write each service's log here")
+
+    gen = sub.add_parser("generate", help="stream a completion to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--addr", default=os.environ.get("PAGEWIRE_ADDR", DEFAULT_ADDR))
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+
+    mk = sub.add_parser("make-model", help="build the random-weight Llama test model")
+    mk.add_argument("dir")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--size", choices=["tiny", "small"], default="tiny")
+
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} service (flags: pagewire {name} --help)",
+                       add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SERVICES:  # hand the rest of the flags to the service itself
+        sys.argv = [f"pagewire {argv[0]}", *argv[1:]]
+        runpy.run_module(SERVICES[argv[0]], run_name="__main__")
+        return 0
+    args = build_parser().parse_args(argv)
+    if args.command == "make-model":
+        cmd_make_model(args)
+    elif args.command == "up":
+        try:
+            asyncio.run(_up(args))
+        except KeyboardInterrupt:
+            pass
+    elif args.command == "generate":
+        return asyncio.run(_generate(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Run the whole stack locally as separate processes: Redis, worker(s), scheduler, router.
+
+Used by ``pagewire up`` and by the end-to-end tests, so both exercise the same real processes on
+loopback. Each service is started as ``python -m <service>.server`` with flags; the launcher waits
+for gRPC health before starting the next one and stops everything (SIGTERM, then SIGKILL) in
+reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pagewire import serving
+from pagewire.redis_server import RedisServer, start_redis
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    name: str
+    address: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Stack:
+    """A running local deployment. ``router`` is the address clients dial."""
+
+    model: str
+    redis_url: str = ""
+    redis: RedisServer | None = None
+    services: list[Service] = field(default_factory=list)
+    log_dir: Path | None = None
+
+    @property
+    def router(self) -> str:
+        return next(s.address for s in self.services if s.name == "router")
+
+    def service(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+    def _spawn(self, name: str, module: str, args: list[str], port: int) -> Service:
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        svc = Service(name, f"127.0.0.1:{port}", proc)
+        self.services.append(svc)
+        return svc
+
+    async def _wait(self, svc: Service, timeout: float) -> None:
+        try:
+            await serving.wait_healthy(svc.address, timeout)
+        except TimeoutError:
+            code = svc.process.poll()
+            raise RuntimeError(f"{svc.name} did not become healthy (exit code {code})") from None
+
+    async def start_worker(self, name: str = "worker", extra: list[str] | None = None) -> Service:
+        port = free_port()
+        args = ["--model", self.model, "--port", str(port), "--worker-id", name,
+                "--redis-url", self.redis_url, *(extra or [])]
+        svc = self._spawn(name, "worker_svc.server", args, port)
+        await self._wait(svc, 300)
+        return svc
+
+    async def start_scheduler(self, workers: list[Service], extra: list[str] | None = None) -> Service:
+        port = free_port()
+        args = ["--port", str(port), "--redis-url", self.redis_url,
+                "--workers", ",".join(w.address for w in workers), *(extra or [])]
+        svc = self._spawn("scheduler", "scheduler_svc.server", args, port)
+        await self._wait(svc, 120)
+        return svc
+
+    async def start_router(self, scheduler: Service, port: int = 0, extra: list[str] | None = None) -> Service:
+        port = port or free_port()
+        args = ["--model", self.model, "--port", str(port), "--scheduler", scheduler.address,
+                "--redis-url", self.redis_url, *(extra or [])]
+        svc = self._spawn("router", "router.server", args, port)
+        await self._wait(svc, 120)
+        return svc
+
+    def stop(self) -> None:
+        for svc in reversed(self.services):
+            svc.stop()
+        self.services.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+async def start_stack(
+    model: str,
+    *,
+    router_port: int = 0,
+    worker_args: list[str] | None = None,
+    scheduler_args: list[str] | None = None,
+    router_args: list[str] | None = None,
+    num_workers: int = 1,
+    log_dir: Path | None = None,
+) -> Stack:
+    """Redis (REDIS_URL, else a private redis-server), then workers, scheduler, router."""
+    stack = Stack(model=str(model), log_dir=log_dir)
+    try:
+        stack.redis_url = os.environ.get("REDIS_URL", "")
+        if not stack.redis_url:
+            stack.redis = start_redis()
+            stack.redis_url = stack.redis.url
+        workers = [
+            await stack.start_worker(f"worker-{i}", worker_args) for i in range(num_workers)
+        ]
+        sched = await stack.start_scheduler(workers, scheduler_args)
+        await stack.start_router(sched, router_port, router_args)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack

@@ -1,0 +1,33 @@
+from pagewire.block_hash import DIGEST_BYTES, block_hash, prompt_block_hashes
+
+
+def test_only_full_blocks_are_hashed() -> None:
+    assert len(prompt_block_hashes(list(range(10)), 4)) == 2
+    assert prompt_block_hashes(list(range(3)), 4) == []
+    assert len(prompt_block_hashes(list(range(8)), 4)) == 2
+
+
+def test_hash_is_chained_so_a_block_names_its_whole_prefix() -> None:
+    a = prompt_block_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4)
+    b = prompt_block_hashes([9, 2, 3, 4, 5, 6, 7, 8], 4)
+    assert a[0] != b[0]
+    assert a[1] != b[1], "same tokens in block 1 but a different prefix must hash differently"
+
+
+def test_same_prefix_gives_same_hashes_whatever_follows() -> None:
+    a = prompt_block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], 4)
+    b = prompt_block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 42, 43], 4)
+    assert a == b
+
+
+def test_hash_is_deterministic_and_wide() -> None:
+    h = block_hash(None, [1, 2, 3])
+    assert h == block_hash(None, [1, 2, 3])
+    assert len(h) == DIGEST_BYTES == 16
+    assert block_hash(h, [1, 2, 3]) != h
+
+
+def test_token_boundaries_matter() -> None:
+    # Token ids are hashed as fixed-width integers, so [1, 23] and [12, 3] cannot collide.
+    assert block_hash(None, [1, 23]) != block_hash(None, [12, 3])
+    assert block_hash(None, [256]) != block_hash(None, [0, 1])
