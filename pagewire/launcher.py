@@ -8,7 +8,6 @@ reverse order.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket

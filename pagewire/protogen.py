@@ -18,8 +18,8 @@ INIT = '"""Generated protobuf and gRPC stubs for pagewire.v1 (do not edit; see p
 
 def generate(out_root: Path) -> list[Path]:
     """Run protoc (grpcio-tools) for every proto file; return the files written under out_root."""
-    from grpc_tools import protoc  # dev dependency: only needed to regenerate
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency: only needed to regenerate
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     protos = [str(PROTO_ROOT / "pagewire" / "v1" / f"{name}.proto") for name in PROTO_FILES]

@@ -107,7 +107,11 @@ class WorkerEngine:
         for req in done:
             self.store.finished(req)
         self.store.publish_load(
-            len(sched.running), len(sched.waiting), sched.pool.num_used, sched.pool.num_blocks
+            running=len(sched.running),
+            waiting=len(sched.waiting),
+            used_blocks=sched.pool.num_used,
+            total_blocks=sched.pool.num_blocks,
+            preemptions=sched.num_preemptions,
         )
         await self.store.flush()  # tokens leave only once Redis has them
         for req in touched:

@@ -60,6 +60,7 @@ class Scheduler:
         self._released: list[Request] = []
         # Blocks given back since the last drain, per request: what the state store must record.
         self.freed: list[tuple[Request, list[int]]] = []
+        self.num_preemptions = 0
 
     # ---- queue changes -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -102,6 +103,7 @@ class Scheduler:
         self.waiting.insert(0, victim)
         self.waiting.sort(key=_priority_key)
         batch.preempted.append(victim)
+        self.num_preemptions += 1
 
     def _take(self, req: Request, num_tokens: int, batch: ScheduledBatch) -> None:
         new_blocks = self.pool.allocate(self._blocks_needed(req, num_tokens))

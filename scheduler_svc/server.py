@@ -63,6 +63,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"max_tokens: prompt + max_tokens must be <= {engine.info.max_model_len}",
             )
+        total = len(request.prompt_token_ids) + params.max_tokens
+        need = -(-total // engine.info.block_size)
+        if need > engine.info.num_blocks:  # could never run, even alone: preemption cannot help
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_tokens: prompt + max_tokens ({total} tokens) needs {need} KV blocks; "
+                f"worker {engine.worker_id} has {engine.info.num_blocks}",
+            )
         req = Request(rid, list(request.prompt_token_ids), params, priority=request.priority)
         self.requests[rid] = (req, engine)
         engine.submit(req)

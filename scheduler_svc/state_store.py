@@ -80,12 +80,9 @@ class StateStore:
         p.srem(k.requests(), req.request_id)
         self._queued += 2
 
-    def publish_load(self, running: int, waiting: int, used_blocks: int, total_blocks: int) -> None:
-        self._pipe.hset(
-            self.keys.worker_load(self.worker_id),
-            mapping={"running": running, "waiting": waiting, "used_blocks": used_blocks,
-                     "total_blocks": total_blocks},
-        )
+    def publish_load(self, **figures: int) -> None:
+        """Per-worker load figures (running, waiting, blocks, preemptions) that routers read."""
+        self._pipe.hset(self.keys.worker_load(self.worker_id), mapping=figures)
         self._queued += 1
 
     async def flush(self) -> None:

@@ -1,0 +1,199 @@
+"""Through all four processes: parity with transformers, aborts, blocks back in Redis, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from e2e_util import HFReference, launch, redis_keys
+
+from pagewire import serving
+from pagewire.launcher import Stack
+from pagewire.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+PROMPTS = [
+    "Once",
+    "The quick brown fox",
+    "In the beginning there was a small server that",
+    "Numbers: 1, 2, 3, 5, 8, 13, 21,",
+    "Café, naïve, 東京 and 🙂 walk into a bar.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "A much longer prompt that goes on and on, " * 12,
+    "Le petit prince demanda encore une fois pourquoi les étoiles brillent la nuit, et",
+]
+
+
+async def generate(
+    stub: generation_pb2_grpc.GenerationStub, request: generation_pb2.GenerateRequest
+) -> tuple[list[int], str, generation_pb2.GenerateResponse]:
+    ids: list[int] = []
+    text = ""
+    last = generation_pb2.GenerateResponse()
+    async for resp in stub.Generate(request):
+        ids.extend(resp.token_ids)
+        text += resp.text
+        last = resp
+    return ids, text, last
+
+
+def greedy_request(prompt: str, max_tokens: int, **sampling: object) -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(
+        text=prompt,
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, **sampling),
+    )
+
+
+async def run_concurrently(address: str, requests: list[generation_pb2.GenerateRequest]) -> list:
+    async with serving.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        return await asyncio.gather(*(generate(stub, r) for r in requests))
+
+
+def assert_all_blocks_free(stack: Stack, model: Path, num_blocks: int, timeout: float = 5.0) -> None:
+    """Read the free pool from Redis (the state of record), not from the scheduler's memory."""
+    keys = redis_keys(model)
+    client = redis.Redis.from_url(stack.redis_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            free = client.scard(keys.free_blocks("worker-0"))
+            live = client.scard(keys.requests())
+            if (free, live) == (num_blocks, 0) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert free == num_blocks, f"{num_blocks - free} blocks not back in the free pool"
+        assert live == 0, "request records left in Redis"
+        assert not client.keys(keys.prefix + ":req:*")
+    finally:
+        client.close()
+
+
+def test_concurrent_greedy_outputs_match_transformers(
+    stack: Stack, tiny_model: Path, hf_reference: HFReference
+) -> None:
+    max_tokens = 24
+    results = asyncio.run(run_concurrently(stack.router, [greedy_request(p, max_tokens) for p in PROMPTS]))
+    for prompt, (ids, text, last) in zip(PROMPTS, results, strict=True):
+        prompt_ids = hf_reference.tokenizer.encode(prompt)
+        expected = hf_reference.greedy(prompt_ids, max_tokens)
+        assert ids == expected, f"prompt {prompt[:30]!r}"
+        assert last.usage.prompt_tokens == len(prompt_ids)
+        assert last.usage.completion_tokens == len(ids)
+        assert last.finish_reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
+        assert text == hf_reference.tokenizer.decode(
+            expected[:-1] if last.finish_reason == common_pb2.FINISH_REASON_STOP else expected,
+            skip_special_tokens=True,
+        )
+    assert_all_blocks_free(stack, tiny_model, 512)
+
+
+def test_aborted_and_finished_requests_return_every_block(stack: Stack, tiny_model: Path) -> None:
+    async def scenario() -> None:
+        async with serving.insecure_channel(stack.router) as channel:
+            stub = generation_pb2_grpc.GenerationStub(channel)
+
+            async def cancel_after(n_tokens: int) -> int:
+                call = stub.Generate(greedy_request("Abort me please", 400, ignore_eos=True))
+                got = 0
+                async for resp in call:
+                    got += len(resp.token_ids)
+                    if got >= n_tokens:
+                        call.cancel()
+                        break
+                return got
+
+            finishing = [generate(stub, greedy_request(p, 32, ignore_eos=True)) for p in PROMPTS[:4]]
+            aborting = [cancel_after(n) for n in (1, 5, 9, 17)]
+            results = await asyncio.gather(*finishing, *aborting)
+            for ids, _, last in results[:4]:
+                assert len(ids) == 32 and last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+            assert all(n >= 1 for n in results[4:])
+
+    asyncio.run(scenario())
+    assert_all_blocks_free(stack, tiny_model, 512)
+
+
+def test_stop_string_ends_generation_and_is_excluded(stack: Stack) -> None:
+    [(ids, text, _)] = asyncio.run(run_concurrently(stack.router, [greedy_request(PROMPTS[2], 32, ignore_eos=True)]))
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), "the model's text should have something to stop on"
+    [(_, stopped_text, last)] = asyncio.run(
+        run_concurrently(stack.router, [greedy_request(PROMPTS[2], 32, ignore_eos=True, stop=[stop])])
+    )
+    assert last.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert last.stop_string == stop
+    assert stopped_text == text[: text.index(stop)]
+
+
+BAD_INPUTS = [
+    ({"text": ""}, "prompt"),
+    ({"text": "hi", "sampling": common_pb2.SamplingParams(max_tokens=0)}, "max_tokens"),
+    ({"text": "hi", "sampling": common_pb2.SamplingParams(max_tokens=-5)}, "max_tokens"),
+    ({"text": "hi", "sampling": common_pb2.SamplingParams(temperature=-1.0)}, "temperature"),
+    ({"text": "hi", "sampling": common_pb2.SamplingParams(top_p=0.0)}, "top_p"),
+    ({"text": "hi", "sampling": common_pb2.SamplingParams(top_p=1.01)}, "top_p"),
+    ({"text": "word " * 5000}, "prompt"),
+    ({"token_ids": generation_pb2.TokenIds(ids=[5] * 4096)}, "prompt"),
+    ({"token_ids": generation_pb2.TokenIds(ids=[10**6])}, "token_ids"),
+]
+
+
+@pytest.mark.parametrize(("fields", "field"), BAD_INPUTS)
+def test_bad_input_is_invalid_argument_naming_the_field(stack: Stack, fields: dict, field: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        asyncio.run(run_concurrently(stack.router, [generation_pb2.GenerateRequest(**fields)]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(field), e.value.details()
+
+
+def test_unknown_model_is_not_found(stack: Stack) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        asyncio.run(run_concurrently(stack.router, [generation_pb2.GenerateRequest(model="nope", text="hi")]))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_tokenize_detokenize_and_list_models(stack: Stack, tiny_model: Path, hf_reference: HFReference) -> None:
+    async def calls() -> None:
+        async with serving.insecure_channel(stack.router) as channel:
+            stub = generation_pb2_grpc.GenerationStub(channel)
+            tok = await stub.Tokenize(generation_pb2.TokenizeRequest(text="Café 東京"))
+            assert list(tok.token_ids) == hf_reference.tokenizer.encode("Café 東京")
+            detok = await stub.Detokenize(generation_pb2.DetokenizeRequest(token_ids=tok.token_ids))
+            assert detok.text == "Café 東京"
+            models = await stub.ListModels(generation_pb2.ListModelsRequest())
+            assert [m.name for m in models.models] == [tiny_model.resolve().name]
+            assert models.models[0].max_model_len == 4096
+
+    asyncio.run(calls())
+
+
+def test_preemption_under_a_small_kv_pool_keeps_greedy_outputs(
+    tiny_model: Path, hf_reference: HFReference, tmp_path: Path
+) -> None:
+    """8 requests whose full sequences need ~2x the KV pool: some are preempted and recomputed."""
+    stack = launch(tiny_model, tmp_path, worker_args=["--num-blocks", "20", "--block-size", "8"])
+    try:
+        prompts = PROMPTS[:6]
+        results = asyncio.run(
+            run_concurrently(stack.router, [greedy_request(p, 24, ignore_eos=True) for p in prompts])
+        )
+        for prompt, (ids, _, _) in zip(prompts, results, strict=True):
+            prompt_ids = hf_reference.tokenizer.encode(prompt)
+            hf = hf_reference.model.generation_config
+            hf_eos, hf.eos_token_id = hf.eos_token_id, None
+            try:
+                expected = hf_reference.greedy(prompt_ids, 24)
+            finally:
+                hf.eos_token_id = hf_eos
+            assert ids == expected, f"prompt {prompt[:30]!r}"
+        load = redis.Redis.from_url(stack.redis_url).hgetall(
+            redis_keys(tiny_model).worker_load("worker-0")
+        )
+        assert int(load[b"preemptions"]) > 0, "the pool was meant to be too small for all requests"
+        assert_all_blocks_free(stack, tiny_model, 20)
+    finally:
+        stack.stop()
