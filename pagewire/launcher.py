@@ -9,7 +9,6 @@ reverse order.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pagewire import serving
-from pagewire.redis_server import RedisServer, start_redis
+from pagewire.redis_server import RedisServer, start_redis, stop_process
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,13 +32,7 @@ class Service:
     process: subprocess.Popen[bytes]
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
 
 
 @dataclass

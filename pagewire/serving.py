@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
@@ -58,17 +59,28 @@ async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterabl
 
 
 async def run_until_signalled(
-    server: grpc.aio.Server, on_stop: Callable[[], Awaitable[None]] | None = None, grace: float = 5.0
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer,
+    names: Iterable[str],
+    grace: float = 5.0,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting and give in-flight calls ``grace`` seconds."""
+    """Serve until SIGTERM/SIGINT; then report NOT_SERVING, stop accepting, and give in-flight
+    calls ``grace`` seconds."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    if on_stop is not None:
-        await on_stop()
+    await set_serving(health_servicer, names, False)
     await server.stop(grace)
+
+
+def run_main(serve: Callable[[], Awaitable[None]]) -> None:
+    """Entry point of a service process: run ``serve`` and exit quietly on Ctrl-C."""
+    try:
+        asyncio.run(serve())  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        sys.exit(0)
 
 
 async def wait_healthy(target: str, timeout: float, service: str = "") -> None:

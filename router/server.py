@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -197,11 +196,8 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
     await serving.set_serving(health_servicer, [SERVICE], True)
     log.info("router on %s:%d serving %s via scheduler %s", cfg.host, port, service.model_name, cfg.scheduler)
 
-    async def on_stop() -> None:
-        await serving.set_serving(health_servicer, [SERVICE], False)
-
     try:
-        await serving.run_until_signalled(server, on_stop)
+        await serving.run_until_signalled(server, health_servicer, [SERVICE])
     finally:
         await channel.close()
 
@@ -209,10 +205,7 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = pwconfig.parse(pwconfig.RouterConfig, argv, prog="pagewire-router")
     serving.setup_logging(cfg.log_level, "router")
-    try:
-        asyncio.run(serve(cfg))
-    except KeyboardInterrupt:
-        sys.exit(0)
+    serving.run_main(lambda: serve(cfg))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ is preempted: it gives its blocks back and recomputes from prompt + output later
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from pagewire.v1 import common_pb2
@@ -64,11 +65,14 @@ class Scheduler:
 
     # ---- queue changes -------------------------------------------------------------------
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
-        self.waiting.sort(key=_priority_key)
+        bisect.insort(self.waiting, req, key=_priority_key)
 
     def abort(self, req: Request) -> None:
-        """Finish ``req`` now and give its blocks back (effective before the next step)."""
+        """Finish ``req`` now and give its blocks back (effective before the next step).
+
+        Safe while a step is in flight only because the engine never schedules step N+1 before
+        step N's result is back: a freed block cannot be handed out while the worker writes it.
+        """
         if req.finished:
             return
         if req in self.waiting:
@@ -100,8 +104,7 @@ class Scheduler:
         victim.num_computed = 0
         victim.on_worker = False
         victim.status = Status.WAITING
-        self.waiting.insert(0, victim)
-        self.waiting.sort(key=_priority_key)
+        bisect.insort_left(self.waiting, victim, key=_priority_key)  # ahead of later arrivals
         batch.preempted.append(victim)
         self.num_preemptions += 1
 

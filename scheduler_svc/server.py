@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -138,11 +137,8 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     await serving.set_serving(health_servicer, [SERVICE], True)
     log.info("scheduler on %s:%d driving %d worker(s)", cfg.host, port, len(tasks))
 
-    async def on_stop() -> None:
-        await serving.set_serving(health_servicer, [SERVICE], False)
-
     try:
-        await serving.run_until_signalled(server, on_stop)
+        await serving.run_until_signalled(server, health_servicer, [SERVICE])
     finally:
         for t in tasks:
             t.cancel()
@@ -153,10 +149,7 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = pwconfig.parse(pwconfig.SchedulerConfig, argv, prog="pagewire-scheduler")
     serving.setup_logging(cfg.log_level, "scheduler")
-    try:
-        asyncio.run(serve(cfg))
-    except KeyboardInterrupt:
-        sys.exit(0)
+    serving.run_main(lambda: serve(cfg))
 
 
 if __name__ == "__main__":

@@ -149,13 +149,12 @@ async def serve(cfg: pwconfig.WorkerConfig) -> None:
         info.attention_backend,
     )
 
-    async def on_stop() -> None:
-        await serving.set_serving(health_servicer, [SERVICE], False)
+    try:
+        await serving.run_until_signalled(server, health_servicer, [SERVICE])
+    finally:
         if heartbeat is not None:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
-
-    await serving.run_until_signalled(server, on_stop)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -163,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     serving.setup_logging(cfg.log_level, f"worker[{socket.gethostname()}]")
     if not cfg.model:
         sys.exit("--model is required")
-    asyncio.run(serve(cfg))
+    serving.run_main(lambda: serve(cfg))
 
 
 if __name__ == "__main__":
