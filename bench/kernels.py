@@ -171,6 +171,20 @@ def bench_extend(batch: int, q_len: int, prefix: int, block_size: int, dtype: to
             "rel_err_vs_sdpa": err}
 
 
+def split_check(dtype: torch.dtype, block_size: int) -> list[dict]:
+    """Graph-replay time of decode forced to 1, 2 and 4 splits around MIN_CONTEXT_TO_SPLIT: the
+    evidence for where the heuristic stops splitting (a split adds the merge kernel)."""
+    rows = []
+    for batch, ctx in [(1, 512), (8, 512), (1, 1024), (8, 1024)]:
+        k_cache, v_cache, tables, lens, _, _ = _paged_kv(batch, ctx, block_size, dtype)
+        q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=dtype)
+        for splits in (1, 2, 4):
+            ms = _time_ms(functools.partial(triton_ops.paged_decode_attention, q, k_cache, v_cache,
+                                            tables, lens, SCALE, num_splits=splits))
+            rows.append({"batch": batch, "context": ctx, "splits": splits, "triton_ms": ms})
+    return rows
+
+
 def sweep_decode(dtype: torch.dtype, block_size: int, copy_bw: float) -> list[dict]:
     """Time launch configs x split counts on the goal shapes (Triton only, one allocation per
     shape); prints every variant so the heuristics in kernels/triton_ops/decode.py can be set."""
@@ -240,6 +254,10 @@ def print_tables(result: dict) -> None:
               f"{r['kv_GBps']:>7.0f} {r['pct_copy_bw']:>6.1f} {r['sdpa_ms']:>9.4f} "
               f"{r['triton_over_sdpa']:>8.3f} {r['over_bound']:>7.2f} {r['triton_eager_ms']:>9.4f} "
               f"{r['sdpa_eager_ms']:>10.4f} {r['rel_err_vs_sdpa']:>8.1e}")
+    if result.get("decode_split_check"):
+        print("\nDecode forced split counts (graph replay ms)")
+        for r in result["decode_split_check"]:
+            print(f"{r['batch']:>5} {r['context']:>7} {r['splits']:>6} {r['triton_ms']:>10.4f}")
     print("\nExtend (causal chunk over a paged prefix)")
     print(f"{'batch':>5} {'q_len':>6} {'prefix':>6} {'triton ms':>10} {'TFLOP/s':>8} "
           f"{'sdpa TFLOP/s':>12} {'tri/sdpa':>8} {'rel err':>8}")
@@ -273,6 +291,7 @@ def main() -> None:
         "dtype": "bfloat16", "block_size": args.block_size, "copy_GBps": copy_bw,
         "decode": [bench_decode(b, c, args.block_size, dtype, copy_bw)
                    for b in batches for c in contexts],
+        "decode_split_check": [] if args.quick else split_check(dtype, args.block_size),
         "extend": [bench_extend(b, q, p, args.block_size, dtype)
                    for (b, q) in ([(4, 2048)] if args.quick else [(4, 512), (4, 2048), (1, 8192)])
                    for p in (0, 4096)],

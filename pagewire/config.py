@@ -58,6 +58,9 @@ class SchedulerConfig(CommonConfig):
     max_num_seqs: int = opt(256, "Most sequences in one step.")
     max_num_batched_tokens: int = opt(2048, "Most tokens (decodes + prefill chunks) in one step.")
     max_queue: int = opt(4096, "Most waiting requests; past it Submit answers RESOURCE_EXHAUSTED.")
+    prefix_caching: bool = opt(True, "Reuse cached KV blocks of shared prefixes.")
+    heartbeat_check_s: float = opt(1.0, "Seconds between checks of each worker's heartbeat key.")
+    check_invariants: bool = opt(False, "Assert block invariants after every step (tests).")
 
 
 @dataclass
@@ -68,6 +71,7 @@ class RouterConfig(CommonConfig):
     port: int = opt(0, "Port to listen on (0: any free port).")
     scheduler: str = opt("", "Scheduler address (host:port).")
     max_prompt_chars: int = opt(1 << 20, "Longest prompt text accepted, in characters.")
+    resume_timeout_s: float = opt(60.0, "How long to keep re-attaching to a restarting scheduler.")
 
 
 def flag_name(name: str) -> str:
@@ -91,12 +95,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per field of the config dataclass ``cls``."""
     for f in dataclasses.fields(cls):
         env = env_name(f.name) + (f" or {f.metadata['env']}" if f.metadata.get("env") else "")
+        kind: dict[str, Any] = (
+            {"action": argparse.BooleanOptionalAction}
+            if isinstance(f.default, bool)
+            else {"type": type(f.default)}
+        )
         parser.add_argument(
             flag_name(f.name),
             dest=f.name,
-            type=type(f.default),
             default=_env_default(f),
             help=f"{f.metadata.get('help', '')} (env {env}; default %(default)r)",
+            **kind,
         )
 
 

@@ -34,6 +34,18 @@ class RedisKeys:
     def free_blocks(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}:free"
 
+    def cached_blocks(self, worker_id: str) -> str:
+        """Sorted set of unreferenced blocks that hold cached content, scored by last use."""
+        return f"{self.prefix}:worker:{worker_id}:cached"
+
+    def prefix_index(self, worker_id: str) -> str:
+        """Hash: 16-byte chained block hash -> block id, for every cached block of the worker."""
+        return f"{self.prefix}:worker:{worker_id}:prefix"
+
+    def worker_state(self, worker_id: str) -> str:
+        """Hash: which worker instance and pool size the KV bookkeeping above describes."""
+        return f"{self.prefix}:worker:{worker_id}:state"
+
     def worker_load(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}:load"
 

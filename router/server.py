@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagewire import config as pwconfig
 from pagewire import serving
-from pagewire.sampling import ValidationError, validate
+from pagewire.sampling import SamplingParams, ValidationError, validate
 from pagewire.v1 import (
     common_pb2,
     generation_pb2,
@@ -34,6 +34,58 @@ log = logging.getLogger("router")
 SERVICE = "pagewire.v1.Generation"
 MAX_REQUEST_ID_CHARS = 128
 TOKENIZE_IN_THREAD_CHARS = 16_384  # longer prompts are tokenized off the event loop
+
+
+class _OutputStream:
+    """One request's token events turned into client responses: text deltas, stop strings, usage.
+
+    Events carry their index in the output, so a replay after a scheduler restart is trimmed to
+    what was not forwarded yet: nothing is lost or repeated.
+    """
+
+    def __init__(
+        self, rid: str, prompt: list[int], params: SamplingParams, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        self.rid = rid
+        self.prompt_tokens = len(prompt)
+        self.detok = IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens)
+        self.stops = StopStringMatcher(params.stop)
+        self.completion = 0
+        self.done = False
+
+    def on_event(self, event: scheduler_pb2.TokenEvent) -> list[generation_pb2.GenerateResponse]:
+        finished = event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+        if event.index + len(event.token_ids) <= self.completion and not finished:
+            return []
+        new_ids = list(event.token_ids)[max(self.completion - event.index, 0) :]
+        self.completion += len(new_ids)
+        text_ids = new_ids
+        if finished and event.finish_reason == common_pb2.FINISH_REASON_STOP and new_ids:
+            text_ids = new_ids[:-1]  # the stop / EOS token's text is not emitted
+        text = self.detok.add(text_ids)
+        if finished:
+            text += self.detok.finish()
+        matched = self.stops.feed(text)
+        if not finished and not matched.stopped:
+            if not matched.text and not new_ids:
+                return []
+            return [generation_pb2.GenerateResponse(request_id=self.rid, text=matched.text, token_ids=new_ids)]
+        text = matched.text if matched.stopped else matched.text + self.stops.flush()
+        self.done = True
+        return [
+            generation_pb2.GenerateResponse(
+                request_id=self.rid,
+                text=text,
+                token_ids=new_ids,
+                finish_reason=common_pb2.FINISH_REASON_STOP if matched.stopped else event.finish_reason,
+                stop_string=matched.stop_string or "",
+                usage=common_pb2.Usage(
+                    prompt_tokens=self.prompt_tokens,
+                    completion_tokens=self.completion,
+                    cached_tokens=event.cached_tokens,
+                ),
+            )
+        ]
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
@@ -101,53 +153,35 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         except ValidationError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id or uuid.uuid4().hex
-        detok = IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens)
-        stops = StopStringMatcher(params.stop)
-        completion = 0
-        call = self.scheduler.Submit(
-            scheduler_pb2.SubmitRequest(
-                request_id=rid, prompt_token_ids=prompt, sampling=params.to_proto()
-            )
+        stream = _OutputStream(rid, prompt, params, self.tokenizer)
+        submit = scheduler_pb2.SubmitRequest(
+            request_id=rid, prompt_token_ids=prompt, sampling=params.to_proto()
         )
-        try:
-            async for event in call:
-                if event.index + len(event.token_ids) <= completion:
-                    continue  # already forwarded (replayed after a scheduler restart)
-                new_ids = list(event.token_ids)[completion - event.index :]
-                completion += len(new_ids)
-                finished = event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-                text_ids = new_ids
-                if finished and event.finish_reason == common_pb2.FINISH_REASON_STOP and new_ids:
-                    text_ids = new_ids[:-1]  # the stop / EOS token's text is not emitted
-                text = detok.add(text_ids)
-                if finished:
-                    text += detok.finish()
-                matched = stops.feed(text)
-                text = matched.text
-                if not finished and not matched.stopped:
-                    if text or new_ids:
-                        yield generation_pb2.GenerateResponse(request_id=rid, text=text, token_ids=new_ids)
-                    continue
-                if not matched.stopped:
-                    text += stops.flush()
-                reason = common_pb2.FINISH_REASON_STOP if matched.stopped else event.finish_reason
-                yield generation_pb2.GenerateResponse(
-                    request_id=rid,
-                    text=text,
-                    token_ids=new_ids,
-                    finish_reason=reason,
-                    stop_string=matched.stop_string or "",
-                    usage=common_pb2.Usage(
-                        prompt_tokens=len(prompt),
-                        completion_tokens=completion,
-                        cached_tokens=event.cached_tokens,
-                    ),
-                )
-                return
-        except grpc.aio.AioRpcError as e:
-            await context.abort(e.code(), e.details() or "scheduler error")
-        finally:
-            call.cancel()  # no-op when finished; aborts the request downstream otherwise
+        deadline = asyncio.get_running_loop().time() + self.cfg.resume_timeout_s
+        while True:
+            call = self.scheduler.Submit(submit)
+            try:
+                async for event in call:
+                    for response in stream.on_event(event):
+                        yield response
+                    if stream.done:
+                        return
+                code, details = grpc.StatusCode.UNAVAILABLE, "scheduler closed the stream"
+            except grpc.aio.AioRpcError as e:
+                code, details = e.code(), e.details() or "scheduler error"
+            finally:
+                call.cancel()  # no-op when finished; aborts the request downstream otherwise
+            # The scheduler restarted (or is restarting): re-attach, skipping what was sent.
+            retry = code == grpc.StatusCode.UNAVAILABLE or (
+                submit.resume and code == grpc.StatusCode.NOT_FOUND and stream.completion == 0
+            )
+            if not retry or asyncio.get_running_loop().time() > deadline:
+                await context.abort(code, details)
+            if submit.resume and code == grpc.StatusCode.NOT_FOUND:
+                submit.resume = False  # it never got in: submit afresh
+            else:
+                submit.resume, submit.resume_from = True, stream.completion
+            await asyncio.sleep(0.2)
 
     async def Tokenize(
         self, request: generation_pb2.TokenizeRequest, context: grpc.aio.ServicerContext

@@ -1,45 +1,177 @@
-"""The physical KV blocks of one worker: which are free, which are in use.
+"""The physical KV blocks of one worker: reference counts, the prefix cache, LRU eviction.
 
-A request's block table is the list of block ids it holds, in order; the pool only knows the
-free set. Invariant (asserted): free + held by block tables = total, and no block twice.
+A block is in exactly one of three places: ``free`` (no reference, nothing worth keeping), in use
+(reference count > 0: named by that many block tables), or ``cached_free`` (no reference, but it
+holds a full block whose chained hash is in the prefix index, kept in least-recently-used order
+for reuse or eviction). Allocation takes free blocks first, then evicts the oldest cached one.
+
+Hash hits are trusted without comparing token ids because the hash is 128-bit BLAKE2b over the
+whole prefix (``pagewire.block_hash``): a collision is not a practical event.
+
+Every block whose place changed since the last :meth:`drain_dirty` is reported, so the state
+store writes the final state of each changed block once per step, whatever happened in between.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
 
 
 class BlockPool:
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._in_use: set[int] = set()
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.free: deque[int] = deque(range(num_blocks))
+        self.cached_free: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self.index: dict[bytes, int] = {}  # prefix cache: block hash -> block id
+        self._dirty: set[int] = set()
+        self._unhashed: dict[bytes, int] = {}  # hashes removed since the last drain
+        self.hits = 0
+        self.queries = 0
 
+    @classmethod
+    def restore(
+        cls,
+        num_blocks: int,
+        tables: Iterable[Sequence[int]],
+        index: dict[bytes, int],
+        cached_lru: Sequence[int],
+    ) -> BlockPool:
+        """Rebuild the pool from what Redis recorded: reference counts follow the block tables."""
+        pool = cls(num_blocks)
+        for t in tables:
+            for b in t:
+                pool.ref_count[b] += 1
+        for h, b in index.items():
+            pool.block_hash[b] = h
+            pool.index[h] = b
+        lru = [b for b in cached_lru if pool.ref_count[b] == 0 and pool.block_hash[b] is not None]
+        pool.cached_free = OrderedDict.fromkeys(lru)
+        taken = set(lru)
+        pool.free = deque(
+            b for b in range(num_blocks)
+            if pool.ref_count[b] == 0 and b not in taken and pool.block_hash[b] is None
+        )
+        # Hashed, unreferenced blocks Redis did not list as cached: keep them cached (oldest).
+        for b in range(num_blocks):
+            if pool.ref_count[b] == 0 and pool.block_hash[b] is not None and b not in taken:
+                pool.cached_free[b] = None
+                pool.cached_free.move_to_end(b, last=False)
+        return pool
+
+    # ---- capacity ----------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take (free, plus cached blocks it may evict)."""
+        return len(self.free) + len(self.cached_free)
 
     @property
     def num_used(self) -> int:
-        return len(self._in_use)
+        return self.num_blocks - self.num_free
 
+    # ---- prefix cache ------------------------------------------------------------------
+    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
+        """Blocks holding the longest cached run of ``hashes`` (leading blocks of a prompt)."""
+        found = []
+        for h in hashes:
+            block = self.index.get(h)
+            if block is None:
+                break
+            found.append(block)
+        self.queries += len(hashes)
+        self.hits += len(found)
+        return found
+
+    def acquire(self, blocks: Iterable[int]) -> None:
+        """Take a reference on cached blocks a new request reuses."""
+        for b in blocks:
+            if self.ref_count[b] == 0:
+                del self.cached_free[b]
+                self._dirty.add(b)
+            self.ref_count[b] += 1
+
+    def register(self, block: int, block_hash: bytes) -> None:
+        """A block just became full and computed: make it findable by its hash.
+
+        If another block already holds the same content, the index keeps that one.
+        """
+        if self.block_hash[block] is not None or block_hash in self.index:
+            return
+        self.block_hash[block] = block_hash
+        self.index[block_hash] = block
+        self._dirty.add(block)
+
+    # ---- allocation --------------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"asked for {n} blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        self._in_use.update(blocks)
+        if n > self.num_free:
+            raise MemoryError(f"asked for {n} blocks, {self.num_free} free")
+        blocks = []
+        for _ in range(n):
+            if self.free:
+                b = self.free.popleft()
+            else:
+                b, _ = self.cached_free.popitem(last=False)
+                self._forget_hash(b)
+            self.ref_count[b] = 1
+            self._dirty.add(b)
+            blocks.append(b)
         return blocks
 
-    def release(self, blocks: list[int]) -> None:
+    def release(self, blocks: Iterable[int]) -> None:
+        """Drop one reference per block; unreferenced hashed blocks stay cached (most recent last)."""
         for b in blocks:
-            assert b in self._in_use, f"block {b} released but not in use"
-            self._in_use.remove(b)
-            self._free.append(b)
+            assert self.ref_count[b] > 0, f"block {b} released but not in use"
+            self.ref_count[b] -= 1
+            if self.ref_count[b] == 0:
+                if self.block_hash[b] is not None:
+                    self.cached_free[b] = None
+                else:
+                    self.free.append(b)
+                self._dirty.add(b)
 
-    def check(self, tables: list[list[int]]) -> None:
+    def drop_cache(self) -> None:
+        """Forget every cached block (the worker lost its KV memory); used blocks keep no hash."""
+        for b in range(self.num_blocks):
+            if self.block_hash[b] is not None:
+                self._forget_hash(b)
+        for b in list(self.cached_free):
+            self.free.append(b)
+            self._dirty.add(b)
+        self.cached_free.clear()
+
+    def _forget_hash(self, b: int) -> None:
+        h = self.block_hash[b]
+        if h is not None:
+            self.block_hash[b] = None
+            if self.index.get(h) == b:
+                del self.index[h]
+                self._unhashed[h] = b
+            self._dirty.add(b)
+
+    # ---- reporting ---------------------------------------------------------------------
+    def drain_dirty(self) -> tuple[list[int], dict[bytes, int]]:
+        """Blocks whose place changed, and hashes removed from the index, since the last call."""
+        dirty, self._dirty = sorted(self._dirty), set()
+        unhashed, self._unhashed = self._unhashed, {}
+        return dirty, unhashed
+
+    def check(self, tables: Iterable[Sequence[int]]) -> None:
         """Assert the pool agrees with the block tables that name its blocks."""
-        held = [b for t in tables for b in t]
-        assert len(held) == len(set(held)), "a block is in two block tables"
-        assert set(held) == self._in_use, "block tables and pool disagree on blocks in use"
-        assert len(self._free) + len(self._in_use) == self.num_blocks
-        assert not self._in_use.intersection(self._free)
+        refs = [0] * self.num_blocks
+        for t in tables:
+            assert len(set(t)) == len(t), "a block twice in one block table"
+            for b in t:
+                refs[b] += 1
+        assert refs == self.ref_count, "reference counts differ from the block tables"
+        free, cached = set(self.free), set(self.cached_free)
+        assert len(free) == len(self.free), "a block twice in the free list"
+        assert not free & cached, "a block both free and cached"
+        in_use = {b for b in range(self.num_blocks) if refs[b]}
+        assert not in_use & (free | cached), "a block both in use and free"
+        assert len(free) + len(cached) + len(in_use) == self.num_blocks
+        for b in cached:
+            assert self.block_hash[b] is not None, "a cached block without a hash"
+        for h, b in self.index.items():
+            assert self.block_hash[b] == h, "prefix index points at a block with another hash"

@@ -4,21 +4,27 @@ One ``WorkerEngine`` per worker. Each step: the scheduler's decision becomes a `
 (deltas: new blocks and new tokens; full state only for sequences the worker has not seen), the
 worker answers with one token per sampling sequence, the scheduler appends them, the step's
 Redis writes go out as one pipeline, and only then are token events handed to the Submit streams.
+
+When the worker's stream breaks or its heartbeat lapses, every request it held is handed back
+(``on_lost``) to be recomputed elsewhere, and the engine keeps trying to reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Callable
 
 import grpc
+import redis.asyncio as aioredis
 
 from pagewire import serving
-from pagewire.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
+from pagewire.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.request import Request
 from scheduler_svc.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
-from scheduler_svc.state_store import StateStore
+from scheduler_svc.state_store import StateStore, StoredPool
 
 log = logging.getLogger("scheduler.engine")
 
@@ -33,29 +39,55 @@ class WorkerEngine:
         address: str,
         info: worker_pb2.WorkerInfo,
         store: StateStore,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
+        limits: SchedulerLimits,
+        on_lost: Callable[[WorkerEngine, list[Request]], None],
     ) -> None:
         self.address = address
         self.info = info
         self.store = store
-        limits = SchedulerLimits(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            block_size=info.block_size,
-            max_model_len=info.max_model_len,
-            eos_token_ids=tuple(info.eos_token_ids),
-        )
         self.scheduler = Scheduler(limits, BlockPool(info.num_blocks))
+        self.on_lost = on_lost
         self.wakeup = asyncio.Event()
         self.step_id = 0
         self.steps = 0
+        self.connected = False
         self.check_invariants = False
 
     @property
     def worker_id(self) -> str:
         return self.info.worker_id
 
+    # ---- start-up ----------------------------------------------------------------------
+    async def recover(self, stored: StoredPool | None) -> list[Request]:
+        """Adopt what Redis recorded for this worker; return the requests it held.
+
+        If the worker is the same process (same instance id) its KV memory is intact: block
+        tables, the prefix cache and computed tokens are kept. Otherwise the bookkeeping starts
+        afresh and the requests recompute from prompt + output.
+        """
+        reqs = []
+        for s in stored.requests if stored else []:
+            req = Request(s.request_id, s.prompt, s.params, priority=s.priority, output=s.output,
+                          block_table=s.block_table, num_cached=s.num_cached)
+            req.sent = req.flushed = len(req.output)
+            reqs.append(req)
+        if stored is not None and (stored.instance_id, stored.num_blocks) == (
+            self.info.instance_id, self.info.num_blocks,
+        ):
+            self.scheduler.pool = BlockPool.restore(
+                self.info.num_blocks, [r.block_table for r in reqs], stored.index, stored.cached_lru
+            )
+            self.scheduler.restore(reqs)
+            self.scheduler.check_invariants()
+        else:
+            await self.store.reset(self.info.instance_id, self.info.num_blocks)
+            for req in reqs:
+                req.block_table = []
+                self.store.dropped_table(req)
+                self.scheduler.add(req)
+        return reqs
+
+    # ---- requests ----------------------------------------------------------------------
     def submit(self, req: Request) -> None:
         self.scheduler.add(req)
         self.store.admitted(req)
@@ -65,22 +97,71 @@ class WorkerEngine:
         self.scheduler.abort(req)
         self.wakeup.set()
 
+    def load(self) -> int:
+        return self.scheduler.load_tokens() if self.connected else 1 << 60
+
     # ---- the loop ------------------------------------------------------------------------
-    async def run(self) -> None:
-        """Drive the worker until cancelled; reconnect when its stream breaks."""
+    async def run(self, redis_client: aioredis.Redis, heartbeat_s: float) -> None:
+        """Drive the worker until cancelled; on loss hand its requests back and reconnect."""
+        while True:
+            stream = asyncio.create_task(self._run_stream())
+            watchdog = asyncio.create_task(self._watch_heartbeat(redis_client, heartbeat_s))
+            done, _ = await asyncio.wait({stream, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (stream, watchdog):
+                t.cancel()
+            await asyncio.gather(stream, watchdog, return_exceptions=True)
+            reason = next((t.exception() for t in done if not t.cancelled() and t.exception()), None)
+            if isinstance(reason, AssertionError):
+                # A broken invariant: crash rather than serve from corrupt bookkeeping. Redis
+                # holds the last consistent step, and a restarted scheduler resumes from it.
+                log.critical("invariant violated on worker %s: %s", self.worker_id, reason)
+                os._exit(70)
+            log.warning("worker %s lost: %s", self.worker_id, reason or "heartbeat expired")
+            await self._lose_worker()
+            await self._reconnect()
+
+    async def _watch_heartbeat(self, r: aioredis.Redis, interval: float) -> None:
+        """Return when the worker's heartbeat key, once seen, has expired."""
+        key = self.store.keys.worker_alive(self.worker_id)
+        seen = False
+        while True:
+            await asyncio.sleep(interval)
+            alive = await r.exists(key)
+            if alive:
+                seen = True
+            elif seen:
+                return
+
+    async def _lose_worker(self) -> None:
+        self.connected = False
+        reqs = self.scheduler.take_all()
+        for req in reqs:
+            self.store.dropped_table(req)
+        await self.store.flush()
+        await self.store.forget_worker()
+        self.on_lost(self, reqs)
+
+    async def _reconnect(self) -> None:
         while True:
             try:
-                await self._run_stream()
-            except (grpc.aio.AioRpcError, WorkerLost) as e:
-                log.warning("worker %s stream broke: %s", self.worker_id, e)
-                self._fail_all("worker connection lost")
-                await asyncio.sleep(0.5)
+                async with serving.insecure_channel(self.address) as ch:
+                    stub = worker_pb2_grpc.WorkerStub(ch)
+                    info = await stub.Describe(worker_pb2.DescribeRequest(), timeout=5)
+                self.info = info
+                self.scheduler.pool = BlockPool(info.num_blocks)
+                await self.store.reset(info.instance_id, info.num_blocks)
+                log.info("worker %s is back (instance %s)", self.worker_id, info.instance_id[:8])
+                return
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(1.0)
 
     async def _run_stream(self) -> None:
         async with serving.insecure_channel(self.address) as channel:
             call = worker_pb2_grpc.WorkerStub(channel).Execute()
             for req in self.scheduler.running:
                 req.on_worker = False  # a new stream starts with an empty worker cache
+            self.connected = True
+            self.wakeup.set()
             while True:
                 if not self.scheduler.has_work:
                     await self.store.flush()
@@ -90,31 +171,37 @@ class WorkerEngine:
                 await self.step(call)
 
     async def step(self, call: grpc.aio.StreamStreamCall) -> None:
-        sched = self.scheduler
+        sched, store = self.scheduler, self.store
         batch = sched.schedule()
-        for req, blocks in sched.drain_freed():
-            self.store.freed(req, blocks)
+        for victim in batch.preempted:
+            store.dropped_table(victim)
         for s in batch.seqs:
-            self.store.allocated(s.request, s.new_blocks)
+            if s.resend:
+                store.table(s.request)
+            else:
+                store.appended(s.request, s.new_blocks)
         sampled = await self._execute(call, batch) if batch.seqs else {}
         touched = sched.update(batch, sampled)
-        for req, blocks in sched.drain_freed():
-            self.store.freed(req, blocks)
+        sched.drain_freed()
         for req in touched:
-            self.store.generated(req, req.output[req.sent :])
+            store.generated(req, req.output[req.flushed :])
         # Finished this step, or aborted since the last one (finished ones were recorded already).
         done = [r for r in touched if r.finished] + [r for r in batch.released if r.aborted]
         for req in done:
-            self.store.finished(req)
-        self.store.publish_load(
+            store.finished(req)
+        store.blocks(sched.pool)
+        store.publish_load(
             running=len(sched.running),
             waiting=len(sched.waiting),
             used_blocks=sched.pool.num_used,
             total_blocks=sched.pool.num_blocks,
             preemptions=sched.num_preemptions,
+            prefix_queries=sched.pool.queries,
+            prefix_hits=sched.pool.hits,
         )
-        await self.store.flush()  # tokens leave only once Redis has them
+        await store.flush()  # tokens leave only once Redis has them
         for req in touched:
+            req.flushed = len(req.output)
             self._emit(req)
         for req in batch.released:
             if req.aborted:
@@ -153,30 +240,17 @@ class WorkerEngine:
         return dict(zip(result.seq_ids, result.token_ids, strict=True))
 
     def _emit(self, req: Request) -> None:
-        new = req.output[req.sent :]
         event = scheduler_pb2.TokenEvent(
             request_id=req.request_id,
-            token_ids=new,
+            token_ids=req.output[req.sent : req.flushed],
             index=req.sent,
             worker_id=self.worker_id,
             finish_reason=req.finish_reason,
         )
         if req.sent == 0 or req.finished:
             event.prompt_tokens = len(req.prompt)
-        req.sent = len(req.output)
+            event.cached_tokens = max(req.num_cached, 0)
+        req.sent = req.flushed
         req.events.put_nowait(event)
         if req.finished:
             req.events.put_nowait(None)
-
-    def _fail_all(self, reason: str) -> None:
-        for req in [*self.scheduler.running, *self.scheduler.waiting]:
-            self.scheduler.abort(req)
-            req.events.put_nowait(
-                scheduler_pb2.TokenEvent(
-                    request_id=req.request_id,
-                    index=req.sent,
-                    finish_reason=common_pb2.FINISH_REASON_ABORT,
-                )
-            )
-            req.events.put_nowait(None)
-        log.error("failed all requests of %s: %s", self.worker_id, reason)

@@ -33,6 +33,10 @@ class Request:
     # Tokens (prompt + output) whose K/V are in the cache, counting this step's once scheduled.
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Chained hashes of the leading full, computed blocks of block_table (the prefix cache names).
+    block_hashes: list[bytes] = field(default_factory=list)
+    # Prompt tokens served from the prefix cache at first admission (reported in usage).
+    num_cached: int = -1
     # The worker has this sequence's state (block table, sampling) from an earlier step.
     on_worker: bool = False
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
@@ -40,6 +44,8 @@ class Request:
     # Events for the Submit stream; None closes it.
     events: asyncio.Queue[scheduler_pb2.TokenEvent | None] = field(default_factory=asyncio.Queue)
     sent: int = 0  # output tokens already put on the events queue
+    flushed: int = 0  # output tokens Redis has acknowledged
+    attached: bool = True  # a Submit stream consumes the events (False: recovered, not resumed)
 
     @property
     def num_tokens(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from pagewire.block_hash import block_hash, prompt_block_hashes
 from pagewire.v1 import common_pb2
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.request import Request, Status
@@ -25,6 +26,7 @@ class SchedulerLimits:
     block_size: int
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    prefix_caching: bool = True
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Scheduler:
         self.pool.release(victim.block_table)
         self.freed.append((victim, victim.block_table))
         victim.block_table = []
+        victim.block_hashes = []
         victim.num_computed = 0
         victim.on_worker = False
         victim.status = Status.WAITING
@@ -151,15 +154,49 @@ class Scheduler:
             req = self.waiting[0]
             if req in batch.preempted:
                 break  # preempted this step: wait for blocks to come back
-            n = min(req.num_tokens - req.num_computed, budget)
-            if self._blocks_needed(req, n) > self.pool.num_free:
+            hits = self._cached_prefix(req)
+            n = min(req.num_tokens - len(hits) * self.limits.block_size, budget)
+            # Reusing cached blocks takes them out of the evictable set: count them as needed.
+            reusable = sum(1 for b in hits if self.pool.ref_count[b] == 0)
+            need = -(-(len(hits) * self.limits.block_size + n) // self.limits.block_size) - len(hits)
+            if need + reusable > self.pool.num_free:
                 break  # strict FCFS: do not let later requests jump a stuck one
             self.waiting.pop(0)
-            req.status = Status.RUNNING
-            self.running.append(req)
+            self._admit(req, hits)
+            n = min(req.num_tokens - req.num_computed, budget)
             self._take(req, n, batch)
             budget -= n
         return batch
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """Cached blocks for the request's leading full blocks (none with caching off)."""
+        if not self.limits.prefix_caching:
+            return []
+        hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), self.limits.block_size)
+        req.block_hashes = hashes  # provisional: trimmed to what is really in the table below
+        return self.pool.lookup(hashes)
+
+    def _admit(self, req: Request, hits: list[int]) -> None:
+        bs = self.limits.block_size
+        self.pool.acquire(hits)
+        req.block_table = list(hits)
+        req.block_hashes = req.block_hashes[: len(hits)]
+        # A fully cached sequence still computes its last token (its logits are needed).
+        req.num_computed = min(len(hits) * bs, req.num_tokens - 1)
+        if req.num_cached < 0:
+            req.num_cached = req.num_computed
+        req.status = Status.RUNNING
+        self.running.append(req)
+
+    def _register_full_blocks(self, req: Request) -> None:
+        """Name every newly full, computed block by its chained hash."""
+        bs = self.limits.block_size
+        full = min(req.num_computed // bs, len(req.block_table))
+        parent = req.block_hashes[-1] if req.block_hashes else None
+        for i in range(len(req.block_hashes), full):
+            parent = block_hash(parent, req.tokens(i * bs, (i + 1) * bs))
+            req.block_hashes.append(parent)
+            self.pool.register(req.block_table[i], parent)
 
     # ---- applying results ----------------------------------------------------------------
     def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Request]:
@@ -167,7 +204,11 @@ class Scheduler:
         touched = []
         for s in batch.seqs:
             req = s.request
-            if req.finished or not s.sample:
+            if req.finished:
+                continue
+            if self.limits.prefix_caching:
+                self._register_full_blocks(req)
+            if not s.sample:
                 continue
             token = sampled.get(req.seq_id)
             if token is None:
@@ -199,9 +240,50 @@ class Scheduler:
             req.block_table = []
         self._released.append(req)
 
+    def restore(self, requests: list[Request]) -> None:
+        """Take back requests reloaded from Redis; their block tables are already in the pool.
+
+        A request with output has every token but the last in the worker's KV (that is how its
+        last token was sampled). One still in prefill keeps only the cached leading blocks it can
+        prove by hash; the rest of its prompt is computed again.
+        """
+        bs = self.limits.block_size
+        for req in requests:
+            if not req.block_table:
+                self.add(req)
+                continue
+            if req.output:
+                req.num_computed = req.num_tokens - 1
+            else:
+                hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), bs)
+                proven = 0
+                for h, b in zip(hashes, req.block_table, strict=False):
+                    if self.pool.index.get(h) != b:
+                        break
+                    proven += 1
+                req.num_computed = min(proven * bs, req.num_tokens - 1)
+            req.num_computed = min(req.num_computed, len(req.block_table) * bs)
+            req.block_hashes = []
+            self._register_full_blocks(req)
+            req.status = Status.RUNNING
+            self.running.append(req)
+
+    def take_all(self) -> list[Request]:
+        """Remove every request (the worker is lost): each gives up its blocks and recomputes."""
+        reqs = sorted([*self.running, *self.waiting], key=_priority_key)
+        for req in reqs:
+            req.block_table, req.block_hashes = [], []
+            req.num_computed = 0
+            req.on_worker = False
+            req.status = Status.WAITING
+        self.running, self.waiting = [], []
+        self.pool = BlockPool(self.pool.num_blocks)
+        self.freed = []
+        return reqs
+
     def drain_freed(self) -> list[tuple[Request, list[int]]]:
         freed, self.freed = self.freed, []
         return freed
 
     def check_invariants(self) -> None:
-        self.pool.check([r.block_table for r in self.running] + [r.block_table for r in self.waiting])
+        self.pool.check([r.block_table for r in (*self.running, *self.waiting)])

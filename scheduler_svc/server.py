@@ -19,29 +19,73 @@ from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler_svc.engine import WorkerEngine
-from scheduler_svc.request import Request
+from scheduler_svc.request import Request, Status
+from scheduler_svc.scheduler import SchedulerLimits
 from scheduler_svc.state_store import StateStore
 
 log = logging.getLogger("scheduler")
 SERVICE = "pagewire.v1.Scheduler"
 
 
+ORPHAN_TIMEOUT_S = 60.0  # a recovered request no router re-attaches to within this is aborted
+
+
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, cfg: pwconfig.SchedulerConfig) -> None:
         self.cfg = cfg
         self.engines: dict[str, WorkerEngine] = {}
-        self.requests: dict[str, tuple[Request, WorkerEngine]] = {}
+        self.requests: dict[str, Request] = {}
+        self.placement: dict[str, WorkerEngine] = {}  # request id -> engine running it
+        self.stores: list[StateStore] = []
+        self.ready = False
 
-    def _pick(self, worker_id: str) -> WorkerEngine | None:
-        if worker_id in self.engines:
-            return self.engines[worker_id]
-        if not self.engines:
+    # ---- placement -----------------------------------------------------------------------
+    def _pick(self, worker_id: str, exclude: WorkerEngine | None = None) -> WorkerEngine | None:
+        candidates = [e for e in self.engines.values() if e is not exclude]
+        if not candidates:
             return None
-        return min(self.engines.values(), key=lambda e: e.scheduler.load_tokens())
+        chosen = self.engines.get(worker_id)
+        if chosen is not None and chosen is not exclude and chosen.connected:
+            return chosen
+        return min(candidates, key=lambda e: e.load())
 
+    def place(self, req: Request, engine: WorkerEngine) -> None:
+        self.placement[req.request_id] = engine
+        engine.submit(req)
+
+    def on_worker_lost(self, lost: WorkerEngine, reqs: list[Request]) -> None:
+        """Recompute a lost worker's requests (prompt + output so far) on the others."""
+        for req in reqs:
+            target = self._pick("", exclude=lost) or lost
+            self.place(req, target)
+        if reqs:
+            log.warning("moved %d requests off worker %s", len(reqs), lost.worker_id)
+
+    # ---- the API -------------------------------------------------------------------------
     async def Submit(
         self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.TokenEvent]:
+        if not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler is starting")
+        if request.resume:
+            req = await self._resume(request, context)
+        else:
+            req = await self._admit(request, context)
+        if req is None:
+            return
+        try:
+            while (event := await req.events.get()) is not None:
+                yield event
+        finally:
+            if self.requests.get(req.request_id) is req:
+                del self.requests[req.request_id]
+            engine = self.placement.pop(req.request_id, None)
+            if engine is not None and not req.finished:  # the client went away: free its blocks
+                engine.abort(req)
+
+    async def _admit(
+        self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> Request | None:
         rid = request.request_id
         if not rid or not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id and prompt_token_ids are required")
@@ -50,19 +94,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         engine = self._pick(request.worker_id)
         if engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker available")
-            return
+            return None
         if len(engine.scheduler.waiting) >= self.cfg.max_queue:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"queue full: {self.cfg.max_queue} requests waiting (--max-queue)",
             )
         params = SamplingParams.from_proto(request.sampling)
-        if len(request.prompt_token_ids) + params.max_tokens > engine.info.max_model_len:
+        total = len(request.prompt_token_ids) + params.max_tokens
+        if total > engine.info.max_model_len:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"max_tokens: prompt + max_tokens must be <= {engine.info.max_model_len}",
             )
-        total = len(request.prompt_token_ids) + params.max_tokens
         need = -(-total // engine.info.block_size)
         if need > engine.info.num_blocks:  # could never run, even alone: preemption cannot help
             await context.abort(
@@ -71,25 +115,63 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 f"worker {engine.worker_id} has {engine.info.num_blocks}",
             )
         req = Request(rid, list(request.prompt_token_ids), params, priority=request.priority)
-        self.requests[rid] = (req, engine)
-        engine.submit(req)
-        try:
-            while (event := await req.events.get()) is not None:
-                yield event
-        finally:
-            self.requests.pop(rid, None)
-            if not req.finished:  # the client went away: free its blocks in the next step
-                engine.abort(req)
+        self.requests[rid] = req
+        self.place(req, engine)
+        return req
+
+    async def _resume(
+        self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> Request | None:
+        """Re-attach a stream: replay output from resume_from, then continue live."""
+        rid, start = request.request_id, max(request.resume_from, 0)
+        req = self.requests.get(rid)
+        if req is None:
+            stored = await self.stores[0].load_request(rid) if self.stores else None
+            if stored is None or not stored[0].finish_reason:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id {rid!r} is not known")
+                return None
+            done = stored[0]
+            req = Request(rid, done.prompt, done.params, output=done.output,
+                          finish_reason=done.finish_reason, num_cached=done.num_cached)
+            req.status = Status.FINISHED
+            req.sent = req.flushed = len(req.output)
+        req.events = asyncio.Queue()
+        req.events.put_nowait(
+            scheduler_pb2.TokenEvent(
+                request_id=rid,
+                token_ids=req.output[start : req.flushed],
+                index=start,
+                finish_reason=req.finish_reason,
+                prompt_tokens=len(req.prompt),
+                cached_tokens=max(req.num_cached, 0),
+            )
+        )
+        req.sent = req.flushed
+        req.attached = True
+        if req.finished:
+            req.events.put_nowait(None)
+        return req
 
     async def Abort(
         self, request: scheduler_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.AbortResponse:
-        entry = self.requests.get(request.request_id)
-        if entry is None:
+        req = self.requests.get(request.request_id)
+        engine = self.placement.get(request.request_id)
+        if req is None or engine is None:
             return scheduler_pb2.AbortResponse(found=False)
-        req, engine = entry
         engine.abort(req)
         return scheduler_pb2.AbortResponse(found=True)
+
+    async def reap_orphans(self, recovered: list[Request]) -> None:
+        """Abort recovered requests that no router re-attached to in time."""
+        await asyncio.sleep(ORPHAN_TIMEOUT_S)
+        for req in recovered:
+            engine = self.placement.get(req.request_id)
+            if not req.attached and not req.finished and engine is not None:
+                log.warning("aborting %s: no router resumed it", req.request_id)
+                engine.abort(req)
+                self.requests.pop(req.request_id, None)
+                self.placement.pop(req.request_id, None)
 
 
 async def discover_workers(cfg: pwconfig.SchedulerConfig, r: aioredis.Redis) -> list[str]:
@@ -112,15 +194,30 @@ async def describe(address: str, timeout: float = 120.0) -> worker_pb2.WorkerInf
 
 async def attach_worker(
     service: SchedulerService, cfg: pwconfig.SchedulerConfig, r: aioredis.Redis, address: str
-) -> asyncio.Task[None]:
+) -> tuple[WorkerEngine, list[Request]]:
+    """Describe the worker, reload what Redis holds for it, and make its engine."""
     info = await describe(address)
     model = cfg.model_name or info.model
     store = StateStore(r, RedisKeys(cfg.deployment, model), info.worker_id)
-    await store.init_pool(info.num_blocks)
-    engine = WorkerEngine(address, info, store, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+    limits = SchedulerLimits(
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        block_size=info.block_size,
+        max_model_len=info.max_model_len,
+        eos_token_ids=tuple(info.eos_token_ids),
+        prefix_caching=cfg.prefix_caching,
+    )
+    engine = WorkerEngine(address, info, store, limits, service.on_worker_lost)
+    engine.check_invariants = cfg.check_invariants
+    recovered = await engine.recover(await store.load())
+    for req in recovered:
+        service.requests[req.request_id] = req
+        service.placement[req.request_id] = engine
     service.engines[info.worker_id] = engine
-    log.info("attached worker %s at %s (%d blocks)", info.worker_id, address, info.num_blocks)
-    return asyncio.create_task(engine.run(), name=f"engine-{info.worker_id}")
+    service.stores.append(store)
+    log.info("attached worker %s at %s (%d blocks, %d requests recovered)",
+             info.worker_id, address, info.num_blocks, len(recovered))
+    return engine, recovered
 
 
 async def serve(cfg: pwconfig.SchedulerConfig) -> None:
@@ -133,7 +230,14 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     await server.start()
-    tasks = [await attach_worker(service, cfg, r, a) for a in await discover_workers(cfg, r)]
+    tasks, recovered = [], []
+    for address in await discover_workers(cfg, r):
+        engine, reqs = await attach_worker(service, cfg, r, address)
+        recovered += reqs
+        tasks.append(asyncio.create_task(engine.run(r, cfg.heartbeat_check_s)))
+    if recovered:
+        tasks.append(asyncio.create_task(service.reap_orphans(recovered)))
+    service.ready = True
     await serving.set_serving(health_servicer, [SERVICE], True)
     log.info("scheduler on %s:%d driving %d worker(s)", cfg.host, port, len(tasks))
 

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
         eos_token_ids=list(files.eos_token_ids),
         attention_backend=backend_name,
         device=str(device),
+        instance_id=uuid.uuid4().hex,
     )
     return runner, info
 

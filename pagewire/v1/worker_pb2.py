@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagewire.v1 import common_pb2 as pagewire_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagewire/v1/worker.proto\x12\x0bpagewire.v1\x1a\x18pagewire/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xd2\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x19\n\x11\x61ttention_backend\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\"\xb9\x01\n\x0cSequenceStep\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tstart_pos\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x0b\n\x03new\x18\x06 \x01(\x08\x12-\n\x08sampling\x18\x07 \x01(\x0b\x32\x1b.pagewire.v1.SamplingParams\x12\x14\n\x0coutput_index\x18\x08 \x01(\x05\"Y\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\'\n\x04seqs\x18\x02 \x03(\x0b\x32\x19.pagewire.v1.SequenceStep\x12\x17\n\x0frelease_seq_ids\x18\x03 \x03(\x04\"n\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x17\n\x0funknown_seq_ids\x18\x05 \x03(\x04\x32\x86\x01\n\x06Worker\x12\x41\n\x08\x44\x65scribe\x12\x1c.pagewire.v1.DescribeRequest\x1a\x17.pagewire.v1.WorkerInfo\x12\x39\n\x07\x45xecute\x12\x11.pagewire.v1.Step\x1a\x17.pagewire.v1.StepResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagewire/v1/worker.proto\x12\x0bpagewire.v1\x1a\x18pagewire/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xe7\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x19\n\x11\x61ttention_backend\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x13\n\x0binstance_id\x18\x0b \x01(\t\"\xb9\x01\n\x0cSequenceStep\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tstart_pos\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x0b\n\x03new\x18\x06 \x01(\x08\x12-\n\x08sampling\x18\x07 \x01(\x0b\x32\x1b.pagewire.v1.SamplingParams\x12\x14\n\x0coutput_index\x18\x08 \x01(\x05\"Y\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\'\n\x04seqs\x18\x02 \x03(\x0b\x32\x19.pagewire.v1.SequenceStep\x12\x17\n\x0frelease_seq_ids\x18\x03 \x03(\x04\"n\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x17\n\x0funknown_seq_ids\x18\x05 \x03(\x04\x32\x86\x01\n\x06Worker\x12\x41\n\x08\x44\x65scribe\x12\x1c.pagewire.v1.DescribeRequest\x1a\x17.pagewire.v1.WorkerInfo\x12\x39\n\x07\x45xecute\x12\x11.pagewire.v1.Step\x1a\x17.pagewire.v1.StepResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREQUEST']._serialized_start=67
   _globals['_DESCRIBEREQUEST']._serialized_end=84
   _globals['_WORKERINFO']._serialized_start=87
-  _globals['_WORKERINFO']._serialized_end=297
-  _globals['_SEQUENCESTEP']._serialized_start=300
-  _globals['_SEQUENCESTEP']._serialized_end=485
-  _globals['_STEP']._serialized_start=487
-  _globals['_STEP']._serialized_end=576
-  _globals['_STEPRESULT']._serialized_start=578
-  _globals['_STEPRESULT']._serialized_end=688
-  _globals['_WORKER']._serialized_start=691
-  _globals['_WORKER']._serialized_end=825
+  _globals['_WORKERINFO']._serialized_end=318
+  _globals['_SEQUENCESTEP']._serialized_start=321
+  _globals['_SEQUENCESTEP']._serialized_end=506
+  _globals['_STEP']._serialized_start=508
+  _globals['_STEP']._serialized_end=597
+  _globals['_STEPRESULT']._serialized_start=599
+  _globals['_STEPRESULT']._serialized_end=709
+  _globals['_WORKER']._serialized_start=712
+  _globals['_WORKER']._serialized_end=846
 # @@protoc_insertion_point(module_scope)

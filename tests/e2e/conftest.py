@@ -18,6 +18,7 @@ def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         tiny_model,
         tmp_path_factory.mktemp("logs"),
         worker_args=["--num-blocks", "512", "--block-size", "16"],
+        scheduler_args=["--check-invariants"],
     )
     try:
         yield s

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
+import redis
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -36,3 +38,52 @@ class HFReference:
                 do_sample=False,
             )
         return out[0, len(prompt_ids) :].tolist()
+
+
+def assert_block_invariants(
+    redis_url: str, model: Path, worker_id: str, num_blocks: int, idle: bool = True,
+    timeout: float = 5.0,
+) -> None:
+    """Check, from Redis (the state of record), that every block is in exactly one place.
+
+    free, cached-free and in-use (named by a live request's block table) partition the pool;
+    cached blocks are all in the prefix index; when ``idle``, no request holds anything.
+    """
+    keys = redis_keys(model)
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                _check_blocks(client, keys, worker_id, num_blocks, idle)
+                return
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        client.close()
+
+
+def _check_blocks(client: redis.Redis, keys: RedisKeys, worker_id: str, num_blocks: int, idle: bool) -> None:
+    free = {int(b) for b in client.smembers(keys.free_blocks(worker_id))}
+    cached = {int(b) for b in client.zrange(keys.cached_blocks(worker_id), 0, -1)}
+    index = {h: int(b) for h, b in client.hgetall(keys.prefix_index(worker_id)).items()}
+    live = [r.decode() for r in client.smembers(keys.requests())]
+    tables = []
+    for rid in live:
+        if client.hget(keys.request(rid), "worker") == worker_id.encode():
+            tables.append([int(b) for b in client.lrange(keys.request_blocks(rid), 0, -1)])
+    in_use = {b for t in tables for b in t}
+    assert not free & cached, "a block both free and cached"
+    assert not in_use & (free | cached), "a block both in use and free"
+    assert free | cached | in_use == set(range(num_blocks)), (
+        f"{num_blocks - len(free | cached | in_use)} blocks are nowhere"
+    )
+    assert cached <= set(index.values()), "a cached block missing from the prefix index"
+    assert len(set(index.values())) == len(index), "two hashes name one block"
+    for t in tables:
+        assert len(set(t)) == len(t), "a block twice in one block table"
+    if idle:
+        assert not live, f"requests still live: {live}"
+        assert not in_use

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 import redis
-from e2e_util import HFReference, launch, redis_keys
+from e2e_util import HFReference, assert_block_invariants, launch, redis_keys
 
 from pagewire import serving
 from pagewire.launcher import Stack
@@ -53,23 +52,9 @@ async def run_concurrently(address: str, requests: list[generation_pb2.GenerateR
         return await asyncio.gather(*(generate(stub, r) for r in requests))
 
 
-def assert_all_blocks_free(stack: Stack, model: Path, num_blocks: int, timeout: float = 5.0) -> None:
-    """Read the free pool from Redis (the state of record), not from the scheduler's memory."""
-    keys = redis_keys(model)
-    client = redis.Redis.from_url(stack.redis_url)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            free = client.scard(keys.free_blocks("worker-0"))
-            live = client.scard(keys.requests())
-            if (free, live) == (num_blocks, 0) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert free == num_blocks, f"{num_blocks - free} blocks not back in the free pool"
-        assert live == 0, "request records left in Redis"
-        assert not client.keys(keys.prefix + ":req:*")
-    finally:
-        client.close()
+def assert_all_blocks_free(stack: Stack, model: Path, num_blocks: int) -> None:
+    """No request holds a block any more: all are free or cached-free, as Redis records them."""
+    assert_block_invariants(stack.redis_url, model, "worker-0", num_blocks, idle=True)
 
 
 def test_concurrent_greedy_outputs_match_transformers(
@@ -175,7 +160,8 @@ def test_preemption_under_a_small_kv_pool_keeps_greedy_outputs(
     tiny_model: Path, hf_reference: HFReference, tmp_path: Path
 ) -> None:
     """8 requests whose full sequences need ~2x the KV pool: some are preempted and recomputed."""
-    stack = launch(tiny_model, tmp_path, worker_args=["--num-blocks", "20", "--block-size", "8"])
+    stack = launch(tiny_model, tmp_path, worker_args=["--num-blocks", "20", "--block-size", "8"],
+                   scheduler_args=["--check-invariants"])
     try:
         prompts = PROMPTS[:6]
         results = asyncio.run(

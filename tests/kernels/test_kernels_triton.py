@@ -56,6 +56,25 @@ def test_decode_matches_reference(lens, block_size, group, num_splits, dtype) ->
     assert rel_err(out, ref) < REL_TOL[dtype]
 
 
+def test_short_contexts_decode_unsplit_and_long_ones_split() -> None:
+    from kernels.triton_ops.decode import MIN_CONTEXT_TO_SPLIT, choose_num_splits
+
+    cpu = torch.device("cpu")  # stands in for a 4-SM device
+    assert choose_num_splits(1, 2, MIN_CONTEXT_TO_SPLIT - 16, cpu) == 1
+    assert choose_num_splits(1, 2, MIN_CONTEXT_TO_SPLIT, cpu) > 1
+    assert choose_num_splits(4, 2, 32768, cpu) == 1  # programs already cover the SMs
+
+
+def test_unsplit_and_split_decode_agree_on_one_context() -> None:
+    dtype = torch.float32
+    case = make_paged_case([300, 41], 16, 2, HEAD_DIMS[0], dtype)
+    q = torch.randn(2, 4, HEAD_DIMS[0], device=DEVICE).to(dtype)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, 0.2)
+    one = triton_ops.paged_decode_attention(*args, num_splits=1)
+    for splits in (2, 8):
+        assert rel_err(triton_ops.paged_decode_attention(*args, num_splits=splits), one) < 1e-5
+
+
 @pytest.mark.skipif(not ON_GPU, reason="server shapes are too slow for the interpreter")
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)

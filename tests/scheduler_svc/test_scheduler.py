@@ -16,9 +16,11 @@ def make(num_blocks: int = 64, budget: int = 32, max_seqs: int = 8, bs: int = 4)
     return Scheduler(limits, BlockPool(num_blocks))
 
 
-def req(rid: str, n: int, max_tokens: int = 4, priority: int = 0) -> Request:
-    return Request(rid, list(range(1, n + 1)), SamplingParams(temperature=0, max_tokens=max_tokens),
-                   priority=priority)
+def req(rid: str, n: int, max_tokens: int = 4, priority: int = 0, first: int | None = None) -> Request:
+    """A request with n prompt tokens; distinct ids give distinct prompts unless ``first`` is set."""
+    start = first if first is not None else 1 + 1000 * (sum(map(ord, rid)) % 97)
+    return Request(rid, list(range(start, start + n)),
+                   SamplingParams(temperature=0, max_tokens=max_tokens), priority=priority)
 
 
 def run_step(s: Scheduler, token: int = 7) -> list[Request]:

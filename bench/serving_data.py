@@ -1,0 +1,86 @@
+"""The benchmark's request set: synthetic token-id prompts and their arrival times.
+
+Prompts are random token ids rather than text so that input lengths are exact (no tokenizer in
+the way) and the same set can be fed to pagewire and to transformers unchanged. Lengths follow
+vLLM's random dataset: uniform over ``[len * (1 - r), len * (1 + r)]``. Everything is seeded, so
+two runs, or two systems in one run, see the same requests in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Ids 0-4 are the test model's special tokens (BOS, EOS, PAD, <|im_start|>, <|im_end|>); a prompt
+# made of ordinary ids keeps generation from being steered by, say, an end-of-turn marker.
+FIRST_ORDINARY_ID = 5
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request: the prompt as token ids and exactly how many tokens it must generate."""
+
+    prompt_ids: tuple[int, ...]
+    output_len: int
+
+    @property
+    def input_len(self) -> int:
+        return len(self.prompt_ids)
+
+
+@dataclass(frozen=True)
+class RequestSetSpec:
+    """How to draw a request set (the CLI's length and prefix flags)."""
+
+    num_requests: int
+    input_len: int
+    output_len: int
+    input_len_range: float = 0.0
+    output_len_range: float = 0.0
+    shared_prefix_len: int = 0
+    seed: int = 0
+
+
+def length_bounds(length: int, ratio: float) -> tuple[int, int]:
+    """Inclusive [low, high] for a length and a range ratio; never below 1."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"range ratio must be in [0, 1), got {ratio}")
+    low = max(1, math.floor(length * (1.0 - ratio)))
+    high = max(low, math.ceil(length * (1.0 + ratio)))
+    return low, high
+
+
+def make_requests(spec: RequestSetSpec, vocab_size: int) -> list[BenchRequest]:
+    """Draw the request set; a shared prefix is prepended to every prompt (and counts as input)."""
+    if vocab_size <= FIRST_ORDINARY_ID:
+        raise ValueError(f"vocab_size {vocab_size} leaves no ordinary token ids")
+    rng = np.random.default_rng(spec.seed)
+    in_lo, in_hi = length_bounds(spec.input_len, spec.input_len_range)
+    out_lo, out_hi = length_bounds(spec.output_len, spec.output_len_range)
+    in_lens = rng.integers(in_lo, in_hi + 1, size=spec.num_requests)
+    out_lens = rng.integers(out_lo, out_hi + 1, size=spec.num_requests)
+    prefix = rng.integers(FIRST_ORDINARY_ID, vocab_size, size=spec.shared_prefix_len).tolist()
+    requests = []
+    for n_in, n_out in zip(in_lens, out_lens, strict=True):
+        body = rng.integers(FIRST_ORDINARY_ID, vocab_size, size=int(n_in)).tolist()
+        requests.append(BenchRequest(tuple(prefix + body), int(n_out)))
+    return requests
+
+
+def arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
+    """Send times in seconds from the start: Poisson arrivals at ``rate``/s, or all at 0 (inf)."""
+    if rate <= 0:
+        raise ValueError(f"request rate must be > 0 (inf for a burst), got {rate}")
+    if math.isinf(rate):
+        return [0.0] * n
+    gaps = np.random.default_rng(seed + 1).exponential(1.0 / rate, size=n)
+    return np.concatenate([[0.0], np.cumsum(gaps[:-1])]).tolist() if n else []
+
+
+def model_vocab_size(model_dir: str | Path) -> int:
+    """The vocabulary size from the model's config.json (prompt ids are drawn below it)."""
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
