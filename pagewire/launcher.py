@@ -30,6 +30,7 @@ class Service:
     name: str
     address: str
     process: subprocess.Popen[bytes]
+    command: list[str] = field(default_factory=list)
 
     def stop(self, timeout: float = 10.0) -> None:
         stop_process(self.process, timeout)
@@ -53,18 +54,29 @@ class Stack:
         return next(s for s in self.services if s.name == name)
 
     def _spawn(self, name: str, module: str, args: list[str], port: int) -> Service:
+        command = [sys.executable, "-m", module, *args]
+        svc = Service(name, f"127.0.0.1:{port}", self._popen(name, command), command)
+        self.services.append(svc)
+        return svc
+
+    def _popen(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+        return subprocess.Popen(
+            command,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        svc = Service(name, f"127.0.0.1:{port}", proc)
-        self.services.append(svc)
+
+    async def restart(self, name: str, timeout: float = 120) -> Service:
+        """Start a stopped (or killed) service again, same flags, same address."""
+        svc = self.service(name)
+        svc.stop()
+        svc.process = self._popen(name, svc.command)
+        await self._wait(svc, timeout)
         return svc
 
     async def _wait(self, svc: Service, timeout: float) -> None:

@@ -10,8 +10,10 @@ import redis
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pagewire import serving
 from pagewire.launcher import Stack, start_stack
 from pagewire.redis_keys import RedisKeys
+from pagewire.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 
 def launch(model: Path, log_dir: Path, **kwargs: object) -> Stack:
@@ -29,13 +31,15 @@ class HFReference:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
 
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
+        extra = {} if stop_at_eos else {"eos_token_id": None}
         with torch.inference_mode():
             out = self.model.generate(
                 torch.tensor([prompt_ids]),
                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                **extra,
             )
         return out[0, len(prompt_ids) :].tolist()
 
@@ -87,3 +91,29 @@ def _check_blocks(client: redis.Redis, keys: RedisKeys, worker_id: str, num_bloc
     if idle:
         assert not live, f"requests still live: {live}"
         assert not in_use
+
+
+async def generate(
+    stub: generation_pb2_grpc.GenerationStub, request: generation_pb2.GenerateRequest
+) -> tuple[list[int], str, generation_pb2.GenerateResponse]:
+    ids: list[int] = []
+    text = ""
+    last = generation_pb2.GenerateResponse()
+    async for resp in stub.Generate(request):
+        ids.extend(resp.token_ids)
+        text += resp.text
+        last = resp
+    return ids, text, last
+
+
+def greedy_request(prompt: str, max_tokens: int, **sampling: object) -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(
+        text=prompt,
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, **sampling),
+    )
+
+
+async def run_concurrently(address: str, requests: list[generation_pb2.GenerateRequest]) -> list:
+    async with serving.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        return await asyncio.gather(*(generate(stub, r) for r in requests))

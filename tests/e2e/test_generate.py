@@ -8,7 +8,15 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from e2e_util import HFReference, assert_block_invariants, launch, redis_keys
+from e2e_util import (
+    HFReference,
+    assert_block_invariants,
+    generate,
+    greedy_request,
+    launch,
+    redis_keys,
+    run_concurrently,
+)
 
 from pagewire import serving
 from pagewire.launcher import Stack
@@ -24,32 +32,6 @@ PROMPTS = [
     "A much longer prompt that goes on and on, " * 12,
     "Le petit prince demanda encore une fois pourquoi les étoiles brillent la nuit, et",
 ]
-
-
-async def generate(
-    stub: generation_pb2_grpc.GenerationStub, request: generation_pb2.GenerateRequest
-) -> tuple[list[int], str, generation_pb2.GenerateResponse]:
-    ids: list[int] = []
-    text = ""
-    last = generation_pb2.GenerateResponse()
-    async for resp in stub.Generate(request):
-        ids.extend(resp.token_ids)
-        text += resp.text
-        last = resp
-    return ids, text, last
-
-
-def greedy_request(prompt: str, max_tokens: int, **sampling: object) -> generation_pb2.GenerateRequest:
-    return generation_pb2.GenerateRequest(
-        text=prompt,
-        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, **sampling),
-    )
-
-
-async def run_concurrently(address: str, requests: list[generation_pb2.GenerateRequest]) -> list:
-    async with serving.insecure_channel(address) as channel:
-        stub = generation_pb2_grpc.GenerationStub(channel)
-        return await asyncio.gather(*(generate(stub, r) for r in requests))
 
 
 def assert_all_blocks_free(stack: Stack, model: Path, num_blocks: int) -> None:
@@ -168,13 +150,7 @@ def test_preemption_under_a_small_kv_pool_keeps_greedy_outputs(
             run_concurrently(stack.router, [greedy_request(p, 24, ignore_eos=True) for p in prompts])
         )
         for prompt, (ids, _, _) in zip(prompts, results, strict=True):
-            prompt_ids = hf_reference.tokenizer.encode(prompt)
-            hf = hf_reference.model.generation_config
-            hf_eos, hf.eos_token_id = hf.eos_token_id, None
-            try:
-                expected = hf_reference.greedy(prompt_ids, 24)
-            finally:
-                hf.eos_token_id = hf_eos
+            expected = hf_reference.greedy(hf_reference.tokenizer.encode(prompt), 24, stop_at_eos=False)
             assert ids == expected, f"prompt {prompt[:30]!r}"
         load = redis.Redis.from_url(stack.redis_url).hgetall(
             redis_keys(tiny_model).worker_load("worker-0")

@@ -56,13 +56,15 @@ def test_decode_matches_reference(lens, block_size, group, num_splits, dtype) ->
     assert rel_err(out, ref) < REL_TOL[dtype]
 
 
-def test_short_contexts_decode_unsplit_and_long_ones_split() -> None:
-    from kernels.triton_ops.decode import MIN_CONTEXT_TO_SPLIT, choose_num_splits
+def test_num_splits_keep_a_tile_per_split_and_stop_once_programs_fill_the_sms() -> None:
+    from kernels.triton_ops.decode import MIN_TOKENS_PER_SPLIT as TILE
+    from kernels.triton_ops.decode import choose_num_splits
 
-    cpu = torch.device("cpu")  # stands in for a 4-SM device
-    assert choose_num_splits(1, 2, MIN_CONTEXT_TO_SPLIT - 16, cpu) == 1
-    assert choose_num_splits(1, 2, MIN_CONTEXT_TO_SPLIT, cpu) > 1
-    assert choose_num_splits(4, 2, 32768, cpu) == 1  # programs already cover the SMs
+    cpu = torch.device("cpu")  # stands in for a 4-SM device: 1 x 2 programs want 4 splits
+    assert choose_num_splits(1, 2, TILE - 1, cpu) == 1
+    assert choose_num_splits(1, 2, 2 * TILE, cpu) == 2
+    assert choose_num_splits(1, 2, 32768, cpu) == 4
+    assert choose_num_splits(2, 2, 32768, cpu) == 1  # batch * kv heads already cover the SMs
 
 
 def test_unsplit_and_split_decode_agree_on_one_context() -> None:
