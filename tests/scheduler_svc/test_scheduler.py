@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pagewire.block_hash import prompt_block_hashes
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import common_pb2
 from scheduler_svc.block_pool import BlockPool
@@ -111,3 +112,58 @@ def test_abort_releases_blocks_and_reports_released() -> None:
     assert s.pool.num_free == s.pool.num_blocks
     batch = s.schedule()
     assert a in batch.released and a.aborted
+
+
+def test_waiting_request_reuses_cached_prefix_and_skips_its_compute() -> None:
+    s = make(budget=64)
+    a = req("a", 10, max_tokens=1, first=1)
+    s.add(a)
+    run_step(s)
+    assert a.finished
+    b = req("b", 12, first=1)  # same first 8 tokens = 2 full blocks of 4
+    s.add(b)
+    batch = s.schedule()
+    [seq] = batch.seqs
+    assert (seq.start, seq.num_tokens) == (8, 4)
+    assert b.num_cached == 8
+    hashes = prompt_block_hashes(a.prompt, 4)
+    assert b.block_table[:2] == [s.pool.index[h] for h in hashes[:2]]
+
+
+def test_no_prefix_caching_computes_everything() -> None:
+    limits = SchedulerLimits(8, 64, 4, 1000, (EOS,), prefix_caching=False)
+    s = Scheduler(limits, BlockPool(64))
+    for rid in ("a", "b"):
+        r = req(rid, 10, max_tokens=1, first=1)
+        s.add(r)
+        batch = s.schedule()
+        [seq] = batch.seqs
+        assert seq.start == 0 and r.num_cached == 0
+        s.update(batch, {r.seq_id: 7})
+
+
+def test_long_prompt_is_admitted_within_bounded_steps_under_a_stream_of_short_ones() -> None:
+    """No starvation: FCFS with chunked prefill lets a long prompt in while short ones keep coming."""
+    s = make(num_blocks=256, budget=16, max_seqs=8, bs=4)
+    s.add(req("short-0", 4, max_tokens=6))
+    run_step(s)
+    long = req("long", 200, max_tokens=2)
+    s.add(long)
+    steps = 0
+    while not long.output:
+        s.add(req(f"short-{steps + 1}", 4, max_tokens=6))  # a new short request every step
+        run_step(s)
+        steps += 1
+        assert steps <= 200 // 4 + 10, "the long prompt starved"
+    assert long.output
+
+
+def test_fully_cached_prompt_still_computes_its_last_token() -> None:
+    s = make(budget=64)
+    a = req("a", 8, max_tokens=1, first=1)
+    s.add(a)
+    run_step(s)
+    b = req("b", 8, max_tokens=1, first=1)
+    s.add(b)
+    [seq] = s.schedule().seqs
+    assert (seq.start, seq.num_tokens, seq.sample) == (7, 1, True)
