@@ -59,6 +59,7 @@ class SchedulerConfig(CommonConfig):
     max_num_batched_tokens: int = opt(2048, "Most tokens (decodes + prefill chunks) in one step.")
     max_queue: int = opt(4096, "Most waiting requests; past it Submit answers RESOURCE_EXHAUSTED.")
     prefix_caching: bool = opt(True, "Reuse cached KV blocks of shared prefixes.")
+    priority_aging_s: float = opt(10.0, "A waiting request gains one priority level per this many seconds.")
     heartbeat_check_s: float = opt(1.0, "Seconds between checks of each worker's heartbeat key.")
     check_invariants: bool = opt(False, "Assert block invariants after every step (tests).")
 

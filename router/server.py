@@ -33,6 +33,7 @@ from router.stop_strings import StopStringMatcher
 log = logging.getLogger("router")
 SERVICE = "pagewire.v1.Generation"
 MAX_REQUEST_ID_CHARS = 128
+MAX_PRIORITY = 1000
 TOKENIZE_IN_THREAD_CHARS = 16_384  # longer prompts are tokenized off the event loop
 
 
@@ -152,10 +153,16 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             )
         except ValidationError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if not -MAX_PRIORITY <= request.priority <= MAX_PRIORITY:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"priority: must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {request.priority}",
+            )
         rid = request.request_id or uuid.uuid4().hex
         stream = _OutputStream(rid, prompt, params, self.tokenizer)
         submit = scheduler_pb2.SubmitRequest(
-            request_id=rid, prompt_token_ids=prompt, sampling=params.to_proto()
+            request_id=rid, prompt_token_ids=prompt, sampling=params.to_proto(),
+            priority=request.priority,
         )
         deadline = asyncio.get_running_loop().time() + self.cfg.resume_timeout_s
         while True:

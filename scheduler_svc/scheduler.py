@@ -11,6 +11,7 @@ is preempted: it gives its blocks back and recomputes from prompt + output later
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from pagewire.block_hash import block_hash, prompt_block_hashes
@@ -27,6 +28,8 @@ class SchedulerLimits:
     max_model_len: int
     eos_token_ids: tuple[int, ...]
     prefix_caching: bool = True
+    # A waiting request gains one priority level per this many seconds (0: no aging).
+    priority_aging_s: float = 10.0
 
 
 @dataclass
@@ -128,7 +131,16 @@ class Scheduler:
         )
         req.on_worker = True
 
+    def _age_waiting(self) -> None:
+        """With mixed priorities, let waiting requests climb with age so none waits forever."""
+        aging = self.limits.priority_aging_s
+        if aging <= 0 or len({r.priority for r in self.waiting}) < 2:
+            return
+        now = time.monotonic()
+        self.waiting.sort(key=lambda r: (-(r.priority + (now - r.arrival) / aging), r.arrival))
+
     def schedule(self) -> ScheduledBatch:
+        self._age_waiting()
         batch = ScheduledBatch(released=self._released)
         self._released = []
         budget = self.limits.max_num_batched_tokens
@@ -287,3 +299,4 @@ class Scheduler:
 
     def check_invariants(self) -> None:
         self.pool.check([r.block_table for r in (*self.running, *self.waiting)])
+

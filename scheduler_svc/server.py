@@ -206,6 +206,7 @@ async def attach_worker(
         max_model_len=info.max_model_len,
         eos_token_ids=tuple(info.eos_token_ids),
         prefix_caching=cfg.prefix_caching,
+        priority_aging_s=cfg.priority_aging_s,
     )
     engine = WorkerEngine(address, info, store, limits, service.on_worker_lost)
     engine.check_invariants = cfg.check_invariants

@@ -167,3 +167,15 @@ def test_fully_cached_prompt_still_computes_its_last_token() -> None:
     s.add(b)
     [seq] = s.schedule().seqs
     assert (seq.start, seq.num_tokens, seq.sample) == (7, 1, True)
+
+
+def test_low_priority_request_ages_past_a_stream_of_higher_priority_ones() -> None:
+    limits = SchedulerLimits(1, 64, 4, 1000, (EOS,), priority_aging_s=1.0)
+    s = Scheduler(limits, BlockPool(64))
+    low = req("low", 4, max_tokens=1, priority=0)
+    low.arrival -= 5.0  # waited 5 s: worth 5 levels
+    s.add(low)
+    s.add(req("high", 4, max_tokens=1, priority=3))
+    assert run_step(s) == [low]
+    s.add(req("higher", 4, max_tokens=1, priority=9))
+    assert s.schedule().seqs[0].request.request_id == "higher"
