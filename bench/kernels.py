@@ -172,13 +172,13 @@ def bench_extend(batch: int, q_len: int, prefix: int, block_size: int, dtype: to
 
 
 def split_check(dtype: torch.dtype, block_size: int) -> list[dict]:
-    """Graph-replay time of decode forced to 1, 2 and 4 splits around MIN_CONTEXT_TO_SPLIT: the
-    evidence for where the heuristic stops splitting (a split adds the merge kernel)."""
+    """Graph-replay time of decode forced to 1..32 splits on short contexts (at least 64 tokens a
+    split): the evidence for decode.MIN_TOKENS_PER_SPLIT."""
     rows = []
-    for batch, ctx in [(1, 512), (8, 512), (1, 1024), (8, 1024)]:
+    for batch, ctx in [(1, 512), (8, 512), (1, 1024), (8, 1024), (1, 2048), (8, 2048)]:
         k_cache, v_cache, tables, lens, _, _ = _paged_kv(batch, ctx, block_size, dtype)
         q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=dtype)
-        for splits in (1, 2, 4):
+        for splits in [s for s in (1, 2, 4, 8, 16, 32) if s <= ctx // 64]:
             ms = _time_ms(functools.partial(triton_ops.paged_decode_attention, q, k_cache, v_cache,
                                             tables, lens, SCALE, num_splits=splits))
             rows.append({"batch": batch, "context": ctx, "splits": splits, "triton_ms": ms})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 
 import grpc
@@ -27,6 +28,9 @@ from scheduler_svc.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from scheduler_svc.state_store import StateStore, StoredPool
 
 log = logging.getLogger("scheduler.engine")
+
+
+PIPELINE_DEPTH = 2  # steps in flight to the worker at once
 
 
 class WorkerLost(Exception):
@@ -52,6 +56,7 @@ class WorkerEngine:
         self.steps = 0
         self.connected = False
         self.check_invariants = False
+        self._release_ids: list[int] = []  # sequences the worker may forget, sent with the next step
 
     @property
     def worker_id(self) -> str:
@@ -156,31 +161,55 @@ class WorkerEngine:
                 await asyncio.sleep(1.0)
 
     async def _run_stream(self) -> None:
+        """The step pipeline: step N+1 is scheduled and sent while the worker computes step N.
+
+        The worker runs steps in order, so it starts N+1 the moment N is done; the scheduler's own
+        work — applying N's tokens, the Redis write, emitting events, scheduling N+2 — overlaps
+        the worker's compute of N+1 instead of sitting between the two steps.
+        """
         async with serving.insecure_channel(self.address) as channel:
             call = worker_pb2_grpc.WorkerStub(channel).Execute()
             for req in self.scheduler.running:
                 req.on_worker = False  # a new stream starts with an empty worker cache
             self.connected = True
             self.wakeup.set()
+            inflight: deque[ScheduledBatch] = deque()
             while True:
-                if not self.scheduler.has_work:
+                scheduled = False
+                if len(inflight) < PIPELINE_DEPTH and self.scheduler.has_work:
+                    batch = self._schedule()
+                    if batch.seqs:
+                        await self._send(call, batch)
+                        inflight.append(batch)
+                        scheduled = True
+                    elif batch.released:
+                        await self._complete(batch, {})
+                if inflight and (len(inflight) == PIPELINE_DEPTH or not scheduled):
+                    await self._complete(inflight.popleft(), await self._receive(call))
+                elif not scheduled and not inflight:
                     await self.store.flush()
                     self.wakeup.clear()
-                    await self.wakeup.wait()
-                    continue
-                await self.step(call)
+                    if not self.scheduler.has_work:
+                        await self.wakeup.wait()
+                    else:  # work that cannot run yet (blocks, tokens in flight): poll gently
+                        await asyncio.wait([asyncio.ensure_future(self.wakeup.wait())], timeout=0.01)
 
-    async def step(self, call: grpc.aio.StreamStreamCall) -> None:
-        sched, store = self.scheduler, self.store
-        batch = sched.schedule()
+    def _schedule(self) -> ScheduledBatch:
+        """Decide the next step and queue its block-table writes."""
+        batch = self.scheduler.schedule()
         for victim in batch.preempted:
-            store.dropped_table(victim)
+            self.store.dropped_table(victim)
         for s in batch.seqs:
             if s.resend:
-                store.table(s.request)
+                self.store.table(s.request)
             else:
-                store.appended(s.request, s.new_blocks)
-        sampled = await self._execute(call, batch) if batch.seqs else {}
+                self.store.appended(s.request, s.new_blocks)
+        self._release_ids.extend(r.seq_id for r in batch.released)
+        return batch
+
+    async def _complete(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
+        """Apply a step's tokens, write the step to Redis in one round trip, then emit."""
+        sched, store = self.scheduler, self.store
         touched = sched.update(batch, sampled)
         sched.drain_freed()
         for req in touched:
@@ -210,21 +239,22 @@ class WorkerEngine:
             sched.check_invariants()
         self.steps += 1
 
-    async def _execute(self, call: grpc.aio.StreamStreamCall, batch: ScheduledBatch) -> dict[int, int]:
+    async def _send(self, call: grpc.aio.StreamStreamCall, batch: ScheduledBatch) -> None:
         self.step_id += 1
-        step = worker_pb2.Step(
-            step_id=self.step_id,
-            release_seq_ids=[r.seq_id for r in batch.released],
-        )
+        step = worker_pb2.Step(step_id=self.step_id, release_seq_ids=self._release_ids)
+        self._release_ids = []
         for s in batch.seqs:
             req = s.request
+            # A decode whose input is the token sampled by the step still in flight names none:
+            # the worker feeds its own last sample.
+            known = s.start < req.num_known
             seq = step.seqs.add(
                 seq_id=req.seq_id,
                 start_pos=s.start,
-                token_ids=req.tokens(s.start, s.start + s.num_tokens),
+                token_ids=req.tokens(s.start, s.start + s.num_tokens) if known else (),
                 sample=s.sample,
                 new=s.resend,
-                output_index=len(req.output),
+                output_index=len(req.output) + req.pending - 1 if s.sample else len(req.output),
             )
             if s.resend:
                 seq.block_ids.extend(req.block_table)
@@ -232,6 +262,8 @@ class WorkerEngine:
             else:
                 seq.block_ids.extend(s.new_blocks)
         await call.write(step)
+
+    async def _receive(self, call: grpc.aio.StreamStreamCall) -> dict[int, int]:
         result = await call.read()
         if result is grpc.aio.EOF:
             raise WorkerLost("stream closed")

@@ -47,8 +47,19 @@ class Request:
     flushed: int = 0  # output tokens Redis has acknowledged
     attached: bool = True  # a Submit stream consumes the events (False: recovered, not resumed)
 
+    # Tokens sampled by steps still in flight (their ids are not known yet; at most the depth of
+    # the step pipeline). They count in num_tokens: the next decode feeds the worker's own sample.
+    pending: int = 0
+    # Bumped whenever the request loses its blocks (preemption, worker loss): results of steps
+    # scheduled before that no longer describe its block table.
+    epoch: int = 0
+
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output) + self.pending
+
+    @property
+    def num_known(self) -> int:
         return len(self.prompt) + len(self.output)
 
     def tokens(self, start: int, end: int) -> list[int]:

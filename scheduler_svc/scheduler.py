@@ -40,6 +40,7 @@ class ScheduledSeq:
     new_blocks: list[int]
     sample: bool
     resend: bool  # worker must receive full state (first time, or after preemption)
+    epoch: int = 0  # the request's epoch when scheduled
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Scheduler:
         self.freed.append((victim, victim.block_table))
         victim.block_table = []
         victim.block_hashes = []
+        victim.epoch += 1
         victim.num_computed = 0
         victim.on_worker = False
         victim.status = Status.WAITING
@@ -127,9 +129,20 @@ class Scheduler:
                 new_blocks=new_blocks,
                 sample=req.num_computed == req.num_tokens,
                 resend=not req.on_worker,
+                epoch=req.epoch,
             )
         )
         req.on_worker = True
+        if batch.seqs[-1].sample:
+            req.pending += 1
+
+    def _will_stop(self, req: Request) -> bool:
+        """Tokens in flight already reach max_tokens or the context: schedule nothing more."""
+        return (
+            req.pending > 0
+            and (len(req.output) + req.pending >= req.params.max_tokens
+                 or req.num_tokens >= self.limits.max_model_len)
+        )
 
     def _age_waiting(self) -> None:
         """With mixed priorities, let waiting requests climb with age so none waits forever."""
@@ -150,6 +163,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0 and len(batch.seqs) < self.limits.max_num_seqs:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed, budget)
+            if n == 0 or self._will_stop(req):
+                i += 1  # waits for the tokens of steps in flight
+                continue
             while self._blocks_needed(req, n) > self.pool.num_free:
                 victim = self.running[-1]
                 self._preempt(victim, batch)
@@ -164,8 +180,8 @@ class Scheduler:
         # Waiting requests, in order, while budget, sequence slots and blocks last.
         while self.waiting and budget > 0 and len(batch.seqs) < self.limits.max_num_seqs:
             req = self.waiting[0]
-            if req in batch.preempted:
-                break  # preempted this step: wait for blocks to come back
+            if req in batch.preempted or req.pending:
+                break  # preempted this step, or its last tokens are still in flight
             hits = self._cached_prefix(req)
             n = min(req.num_tokens - len(hits) * self.limits.block_size, budget)
             # Reusing cached blocks takes them out of the evictable set: count them as needed.
@@ -200,10 +216,10 @@ class Scheduler:
         req.status = Status.RUNNING
         self.running.append(req)
 
-    def _register_full_blocks(self, req: Request) -> None:
-        """Name every newly full, computed block by its chained hash."""
+    def _register_full_blocks(self, req: Request, computed: int) -> None:
+        """Name every newly full block among the first ``computed`` tokens by its chained hash."""
         bs = self.limits.block_size
-        full = min(req.num_computed // bs, len(req.block_table))
+        full = min(min(computed, req.num_known) // bs, len(req.block_table))
         parent = req.block_hashes[-1] if req.block_hashes else None
         for i in range(len(req.block_hashes), full):
             parent = block_hash(parent, req.tokens(i * bs, (i + 1) * bs))
@@ -216,20 +232,19 @@ class Scheduler:
         touched = []
         for s in batch.seqs:
             req = s.request
+            token = sampled.get(req.seq_id) if s.sample else None
+            if s.sample:
+                req.pending = max(req.pending - 1, 0)
             if req.finished:
-                continue
-            if self.limits.prefix_caching:
-                self._register_full_blocks(req)
-            if not s.sample:
-                continue
-            token = sampled.get(req.seq_id)
-            if token is None:
-                continue
-            req.output.append(token)
-            touched.append(req)
-            reason = self._stop_reason(req, token)
+                continue  # finished by an earlier step: a token sampled past the end is dropped
+            if token is not None:
+                req.output.append(token)
+                touched.append(req)
+            if self.limits.prefix_caching and s.epoch == req.epoch:
+                self._register_full_blocks(req, s.start + s.num_tokens)
+            reason = self._stop_reason(req, token) if token is not None else 0
             if reason:
-                self.running.remove(req)
+                (self.running if req in self.running else self.waiting).remove(req)
                 self._finish(req, reason)
         return touched
 
@@ -276,7 +291,7 @@ class Scheduler:
                 req.num_computed = min(proven * bs, req.num_tokens - 1)
             req.num_computed = min(req.num_computed, len(req.block_table) * bs)
             req.block_hashes = []
-            self._register_full_blocks(req)
+            self._register_full_blocks(req, req.num_computed)
             req.status = Status.RUNNING
             self.running.append(req)
 
@@ -285,7 +300,8 @@ class Scheduler:
         reqs = sorted([*self.running, *self.waiting], key=_priority_key)
         for req in reqs:
             req.block_table, req.block_hashes = [], []
-            req.num_computed = 0
+            req.num_computed = req.pending = 0
+            req.epoch += 1
             req.on_worker = False
             req.status = Status.WAITING
         self.running, self.waiting = [], []

@@ -8,8 +8,7 @@ bandwidth; what matters is keeping enough loads in flight. Two choices follow fr
 * A batch of few sequences gives few programs (batch * kv_heads), too few to fill the GPU, so each
   sequence's context is also split into ``num_splits`` ranges processed in parallel; a second small
   kernel merges the partial results by their log-sum-exp (flash-decoding). With one split the first
-  kernel writes the output directly, which is what short contexts get: there the merge kernel
-  costs more than the split saves.
+  kernel writes the output directly; that is used once the batch alone fills the GPU.
 
 The number of splits is chosen from the block-table width (an upper bound of the context known
 without reading device memory), so a call never synchronises with the GPU and can be graph-captured;
@@ -136,24 +135,23 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
-# Splitting adds a second (merge) kernel: one more launch and a few microseconds inside a CUDA
-# graph. Below this much context an unsplit program reads its whole range in about that time, so
-# the split cannot pay for the merge (H100: batch 1 and 8 at 512 tokens ran 8 % and 19 % slower
-# than SDPA split in two; see docs/BENCHMARKS.md).
-MIN_CONTEXT_TO_SPLIT = 1024
-MIN_TOKENS_PER_SPLIT = 256
+# A split program's time is mostly its serial tile loop (each tile waits on a block-table load, then
+# on K and V), while the merge kernel costs little inside a CUDA graph. Measured on H100 at 512
+# tokens (docs/BENCHMARKS.md): batch 1 took 15.6 / 15.1 / 12.0 us unsplit / 2 / 4 splits, batch 8
+# 18.0 / 18.5 / 17.2 us. So short contexts split too, down to one split-kernel tile per split.
+MIN_TOKENS_PER_SPLIT = 64
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """Splits per sequence, from shapes only (no device reads, so decode stays graph-capturable).
 
-    One split (the output written directly, no merge) when the context is short or when
-    batch * kv_heads programs already cover every SM (measured on H100: batch 32 x 8 kv heads ran
-    fastest unsplit). Otherwise aim for about two programs per SM, as a power of two so that
-    power-of-two contexts divide evenly, keeping at least MIN_TOKENS_PER_SPLIT tokens per split."""
+    One split (the output written directly, no merge) once batch * kv_heads programs cover every SM
+    (measured on H100: batch 32 x 8 kv heads ran fastest unsplit). Below that, aim for about two
+    programs per SM, as a power of two so that power-of-two contexts divide evenly, keeping at
+    least MIN_TOKENS_PER_SPLIT tokens per split."""
     programs = batch * num_kv_heads
     sms = num_sms(device)
-    if programs >= sms or max_context < MIN_CONTEXT_TO_SPLIT:
+    if programs >= sms:
         return 1
     wanted = next_pow2(math.ceil(2 * sms / programs))
     return max(1, min(wanted, max_context // MIN_TOKENS_PER_SPLIT, 128))
