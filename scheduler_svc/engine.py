@@ -227,6 +227,7 @@ class WorkerEngine:
             preemptions=sched.num_preemptions,
             prefix_queries=sched.pool.queries,
             prefix_hits=sched.pool.hits,
+            steps=self.steps + 1,
         )
         await store.flush()  # tokens leave only once Redis has them
         for req in touched:

@@ -1,0 +1,101 @@
+"""Control-plane overhead: scheduler steps/s with a null worker (no model), Redis writes on.
+
+    python bench/control_plane.py [--running 1,64,256,1024] [--window 3] [--out control_plane.json]
+
+Starts a private redis-server, a null worker (same gRPC service, answers at once) and a
+scheduler, then for each level keeps that many requests decoding (submitted straight to the
+scheduler's Submit, whose token streams this script consumes like a router would) and reads the
+scheduler's step counter from Redis over a window. Every step writes its tokens, blocks and load
+to Redis in one pipeline and sends one event per running request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+import redis
+
+from pagewire import serving
+from pagewire.launcher import Stack, free_port
+from pagewire.redis_keys import RedisKeys
+from pagewire.redis_server import start_redis
+from pagewire.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+
+async def consume(stub: scheduler_pb2_grpc.SchedulerStub, rid: str, counts: dict[str, int]) -> None:
+    req = scheduler_pb2.SubmitRequest(
+        request_id=rid,
+        prompt_token_ids=[100 + (hash(rid) + i) % 1000 for i in range(16)],
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=30000, ignore_eos=True),
+    )
+    async for event in stub.Submit(req):
+        counts[rid] += len(event.token_ids)
+
+
+async def measure(addr: str, r: redis.Redis, load_key: str, n: int, window: float) -> dict:
+    counts = {f"cp-{n}-{i}": 0 for i in range(n)}
+    async with serving.insecure_channel(addr) as ch:
+        stub = scheduler_pb2_grpc.SchedulerStub(ch)
+        tasks = [asyncio.create_task(consume(stub, rid, counts)) for rid in counts]
+        while min(counts.values()) < 2:
+            await asyncio.sleep(0.05)
+        samples = []
+        for _ in range(3):
+            s0, t0 = int(r.hget(load_key, "steps")), time.perf_counter()
+            await asyncio.sleep(window / 3)
+            s1, t1 = int(r.hget(load_key, "steps")), time.perf_counter()
+            samples.append((s1 - s0) / (t1 - t0))
+        running = int(r.hget(load_key, "running"))
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    steps_s = statistics.median(samples)
+    return {"running": n, "running_seen": running, "steps_per_s": steps_s, "ms_per_step": 1e3 / steps_s,
+            "tokens_per_s": steps_s * n, "samples_steps_per_s": samples}
+
+
+async def main_async(args: argparse.Namespace) -> list[dict]:
+    rs = start_redis()
+    stack = Stack(model="null", redis_url=rs.url)
+    try:
+        wport = free_port()
+        worker = stack._spawn("worker", "worker_svc.null_worker",
+                              ["--port", str(wport), "--worker-id", "null-0", "--num-blocks", "200000"], wport)
+        await stack._wait(worker, 60)
+        sched = await stack.start_scheduler(
+            [worker], ["--max-num-seqs", "1024", "--max-num-batched-tokens", "16384", "--log-level", "WARNING"]
+        )
+        r = redis.Redis.from_url(rs.url)
+        load_key = RedisKeys("default", "null").worker_load("null-0")
+        rows = []
+        for n in args.running:
+            rows.append(await measure(sched.address, r, load_key, n, args.window))
+            while int(r.hget(load_key, "running") or 0):
+                await asyncio.sleep(0.1)
+        return rows
+    finally:
+        stack.stop()
+        rs.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--running", default="1,64,256,1024")
+    p.add_argument("--window", type=float, default=3.0)
+    p.add_argument("--out", default="control_plane.json")
+    args = p.parse_args()
+    args.running = [int(x) for x in args.running.split(",")]
+    rows = asyncio.run(main_async(args))
+    print(f"{'running':>8} {'steps/s':>9} {'ms/step':>8} {'tokens/s':>9}")
+    for row in rows:
+        print(f"{row['running']:>8} {row['steps_per_s']:>9.1f} {row['ms_per_step']:>8.3f} {row['tokens_per_s']:>9.0f}")
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""A worker with no model: the same gRPC service, answering every step at once.
+
+For measuring the control plane (scheduler, Redis, router) without model compute, and for wide
+fleets in routing benchmarks. It keeps the same per-sequence cache as the real runner (so
+``unknown_seq_ids`` and "feed the last sample" behave the same) and samples a token that depends
+only on the sequence and the output index, never an end-of-sequence token.
+
+Start: ``python -m worker_svc.null_worker --port P --num-blocks N [--worker-id ID]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from pagewire import serving
+from pagewire.v1 import worker_pb2, worker_pb2_grpc
+
+SERVICE = "pagewire.v1.Worker"
+VOCAB = 32000
+FIRST_TOKEN = 16  # below are "special" ids; never sampled
+
+
+class NullWorker(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, info: worker_pb2.WorkerInfo) -> None:
+        self.info = info
+
+    async def Describe(
+        self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerInfo:
+        return self.info
+
+    async def Execute(
+        self, request_iterator: AsyncIterator[worker_pb2.Step], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.StepResult]:
+        known: set[int] = set()
+        async for step in request_iterator:
+            known.difference_update(step.release_seq_ids)
+            unknown = [s.seq_id for s in step.seqs if not s.new and s.seq_id not in known]
+            if unknown:
+                yield worker_pb2.StepResult(step_id=step.step_id, unknown_seq_ids=unknown)
+                continue
+            known.update(s.seq_id for s in step.seqs if s.new)
+            sampled = [s for s in step.seqs if s.sample]
+            yield worker_pb2.StepResult(
+                step_id=step.step_id,
+                seq_ids=[s.seq_id for s in sampled],
+                token_ids=[FIRST_TOKEN + (s.seq_id * 31 + s.output_index) % (VOCAB - FIRST_TOKEN)
+                           for s in sampled],
+            )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    server, health_servicer = serving.new_server([SERVICE])
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    info = worker_pb2.WorkerInfo(
+        worker_id=args.worker_id or f"{args.host}:{port}",
+        model=args.model_name,
+        dtype="none",
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        max_model_len=args.max_model_len,
+        vocab_size=VOCAB,
+        eos_token_ids=[1],
+        attention_backend="none",
+        device="none",
+        instance_id=uuid.uuid4().hex,
+    )
+    worker_pb2_grpc.add_WorkerServicer_to_server(NullWorker(info), server)
+    await server.start()
+    await serving.set_serving(health_servicer, [SERVICE], True)
+    await serving.run_until_signalled(server, health_servicer, [SERVICE])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="pagewire-null-worker", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--worker-id", default="")
+    p.add_argument("--model-name", default="null")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=65536)
+    p.add_argument("--max-model-len", type=int, default=32768)
+    args = p.parse_args(argv)
+    serving.run_main(lambda: serve(args))
+
+
+if __name__ == "__main__":
+    main()
