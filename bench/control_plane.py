@@ -6,7 +6,7 @@ Starts a private redis-server, a null worker (same gRPC service, answers at once
 scheduler, then for each level keeps that many requests decoding (submitted straight to the
 scheduler's Submit, whose token streams this script consumes like a router would) and reads the
 scheduler's step counter from Redis over a window. Every step writes its tokens, blocks and load
-to Redis in one pipeline and sends one event per running request.
+to Redis in one pipeline and sends the step's events to the router as one batch.
 """
 
 from __future__ import annotations
@@ -27,21 +27,30 @@ from pagewire.redis_server import start_redis
 from pagewire.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 
-async def consume(stub: scheduler_pb2_grpc.SchedulerStub, rid: str, counts: dict[str, int]) -> None:
-    req = scheduler_pb2.SubmitRequest(
-        request_id=rid,
-        prompt_token_ids=[100 + (hash(rid) + i) % 1000 for i in range(16)],
-        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=30000, ignore_eos=True),
-    )
-    async for event in stub.Submit(req):
-        counts[rid] += len(event.token_ids)
-
-
 async def measure(addr: str, r: redis.Redis, load_key: str, n: int, window: float) -> dict:
-    counts = {f"cp-{n}-{i}": 0 for i in range(n)}
+    """Keep ``n`` requests decoding over one Connect stream (as a router does); count steps."""
+    counts: dict[str, int] = {f"cp-{n}-{i}": 0 for i in range(n)}
+    outgoing: asyncio.Queue[scheduler_pb2.RouterMessage] = asyncio.Queue()
+    for i, rid in enumerate(counts):
+        outgoing.put_nowait(scheduler_pb2.RouterMessage(submit=scheduler_pb2.SubmitRequest(
+            request_id=rid,
+            prompt_token_ids=[100 + (i * 16 + j) % 30000 for j in range(16)],
+            sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=30000, ignore_eos=True),
+        )))
+
+    async def messages():  # type: ignore[no-untyped-def]
+        while True:
+            yield await outgoing.get()
+
     async with serving.insecure_channel(addr) as ch:
-        stub = scheduler_pb2_grpc.SchedulerStub(ch)
-        tasks = [asyncio.create_task(consume(stub, rid, counts)) for rid in counts]
+        call = scheduler_pb2_grpc.SchedulerStub(ch).Connect(messages())
+
+        async def consume() -> None:
+            async for batch in call:
+                for event in batch.events:
+                    counts[event.request_id] += len(event.token_ids)
+
+        consumer = asyncio.create_task(consume())
         while min(counts.values()) < 2:
             await asyncio.sleep(0.05)
         samples = []
@@ -51,9 +60,9 @@ async def measure(addr: str, r: redis.Redis, load_key: str, n: int, window: floa
             s1, t1 = int(r.hget(load_key, "steps")), time.perf_counter()
             samples.append((s1 - s0) / (t1 - t0))
         running = int(r.hget(load_key, "running"))
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        call.cancel()  # closing the stream aborts every request it submitted
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
     steps_s = statistics.median(samples)
     return {"running": n, "running_seen": running, "steps_per_s": steps_s, "ms_per_step": 1e3 / steps_s,
             "tokens_per_s": steps_s * n, "samples_steps_per_s": samples}
@@ -79,7 +88,7 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
                 await asyncio.sleep(0.1)
         return rows
     finally:
-        stack.stop()
+        stack.stop()  # before Redis: the scheduler writes to it until it stops
         rs.stop()
 
 

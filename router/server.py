@@ -25,9 +25,9 @@ from pagewire.v1 import (
     generation_pb2,
     generation_pb2_grpc,
     scheduler_pb2,
-    scheduler_pb2_grpc,
 )
 from router.detokenizer import IncrementalDetokenizer
+from router.scheduler_link import SchedulerLink
 from router.stop_strings import StopStringMatcher
 
 log = logging.getLogger("router")
@@ -35,6 +35,10 @@ SERVICE = "pagewire.v1.Generation"
 MAX_REQUEST_ID_CHARS = 128
 MAX_PRIORITY = 1000
 TOKENIZE_IN_THREAD_CHARS = 16_384  # longer prompts are tokenized off the event loop
+
+
+def _status(code: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
 
 
 class _OutputStream:
@@ -95,14 +99,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         cfg: pwconfig.RouterConfig,
         tokenizer: PreTrainedTokenizerBase,
         hf_config: dict,
-        scheduler: scheduler_pb2_grpc.SchedulerStub,
+        link: SchedulerLink,
     ) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.model_name = cfg.served_model_name or Path(cfg.model).resolve().name
         self.max_model_len = int(hf_config.get("max_position_embeddings", 4096))
         self.vocab_size = int(hf_config["vocab_size"])
-        self.scheduler = scheduler
+        self.link = link
 
     async def _check_model(self, model: str, context: grpc.aio.ServicerContext) -> None:
         if model and model != self.model_name:
@@ -160,35 +164,21 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             )
         rid = request.request_id or uuid.uuid4().hex
         stream = _OutputStream(rid, prompt, params, self.tokenizer)
-        submit = scheduler_pb2.SubmitRequest(
-            request_id=rid, prompt_token_ids=prompt, sampling=params.to_proto(),
-            priority=request.priority,
-        )
-        deadline = asyncio.get_running_loop().time() + self.cfg.resume_timeout_s
-        while True:
-            call = self.scheduler.Submit(submit)
-            try:
-                async for event in call:
-                    for response in stream.on_event(event):
-                        yield response
-                    if stream.done:
-                        return
-                code, details = grpc.StatusCode.UNAVAILABLE, "scheduler closed the stream"
-            except grpc.aio.AioRpcError as e:
-                code, details = e.code(), e.details() or "scheduler error"
-            finally:
-                call.cancel()  # no-op when finished; aborts the request downstream otherwise
-            # The scheduler restarted (or is restarting): re-attach, skipping what was sent.
-            retry = code == grpc.StatusCode.UNAVAILABLE or (
-                submit.resume and code == grpc.StatusCode.NOT_FOUND and stream.completion == 0
+        events = self.link.submit(
+            scheduler_pb2.SubmitRequest(
+                request_id=rid, prompt_token_ids=prompt, sampling=params.to_proto(),
+                priority=request.priority,
             )
-            if not retry or asyncio.get_running_loop().time() > deadline:
-                await context.abort(code, details)
-            if submit.resume and code == grpc.StatusCode.NOT_FOUND:
-                submit.resume = False  # it never got in: submit afresh
-            else:
-                submit.resume, submit.resume_from = True, stream.completion
-            await asyncio.sleep(0.2)
+        )
+        try:
+            while not stream.done:
+                event = await events.get()
+                if event.error_code:
+                    await context.abort(_status(event.error_code), event.error_message)
+                for response in stream.on_event(event):
+                    yield response
+        finally:
+            self.link.finish(rid, abort=not stream.done)
 
     async def Tokenize(
         self, request: generation_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -227,20 +217,22 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
         raise SystemExit("--model and --scheduler are required")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     hf_config = json.loads((Path(cfg.model) / "config.json").read_text())
-    channel = serving.insecure_channel(cfg.scheduler)
-    service = GenerationService(cfg, tokenizer, hf_config, scheduler_pb2_grpc.SchedulerStub(channel))
+    link = SchedulerLink(cfg.scheduler, cfg.resume_timeout_s)
+    service = GenerationService(cfg, tokenizer, hf_config, link)
     server, health_servicer = serving.new_server([SERVICE])
     generation_pb2_grpc.add_GenerationServicer_to_server(service, server)
     port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     await server.start()
     await serving.wait_healthy(cfg.scheduler, timeout=300)
+    link_task = asyncio.create_task(link.run())
     await serving.set_serving(health_servicer, [SERVICE], True)
     log.info("router on %s:%d serving %s via scheduler %s", cfg.host, port, service.model_name, cfg.scheduler)
 
     try:
         await serving.run_until_signalled(server, health_servicer, [SERVICE])
     finally:
-        await channel.close()
+        link_task.cancel()
+        await asyncio.gather(link_task, return_exceptions=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

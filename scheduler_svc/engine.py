@@ -45,12 +45,14 @@ class WorkerEngine:
         store: StateStore,
         limits: SchedulerLimits,
         on_lost: Callable[[WorkerEngine, list[Request]], None],
+        on_done: Callable[[Request], None],
     ) -> None:
         self.address = address
         self.info = info
         self.store = store
         self.scheduler = Scheduler(limits, BlockPool(info.num_blocks))
         self.on_lost = on_lost
+        self.on_done = on_done
         self.wakeup = asyncio.Event()
         self.step_id = 0
         self.steps = 0
@@ -233,9 +235,8 @@ class WorkerEngine:
         for req in touched:
             req.flushed = len(req.output)
             self._emit(req)
-        for req in batch.released:
-            if req.aborted:
-                req.events.put_nowait(None)
+        for req in done:
+            self.on_done(req)
         if self.check_invariants:
             sched.check_invariants()
         self.steps += 1
@@ -284,6 +285,5 @@ class WorkerEngine:
             event.prompt_tokens = len(req.prompt)
             event.cached_tokens = max(req.num_cached, 0)
         req.sent = req.flushed
-        req.events.put_nowait(event)
-        if req.finished:
-            req.events.put_nowait(None)
+        if req.conn is not None:
+            req.conn.send(event)

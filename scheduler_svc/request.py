@@ -14,6 +14,28 @@ from pagewire.v1 import common_pb2, scheduler_pb2
 _seq_ids = itertools.count(1)
 
 
+class RouterConn:
+    """One router's Connect stream: its live requests and the events not yet sent to it.
+
+    Events of every request and every worker engine collect in one outbox, which the stream
+    sends as a single EventBatch: one gRPC message per step per router, not per request.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[str, Request] = {}
+        self.outbox: list[scheduler_pb2.TokenEvent] = []
+        self.ready = asyncio.Event()
+
+    def send(self, event: scheduler_pb2.TokenEvent) -> None:
+        self.outbox.append(event)
+        self.ready.set()
+
+    def take(self) -> list[scheduler_pb2.TokenEvent]:
+        events, self.outbox = self.outbox, []
+        self.ready.clear()
+        return events
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -41,11 +63,11 @@ class Request:
     on_worker: bool = False
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     aborted: bool = False
-    # Events for the Submit stream; None closes it.
-    events: asyncio.Queue[scheduler_pb2.TokenEvent | None] = field(default_factory=asyncio.Queue)
+    # The router connection that receives this request's events (None: recovered after a restart
+    # and not resumed by any router yet).
+    conn: RouterConn | None = None
     sent: int = 0  # output tokens already put on the events queue
     flushed: int = 0  # output tokens Redis has acknowledged
-    attached: bool = True  # a Submit stream consumes the events (False: recovered, not resumed)
 
     # Tokens sampled by steps still in flight (their ids are not known yet; at most the depth of
     # the step pipeline). They count in num_tokens: the next decode feeds the worker's own sample.

@@ -19,7 +19,7 @@ from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler_svc.engine import WorkerEngine
-from scheduler_svc.request import Request, Status
+from scheduler_svc.request import Request, RouterConn, Status
 from scheduler_svc.scheduler import SchedulerLimits
 from scheduler_svc.state_store import StateStore
 
@@ -36,7 +36,6 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.engines: dict[str, WorkerEngine] = {}
         self.requests: dict[str, Request] = {}
         self.placement: dict[str, WorkerEngine] = {}  # request id -> engine running it
-        self.stores: list[StateStore] = []
         self.ready = False
 
     # ---- placement -----------------------------------------------------------------------
@@ -61,82 +60,98 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if reqs:
             log.warning("moved %d requests off worker %s", len(reqs), lost.worker_id)
 
+    def on_done(self, req: Request) -> None:
+        """A request finished or was aborted: forget it (its events were sent already)."""
+        if self.requests.get(req.request_id) is req:
+            del self.requests[req.request_id]
+        self.placement.pop(req.request_id, None)
+        if req.conn is not None:
+            req.conn.requests.pop(req.request_id, None)
+
     # ---- the API -------------------------------------------------------------------------
-    async def Submit(
-        self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[scheduler_pb2.TokenEvent]:
+    async def Connect(
+        self, request_iterator: AsyncIterator[scheduler_pb2.RouterMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.EventBatch]:
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler is starting")
-        if request.resume:
-            req = await self._resume(request, context)
-        else:
-            req = await self._admit(request, context)
-        if req is None:
-            return
+        conn = RouterConn()
+        reader = asyncio.create_task(self._read_router(request_iterator, conn))
         try:
-            while (event := await req.events.get()) is not None:
-                yield event
+            while not reader.done() or conn.outbox:
+                ready = asyncio.ensure_future(conn.ready.wait())
+                await asyncio.wait([ready, reader], return_when=asyncio.FIRST_COMPLETED)
+                ready.cancel()
+                if conn.outbox:
+                    yield scheduler_pb2.EventBatch(events=conn.take())
         finally:
-            if self.requests.get(req.request_id) is req:
-                del self.requests[req.request_id]
-            engine = self.placement.pop(req.request_id, None)
-            if engine is not None and not req.finished:  # the client went away: free its blocks
-                engine.abort(req)
+            reader.cancel()
+            for req in list(conn.requests.values()):  # the router went away: free their blocks
+                req.conn = None
+                engine = self.placement.get(req.request_id)
+                if engine is not None and not req.finished:
+                    engine.abort(req)
 
-    async def _admit(
-        self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
-    ) -> Request | None:
-        rid = request.request_id
-        if not rid or not request.prompt_token_ids:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id and prompt_token_ids are required")
+    async def _read_router(
+        self, messages: AsyncIterator[scheduler_pb2.RouterMessage], conn: RouterConn
+    ) -> None:
+        async for msg in messages:
+            if msg.HasField("submit"):
+                sub = msg.submit
+                error = await self._resume(sub, conn) if sub.resume else self._admit(sub, conn)
+                if error is not None:
+                    code, text = error
+                    conn.send(scheduler_pb2.TokenEvent(
+                        request_id=sub.request_id, error_code=code.value[0], error_message=text,
+                    ))
+            elif msg.HasField("abort"):
+                self._abort(msg.abort.request_id)
+
+    def _admit(self, sub: scheduler_pb2.SubmitRequest, conn: RouterConn) -> tuple[grpc.StatusCode, str] | None:
+        rid = sub.request_id
+        if not rid or not sub.prompt_token_ids:
+            return grpc.StatusCode.INVALID_ARGUMENT, "request_id and prompt_token_ids are required"
         if rid in self.requests:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is in flight")
-        engine = self._pick(request.worker_id)
+            return grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is in flight"
+        engine = self._pick(sub.worker_id)
         if engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker available")
-            return None
+            return grpc.StatusCode.UNAVAILABLE, "no worker available"
         if len(engine.scheduler.waiting) >= self.cfg.max_queue:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"queue full: {self.cfg.max_queue} requests waiting (--max-queue)",
-            )
-        params = SamplingParams.from_proto(request.sampling)
-        total = len(request.prompt_token_ids) + params.max_tokens
+            return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"queue full: {self.cfg.max_queue} requests waiting (--max-queue)")
+        params = SamplingParams.from_proto(sub.sampling)
+        total = len(sub.prompt_token_ids) + params.max_tokens
         if total > engine.info.max_model_len:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"max_tokens: prompt + max_tokens must be <= {engine.info.max_model_len}",
-            )
+            return (grpc.StatusCode.INVALID_ARGUMENT,
+                    f"max_tokens: prompt + max_tokens must be <= {engine.info.max_model_len}")
         need = -(-total // engine.info.block_size)
         if need > engine.info.num_blocks:  # could never run, even alone: preemption cannot help
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"max_tokens: prompt + max_tokens ({total} tokens) needs {need} KV blocks; "
-                f"worker {engine.worker_id} has {engine.info.num_blocks}",
-            )
-        req = Request(rid, list(request.prompt_token_ids), params, priority=request.priority)
+            return (grpc.StatusCode.INVALID_ARGUMENT,
+                    f"max_tokens: prompt + max_tokens ({total} tokens) needs {need} KV blocks; "
+                    f"worker {engine.worker_id} has {engine.info.num_blocks}")
+        req = Request(rid, list(sub.prompt_token_ids), params, priority=sub.priority, conn=conn)
         self.requests[rid] = req
+        conn.requests[rid] = req
         self.place(req, engine)
-        return req
+        return None
 
     async def _resume(
-        self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
-    ) -> Request | None:
-        """Re-attach a stream: replay output from resume_from, then continue live."""
-        rid, start = request.request_id, max(request.resume_from, 0)
+        self, sub: scheduler_pb2.SubmitRequest, conn: RouterConn
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """Re-attach a request recovered after a restart: replay from resume_from, then live.
+
+        A request that finished just before the restart (its last events possibly unsent) is
+        replayed from Redis, where its output outlives it for a while.
+        """
+        rid, start = sub.request_id, max(sub.resume_from, 0)
         req = self.requests.get(rid)
         if req is None:
-            stored = await self.stores[0].load_request(rid) if self.stores else None
-            if stored is None or not stored[0].finish_reason:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id {rid!r} is not known")
-                return None
-            done = stored[0]
-            req = Request(rid, done.prompt, done.params, output=done.output,
-                          finish_reason=done.finish_reason, num_cached=done.num_cached)
-            req.status = Status.FINISHED
-            req.sent = req.flushed = len(req.output)
-        req.events = asyncio.Queue()
-        req.events.put_nowait(
+            req = await self._finished_request(rid)
+            if req is None:
+                return grpc.StatusCode.NOT_FOUND, f"request_id {rid!r} is not in flight"
+        else:
+            req.conn = conn
+            conn.requests[rid] = req
+        conn.send(
             scheduler_pb2.TokenEvent(
                 request_id=rid,
                 token_ids=req.output[start : req.flushed],
@@ -147,31 +162,40 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             )
         )
         req.sent = req.flushed
-        req.attached = True
-        if req.finished:
-            req.events.put_nowait(None)
+        return None
+
+    async def _finished_request(self, rid: str) -> Request | None:
+        engine = next(iter(self.engines.values()), None)
+        stored = await engine.store.load_request(rid) if engine is not None else None
+        if stored is None or not stored[0].finish_reason:
+            return None
+        done = stored[0]
+        req = Request(rid, done.prompt, done.params, output=done.output,
+                      finish_reason=done.finish_reason, num_cached=done.num_cached,
+                      status=Status.FINISHED)
+        req.sent = req.flushed = len(req.output)
         return req
+
+    def _abort(self, rid: str) -> bool:
+        req, engine = self.requests.get(rid), self.placement.get(rid)
+        if req is None or engine is None:
+            return False
+        req.conn = None  # the router no longer wants its events
+        engine.abort(req)
+        return True
 
     async def Abort(
         self, request: scheduler_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.AbortResponse:
-        req = self.requests.get(request.request_id)
-        engine = self.placement.get(request.request_id)
-        if req is None or engine is None:
-            return scheduler_pb2.AbortResponse(found=False)
-        engine.abort(req)
-        return scheduler_pb2.AbortResponse(found=True)
+        return scheduler_pb2.AbortResponse(found=self._abort(request.request_id))
 
     async def reap_orphans(self, recovered: list[Request]) -> None:
         """Abort recovered requests that no router re-attached to in time."""
         await asyncio.sleep(ORPHAN_TIMEOUT_S)
         for req in recovered:
-            engine = self.placement.get(req.request_id)
-            if not req.attached and not req.finished and engine is not None:
+            if req.conn is None and not req.finished:
                 log.warning("aborting %s: no router resumed it", req.request_id)
-                engine.abort(req)
-                self.requests.pop(req.request_id, None)
-                self.placement.pop(req.request_id, None)
+                self._abort(req.request_id)
 
 
 async def discover_workers(cfg: pwconfig.SchedulerConfig, r: aioredis.Redis) -> list[str]:
@@ -208,14 +232,13 @@ async def attach_worker(
         prefix_caching=cfg.prefix_caching,
         priority_aging_s=cfg.priority_aging_s,
     )
-    engine = WorkerEngine(address, info, store, limits, service.on_worker_lost)
+    engine = WorkerEngine(address, info, store, limits, service.on_worker_lost, service.on_done)
     engine.check_invariants = cfg.check_invariants
     recovered = await engine.recover(await store.load())
     for req in recovered:
         service.requests[req.request_id] = req
         service.placement[req.request_id] = engine
     service.engines[info.worker_id] = engine
-    service.stores.append(store)
     log.info("attached worker %s at %s (%d blocks, %d requests recovered)",
              info.worker_id, address, info.num_blocks, len(recovered))
     return engine, recovered

@@ -27,6 +27,22 @@ from scheduler_svc.request import Request
 
 FINISHED_TTL_S = 120  # a finished request's tokens stay this long, for a router to resume
 
+# Append many integers to many lists in one command: KEYS are the lists, ARGV[1] the count for
+# each list and ARGV[2] all the values, both packed little-endian int32. One command per step
+# instead of one RPUSH per request: the client-side cost of a command dominates at 256+ requests.
+APPEND_LISTS = """
+local counts, values, pos = ARGV[1], ARGV[2], 1
+for i = 1, #KEYS do
+  local n = struct.unpack('<i4', counts, (i - 1) * 4 + 1)
+  local items = {}
+  for j = 1, n do
+    items[j], pos = struct.unpack('<i4', values, pos)
+  end
+  redis.call('RPUSH', KEYS[i], unpack(items))
+end
+return #KEYS
+"""
+
 
 def _pack(ids: list[int]) -> bytes:
     return array("i", ids).tobytes()
@@ -68,6 +84,8 @@ class StateStore:
         self.worker_id = worker_id
         self._pipe = client.pipeline(transaction=True)
         self._queued = 0
+        self._appends: dict[str, list[int]] = {}  # list key -> values, written by one script call
+        self._append_lists = client.register_script(APPEND_LISTS)
 
     # ---- start-up ----------------------------------------------------------------------
     async def load(self) -> StoredPool | None:
@@ -148,6 +166,7 @@ class StateStore:
 
     def table(self, req: Request) -> None:
         """Write the whole block table (on admission, when it may start with cached blocks)."""
+        self._flush_appends()
         k, p = self.keys, self._pipe
         p.delete(k.request_blocks(req.request_id))
         if req.block_table:
@@ -155,12 +174,15 @@ class StateStore:
         p.hset(k.request(req.request_id), "num_cached", max(req.num_cached, 0))
         self._queued += 3
 
+    def _append(self, key: str, values: list[int]) -> None:
+        if values:
+            self._appends.setdefault(key, []).extend(values)
+
     def appended(self, req: Request, blocks: list[int]) -> None:
-        if blocks:
-            self._pipe.rpush(self.keys.request_blocks(req.request_id), *blocks)
-            self._queued += 1
+        self._append(self.keys.request_blocks(req.request_id), blocks)
 
     def dropped_table(self, req: Request) -> None:
+        self._flush_appends()  # appends queued before the drop must land before it
         self._pipe.delete(self.keys.request_blocks(req.request_id))
         self._queued += 1
 
@@ -192,12 +214,11 @@ class StateStore:
         self._queued += 6
 
     def generated(self, req: Request, tokens: list[int]) -> None:
-        if tokens:
-            self._pipe.rpush(self.keys.request_tokens(req.request_id), *tokens)
-            self._queued += 1
+        self._append(self.keys.request_tokens(req.request_id), tokens)
 
     def finished(self, req: Request) -> None:
         """Blocks are gone; output stays a while so a router can still resume and replay it."""
+        self._flush_appends()
         k, p, rid = self.keys, self._pipe, req.request_id
         p.delete(k.request_blocks(rid))
         p.hset(k.request(rid), "finish_reason", req.finish_reason)
@@ -211,8 +232,20 @@ class StateStore:
         self._pipe.hset(self.keys.worker_load(self.worker_id), mapping=figures)
         self._queued += 1
 
+    def _flush_appends(self) -> None:
+        """Queue the pending list appends as one script call, keeping command order intact."""
+        if not self._appends:
+            return
+        keys = list(self._appends)
+        counts = array("i", [len(v) for v in self._appends.values()]).tobytes()
+        values = array("i", [x for v in self._appends.values() for x in v]).tobytes()
+        self._append_lists(keys=keys, args=[counts, values], client=self._pipe)
+        self._appends = {}
+        self._queued += 1
+
     async def flush(self) -> None:
         """Write everything queued since the last flush in one MULTI/EXEC round trip."""
+        self._flush_appends()
         if not self._queued:
             return
         pipe, self._pipe, self._queued = self._pipe, self.r.pipeline(transaction=True), 0

@@ -34,10 +34,10 @@ class SchedulerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Submit = channel.unary_stream(
-                '/pagewire.v1.Scheduler/Submit',
-                request_serializer=pagewire_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
-                response_deserializer=pagewire_dot_v1_dot_scheduler__pb2.TokenEvent.FromString,
+        self.Connect = channel.stream_stream(
+                '/pagewire.v1.Scheduler/Connect',
+                request_serializer=pagewire_dot_v1_dot_scheduler__pb2.RouterMessage.SerializeToString,
+                response_deserializer=pagewire_dot_v1_dot_scheduler__pb2.EventBatch.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pagewire.v1.Scheduler/Abort',
@@ -49,18 +49,18 @@ class SchedulerStub:
 class SchedulerServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Submit(self, request, context):
-        """Queue a request and stream its tokens as they are generated. Closing the stream (client
-        cancel) aborts the request and frees its KV blocks in the same step.
-        Errors: RESOURCE_EXHAUSTED (queue full), ALREADY_EXISTS (request id in flight),
-        INVALID_ARGUMENT (prompt + max_tokens past the worker's context), UNAVAILABLE (no worker).
+    def Connect(self, request_iterator, context):
+        """A router's one long-lived connection. The router sends its requests (and aborts) on it; the
+        scheduler sends back the token events of all that router's requests, batched: one message per
+        step, not one per request, so the per-step cost does not grow with a message per sequence.
+        Closing the stream aborts every request it submitted and frees their KV blocks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Abort a request by id (for a router other than the one holding the stream). Idempotent.
+        """Abort a request by id, from anywhere. Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,10 +69,10 @@ class SchedulerServicer:
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Submit': grpc.unary_stream_rpc_method_handler(
-                    servicer.Submit,
-                    request_deserializer=pagewire_dot_v1_dot_scheduler__pb2.SubmitRequest.FromString,
-                    response_serializer=pagewire_dot_v1_dot_scheduler__pb2.TokenEvent.SerializeToString,
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=pagewire_dot_v1_dot_scheduler__pb2.RouterMessage.FromString,
+                    response_serializer=pagewire_dot_v1_dot_scheduler__pb2.EventBatch.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -91,7 +91,7 @@ class Scheduler:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Submit(request,
+    def Connect(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -101,12 +101,12 @@ class Scheduler:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/pagewire.v1.Scheduler/Submit',
-            pagewire_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
-            pagewire_dot_v1_dot_scheduler__pb2.TokenEvent.FromString,
+            '/pagewire.v1.Scheduler/Connect',
+            pagewire_dot_v1_dot_scheduler__pb2.RouterMessage.SerializeToString,
+            pagewire_dot_v1_dot_scheduler__pb2.EventBatch.FromString,
             options,
             channel_credentials,
             insecure,

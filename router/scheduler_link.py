@@ -1,0 +1,115 @@
+"""The router's one connection to its scheduler, shared by all of the router's requests.
+
+Requests and aborts go up one ``Connect`` stream; token events come back batched (one message
+per scheduler step) and are handed to each request's queue. When the stream breaks — the
+scheduler restarted — the link reconnects and re-attaches every request in flight from the
+number of tokens it already has (``resume``), so client streams continue with nothing lost or
+repeated. A request the new scheduler never heard of and that has no tokens yet is submitted
+afresh. Past ``resume_timeout_s`` without a scheduler, requests fail with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pagewire import serving
+from pagewire.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger("router.link")
+NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+class SchedulerLink:
+    def __init__(self, address: str, resume_timeout_s: float) -> None:
+        self.address = address
+        self.resume_timeout_s = resume_timeout_s
+        self.queues: dict[str, asyncio.Queue[scheduler_pb2.TokenEvent]] = {}
+        self.submits: dict[str, scheduler_pb2.SubmitRequest] = {}
+        self.received: dict[str, int] = {}  # output tokens each request has been sent
+        self.resuming: set[str] = set()
+        self._outgoing: asyncio.Queue[scheduler_pb2.RouterMessage] = asyncio.Queue()
+
+    # ---- used by request handlers ---------------------------------------------------------
+    def submit(self, sub: scheduler_pb2.SubmitRequest) -> asyncio.Queue[scheduler_pb2.TokenEvent]:
+        queue: asyncio.Queue[scheduler_pb2.TokenEvent] = asyncio.Queue()
+        self.queues[sub.request_id] = queue
+        self.submits[sub.request_id] = sub
+        self.received[sub.request_id] = 0
+        self._outgoing.put_nowait(scheduler_pb2.RouterMessage(submit=sub))
+        return queue
+
+    def finish(self, rid: str, abort: bool) -> None:
+        """The handler is done with ``rid``; tell the scheduler to stop if it is still running."""
+        if self.queues.pop(rid, None) is not None and abort:
+            msg = scheduler_pb2.RouterMessage(abort=scheduler_pb2.AbortRequest(request_id=rid))
+            self._outgoing.put_nowait(msg)
+        self.submits.pop(rid, None)
+        self.received.pop(rid, None)
+        self.resuming.discard(rid)
+
+    # ---- the connection -------------------------------------------------------------------
+    async def run(self) -> None:
+        """Keep a Connect stream open for the router's lifetime."""
+        loop = asyncio.get_running_loop()
+        down_since: float | None = None
+        async with serving.insecure_channel(self.address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            while True:
+                outgoing: asyncio.Queue[scheduler_pb2.RouterMessage] = asyncio.Queue()
+                if down_since is not None:
+                    self._resume_all(outgoing)
+                while not self._outgoing.empty():  # queued while down, or never sent
+                    msg = self._outgoing.get_nowait()
+                    if down_since is None or msg.HasField("abort"):  # submits became resumes
+                        outgoing.put_nowait(msg)
+                self._outgoing = outgoing
+                call = stub.Connect(_drain(outgoing))
+                try:
+                    async for batch in call:
+                        down_since = None
+                        for event in batch.events:
+                            self._dispatch(event)
+                except grpc.aio.AioRpcError as e:
+                    log.warning("scheduler stream broke: %s", e.code().name)
+                finally:
+                    call.cancel()
+                down_since = down_since if down_since is not None else loop.time()
+                if loop.time() - down_since > self.resume_timeout_s:
+                    self._fail_all(f"scheduler {self.address} unreachable for {self.resume_timeout_s}s")
+                await asyncio.sleep(0.2)
+
+    def _resume_all(self, outgoing: asyncio.Queue[scheduler_pb2.RouterMessage]) -> None:
+        for rid, sub in self.submits.items():
+            resume = scheduler_pb2.SubmitRequest()
+            resume.CopyFrom(sub)
+            resume.resume, resume.resume_from = True, self.received[rid]
+            self.resuming.add(rid)
+            outgoing.put_nowait(scheduler_pb2.RouterMessage(submit=resume))
+
+    def _dispatch(self, event: scheduler_pb2.TokenEvent) -> None:
+        rid = event.request_id
+        queue = self.queues.get(rid)
+        if queue is None:
+            return  # the handler already left (client cancelled)
+        if event.error_code == NOT_FOUND and rid in self.resuming and self.received[rid] == 0:
+            self.resuming.discard(rid)  # it never reached the old scheduler: submit afresh
+            self._outgoing.put_nowait(scheduler_pb2.RouterMessage(submit=self.submits[rid]))
+            return
+        self.resuming.discard(rid)
+        self.received[rid] = max(self.received[rid], event.index + len(event.token_ids))
+        queue.put_nowait(event)
+
+    def _fail_all(self, message: str) -> None:
+        for rid, queue in self.queues.items():
+            queue.put_nowait(scheduler_pb2.TokenEvent(
+                request_id=rid, error_code=UNAVAILABLE, error_message=message))
+
+
+async def _drain(queue: asyncio.Queue[scheduler_pb2.RouterMessage]) -> AsyncIterator[scheduler_pb2.RouterMessage]:
+    while True:
+        yield await queue.get()
