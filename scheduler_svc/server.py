@@ -239,8 +239,9 @@ async def attach_worker(
         service.requests[req.request_id] = req
         service.placement[req.request_id] = engine
     service.engines[info.worker_id] = engine
-    log.info("attached worker %s at %s (%d blocks, %d requests recovered)",
-             info.worker_id, address, info.num_blocks, len(recovered))
+    log.info("attached worker %s at %s (%d blocks, %d requests recovered with %d output tokens)",
+             info.worker_id, address, info.num_blocks, len(recovered),
+             sum(len(r.output) for r in recovered))
     return engine, recovered
 
 

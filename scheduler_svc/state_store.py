@@ -85,7 +85,6 @@ class StateStore:
         self._pipe = client.pipeline(transaction=True)
         self._queued = 0
         self._appends: dict[str, list[int]] = {}  # list key -> values, written by one script call
-        self._append_lists = client.register_script(APPEND_LISTS)
 
     # ---- start-up ----------------------------------------------------------------------
     async def load(self) -> StoredPool | None:
@@ -239,7 +238,9 @@ class StateStore:
         keys = list(self._appends)
         counts = array("i", [len(v) for v in self._appends.values()]).tobytes()
         values = array("i", [x for v in self._appends.values() for x in v]).tobytes()
-        self._append_lists(keys=keys, args=[counts, values], client=self._pipe)
+        # EVAL with the body, not EVALSHA: nothing to reload after a Redis restart; Redis caches
+        # the compiled script by its hash anyway.
+        self._pipe.eval(APPEND_LISTS, len(keys), *keys, counts, values)
         self._appends = {}
         self._queued += 1
 

@@ -44,13 +44,14 @@ def test_serving_bench_reports_exact_tokens_and_ordered_latencies(
         "--model", str(tiny_model), "--num-requests", str(NUM_REQUESTS),
         "--input-len", "24", "--input-len-range", "0.5", "--output-len", "8",
         "--output-len-range", "0.5", "--shared-prefix-len", "4", "--max-concurrency", "4",
-        "--sweep-rates", "40,inf", "--sweep-concurrency", "1,6", "--threads", "1",
+        "--sweep-rates", "40,inf", "--sweep-concurrency", "1,6", "--threads", "1", "--repeats", "2",
+        "--compare-hf", "--hf-batch-sizes", "1,4", "--hf-single-limit", "3",
         "--no-progress", "--out", str(out),
     ]
     report = serving.run(argv)
     requests = make_requests(
         RequestSetSpec(NUM_REQUESTS, 24, 8, 0.5, 0.5, shared_prefix_len=4),
-        model_vocab_size(tiny_model),
+        model_vocab_size(tiny_model), round_=1,
     )
     expected = sum(r.output_len for r in requests)
     assert len({r.prompt_ids[:4] for r in requests}) == 1
@@ -59,9 +60,13 @@ def test_serving_bench_reports_exact_tokens_and_ordered_latencies(
     assert len(points) == 5
     for point in points:
         check_summary(point["summary"], expected)
+        assert len(point["output_throughput_runs"]) == 2
     on_disk = json.loads(out.read_text())
     assert on_disk["results"]["rate_sweep"][1]["request_rate"] == "inf"
     assert [Path(p).is_file() for p in on_disk["plots"]] == [True, True]
+    rows = on_disk["compare_hf"]["rows"]
+    assert [r["requests"] for r in rows] == [NUM_REQUESTS, 3, NUM_REQUESTS]
+    assert rows[0]["pagewire_ratio"] == 1.0 and rows[2]["output_tokens"] == expected
 
 
 def test_hf_baseline_counts_requested_tokens(tiny_model: Path) -> None:
@@ -73,6 +78,14 @@ def test_hf_baseline_counts_requested_tokens(tiny_model: Path) -> None:
     for run in runs:
         assert run.output_tokens == want and run.output_throughput > 0
     assert runs[1].generated_tokens == 2 * max(r.output_len for r in requests)
+
+
+def test_each_round_keeps_lengths_and_prefix_but_not_prompts() -> None:
+    spec = RequestSetSpec(5, 40, 8, 0.5, 0.5, shared_prefix_len=16, seed=1)
+    a, b = make_requests(spec, 1024, round_=1), make_requests(spec, 1024, round_=2)
+    assert [(r.input_len, r.output_len) for r in a] == [(r.input_len, r.output_len) for r in b]
+    assert all(x.prompt_ids[:16] == y.prompt_ids[:16] for x, y in zip(a, b, strict=True))
+    assert all(x.prompt_ids[16:] != y.prompt_ids[16:] for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("rate", [float("inf"), 5.0])

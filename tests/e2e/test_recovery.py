@@ -72,8 +72,12 @@ def test_scheduler_sigkill_mid_generation_streams_continue(
         check_outputs(outputs, finals, hf_reference)
         assert_block_invariants(stack.redis_url, tiny_model, "worker-0", 256)
         log = (tmp_path / "scheduler.log").read_text()
-        recovered = [int(n) for n in re.findall(r"(\d+) requests recovered", log)]
-        assert recovered[0] == 0 and recovered[1] >= 1, "the new scheduler reloads in-flight requests"
+        recovered = [(int(n), int(t)) for n, t in
+                     re.findall(r"(\d+) requests recovered with (\d+) output tokens", log)]
+        assert recovered[0] == (0, 0)
+        assert recovered[1][0] >= 1 and recovered[1][1] >= recovered[1][0], (
+            "the new scheduler reloads in-flight requests with the tokens Redis recorded"
+        )
     finally:
         stack.stop()
 
