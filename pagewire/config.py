@@ -57,7 +57,7 @@ class SchedulerConfig(CommonConfig):
     model_name: str = opt("", "Model name for Redis keys. Empty: the workers' served model name.")
     max_num_seqs: int = opt(256, "Most sequences in one step.")
     max_num_batched_tokens: int = opt(2048, "Most tokens (decodes + prefill chunks) in one step.")
-    max_queue: int = opt(4096, "Most waiting requests; past it Submit answers RESOURCE_EXHAUSTED.")
+    max_queue: int = opt(4096, "Most waiting requests; past it a submit is refused with RESOURCE_EXHAUSTED.")
     prefix_caching: bool = opt(True, "Reuse cached KV blocks of shared prefixes.")
     priority_aging_s: float = opt(10.0, "A waiting request gains one priority level per this many seconds.")
     heartbeat_check_s: float = opt(1.0, "Seconds between checks of each worker's heartbeat key.")

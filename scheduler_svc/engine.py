@@ -3,7 +3,8 @@
 One ``WorkerEngine`` per worker. Each step: the scheduler's decision becomes a ``Step`` message
 (deltas: new blocks and new tokens; full state only for sequences the worker has not seen), the
 worker answers with one token per sampling sequence, the scheduler appends them, the step's
-Redis writes go out as one pipeline, and only then are token events handed to the Submit streams.
+Redis writes go out as one pipeline, and only then are token events handed to the routers'
+Connect streams.
 
 When the worker's stream breaks or its heartbeat lapses, every request it held is handed back
 (``on_lost``) to be recomputed elsewhere, and the engine keeps trying to reconnect.

@@ -1,4 +1,4 @@
-"""The scheduler process: Submit/Abort for routers, one step loop per worker, state in Redis.
+"""The scheduler process: a Connect stream per router, one step loop per worker, state in Redis.
 
 Start: ``python -m scheduler_svc.server --redis-url URL --workers HOST:PORT[,...]`` (or no
 ``--workers`` and ``--model-name``: workers are found in the Redis registry).
