@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 from pathlib import Path
 
 from e2e_util import HFReference, assert_block_invariants, launch
@@ -97,4 +98,26 @@ def test_worker_sigkill_moves_its_requests_to_the_other_worker(
         log = (tmp_path / "scheduler.log").read_text()
         assert "moved" in log and "off worker worker-1" in log
     finally:
+        stack.stop()
+
+
+def test_hung_worker_is_declared_lost_when_its_heartbeat_expires(
+    tiny_model: Path, hf_reference: HFReference, tmp_path: Path
+) -> None:
+    """SIGSTOP keeps the worker's connection open: only the Redis heartbeat can tell it is gone."""
+    stack = launch(tiny_model, tmp_path, num_workers=2,
+                   worker_args=["--num-blocks", "256", "--heartbeat-s", "0.3"],
+                   scheduler_args=["--check-invariants", "--heartbeat-check-s", "0.3"])
+    hung = stack.service("worker-1").process
+    try:
+        async def freeze_worker() -> None:
+            hung.send_signal(signal.SIGSTOP)
+
+        outputs, finals = asyncio.run(generate_through_fault(stack, freeze_worker))
+        check_outputs(outputs, finals, hf_reference)
+        assert_block_invariants(stack.redis_url, tiny_model, "worker-0", 256)
+        log = (tmp_path / "scheduler.log").read_text()
+        assert "worker worker-1 lost: heartbeat expired" in log
+    finally:
+        hung.send_signal(signal.SIGCONT)
         stack.stop()
