@@ -11,7 +11,6 @@ Start: ``python -m worker_svc.null_worker --port P --num-blocks N [--worker-id I
 from __future__ import annotations
 
 import argparse
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
