@@ -90,7 +90,8 @@ async def main_async(args: argparse.Namespace) -> dict:
                 # Warm-up: the shared system prompt, or an unrelated prompt for 0 % hits.
                 source = batch[0] if shared else prompts(1, args.system_len, 0, False, seed + 7)[0]
                 warm = source[: args.system_len] + [FIRST_ID] * args.question_len
-                for mode, stack in stacks.items():
+                order = list(stacks.items())
+                for mode, stack in order if run % 2 == 0 else order[::-1]:  # alternate who goes first
                     key = f"{'shared' if shared else 'distinct'}/{mode}"
                     runs.setdefault(key, []).append(
                         await run_workload(stack.router, batch, warm, args.max_tokens)

@@ -54,8 +54,13 @@ def length_bounds(length: int, ratio: float) -> tuple[int, int]:
     return low, high
 
 
-def make_requests(spec: RequestSetSpec, vocab_size: int) -> list[BenchRequest]:
-    """Draw the request set; a shared prefix is prepended to every prompt (and counts as input)."""
+def make_requests(spec: RequestSetSpec, vocab_size: int, round_: int = 0) -> list[BenchRequest]:
+    """Draw the request set; a shared prefix is prepended to every prompt (and counts as input).
+
+    Lengths and the shared prefix depend on the seed only; the rest of each prompt also depends
+    on ``round_``. pagewire caches KV blocks by prefix, so a second run over the very same prompts
+    would skip their prefill: each run draws a fresh round, same lengths, new tokens.
+    """
     if vocab_size <= FIRST_ORDINARY_ID:
         raise ValueError(f"vocab_size {vocab_size} leaves no ordinary token ids")
     rng = np.random.default_rng(spec.seed)
@@ -64,11 +69,25 @@ def make_requests(spec: RequestSetSpec, vocab_size: int) -> list[BenchRequest]:
     in_lens = rng.integers(in_lo, in_hi + 1, size=spec.num_requests)
     out_lens = rng.integers(out_lo, out_hi + 1, size=spec.num_requests)
     prefix = rng.integers(FIRST_ORDINARY_ID, vocab_size, size=spec.shared_prefix_len).tolist()
+    body_rng = np.random.default_rng([spec.seed, round_])
     requests = []
     for n_in, n_out in zip(in_lens, out_lens, strict=True):
-        body = rng.integers(FIRST_ORDINARY_ID, vocab_size, size=int(n_in)).tolist()
+        body = body_rng.integers(FIRST_ORDINARY_ID, vocab_size, size=int(n_in)).tolist()
         requests.append(BenchRequest(tuple(prefix + body), int(n_out)))
     return requests
+
+
+@dataclass
+class RequestSource:
+    """Hands out one fresh round of the request set per benchmark run (round 0: the warm-up's)."""
+
+    spec: RequestSetSpec
+    vocab_size: int
+    rounds_drawn: int = 0
+
+    def draw(self) -> list[BenchRequest]:
+        self.rounds_drawn += 1
+        return make_requests(self.spec, self.vocab_size, self.rounds_drawn)
 
 
 def arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
