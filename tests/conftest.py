@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import os
+
+import torch
+
+# Triton kernels run in Triton's CPU interpreter when there is no GPU. The switch must be set
+# before anything (transformers, torch, a bench module) first imports triton in this process,
+# so it lives here, in the first conftest pytest loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from collections.abc import Iterator
 from pathlib import Path
 
