@@ -83,9 +83,8 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
     stack = Stack(model="null", redis_url=rs.url)
     try:
         wport = free_port()
-        worker = stack._spawn("worker", "worker_svc.null_worker",
-                              ["--port", str(wport), "--worker-id", "null-0", "--num-blocks", "200000"], wport)
-        await stack._wait(worker, 60)
+        worker = await stack.start_service("worker", "worker_svc.null_worker",
+                                           ["--port", str(wport), "--worker-id", "null-0", "--num-blocks", "200000"], wport)
         sched = await stack.start_scheduler(
             [worker], ["--max-num-seqs", "1024", "--max-num-batched-tokens", "16384", "--log-level", "WARNING"]
         )

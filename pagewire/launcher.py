@@ -53,10 +53,14 @@ class Stack:
     def service(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
 
-    def _spawn(self, name: str, module: str, args: list[str], port: int) -> Service:
+    async def start_service(
+        self, name: str, module: str, args: list[str], port: int, timeout: float = 120
+    ) -> Service:
+        """Run ``python -m module args`` listening on ``port``; return once it reports healthy."""
         command = [sys.executable, "-m", module, *args]
         svc = Service(name, f"127.0.0.1:{port}", self._popen(name, command), command)
         self.services.append(svc)
+        await self._wait(svc, timeout)
         return svc
 
     def _popen(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
@@ -90,25 +94,19 @@ class Stack:
         port = free_port()
         args = ["--model", self.model, "--port", str(port), "--worker-id", name,
                 "--redis-url", self.redis_url, *(extra or [])]
-        svc = self._spawn(name, "worker_svc.server", args, port)
-        await self._wait(svc, 300)
-        return svc
+        return await self.start_service(name, "worker_svc.server", args, port, timeout=300)
 
     async def start_scheduler(self, workers: list[Service], extra: list[str] | None = None) -> Service:
         port = free_port()
         args = ["--port", str(port), "--redis-url", self.redis_url,
                 "--workers", ",".join(w.address for w in workers), *(extra or [])]
-        svc = self._spawn("scheduler", "scheduler_svc.server", args, port)
-        await self._wait(svc, 120)
-        return svc
+        return await self.start_service("scheduler", "scheduler_svc.server", args, port)
 
     async def start_router(self, scheduler: Service, port: int = 0, extra: list[str] | None = None) -> Service:
         port = port or free_port()
         args = ["--model", self.model, "--port", str(port), "--scheduler", scheduler.address,
                 "--redis-url", self.redis_url, *(extra or [])]
-        svc = self._spawn("router", "router.server", args, port)
-        await self._wait(svc, 120)
-        return svc
+        return await self.start_service("router", "router.server", args, port)
 
     def stop(self) -> None:
         for svc in reversed(self.services):

@@ -131,16 +131,6 @@ class BlockPool:
                     self.free.append(b)
                 self._dirty.add(b)
 
-    def drop_cache(self) -> None:
-        """Forget every cached block (the worker lost its KV memory); used blocks keep no hash."""
-        for b in range(self.num_blocks):
-            if self.block_hash[b] is not None:
-                self._forget_hash(b)
-        for b in list(self.cached_free):
-            self.free.append(b)
-            self._dirty.add(b)
-        self.cached_free.clear()
-
     def _forget_hash(self, b: int) -> None:
         h = self.block_hash[b]
         if h is not None:
