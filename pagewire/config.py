@@ -27,6 +27,13 @@ class CommonConfig:
     redis_url: str = opt("", "Redis URL (redis://host:port/db or unix:///path). Empty: none.", "REDIS_URL")
     deployment: str = opt("default", "Deployment name: namespaces every Redis key.")
     log_level: str = opt("INFO", "Python log level.")
+    log_format: str = opt("text", "text, or json (one object per line with request_id and trace_id).")
+    metrics_port: int = opt(-1, "Port for Prometheus /metrics over HTTP (0: any free port; -1: off).")
+    drain_timeout_s: float = opt(30.0, "On SIGTERM: stop accepting, finish in-flight work for this long, then exit.")
+    tls_cert: str = opt("", "PEM certificate this service presents (as server, and as client for mTLS). Empty: plaintext.")
+    tls_key: str = opt("", "PEM private key for --tls-cert.")
+    tls_ca: str = opt("", "PEM CA bundle that peers' certificates must chain to (verifies servers we dial).")
+    tls_client_auth: bool = opt(False, "mTLS: require clients to present a certificate signed by --tls-ca.")
 
 
 @dataclass
@@ -47,6 +54,7 @@ class WorkerConfig(CommonConfig):
     attention_backend: str = opt("auto", "auto (triton on CUDA, torch on CPU), triton, torch.")
     threads: int = opt(0, "torch CPU threads. 0: torch's default.")
     heartbeat_s: float = opt(2.0, "Seconds between registry heartbeats (TTL is 3x).")
+    load_format: str = opt("auto", "auto (safetensors from --model), or dummy (random weights from config.json).")
 
 
 @dataclass
@@ -73,6 +81,13 @@ class RouterConfig(CommonConfig):
     scheduler: str = opt("", "Scheduler address (host:port).")
     max_prompt_chars: int = opt(1 << 20, "Longest prompt text accepted, in characters.")
     resume_timeout_s: float = opt(60.0, "How long to keep re-attaching to a restarting scheduler.")
+    http_port: int = opt(-1, "Port for the OpenAI-compatible HTTP API (0: any free port; -1: off).")
+    api_key: str = opt("", "Bearer token the public API requires (gRPC 'authorization' metadata, HTTP header). Empty: none.", "PAGEWIRE_API_KEY")
+    routing_policy: str = opt("prefix", "prefix (cached tokens vs load), least-load, or round-robin.")
+    chat_template: str = opt("", "Jinja chat template file. Empty: the tokenizer's own.")
+    max_n: int = opt(16, "Most completions per request (n).")
+    max_stop_strings: int = opt(16, "Most stop strings per request.")
+    max_logprobs: int = opt(20, "Most top logprobs per token.")
 
 
 def flag_name(name: str) -> str:

@@ -54,6 +54,11 @@ class GenerationStub:
                 request_serializer=pagewire_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=pagewire_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/pagewire.v1.Generation/Embed',
+                request_serializer=pagewire_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=pagewire_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -89,6 +94,13 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Pooled final hidden states of a prompt (mean or last token), computed by a worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=pagewire_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
                     response_serializer=pagewire_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=pagewire_dot_v1_dot_generation__pb2.EmbedRequest.FromString,
+                    response_serializer=pagewire_dot_v1_dot_generation__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +238,33 @@ class Generation:
             '/pagewire.v1.Generation/ListModels',
             pagewire_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
             pagewire_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pagewire.v1.Generation/Embed',
+            pagewire_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
+            pagewire_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
