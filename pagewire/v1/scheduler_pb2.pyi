@@ -28,7 +28,14 @@ class EventBatch(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[TokenEvent, _Mapping]]] = ..., token_request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "worker_id", "priority", "resume", "resume_from", "pooling")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "worker_id", "priority", "resume", "resume_from", "pooling", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +44,7 @@ class SubmitRequest(_message.Message):
     RESUME_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -45,7 +53,8 @@ class SubmitRequest(_message.Message):
     resume: bool
     resume_from: int
     pooling: _common_pb2.Pooling
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., worker_id: _Optional[str] = ..., priority: _Optional[int] = ..., resume: _Optional[bool] = ..., resume_from: _Optional[int] = ..., pooling: _Optional[_Union[_common_pb2.Pooling, str]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., worker_id: _Optional[str] = ..., priority: _Optional[int] = ..., resume: _Optional[bool] = ..., resume_from: _Optional[int] = ..., pooling: _Optional[_Union[_common_pb2.Pooling, str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("request_id", "token_ids", "index", "finish_reason", "prompt_tokens", "cached_tokens", "worker_id", "error_code", "error_message", "logprobs", "prompt_logprobs", "embedding")
