@@ -40,6 +40,23 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logprobs: int | None = None  # None: none; 0: the sampled token's only; k: plus top k
+    prompt_logprobs: int | None = None
+    n: int = 1
+    include_stop_str_in_output: bool = False
+
+    @property
+    def penalized(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
 
     @property
     def greedy(self) -> bool:
@@ -60,6 +77,17 @@ class SamplingParams:
             skip_special_tokens=(
                 msg.skip_special_tokens if msg.HasField("skip_special_tokens") else True
             ),
+            min_p=msg.min_p if msg.HasField("min_p") else 0.0,
+            presence_penalty=msg.presence_penalty if msg.HasField("presence_penalty") else 0.0,
+            frequency_penalty=msg.frequency_penalty if msg.HasField("frequency_penalty") else 0.0,
+            repetition_penalty=(
+                msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0
+            ),
+            min_tokens=msg.min_tokens if msg.HasField("min_tokens") else 0,
+            logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+            prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+            n=msg.n if msg.HasField("n") else 1,
+            include_stop_str_in_output=msg.include_stop_str_in_output,
         )
 
     def to_proto(self) -> common_pb2.SamplingParams:
@@ -72,9 +100,20 @@ class SamplingParams:
             stop_token_ids=list(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            min_tokens=self.min_tokens,
+            n=self.n,
+            include_stop_str_in_output=self.include_stop_str_in_output,
         )
         if self.seed is not None:
             msg.seed = self.seed
+        if self.logprobs is not None:
+            msg.logprobs = self.logprobs
+        if self.prompt_logprobs is not None:
+            msg.prompt_logprobs = self.prompt_logprobs
         return msg
 
 
