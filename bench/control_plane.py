@@ -57,6 +57,8 @@ async def measure(addr: str, pid: int, r: redis.Redis, load_key: str, n: int, wi
             async for batch in call:
                 for event in batch.events:
                     counts[event.request_id] += len(event.token_ids)
+                for rid in batch.token_request_ids:
+                    counts[rid] += 1
 
         consumer = asyncio.create_task(consume())
         while min(counts.values()) < 2:

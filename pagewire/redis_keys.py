@@ -49,6 +49,11 @@ class RedisKeys:
     def worker_load(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}:load"
 
+    def token_log(self, worker_id: str) -> str:
+        """String: (request handle, token) int32 pairs appended once per step, oldest first --
+        the tokens of the worker's requests not yet checkpointed into their own lists."""
+        return f"{self.prefix}:worker:{worker_id}:tokens"
+
     # Per request: a hash of its description (prompt, sampling, worker, state), the list of its
     # block ids (its block table) and the list of generated token ids.
     def requests(self) -> str:

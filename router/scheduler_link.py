@@ -74,6 +74,7 @@ class SchedulerLink:
                         down_since = None
                         for event in batch.events:
                             self._dispatch(event)
+                        self._dispatch_tokens(batch)
                 except grpc.aio.AioRpcError as e:
                     log.warning("scheduler stream broke: %s", e.code().name)
                 finally:
@@ -103,6 +104,19 @@ class SchedulerLink:
         self.resuming.discard(rid)
         self.received[rid] = max(self.received[rid], event.index + len(event.token_ids))
         queue.put_nowait(event)
+
+    def _dispatch_tokens(self, batch: scheduler_pb2.EventBatch) -> None:
+        """The packed one-token events: a request streaming with nothing else to say."""
+        queues, received = self.queues, self.received
+        for rid, token, index in zip(
+            batch.token_request_ids, batch.token_ids, batch.token_indices, strict=True
+        ):
+            queue = queues.get(rid)
+            if queue is None:
+                continue
+            self.resuming.discard(rid)
+            received[rid] = max(received[rid], index + 1)
+            queue.put_nowait(scheduler_pb2.TokenEvent(request_id=rid, token_ids=[token], index=index))
 
     def _fail_all(self, message: str) -> None:
         for rid, queue in self.queues.items():

@@ -24,9 +24,9 @@ import redis.asyncio as aioredis
 from pagewire import serving
 from pagewire.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler_svc.block_pool import BlockPool
-from scheduler_svc.request import Request
+from scheduler_svc.request import Request, Status
 from scheduler_svc.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
-from scheduler_svc.state_store import StateStore, StoredPool
+from scheduler_svc.state_store import CHECKPOINT_LOG_BYTES, StateStore, StoredPool
 
 log = logging.getLogger("scheduler.engine")
 
@@ -60,6 +60,7 @@ class WorkerEngine:
         self.connected = False
         self.check_invariants = False
         self._release_ids: list[int] = []  # sequences the worker may forget, sent with the next step
+        self._emitting: asyncio.Future[None] | None = None  # the latest step's write + events
 
     @property
     def worker_id(self) -> str:
@@ -76,9 +77,14 @@ class WorkerEngine:
         reqs = []
         for s in stored.requests if stored else []:
             req = Request(s.request_id, s.prompt, s.params, priority=s.priority, output=s.output,
-                          block_table=s.block_table, num_cached=s.num_cached)
-            req.sent = req.flushed = len(req.output)
+                          block_table=s.block_table, num_cached=s.num_cached, pooling=s.pooling)
+            req.sent = req.queued = req.flushed = len(req.output)
+            req.checkpointed = s.checkpointed
             reqs.append(req)
+        if stored is not None:
+            # Logged tokens into the requests' lists, under the handles of this incarnation.
+            self.store.checkpoint(reqs, handles=True)
+            await self.store.flush()
         if stored is not None and (stored.instance_id, stored.num_blocks) == (
             self.info.instance_id, self.info.num_blocks,
         ):
@@ -145,7 +151,8 @@ class WorkerEngine:
         reqs = self.scheduler.take_all()
         for req in reqs:
             self.store.dropped_table(req)
-        await self.store.flush()
+        self.store.checkpoint(reqs)  # they move on: their tokens must not stay in this log
+        await self.settle()
         await self.store.forget_worker()
         self.on_lost(self, reqs)
 
@@ -181,16 +188,16 @@ class WorkerEngine:
                 scheduled = False
                 if len(inflight) < PIPELINE_DEPTH and self.scheduler.has_work:
                     batch = self._schedule()
-                    if batch.seqs:
+                    if batch.num_seqs:
                         await self._send(call, batch)
                         inflight.append(batch)
                         scheduled = True
                     elif batch.released:
-                        await self._complete(batch, {})
+                        await self._complete(batch, None)
                 if inflight and (len(inflight) == PIPELINE_DEPTH or not scheduled):
                     await self._complete(inflight.popleft(), await self._receive(call))
                 elif not scheduled and not inflight:
-                    await self.store.flush()
+                    await self.settle()
                     self.wakeup.clear()
                     if not self.scheduler.has_work:
                         await self.wakeup.wait()
@@ -200,27 +207,46 @@ class WorkerEngine:
     def _schedule(self) -> ScheduledBatch:
         """Decide the next step and queue its block-table writes."""
         batch = self.scheduler.schedule()
+        store = self.store
         for victim in batch.preempted:
-            self.store.dropped_table(victim)
+            store.dropped_table(victim)
+        for req, block in batch.appended:
+            store.appended(req, [block])
         for s in batch.seqs:
             if s.resend:
-                self.store.table(s.request)
+                store.table(s.request)
             else:
-                self.store.appended(s.request, s.new_blocks)
+                store.appended(s.request, s.new_blocks)
         self._release_ids.extend(r.seq_id for r in batch.released)
         return batch
 
-    async def _complete(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
-        """Apply a step's tokens, write the step to Redis in one round trip, then emit."""
+    async def _complete(self, batch: ScheduledBatch, result: worker_pb2.StepResult | None) -> None:
+        """Apply a step's tokens and start its Redis write; its events leave once Redis has it.
+
+        The write is not awaited here: the loop schedules and sends the next step while Redis
+        applies this one (writes land in order, and so do the emissions that follow them). The
+        previous step's write is awaited first, so at most one is in flight.
+        """
         sched, store = self.scheduler, self.store
-        touched = sched.update(batch, sampled)
+        if self._emitting is not None:
+            await self._emitting  # at most one write in flight (and a failed one surfaces here)
+        if result is None:
+            touched = sched.update(batch, ())
+        else:
+            if result.prompt_logprobs:
+                self._add_prompt_logprobs(batch, result)
+            embeddings = {e.seq_id: e.values for e in result.embeddings}
+            touched = sched.update(batch, result.token_ids, result.logprobs, embeddings)
         sched.drain_freed()
         for req in touched:
-            store.generated(req, req.output[req.flushed :])
+            store.generated(req)
         # Finished this step, or aborted since the last one (finished ones were recorded already).
-        done = [r for r in touched if r.finished] + [r for r in batch.released if r.aborted]
+        done = [r for r in touched if r.status is Status.FINISHED]
+        done += [r for r in batch.released if r.aborted]
         for req in done:
             store.finished(req)
+        if store.log_bytes > CHECKPOINT_LOG_BYTES:
+            store.checkpoint([*sched.running, *sched.waiting])
         store.blocks(sched.pool)
         store.publish_load(
             running=len(sched.running),
@@ -232,20 +258,74 @@ class WorkerEngine:
             prefix_hits=sched.pool.hits,
             steps=self.steps + 1,
         )
-        await store.flush()  # tokens leave only once Redis has them
+        # What this step tells the routers is fixed now: later steps append to the same requests.
+        plain: list[Request] = []
+        events: list[tuple[Request, scheduler_pb2.TokenEvent]] = []
+        worker_id = self.worker_id
         for req in touched:
-            req.flushed = len(req.output)
-            self._emit(req)
-        for req in done:
-            self.on_done(req)
+            if (req.sent and len(req.output) - req.sent == 1
+                    and req.status is not Status.FINISHED and not req.logprobs):
+                plain.append(req)  # the common case: one token, nothing else to say
+                req.sent += 1
+            else:
+                events.append((req, self._event(req, worker_id)))
+        self._emitting = asyncio.ensure_future(
+            self._emit_after(store.write(), self._emitting, plain, events, done)
+        )
         if self.check_invariants:
             sched.check_invariants()
         self.steps += 1
+
+    async def _emit_after(
+        self,
+        written: asyncio.Future[None],
+        previous: asyncio.Future[None] | None,
+        plain: list[Request],
+        events: list[tuple[Request, scheduler_pb2.TokenEvent]],
+        done: list[Request],
+    ) -> None:
+        """Tokens leave only once Redis has them, and in step order."""
+        await written
+        if previous is not None:
+            await previous
+        for req in plain:
+            index = req.flushed
+            req.flushed = index + 1
+            conn = req.conn
+            if conn is not None:
+                conn.send_token(req.request_id, req.output[index], index)
+        for req, event in events:
+            req.flushed = event.index + len(event.token_ids)
+            if req.conn is not None:
+                req.conn.send(event)
+        for req in done:
+            self.on_done(req)
+
+    async def settle(self) -> None:
+        """Wait until every step's write has landed and its events are out."""
+        if self._emitting is not None:
+            await self._emitting
+        await self.store.flush()
+
+    @staticmethod
+    def _add_prompt_logprobs(batch: ScheduledBatch, result: worker_pb2.StepResult) -> None:
+        by_seq = {s.request.seq_id: s.request for s in batch.seqs}
+        for chunk in result.prompt_logprobs:
+            req = by_seq.get(chunk.seq_id)
+            # Entries arrive in prompt order; a recompute after preemption repeats them.
+            if req is not None and chunk.start_index == len(req.prompt_logprobs) + 1:
+                req.prompt_logprobs.extend(chunk.positions)
 
     async def _send(self, call: grpc.aio.StreamStreamCall, batch: ScheduledBatch) -> None:
         self.step_id += 1
         step = worker_pb2.Step(step_id=self.step_id, release_seq_ids=self._release_ids)
         self._release_ids = []
+        if batch.decodes:
+            d = step.decodes
+            d.seq_ids.extend([r.seq_id for r in batch.decodes])
+            d.positions.extend(batch.decode_positions)
+            d.new_block_ids.extend(batch.decode_blocks)
+            d.output_indices.extend(batch.decode_indices)
         for s in batch.seqs:
             req = s.request
             # A decode whose input is the token sampled by the step still in flight names none:
@@ -262,29 +342,41 @@ class WorkerEngine:
             if s.resend:
                 seq.block_ids.extend(req.block_table)
                 seq.sampling.CopyFrom(req.params.to_proto())
+                seq.prompt_len = len(req.prompt)
+                seq.pooling = req.pooling  # type: ignore[assignment]
+                seq.trace_context.update(req.trace_context)
             else:
                 seq.block_ids.extend(s.new_blocks)
         await call.write(step)
 
-    async def _receive(self, call: grpc.aio.StreamStreamCall) -> dict[int, int]:
+    async def _receive(self, call: grpc.aio.StreamStreamCall) -> worker_pb2.StepResult:
         result = await call.read()
         if result is grpc.aio.EOF:
             raise WorkerLost("stream closed")
         if result.unknown_seq_ids:
             raise WorkerLost(f"worker lost state of {len(result.unknown_seq_ids)} sequences")
-        return dict(zip(result.seq_ids, result.token_ids, strict=True))
+        return result
 
-    def _emit(self, req: Request) -> None:
+    @staticmethod
+    def _event(req: Request, worker_id: str) -> scheduler_pb2.TokenEvent:
+        """The full event for ``req``'s tokens since the last event (first/last/extras)."""
         event = scheduler_pb2.TokenEvent(
             request_id=req.request_id,
-            token_ids=req.output[req.sent : req.flushed],
+            token_ids=req.output[req.sent :],
             index=req.sent,
-            worker_id=self.worker_id,
+            worker_id=worker_id,
             finish_reason=req.finish_reason,
         )
         if req.sent == 0 or req.finished:
             event.prompt_tokens = len(req.prompt)
             event.cached_tokens = max(req.num_cached, 0)
-        req.sent = req.flushed
-        if req.conn is not None:
-            req.conn.send(event)
+        if req.sent == 0 and req.prompt_logprobs:
+            event.prompt_logprobs.extend(req.prompt_logprobs)
+            req.prompt_logprobs = []
+        if req.logprobs:
+            event.logprobs.extend(req.logprobs)
+            req.logprobs = []
+        if req.embedding is not None:
+            event.embedding.extend(req.embedding)
+        req.sent = len(req.output)
+        return event

@@ -17,23 +17,43 @@ _seq_ids = itertools.count(1)
 class RouterConn:
     """One router's Connect stream: its live requests and the events not yet sent to it.
 
-    Events of every request and every worker engine collect in one outbox, which the stream
-    sends as a single EventBatch: one gRPC message per step per router, not per request.
+    Events of every request and every worker engine collect here, and the stream sends them as a
+    single EventBatch: one gRPC message per step per router, not per request. Plain one-token
+    events go into packed columns (no message object per request per step).
     """
 
     def __init__(self) -> None:
         self.requests: dict[str, Request] = {}
         self.outbox: list[scheduler_pb2.TokenEvent] = []
+        self.token_rids: list[str] = []
+        self.token_ids: list[int] = []
+        self.token_indices: list[int] = []
         self.ready = asyncio.Event()
 
     def send(self, event: scheduler_pb2.TokenEvent) -> None:
         self.outbox.append(event)
         self.ready.set()
 
-    def take(self) -> list[scheduler_pb2.TokenEvent]:
-        events, self.outbox = self.outbox, []
+    def send_token(self, request_id: str, token_id: int, index: int) -> None:
+        self.token_rids.append(request_id)
+        self.token_ids.append(token_id)
+        self.token_indices.append(index)
+        self.ready.set()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.outbox or self.token_rids)
+
+    def take(self) -> scheduler_pb2.EventBatch:
+        batch = scheduler_pb2.EventBatch(
+            events=self.outbox,
+            token_request_ids=self.token_rids,
+            token_ids=self.token_ids,
+            token_indices=self.token_indices,
+        )
+        self.outbox, self.token_rids, self.token_ids, self.token_indices = [], [], [], []
         self.ready.clear()
-        return events
+        return batch
 
 
 class Status(enum.Enum):
@@ -42,7 +62,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     request_id: str
     prompt: list[int]
@@ -66,7 +86,9 @@ class Request:
     # The router connection that receives this request's events (None: recovered after a restart
     # and not resumed by any router yet).
     conn: RouterConn | None = None
-    sent: int = 0  # output tokens already put on the events queue
+    sent: int = 0  # output tokens already given to an event (delivered once Redis has them)
+    queued: int = 0  # output tokens queued for Redis
+    checkpointed: int = 0  # output tokens in the request's own Redis list (the rest: token log)
     flushed: int = 0  # output tokens Redis has acknowledged
 
     # Tokens sampled by steps still in flight (their ids are not known yet; at most the depth of
@@ -75,6 +97,17 @@ class Request:
     # Bumped whenever the request loses its blocks (preemption, worker loss): results of steps
     # scheduled before that no longer describe its block table.
     epoch: int = 0
+    # An embedding request (common_pb2.Pooling): runs its prompt, returns pooled hidden states.
+    pooling: int = common_pb2.POOLING_NONE
+    embedding: list[float] | None = None
+    # W3C trace context of the router's span for this request (empty: not traced).
+    trace_context: dict[str, str] = field(default_factory=dict)
+    # Logprobs of output tokens not yet emitted (only when params.logprobs is set), and the
+    # prompt's (params.prompt_logprobs), sent with the first event.
+    logprobs: list[common_pb2.Logprobs] = field(default_factory=list)
+    prompt_logprobs: list[common_pb2.Logprobs] = field(default_factory=list)
+    # Redis list of output tokens (the state store names it once, not per step).
+    tokens_key: str = ""
 
     @property
     def num_tokens(self) -> int:
@@ -95,3 +128,8 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        """Prompt logprobs and mean pooling need every prompt position computed."""
+        return self.params.prompt_logprobs is None and self.pooling != common_pb2.POOLING_MEAN

@@ -11,7 +11,9 @@ is preempted: it gives its blocks back and recomputes from prompt + output later
 from __future__ import annotations
 
 import bisect
+import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pagewire.block_hash import block_hash, prompt_block_hashes
@@ -45,13 +47,39 @@ class ScheduledSeq:
 
 @dataclass
 class ScheduledBatch:
+    """One step. Plain decodes (one token, the worker's own last sample, of a sequence the worker
+    holds) are packed in parallel lists, the bulk of a steady-state step with no object per
+    sequence; everything else (prefill chunks, first steps, resends) is a ScheduledSeq."""
+
     seqs: list[ScheduledSeq] = field(default_factory=list)
+    decodes: list[Request] = field(default_factory=list)
+    decode_positions: list[int] = field(default_factory=list)
+    decode_blocks: list[int] = field(default_factory=list)  # appended first; -1: none
+    decode_indices: list[int] = field(default_factory=list)  # output index sampled
+    decode_epochs: list[int] = field(default_factory=list)
+    appended: list[tuple[Request, int]] = field(default_factory=list)  # decodes' new blocks
     preempted: list[Request] = field(default_factory=list)
     released: list[Request] = field(default_factory=list)  # finished/aborted since the last step
 
     @property
+    def num_seqs(self) -> int:
+        return len(self.seqs) + len(self.decodes)
+
+    @property
     def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.seqs)
+        return len(self.decodes) + sum(s.num_tokens for s in self.seqs)
+
+    def requests(self) -> list[Request]:
+        return [*self.decodes, *(s.request for s in self.seqs)]
+
+    def sampling_order(self) -> list[Request]:
+        """The requests that get a token, in the order the worker returns them."""
+        return [*self.decodes, *(s.request for s in self.seqs if _samples(s))]
+
+
+def _samples(s: ScheduledSeq) -> bool:
+    """A token comes back for this sequence (an embedding's last chunk returns its pooling)."""
+    return s.sample and s.request.pooling == common_pb2.POOLING_NONE
 
 
 def _priority_key(r: Request) -> tuple[int, float]:
@@ -68,6 +96,8 @@ class Scheduler:
         # Blocks given back since the last drain, per request: what the state store must record.
         self.freed: list[tuple[Request, list[int]]] = []
         self.num_preemptions = 0
+        self._eos = frozenset(limits.eos_token_ids)
+        self._running_sorted = True
 
     # ---- queue changes -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -136,14 +166,6 @@ class Scheduler:
         if batch.seqs[-1].sample:
             req.pending += 1
 
-    def _will_stop(self, req: Request) -> bool:
-        """Tokens in flight already reach max_tokens or the context: schedule nothing more."""
-        return (
-            req.pending > 0
-            and (len(req.output) + req.pending >= req.params.max_tokens
-                 or req.num_tokens >= self.limits.max_model_len)
-        )
-
     def _age_waiting(self) -> None:
         """With mixed priorities, let waiting requests climb with age so none waits forever."""
         aging = self.limits.priority_aging_s
@@ -157,28 +179,60 @@ class Scheduler:
         batch = ScheduledBatch(released=self._released)
         self._released = []
         budget = self.limits.max_num_batched_tokens
+        max_seqs, max_len, bs = self.limits.max_num_seqs, self.limits.max_model_len, self.limits.block_size
+        pool, running = self.pool, self.running
         # Running requests, highest priority / earliest first; victims come from the other end.
-        self.running.sort(key=_priority_key)
-        i = 0
-        while i < len(self.running) and budget > 0 and len(batch.seqs) < self.limits.max_num_seqs:
-            req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
-            if n == 0 or self._will_stop(req):
-                i += 1  # waits for the tokens of steps in flight
+        if not self._running_sorted:
+            running.sort(key=_priority_key)
+            self._running_sorted = True
+        i = nseqs = 0
+        while i < len(running) and budget > 0 and nseqs < max_seqs:
+            req = running[i]
+            out, pending = len(req.output), req.pending
+            total = len(req.prompt) + out + pending
+            n = total - req.num_computed
+            if n == 0 or (pending and (out + pending >= req.params.max_tokens or total >= max_len)):
+                i += 1  # waits for the tokens of steps in flight, or they already end it
                 continue
-            while self._blocks_needed(req, n) > self.pool.num_free:
-                victim = self.running[-1]
+            if n == 1 and req.on_worker and req.num_computed >= len(req.prompt):
+                # A plain decode: the hot path, no per-sequence object.
+                block = -1
+                if req.num_computed >= len(req.block_table) * bs:
+                    if not pool.num_free:
+                        victim = running[-1]
+                        self._preempt(victim, batch)
+                        if victim is req:
+                            break
+                        continue
+                    block = pool.allocate(1)[0]
+                    req.block_table.append(block)
+                    batch.appended.append((req, block))
+                batch.decodes.append(req)
+                batch.decode_positions.append(req.num_computed)
+                batch.decode_blocks.append(block)
+                batch.decode_indices.append(out + pending)
+                batch.decode_epochs.append(req.epoch)
+                req.num_computed += 1
+                req.pending += 1
+                budget -= 1
+                nseqs += 1
+                i += 1
+                continue
+            n = min(n, budget)
+            while self._blocks_needed(req, n) > pool.num_free:
+                victim = running[-1]
                 self._preempt(victim, batch)
                 if victim is req:
                     break
             else:
                 self._take(req, n, batch)
                 budget -= n
+                nseqs += 1
                 i += 1
                 continue
             break  # req itself was preempted: nothing after it can run either
         # Waiting requests, in order, while budget, sequence slots and blocks last.
-        while self.waiting and budget > 0 and len(batch.seqs) < self.limits.max_num_seqs:
+        while self.waiting and budget > 0 and nseqs < max_seqs:
             req = self.waiting[0]
             if req in batch.preempted or req.pending:
                 break  # preempted this step, or its last tokens are still in flight
@@ -194,11 +248,12 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed, budget)
             self._take(req, n, batch)
             budget -= n
+            nseqs += 1
         return batch
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """Cached blocks for the request's leading full blocks (none with caching off)."""
-        if not self.limits.prefix_caching:
+        if not self.limits.prefix_caching or not req.uses_prefix_cache:
             return []
         hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), self.limits.block_size)
         req.block_hashes = hashes  # provisional: trimmed to what is really in the table below
@@ -215,6 +270,7 @@ class Scheduler:
             req.num_cached = req.num_computed
         req.status = Status.RUNNING
         self.running.append(req)
+        self._running_sorted = False
 
     def _register_full_blocks(self, req: Request, computed: int) -> None:
         """Name every newly full block among the first ``computed`` tokens by its chained hash."""
@@ -227,22 +283,64 @@ class Scheduler:
             self.pool.register(req.block_table[i], parent)
 
     # ---- applying results ----------------------------------------------------------------
-    def update(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Request]:
-        """Append sampled tokens (seq_id -> token); return requests that got tokens or finished."""
-        touched = []
+    def update(
+        self,
+        batch: ScheduledBatch,
+        tokens: Sequence[int],
+        logprobs: Sequence[common_pb2.Logprobs] = (),
+        embeddings: dict[int, Sequence[float]] | None = None,
+    ) -> list[Request]:
+        """Apply a step's results; return the requests that got tokens or finished.
+
+        ``tokens`` (and ``logprobs`` when any were asked for) are in ``batch.sampling_order()``;
+        ``embeddings`` maps an embedding sequence's seq_id to its pooled hidden state.
+        """
+        touched: list[Request] = []
+        caching, bs = self.limits.prefix_caching, self.limits.block_size
+        max_len, eos = self.limits.max_model_len, self._eos
+        lps = iter(logprobs) if logprobs else itertools.repeat(None)
+        for req, token, pos, epoch, lp in zip(
+            batch.decodes, tokens, batch.decode_positions, batch.decode_epochs, lps, strict=False
+        ):
+            if req.pending:
+                req.pending -= 1
+            if req.status is Status.FINISHED:
+                continue  # finished by an earlier step: a token sampled past the end is dropped
+            req.output.append(token)
+            touched.append(req)
+            if lp is not None and req.params.logprobs is not None:
+                req.logprobs.append(lp)
+            if caching and epoch == req.epoch and (pos + 1) // bs > len(req.block_hashes):
+                self._register_full_blocks(req, pos + 1)
+            p = req.params
+            if (token in eos or p.stop_token_ids or len(req.output) >= p.max_tokens
+                    or len(req.prompt) + len(req.output) >= max_len):
+                reason = self._stop_reason(req, token)
+                if reason:
+                    self.running.remove(req)
+                    self._finish(req, reason)
+        rest = iter(tokens[len(batch.decodes):])
         for s in batch.seqs:
             req = s.request
-            token = sampled.get(req.seq_id) if s.sample else None
+            token = lp = None
+            if _samples(s):
+                token, lp = next(rest), next(lps)
             if s.sample:
                 req.pending = max(req.pending - 1, 0)
             if req.finished:
-                continue  # finished by an earlier step: a token sampled past the end is dropped
+                continue
             if token is not None:
                 req.output.append(token)
                 touched.append(req)
-            if self.limits.prefix_caching and s.epoch == req.epoch:
+                if lp is not None and req.params.logprobs is not None:
+                    req.logprobs.append(lp)
+            if caching and s.epoch == req.epoch:
                 self._register_full_blocks(req, s.start + s.num_tokens)
             reason = self._stop_reason(req, token) if token is not None else 0
+            if s.sample and req.pooling != common_pb2.POOLING_NONE and s.epoch == req.epoch:
+                req.embedding = list((embeddings or {}).get(req.seq_id, ()))
+                touched.append(req)
+                reason = common_pb2.FINISH_REASON_STOP
             if reason:
                 (self.running if req in self.running else self.waiting).remove(req)
                 self._finish(req, reason)
@@ -250,9 +348,11 @@ class Scheduler:
 
     def _stop_reason(self, req: Request, token: int) -> int:
         p = req.params
-        if not p.ignore_eos and token in self.limits.eos_token_ids:
+        # Before min_tokens the worker masks stop tokens; a stop token seen anyway is not a stop.
+        can_stop = len(req.output) > p.min_tokens
+        if can_stop and not p.ignore_eos and token in self._eos:
             return common_pb2.FINISH_REASON_STOP
-        if token in p.stop_token_ids:
+        if can_stop and token in p.stop_token_ids:
             return common_pb2.FINISH_REASON_STOP
         if len(req.output) >= p.max_tokens or req.num_tokens >= self.limits.max_model_len:
             return common_pb2.FINISH_REASON_LENGTH
@@ -294,6 +394,7 @@ class Scheduler:
             self._register_full_blocks(req, req.num_computed)
             req.status = Status.RUNNING
             self.running.append(req)
+            self._running_sorted = False
 
     def take_all(self) -> list[Request]:
         """Remove every request (the worker is lost): each gives up its blocks and recomputes."""

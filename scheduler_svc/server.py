@@ -7,6 +7,7 @@ Start: ``python -m scheduler_svc.server --redis-url URL --workers HOST:PORT[,...
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 
@@ -17,7 +18,7 @@ from pagewire import config as pwconfig
 from pagewire import serving
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
-from pagewire.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from pagewire.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler_svc.engine import WorkerEngine
 from scheduler_svc.request import Request, RouterConn, Status
 from scheduler_svc.scheduler import SchedulerLimits
@@ -77,12 +78,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         conn = RouterConn()
         reader = asyncio.create_task(self._read_router(request_iterator, conn))
         try:
-            while not reader.done() or conn.outbox:
+            while not reader.done() or conn.pending:
                 ready = asyncio.ensure_future(conn.ready.wait())
                 await asyncio.wait([ready, reader], return_when=asyncio.FIRST_COMPLETED)
                 ready.cancel()
-                if conn.outbox:
-                    yield scheduler_pb2.EventBatch(events=conn.take())
+                if conn.pending:
+                    yield conn.take()
         finally:
             reader.cancel()
             for req in list(conn.requests.values()):  # the router went away: free their blocks
@@ -128,7 +129,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return (grpc.StatusCode.INVALID_ARGUMENT,
                     f"max_tokens: prompt + max_tokens ({total} tokens) needs {need} KV blocks; "
                     f"worker {engine.worker_id} has {engine.info.num_blocks}")
-        req = Request(rid, list(sub.prompt_token_ids), params, priority=sub.priority, conn=conn)
+        if sub.pooling != common_pb2.POOLING_NONE:
+            params = dataclasses.replace(params, max_tokens=1)  # runs its prompt, samples nothing
+        req = Request(rid, list(sub.prompt_token_ids), params, priority=sub.priority, conn=conn,
+                      pooling=sub.pooling, trace_context=dict(sub.trace_context))
         self.requests[rid] = req
         conn.requests[rid] = req
         self.place(req, engine)
@@ -161,7 +165,6 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 cached_tokens=max(req.num_cached, 0),
             )
         )
-        req.sent = req.flushed
         return None
 
     async def _finished_request(self, rid: str) -> Request | None:
@@ -173,7 +176,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         req = Request(rid, done.prompt, done.params, output=done.output,
                       finish_reason=done.finish_reason, num_cached=done.num_cached,
                       status=Status.FINISHED)
-        req.sent = req.flushed = len(req.output)
+        req.sent = req.queued = req.flushed = len(req.output)
         return req
 
     def _abort(self, rid: str) -> bool:

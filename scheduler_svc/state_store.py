@@ -1,8 +1,14 @@
 """The scheduler's state of record in Redis: KV blocks, block tables, generated tokens.
 
 Per worker: a set of free blocks, a sorted set of cached unreferenced blocks (LRU by score), the
-prefix index (block hash -> block) and which worker instance all that describes. Per request: a
-hash (prompt, sampling, worker, priority), its block table (a list) and its output tokens (a list).
+prefix index (block hash -> block), which worker instance all that describes, and a token log.
+Per request: a hash (prompt, sampling, worker, priority, handle), its block table (a list) and
+its output tokens (a list).
+
+A step's new tokens go to the worker's token log, one APPEND of packed (handle, token) pairs,
+not one list push per request: Redis's work per step stays constant as the batch grows. The log
+is checkpointed into the per-request lists when it grows large, when a request finishes or moves,
+and at recovery; a request's output is its list followed by its entries in the log.
 
 Every change of a step is queued here and written as one MULTI/EXEC pipeline (one round trip per
 step, never per sequence), so a crash at any instant leaves Redis at a step boundary. Blocks are
@@ -13,6 +19,7 @@ scheduler reloads and what routers read.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -26,21 +33,30 @@ from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.request import Request
 
 FINISHED_TTL_S = 120  # a finished request's tokens stay this long, for a router to resume
+CHECKPOINT_LOG_BYTES = 1 << 20  # token log size that triggers a checkpoint (128k tokens)
 
-# Append many integers to many lists in one command: KEYS are the lists, ARGV[1] the count for
-# each list and ARGV[2] all the values, both packed little-endian int32. One command per step
-# instead of one RPUSH per request: the client-side cost of a command dominates at 256+ requests.
+# Append many integers to many lists in one command. ARGV[1] is the list names concatenated,
+# ARGV[2] their byte lengths, ARGV[3] how many values each list gets, ARGV[4] the values (all
+# counts packed little-endian int32). One command per step instead of one RPUSH per request, and
+# four arguments instead of one per list: the client's per-argument cost dominates at 256+
+# requests. (The names travel as data, not KEYS: this deployment is one Redis, not a cluster.)
 APPEND_LISTS = """
-local counts, values, pos = ARGV[1], ARGV[2], 1
-for i = 1, #KEYS do
+local names, lengths, counts, values = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local at, pos = 1, 1
+for i = 1, #lengths / 4 do
+  local len = struct.unpack('<i4', lengths, (i - 1) * 4 + 1)
   local n = struct.unpack('<i4', counts, (i - 1) * 4 + 1)
-  local items = {}
-  for j = 1, n do
-    items[j], pos = struct.unpack('<i4', values, pos)
+  local name = string.sub(names, at, at + len - 1)
+  for first = 1, n, 4096 do  -- in chunks: Lua's unpack has a stack limit
+    local items = {}
+    for j = 1, math.min(4096, n - first + 1) do
+      items[j], pos = struct.unpack('<i4', values, pos)
+    end
+    redis.call('RPUSH', name, unpack(items))
   end
-  redis.call('RPUSH', KEYS[i], unpack(items))
+  at = at + len
 end
-return #KEYS
+return #lengths / 4
 """
 
 
@@ -66,6 +82,9 @@ class StoredRequest:
     block_table: list[int]
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     num_cached: int = 0
+    pooling: int = common_pb2.POOLING_NONE
+    handle: int = 0  # its id in the worker's token log
+    checkpointed: int = 0  # output tokens that were in its own list (the rest came from the log)
 
 
 @dataclass
@@ -84,7 +103,13 @@ class StateStore:
         self.worker_id = worker_id
         self._pipe = client.pipeline(transaction=True)
         self._queued = 0
-        self._appends: dict[str, list[int]] = {}  # list key -> values, written by one script call
+        # List appends, written by one script call: key i gets the next counts[i] values.
+        self._last: asyncio.Future[None] | None = None  # the latest write in flight
+        self._log = array("i")  # this write's (handle, token) pairs
+        self.log_bytes = 0  # the token log's size in Redis since the last checkpoint
+        self._keys: list[str] = []
+        self._counts: list[int] = []
+        self._values: list[int] = []
 
     # ---- start-up ----------------------------------------------------------------------
     async def load(self) -> StoredPool | None:
@@ -101,10 +126,18 @@ class StateStore:
             cached_lru=[int(b) for b in cached],
             index={h: int(b) for h, b in index.items()},
         )
+        logged: dict[int, list[int]] = {}
+        pairs = _unpack(await self.r.get(k.token_log(w)) or b"")
+        for handle, token in zip(pairs[::2], pairs[1::2], strict=True):
+            logged.setdefault(handle, []).append(token)
+        self.log_bytes = len(pairs) * 4
         for rid in sorted(r.decode() for r in await self.r.smembers(k.requests())):
             stored = await self.load_request(rid)
             if stored is not None and stored[1] == w:
-                pool.requests.append(stored[0])
+                req = stored[0]
+                req.checkpointed = len(req.output)
+                req.output += logged.get(req.handle, [])
+                pool.requests.append(req)
         return pool
 
     async def load_request(self, rid: str) -> tuple[StoredRequest, str] | None:
@@ -127,6 +160,8 @@ class StateStore:
             block_table=[int(b) for b in blocks],
             finish_reason=int(info.get(b"finish_reason", 0)),
             num_cached=int(info.get(b"num_cached", 0)),
+            pooling=int(info.get(b"pooling", 0)),
+            handle=int(info.get(b"handle", 0)),
         )
         return stored, info[b"worker"].decode()
 
@@ -134,7 +169,7 @@ class StateStore:
         """Start this worker's bookkeeping from scratch: all blocks free, nothing cached."""
         k, w = self.keys, self.worker_id
         async with self.r.pipeline(transaction=True) as p:
-            p.delete(k.free_blocks(w), k.cached_blocks(w), k.prefix_index(w))
+            p.delete(k.free_blocks(w), k.cached_blocks(w), k.prefix_index(w), k.token_log(w))
             if num_blocks:
                 p.sadd(k.free_blocks(w), *range(num_blocks))
             p.hset(k.worker_state(w), mapping={"instance_id": instance_id, "num_blocks": num_blocks})
@@ -144,7 +179,8 @@ class StateStore:
         """The worker is gone for good: drop its KV bookkeeping (its requests moved elsewhere)."""
         k, w = self.keys, self.worker_id
         await self.r.delete(
-            k.free_blocks(w), k.cached_blocks(w), k.prefix_index(w), k.worker_state(w), k.worker_load(w)
+            k.free_blocks(w), k.cached_blocks(w), k.prefix_index(w), k.worker_state(w), k.worker_load(w),
+            k.token_log(w),
         )
 
     # ---- per step ----------------------------------------------------------------------
@@ -158,10 +194,13 @@ class StateStore:
                 "priority": req.priority,
                 "prompt": _pack(req.prompt),
                 "params": req.params.to_proto().SerializeToString(),
+                "pooling": req.pooling,
+                "handle": req.seq_id,
             },
         )
         p.sadd(k.requests(), req.request_id)
         self._queued += 2
+        req.tokens_key = k.request_tokens(req.request_id)
 
     def table(self, req: Request) -> None:
         """Write the whole block table (on admission, when it may start with cached blocks)."""
@@ -175,7 +214,9 @@ class StateStore:
 
     def _append(self, key: str, values: list[int]) -> None:
         if values:
-            self._appends.setdefault(key, []).extend(values)
+            self._keys.append(key)
+            self._counts.append(len(values))
+            self._values.extend(values)
 
     def appended(self, req: Request, blocks: list[int]) -> None:
         self._append(self.keys.request_blocks(req.request_id), blocks)
@@ -212,11 +253,46 @@ class StateStore:
             p.hset(k.prefix_index(w), mapping=hashed)  # type: ignore[arg-type]
         self._queued += 6
 
-    def generated(self, req: Request, tokens: list[int]) -> None:
-        self._append(self.keys.request_tokens(req.request_id), tokens)
+    def generated(self, req: Request) -> None:
+        """Queue the request's output tokens Redis does not have yet (usually exactly one)."""
+        n = len(req.output) - req.queued
+        if n <= 0:
+            return
+        log = self._log
+        if n == 1:
+            log.append(req.seq_id)
+            log.append(req.output[-1])
+        else:
+            for token in req.output[req.queued:]:
+                log.append(req.seq_id)
+                log.append(token)
+        req.queued = len(req.output)
+
+    def _checkpoint_one(self, req: Request) -> None:
+        if req.queued > req.checkpointed:
+            if not req.tokens_key:
+                req.tokens_key = self.keys.request_tokens(req.request_id)
+            self._append(req.tokens_key, req.output[req.checkpointed : req.queued])
+            req.checkpointed = req.queued
+
+    def checkpoint(self, reqs: list[Request], handles: bool = False) -> None:
+        """Move every logged token of ``reqs`` (all the worker's live requests) into their lists
+        and empty the log. ``handles``: also record each request's current log handle (after a
+        recovery, where requests got new ones)."""
+        for req in reqs:
+            self._checkpoint_one(req)
+            if handles:
+                self._pipe.hset(self.keys.request(req.request_id), "handle", req.seq_id)
+                self._queued += 1
+        self._flush_appends()
+        self._log = array("i")
+        self._pipe.delete(self.keys.token_log(self.worker_id))
+        self._queued += 1
+        self.log_bytes = 0
 
     def finished(self, req: Request) -> None:
         """Blocks are gone; output stays a while so a router can still resume and replay it."""
+        self._checkpoint_one(req)
         self._flush_appends()
         k, p, rid = self.keys, self._pipe, req.request_id
         p.delete(k.request_blocks(rid))
@@ -233,21 +309,43 @@ class StateStore:
 
     def _flush_appends(self) -> None:
         """Queue the pending list appends as one script call, keeping command order intact."""
-        if not self._appends:
+        if not self._keys:
             return
-        keys = list(self._appends)
-        counts = array("i", [len(v) for v in self._appends.values()]).tobytes()
-        values = array("i", [x for v in self._appends.values() for x in v]).tobytes()
+        names = [k.encode() for k in self._keys]
+        lengths = array("i", map(len, names)).tobytes()
+        counts = array("i", self._counts).tobytes()
+        values = array("i", self._values).tobytes()
         # EVAL with the body, not EVALSHA: nothing to reload after a Redis restart; Redis caches
         # the compiled script by its hash anyway.
-        self._pipe.eval(APPEND_LISTS, len(keys), *keys, counts, values)
-        self._appends = {}
+        self._pipe.eval(APPEND_LISTS, 0, b"".join(names), lengths, counts, values)
+        self._keys, self._counts, self._values = [], [], []
         self._queued += 1
 
-    async def flush(self) -> None:
-        """Write everything queued since the last flush in one MULTI/EXEC round trip."""
+    def write(self) -> asyncio.Future[None]:
+        """Send everything queued so far as one MULTI/EXEC round trip, without waiting for it.
+
+        Writes land in the order they were started (each waits for the one before), so the
+        caller can go on preparing the next step while Redis applies this one.
+        """
         self._flush_appends()
-        if not self._queued:
-            return
-        pipe, self._pipe, self._queued = self._pipe, self.r.pipeline(transaction=True), 0
-        await pipe.execute()
+        if self._log:
+            raw = self._log.tobytes()
+            self._pipe.append(self.keys.token_log(self.worker_id), raw)
+            self._queued += 1
+            self.log_bytes += len(raw)
+            self._log = array("i")
+        pipe, queued, prev = self._pipe, self._queued, self._last
+        self._pipe, self._queued = self.r.pipeline(transaction=True), 0
+
+        async def run() -> None:
+            if prev is not None:
+                await prev
+            if queued:
+                await pipe.execute()
+
+        self._last = asyncio.ensure_future(run())
+        return self._last
+
+    async def flush(self) -> None:
+        """Write everything queued and wait until Redis has it (and every earlier write)."""
+        await self.write()

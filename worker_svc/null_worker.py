@@ -39,17 +39,21 @@ class NullWorker(worker_pb2_grpc.WorkerServicer):
         known: set[int] = set()
         async for step in request_iterator:
             known.difference_update(step.release_seq_ids)
+            d = step.decodes
             unknown = [s.seq_id for s in step.seqs if not s.new and s.seq_id not in known]
+            unknown += [i for i in d.seq_ids if i not in known]
             if unknown:
                 yield worker_pb2.StepResult(step_id=step.step_id, unknown_seq_ids=unknown)
                 continue
             known.update(s.seq_id for s in step.seqs if s.new)
             sampled = [s for s in step.seqs if s.sample]
+            seq_ids = [*d.seq_ids, *(s.seq_id for s in sampled)]
+            indices = [*d.output_indices, *(s.output_index for s in sampled)]
             yield worker_pb2.StepResult(
                 step_id=step.step_id,
-                seq_ids=[s.seq_id for s in sampled],
-                token_ids=[FIRST_TOKEN + (s.seq_id * 31 + s.output_index) % (VOCAB - FIRST_TOKEN)
-                           for s in sampled],
+                seq_ids=seq_ids,
+                token_ids=[FIRST_TOKEN + (i * 31 + j) % (VOCAB - FIRST_TOKEN)
+                           for i, j in zip(seq_ids, indices, strict=True)],
             )
 
 

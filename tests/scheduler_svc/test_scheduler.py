@@ -27,10 +27,9 @@ def req(rid: str, n: int, max_tokens: int = 4, priority: int = 0, first: int | N
 def run_step(s: Scheduler, token: int = 7) -> list[Request]:
     batch = s.schedule()
     s.drain_freed()
-    sampled = {x.request.seq_id: token for x in batch.seqs if x.sample}
-    s.update(batch, sampled)
+    s.update(batch, [token] * len(batch.sampling_order()))
     s.check_invariants()
-    return [x.request for x in batch.seqs]
+    return batch.requests()
 
 
 def test_new_request_joins_running_batch_at_next_step() -> None:
@@ -52,10 +51,11 @@ def test_long_prompt_is_chunked_and_decodes_go_first() -> None:
     long = req("long", 20)
     s.add(long)
     batch = s.schedule()
-    sizes = {x.request.request_id: x.num_tokens for x in batch.seqs}
-    assert sizes == {"a": 1, "long": 7}, "decode first, prefill chunk takes the rest of the budget"
-    assert not next(x for x in batch.seqs if x.request is long).sample
-    s.update(batch, {a.seq_id: 7})
+    assert batch.decodes == [a], "the decode goes first"
+    [chunk] = batch.seqs
+    assert (chunk.request, chunk.num_tokens) == (long, 7), "the chunk takes the rest of the budget"
+    assert not chunk.sample
+    s.update(batch, [7])
     for _ in range(2):  # 20 prompt tokens: chunks of 7, 7, 6 (one decode beside each)
         assert not long.output
         run_step(s)
@@ -139,7 +139,7 @@ def test_no_prefix_caching_computes_everything() -> None:
         batch = s.schedule()
         [seq] = batch.seqs
         assert seq.start == 0 and r.num_cached == 0
-        s.update(batch, {r.seq_id: 7})
+        s.update(batch, [7])
 
 
 def test_long_prompt_is_admitted_within_bounded_steps_under_a_stream_of_short_ones() -> None:
@@ -179,3 +179,79 @@ def test_low_priority_request_ages_past_a_stream_of_higher_priority_ones() -> No
     assert run_step(s) == [low]
     s.add(req("higher", 4, max_tokens=1, priority=9))
     assert s.schedule().seqs[0].request.request_id == "higher"
+
+
+def test_steady_decodes_are_packed_with_positions_blocks_and_output_indices() -> None:
+    s = make(bs=4)
+    a = req("a", 3, max_tokens=10)
+    s.add(a)
+    run_step(s)  # prefill: 3 prompt tokens computed, 1 token sampled
+    batch = s.schedule()
+    assert not batch.seqs and batch.decodes == [a]
+    # Position 3 (the sampled token) still fits the first block; output index 1 is sampled next.
+    assert (batch.decode_positions, batch.decode_blocks, batch.decode_indices) == ([3], [-1], [1])
+    s.update(batch, [8])
+    batch = s.schedule()
+    assert batch.decode_positions == [4] and batch.decode_blocks == [a.block_table[1]]
+    assert batch.appended == [(a, a.block_table[1])]
+    s.update(batch, [9])
+    assert a.output == [7, 8, 9]
+
+
+def test_pipelined_decode_counts_tokens_in_flight() -> None:
+    """Step N+1 is scheduled before N's token is back: it feeds the worker's own sample."""
+    s = make(bs=4)
+    a = req("a", 3, max_tokens=10)
+    s.add(a)
+    run_step(s)
+    first, second = s.schedule(), s.schedule()
+    assert second.decode_positions == [4] and second.decode_indices == [2]
+    s.update(first, [8])
+    s.update(second, [9])
+    assert a.output == [7, 8, 9] and a.pending == 0
+
+
+def test_min_tokens_defers_eos() -> None:
+    s = make()
+    a = Request("a", [5, 6], SamplingParams(temperature=0, max_tokens=10, min_tokens=2))
+    s.add(a)
+    run_step(s, token=EOS)
+    run_step(s, token=EOS)
+    assert not a.finished, "EOS within min_tokens is not a stop"
+    run_step(s, token=EOS)
+    assert a.finished and a.finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+def test_embedding_request_finishes_after_its_prompt_with_the_pooled_state() -> None:
+    s = make(budget=4)
+    e = Request("e", list(range(10, 20)), SamplingParams(max_tokens=1), pooling=common_pb2.POOLING_MEAN)
+    s.add(e)
+    steps = 0
+    while not e.finished:
+        batch = s.schedule()
+        assert not batch.sampling_order(), "an embedding samples nothing"
+        s.update(batch, [], embeddings={e.seq_id: [0.5, -0.5]})
+        steps += 1
+    assert steps == 3 and e.embedding == [0.5, -0.5] and not e.output
+    assert s.pool.num_used == 0, "its blocks are back (cached, evictable)"
+
+
+def test_prompt_logprobs_and_mean_pooling_bypass_the_prefix_cache() -> None:
+    s = make(budget=64)
+    a = req("a", 9, max_tokens=1, first=1)
+    s.add(a)
+    run_step(s)
+    b = Request("b", list(range(1, 10)), SamplingParams(max_tokens=1, prompt_logprobs=0))
+    s.add(b)
+    [seq] = s.schedule().seqs
+    assert seq.start == 0 and b.num_cached == 0, "every prompt position must be computed"
+
+
+def test_logprobs_follow_their_tokens() -> None:
+    s = make()
+    a = Request("a", [5, 6], SamplingParams(temperature=0, max_tokens=3, logprobs=1))
+    s.add(a)
+    for t in (7, 8):
+        batch = s.schedule()
+        s.update(batch, [t], logprobs=[common_pb2.Logprobs(token_id=t, logprob=-0.5)])
+    assert [lp.token_id for lp in a.logprobs] == [7, 8]

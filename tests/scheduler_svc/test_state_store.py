@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from array import array
 
 import redis
 import redis.asyncio as aioredis
@@ -27,6 +28,13 @@ def run(redis_url: str, steps) -> None:  # type: ignore[no-untyped-def]
     asyncio.run(body())
 
 
+def sampled(store: StateStore, req: Request, tokens: list[int]) -> None:
+    """The worker sampled ``tokens`` for ``req``: the engine appends them and queues the write."""
+    req.output.extend(tokens)
+    store.generated(req)
+    req.flushed = len(req.output)
+
+
 def test_one_flush_records_tables_tokens_and_block_places(redis_client: redis.Redis, redis_url: str) -> None:
     pool = BlockPool(8)
     a = Request("a", [1, 2, 3], SamplingParams(temperature=0.5, max_tokens=7, seed=3), priority=2)
@@ -40,16 +48,18 @@ def test_one_flush_records_tables_tokens_and_block_places(redis_client: redis.Re
             store.table(req)
         store.appended(a, [a_extra := pool.allocate(1)[0]])
         a.block_table.append(a_extra)
-        store.generated(a, [10, 11])
-        store.generated(b, [20])
-        store.generated(a, [12])
+        sampled(store, a, [10, 11])
+        sampled(store, b, [20])
+        sampled(store, a, [12])
         pool.register(a.block_table[0], b"h" * 16)
         store.blocks(pool)
         await store.flush()
 
     run(redis_url, steps)
-    assert [int(t) for t in redis_client.lrange(KEYS.request_tokens("a"), 0, -1)] == [10, 11, 12]
-    assert [int(t) for t in redis_client.lrange(KEYS.request_tokens("b"), 0, -1)] == [20]
+    # A step's tokens are one append to the worker's token log, as (handle, token) pairs.
+    log = array("i")
+    log.frombytes(redis_client.get(KEYS.token_log("w0")))
+    assert log.tolist() == [a.seq_id, 10, a.seq_id, 11, b.seq_id, 20, a.seq_id, 12]
     assert [int(x) for x in redis_client.lrange(KEYS.request_blocks("a"), 0, -1)] == a.block_table
     free = {int(x) for x in redis_client.smembers(KEYS.free_blocks("w0"))}
     assert free == set(range(8)) - set(a.block_table) - set(b.block_table)
@@ -78,11 +88,11 @@ def test_finished_request_frees_blocks_but_keeps_output_for_a_while(
         store.admitted(a)
         a.block_table = pool.allocate(1)
         store.table(a)
-        store.generated(a, [5])
+        sampled(store, a, [5])
         await store.flush()
         pool.release(a.block_table)
         a.finish_reason = 2
-        store.generated(a, [6])
+        sampled(store, a, [6])
         store.finished(a)
         store.blocks(pool)
         await store.flush()
@@ -93,3 +103,30 @@ def test_finished_request_frees_blocks_but_keeps_output_for_a_while(
     assert [int(t) for t in redis_client.lrange(KEYS.request_tokens("a"), 0, -1)] == [5, 6]
     assert 0 < redis_client.ttl(KEYS.request_tokens("a")) <= 120
     assert not redis_client.sismember(KEYS.requests(), "a")
+
+
+def test_checkpoint_moves_logged_tokens_into_request_lists(redis_client: redis.Redis, redis_url: str) -> None:
+    a = Request("a", [1, 2], SamplingParams())
+
+    async def steps(store: StateStore) -> None:
+        await store.reset("i", 4)
+        store.admitted(a)
+        sampled(store, a, [5, 6])
+        await store.flush()
+        store.checkpoint([a])
+        sampled(store, a, [7])
+        await store.flush()
+
+    run(redis_url, steps)
+    assert [int(t) for t in redis_client.lrange(KEYS.request_tokens("a"), 0, -1)] == [5, 6]
+    log = array("i")
+    log.frombytes(redis_client.get(KEYS.token_log("w0")))
+    assert log.tolist() == [a.seq_id, 7], "the log holds only what came after the checkpoint"
+
+    async def reload(store: StateStore) -> None:
+        stored = await store.load()
+        assert stored is not None
+        [req] = stored.requests
+        assert req.output == [5, 6, 7] and req.checkpointed == 2
+
+    run(redis_url, reload)
