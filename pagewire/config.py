@@ -70,6 +70,9 @@ class SchedulerConfig(CommonConfig):
     priority_aging_s: float = opt(10.0, "A waiting request gains one priority level per this many seconds.")
     heartbeat_check_s: float = opt(1.0, "Seconds between checks of each worker's heartbeat key.")
     check_invariants: bool = opt(False, "Assert block invariants after every step (tests).")
+    group: str = opt("default", "Worker group this scheduler drives; one scheduler per group holds its lease in Redis.")
+    lease_ttl_s: float = opt(10.0, "Scheduler lease TTL; a standby replica takes over this long after the holder dies.")
+    advertise: str = opt("", "Address routers should dial, published in Redis. Empty: host:port.")
 
 
 @dataclass

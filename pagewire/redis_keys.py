@@ -49,6 +49,15 @@ class RedisKeys:
     def worker_load(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}:load"
 
+    # Schedulers: the lease that makes one scheduler the driver of a worker group (a second
+    # replica waits for it), and where routers find each group's scheduler.
+    def scheduler_lease(self, group: str) -> str:
+        return f"{self.prefix}:scheduler:{group}:lease"
+
+    def schedulers(self) -> str:
+        """Hash: worker group -> address of the scheduler holding its lease."""
+        return f"{self.prefix}:schedulers"
+
     def token_log(self, worker_id: str) -> str:
         """String: (request handle, token) int32 pairs appended once per step, oldest first --
         the tokens of the worker's requests not yet checkpointed into their own lists."""

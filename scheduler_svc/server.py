@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -20,6 +21,7 @@ from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler_svc.engine import WorkerEngine
+from scheduler_svc.lease import Lease, LeaseLost
 from scheduler_svc.request import Request, RouterConn, Status
 from scheduler_svc.scheduler import SchedulerLimits
 from scheduler_svc.state_store import StateStore
@@ -258,8 +260,16 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
     await server.start()
-    tasks, recovered = [], []
-    for address in await discover_workers(cfg, r):
+    addresses = await discover_workers(cfg, r)
+    keys = RedisKeys(cfg.deployment, cfg.model_name or (
+        (await describe(addresses[0])).model if addresses else "none"))
+    # Before touching the group's state: a second scheduler (rollout, standby) waits here.
+    lease = Lease(r, keys.scheduler_lease(cfg.group), cfg.lease_ttl_s)
+    await lease.acquire()
+    tasks = [asyncio.create_task(_hold(lease))]
+    await r.hset(keys.schedulers(), cfg.group, cfg.advertise or f"{cfg.host}:{port}")
+    recovered = []
+    for address in addresses:
         engine, reqs = await attach_worker(service, cfg, r, address)
         recovered += reqs
         tasks.append(asyncio.create_task(engine.run(r, cfg.heartbeat_check_s)))
@@ -267,7 +277,8 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
         tasks.append(asyncio.create_task(service.reap_orphans(recovered)))
     service.ready = True
     await serving.set_serving(health_servicer, [SERVICE], True)
-    log.info("scheduler on %s:%d driving %d worker(s)", cfg.host, port, len(tasks))
+    log.info("scheduler on %s:%d driving %d worker(s) of group %s", cfg.host, port,
+             len(tasks) - 1, cfg.group)
 
     try:
         await serving.run_until_signalled(server, health_servicer, [SERVICE])
@@ -275,7 +286,17 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await lease.release()
         await r.aclose()
+
+
+async def _hold(lease: Lease) -> None:
+    """Renew the lease; losing it means another scheduler may be driving the group: stop now."""
+    try:
+        await lease.keep()
+    except LeaseLost:
+        log.critical("lost the scheduler lease %s: exiting", lease.key)
+        os._exit(75)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -39,9 +39,10 @@ CHECKPOINT_LOG_BYTES = 1 << 20  # token log size that triggers a checkpoint (128
 # ARGV[2] their byte lengths, ARGV[3] how many values each list gets, ARGV[4] the values (all
 # counts packed little-endian int32). One command per step instead of one RPUSH per request, and
 # four arguments instead of one per list: the client's per-argument cost dominates at 256+
-# requests. (The names travel as data, not KEYS: this deployment is one Redis, not a cluster.)
+# requests. (The names travel as data; KEYS[1], the token log, routes the call to the slot that
+# the shared {deployment:model} hash tag puts every one of them in.)
 APPEND_LISTS = """
-local names, lengths, counts, values = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local names, lengths, counts, values = ARGV[1], ARGV[2], ARGV[3], ARGV[4]  -- KEYS[1]: routing
 local at, pos = 1, 1
 for i = 1, #lengths / 4 do
   local len = struct.unpack('<i4', lengths, (i - 1) * 4 + 1)
@@ -317,7 +318,8 @@ class StateStore:
         values = array("i", self._values).tobytes()
         # EVAL with the body, not EVALSHA: nothing to reload after a Redis restart; Redis caches
         # the compiled script by its hash anyway.
-        self._pipe.eval(APPEND_LISTS, 0, b"".join(names), lengths, counts, values)
+        self._pipe.eval(APPEND_LISTS, 1, self.keys.token_log(self.worker_id), b"".join(names),
+                        lengths, counts, values)
         self._keys, self._counts, self._values = [], [], []
         self._queued += 1
 

@@ -62,7 +62,7 @@ def test_scheduler_sigkill_mid_generation_streams_continue(
     tiny_model: Path, hf_reference: HFReference, tmp_path: Path
 ) -> None:
     stack = launch(tiny_model, tmp_path, worker_args=["--num-blocks", "256"],
-                   scheduler_args=["--check-invariants"])
+                   scheduler_args=["--check-invariants", "--lease-ttl-s", "2"])
     try:
         async def kill_and_restart() -> None:
             stack.service("scheduler").process.kill()
@@ -87,7 +87,7 @@ def test_worker_sigkill_moves_its_requests_to_the_other_worker(
     tiny_model: Path, hf_reference: HFReference, tmp_path: Path
 ) -> None:
     stack = launch(tiny_model, tmp_path, num_workers=2, worker_args=["--num-blocks", "256"],
-                   scheduler_args=["--check-invariants"])
+                   scheduler_args=["--check-invariants", "--lease-ttl-s", "2"])
     try:
         async def kill_worker() -> None:
             stack.service("worker-1").process.kill()
