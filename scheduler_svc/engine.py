@@ -251,6 +251,7 @@ class WorkerEngine:
         store.publish_load(
             running=len(sched.running),
             waiting=len(sched.waiting),
+            waiting_tokens=sum(len(r.prompt) + len(r.output) for r in sched.waiting),
             used_blocks=sched.pool.num_used,
             total_blocks=sched.pool.num_blocks,
             preemptions=sched.num_preemptions,
