@@ -62,15 +62,20 @@ class RedisServer:
         stop_process(self.process, timeout)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def restart(self, timeout: float = 10.0) -> None:
+        """SIGKILL and start again on the same socket, empty (it persists nothing): a fault test's
+        Redis outage."""
+        self.process.kill()
+        self.process.wait()
+        self.process = _spawn(self.workdir)
+        _wait_ready(self, timeout)
 
-def start_redis(timeout: float = 10.0) -> RedisServer:
-    """Start redis-server on a unix socket in a fresh temporary folder; wait until it answers."""
-    workdir = Path(tempfile.mkdtemp(prefix="pagewire-redis-"))
-    sock = workdir / "redis.sock"
+
+def _spawn(workdir: Path) -> subprocess.Popen[bytes]:
     args = [
         redis_server_binary(),
         "--port", "0",
-        "--unixsocket", str(sock),
+        "--unixsocket", str(workdir / "redis.sock"),
         "--unixsocketperm", "700",
         "--dir", str(workdir),
         "--save", "",
@@ -78,8 +83,12 @@ def start_redis(timeout: float = 10.0) -> RedisServer:
         "--daemonize", "no",
         "--loglevel", "warning",
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    server = RedisServer(url=f"unix://{sock}", process=proc, workdir=workdir)
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_ready(server: RedisServer, timeout: float) -> None:
+    sock = server.workdir / "redis.sock"
+    proc = server.process
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -88,9 +97,17 @@ def start_redis(timeout: float = 10.0) -> RedisServer:
         if sock.exists():
             try:
                 redis.Redis.from_url(server.url).ping()
-                return server
+                return
             except redis.exceptions.ConnectionError:
                 pass
         time.sleep(0.02)
     server.stop()
     raise RuntimeError("redis-server did not start in time")
+
+
+def start_redis(timeout: float = 10.0) -> RedisServer:
+    """Start redis-server on a unix socket in a fresh temporary folder; wait until it answers."""
+    workdir = Path(tempfile.mkdtemp(prefix="pagewire-redis-"))
+    server = RedisServer(url=f"unix://{workdir / 'redis.sock'}", process=_spawn(workdir), workdir=workdir)
+    _wait_ready(server, timeout)
+    return server

@@ -26,7 +26,7 @@ from pagewire.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.request import Request, Status
 from scheduler_svc.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
-from scheduler_svc.state_store import CHECKPOINT_LOG_BYTES, StateStore, StoredPool
+from scheduler_svc.state_store import CHECKPOINT_LOG_BYTES, REDIS_DOWN, StateStore, StoredPool
 
 log = logging.getLogger("scheduler.engine")
 
@@ -61,6 +61,7 @@ class WorkerEngine:
         self.check_invariants = False
         self._release_ids: list[int] = []  # sequences the worker may forget, sent with the next step
         self._emitting: asyncio.Future[None] | None = None  # the latest step's write + events
+        self._resync_lock = asyncio.Lock()
 
     @property
     def worker_id(self) -> str:
@@ -140,7 +141,11 @@ class WorkerEngine:
         seen = False
         while True:
             await asyncio.sleep(interval)
-            alive = await r.exists(key)
+            try:
+                alive = await r.exists(key)
+            except REDIS_DOWN:
+                seen = False  # Redis is away: no verdict; after it returns, wait for a heartbeat
+                continue
             if alive:
                 seen = True
             elif seen:
@@ -271,7 +276,7 @@ class WorkerEngine:
             else:
                 events.append((req, self._event(req, worker_id)))
         self._emitting = asyncio.ensure_future(
-            self._emit_after(store.write(), self._emitting, plain, events, done)
+            self._emit_after(store.generation, store.write(), self._emitting, plain, events, done)
         )
         if self.check_invariants:
             sched.check_invariants()
@@ -279,6 +284,7 @@ class WorkerEngine:
 
     async def _emit_after(
         self,
+        generation: int,
         written: asyncio.Future[None],
         previous: asyncio.Future[None] | None,
         plain: list[Request],
@@ -286,7 +292,10 @@ class WorkerEngine:
         done: list[Request],
     ) -> None:
         """Tokens leave only once Redis has them, and in step order."""
-        await written
+        try:
+            await written
+        except REDIS_DOWN as e:
+            await self._resync(generation, e)
         if previous is not None:
             await previous
         for req in plain:
@@ -306,7 +315,30 @@ class WorkerEngine:
         """Wait until every step's write has landed and its events are out."""
         if self._emitting is not None:
             await self._emitting
-        await self.store.flush()
+        generation = self.store.generation
+        try:
+            await self.store.flush()
+        except REDIS_DOWN as e:
+            await self._resync(generation, e)
+
+    async def _resync(self, generation: int, error: BaseException) -> None:
+        """Redis lost a write (it restarted, or the connection broke): hold this worker's events
+        until Redis is back, then rewrite its whole state from memory. Tokens are never sent
+        before Redis has them, so a router never sees a token a recovery could not replay."""
+        async with self._resync_lock:
+            if self.store.generation != generation:
+                return  # a resync since this write was queued already covered it
+            log.warning("Redis write for worker %s failed (%s): holding events until it is back",
+                        self.worker_id, error)
+            while True:
+                try:
+                    sched = self.scheduler
+                    await self.store.resync(self.info.instance_id, sched.pool,
+                                            [*sched.running, *sched.waiting])
+                    log.warning("Redis is back: worker %s state rewritten", self.worker_id)
+                    return
+                except REDIS_DOWN:
+                    await asyncio.sleep(0.2)
 
     @staticmethod
     def _add_prompt_logprobs(batch: ScheduledBatch, result: worker_pb2.StepResult) -> None:

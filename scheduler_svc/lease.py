@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import redis
 import redis.asyncio as aioredis
 
 # Compare-and-act on the token, so a holder can never renew or drop a lease it no longer owns.
@@ -47,11 +48,20 @@ class Lease:
             await asyncio.sleep(self.ttl_ms / 3000)
 
     async def keep(self) -> None:
-        """Renew until cancelled; raise LeaseLost if the lease is gone or someone else's."""
+        """Renew until cancelled; raise LeaseLost if someone else holds the lease.
+
+        Through a Redis outage the holder keeps going (nobody else can take the lease while
+        Redis is down); a restarted, empty Redis has no lease at all, and the holder takes it
+        back unless another scheduler was quicker.
+        """
         while True:
             await asyncio.sleep(self.ttl_ms / 3000)
-            if not await self.r.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
-                raise LeaseLost(self.key)
+            try:
+                renewed = await self.r.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)
+                if not renewed and not await self.r.set(self.key, self.token, nx=True, px=self.ttl_ms):
+                    raise LeaseLost(self.key)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+                continue
 
     async def release(self) -> None:
         await self.r.eval(_RELEASE, 1, self.key, self.token)

@@ -24,6 +24,7 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
+import redis
 import redis.asyncio as aioredis
 
 from pagewire.redis_keys import RedisKeys
@@ -34,6 +35,8 @@ from scheduler_svc.request import Request
 
 FINISHED_TTL_S = 120  # a finished request's tokens stay this long, for a router to resume
 CHECKPOINT_LOG_BYTES = 1 << 20  # token log size that triggers a checkpoint (128k tokens)
+# What a Redis outage looks like to the client (a restart, a dropped connection).
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 # Append many integers to many lists in one command. ARGV[1] is the list names concatenated,
 # ARGV[2] their byte lengths, ARGV[3] how many values each list gets, ARGV[4] the values (all
@@ -106,6 +109,8 @@ class StateStore:
         self._queued = 0
         # List appends, written by one script call: key i gets the next counts[i] values.
         self._last: asyncio.Future[None] | None = None  # the latest write in flight
+        # Bumped by resync(): writes queued before it are covered by it and must not also land.
+        self.generation = 0
         self._log = array("i")  # this write's (handle, token) pairs
         self.log_bytes = 0  # the token log's size in Redis since the last checkpoint
         self._keys: list[str] = []
@@ -336,17 +341,66 @@ class StateStore:
             self._queued += 1
             self.log_bytes += len(raw)
             self._log = array("i")
-        pipe, queued, prev = self._pipe, self._queued, self._last
+        pipe, queued, prev, generation = self._pipe, self._queued, self._last, self.generation
         self._pipe, self._queued = self.r.pipeline(transaction=True), 0
 
         async def run() -> None:
             if prev is not None:
-                await prev
-            if queued:
+                await asyncio.wait([prev])  # its failure is its own caller's to handle
+            if queued and generation == self.generation:
                 await pipe.execute()
 
         self._last = asyncio.ensure_future(run())
         return self._last
+
+    async def resync(self, instance_id: str, pool: BlockPool, reqs: list[Request]) -> None:
+        """Rewrite everything Redis holds for this worker from memory, in one transaction.
+
+        After an outage Redis may be empty (restarted) or may have missed writes; either way the
+        scheduler's memory is the truth, and this makes Redis equal to it again. Writes queued
+        before this call describe changes the snapshot already contains: they are dropped.
+        """
+        k, w = self.keys, self.worker_id
+        self.generation += 1
+        self._pipe, self._queued, self._log = self.r.pipeline(transaction=True), 0, array("i")
+        self._keys, self._counts, self._values = [], [], []
+        live = {r.request_id for r in reqs}
+        members = [m.decode() for m in await self.r.smembers(k.requests())]
+        async with self.r.pipeline(transaction=False) as p:
+            for m in members:
+                p.hget(k.request(m), "worker")
+            workers = await p.execute() if members else []
+        stale = [m for m, o in zip(members, workers, strict=True) if o == w.encode() and m not in live]
+        free = [b for b in range(pool.num_blocks) if pool.ref_count[b] == 0 and pool.block_hash[b] is None]
+        now = time.time()
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(k.free_blocks(w), k.cached_blocks(w), k.prefix_index(w), k.token_log(w))
+            if free:
+                p.sadd(k.free_blocks(w), *free)
+            if pool.cached_free:
+                p.zadd(k.cached_blocks(w), {b: now + i * 1e-6 for i, b in enumerate(pool.cached_free)})
+            if pool.index:
+                p.hset(k.prefix_index(w), mapping=pool.index)  # type: ignore[arg-type]
+            p.hset(k.worker_state(w), mapping={"instance_id": instance_id, "num_blocks": pool.num_blocks})
+            if stale:
+                p.srem(k.requests(), *stale)
+            for req in reqs:
+                rid = req.request_id
+                p.hset(k.request(rid), mapping={
+                    "worker": w, "priority": req.priority, "prompt": _pack(req.prompt),
+                    "params": req.params.to_proto().SerializeToString(), "pooling": req.pooling,
+                    "handle": req.seq_id, "num_cached": max(req.num_cached, 0),
+                })
+                p.sadd(k.requests(), rid)
+                p.delete(k.request_blocks(rid), k.request_tokens(rid))
+                if req.block_table:
+                    p.rpush(k.request_blocks(rid), *req.block_table)
+                if req.output:
+                    p.rpush(k.request_tokens(rid), *req.output)
+            await p.execute()
+        for req in reqs:
+            req.queued = req.checkpointed = len(req.output)
+        self.log_bytes = 0
 
     async def flush(self) -> None:
         """Write everything queued and wait until Redis has it (and every earlier write)."""
