@@ -36,7 +36,7 @@ def test_holder_that_lost_its_lease_cannot_renew_it(redis_url: str) -> None:
         first, second = Lease(r, "lease-b", 0.3), Lease(r, "lease-b", 0.3)
         await first.acquire()
         await r.delete("lease-b")  # expired, e.g. the holder was paused past its TTL
-        await second.acquire()
+        await second.acquire()  # ... and a standby took it
         with pytest.raises(LeaseLost):
             await first.keep()
         await first.release()  # a stale holder's release must not drop the new holder's lease
