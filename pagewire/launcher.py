@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pagewire import serving
 from pagewire.redis_server import RedisServer, start_redis, stop_process
+from pagewire.tls import TLSFiles
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,6 +46,17 @@ class Stack:
     redis: RedisServer | None = None
     services: list[Service] = field(default_factory=list)
     log_dir: Path | None = None
+    # TLS material every service gets (--tls-cert/--tls-key/--tls-ca[/--tls-client-auth]); the
+    # launcher's own health checks present the same identity.
+    tls: TLSFiles | None = None
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (OTEL_*, ...)
+
+    def tls_args(self) -> list[str]:
+        t = self.tls
+        if t is None:
+            return []
+        args = ["--tls-cert", t.cert_file, "--tls-key", t.key_file, "--tls-ca", t.ca_file]
+        return [*args, "--tls-client-auth"] if t.client_auth else args
 
     @property
     def router(self) -> str:
@@ -57,7 +69,7 @@ class Stack:
         self, name: str, module: str, args: list[str], port: int, timeout: float = 120
     ) -> Service:
         """Run ``python -m module args`` listening on ``port``; return once it reports healthy."""
-        command = [sys.executable, "-m", module, *args]
+        command = [sys.executable, "-m", module, *args, *self.tls_args()]
         svc = Service(name, f"127.0.0.1:{port}", self._popen(name, command), command)
         self.services.append(svc)
         await self._wait(svc, timeout)
@@ -72,7 +84,7 @@ class Stack:
             command,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
         )
 
     async def restart(self, name: str, timeout: float = 120) -> Service:
@@ -85,7 +97,7 @@ class Stack:
 
     async def _wait(self, svc: Service, timeout: float) -> None:
         try:
-            await serving.wait_healthy(svc.address, timeout)
+            await serving.wait_healthy(svc.address, timeout, tls=self.tls)
         except TimeoutError:
             code = svc.process.poll()
             raise RuntimeError(f"{svc.name} did not become healthy (exit code {code})") from None
@@ -126,9 +138,11 @@ async def start_stack(
     router_args: list[str] | None = None,
     num_workers: int = 1,
     log_dir: Path | None = None,
+    tls: TLSFiles | None = None,
+    env: dict[str, str] | None = None,
 ) -> Stack:
     """Redis (REDIS_URL, else a private redis-server), then workers, scheduler, router."""
-    stack = Stack(model=str(model), log_dir=log_dir)
+    stack = Stack(model=str(model), log_dir=log_dir, tls=tls, env=dict(env or {}))
     try:
         stack.redis_url = os.environ.get("REDIS_URL", "")
         if not stack.redis_url:

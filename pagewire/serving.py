@@ -6,13 +6,22 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pagewire.tls import TLSFiles
+
+# Between our own services: a step or a step result for a large batch is big, and the peer is
+# trusted (and, with --tls-client-auth, authenticated).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# What the public API accepts from anyone: above the largest request the router's own limits admit
+# (--max-prompt-chars 1 Mi characters is at most 4 MiB of UTF-8, plus the other fields), so a
+# client over a field's limit hears which field from the router, and this is only the backstop
+# that keeps a stranger from making grpc buffer 64 MiB per call.
+PUBLIC_MAX_RECEIVE_BYTES = 8 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -40,9 +49,36 @@ def insecure_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
-def new_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A grpc.aio server with health (NOT_SERVING until the caller says so) and reflection."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+def open_channel(target: str, tls: TLSFiles | None) -> grpc.aio.Channel:
+    """A channel to a pagewire peer: TLS (verified against --tls-ca, our cert as client identity)
+    when ``tls`` is set, plaintext otherwise."""
+    if tls is None:
+        return insecure_channel(target)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+
+
+def add_port(server: grpc.aio.Server, address: str, tls: TLSFiles | None) -> int:
+    """Listen on ``address`` (TLS when ``tls`` is set) and return the bound port."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, tls.server_credentials())
+
+
+def new_server(
+    service_names: Iterable[str],
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server with health (NOT_SERVING until the caller says so) and reflection.
+
+    A call whose request is over ``max_receive_bytes`` fails with RESOURCE_EXHAUSTED before any
+    handler sees it."""
+    options = [
+        *(o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"),
+        ("grpc.max_receive_message_length", max_receive_bytes),
+    ]
+    server = grpc.aio.server(interceptors=list(interceptors), options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, reflection.SERVICE_NAME, health.SERVICE_NAME]
@@ -63,15 +99,27 @@ async def run_until_signalled(
     health_servicer: health.aio.HealthServicer,
     names: Iterable[str],
     grace: float = 5.0,
+    drain: Callable[[], Awaitable[None]] | None = None,
+    drain_timeout_s: float = 30.0,
 ) -> None:
-    """Serve until SIGTERM/SIGINT; then report NOT_SERVING, stop accepting, and give in-flight
-    calls ``grace`` seconds."""
+    """Serve until SIGTERM/SIGINT; then drain and stop.
+
+    Draining: health turns NOT_SERVING (load balancers and probes stop sending work), ``drain``
+    (the service's own: refuse new work, wait for in-flight work) runs for at most
+    ``drain_timeout_s``, then the server stops and gives calls still open ``grace`` seconds.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await set_serving(health_servicer, names, False)
+    if drain is not None:
+        try:
+            await asyncio.wait_for(drain(), drain_timeout_s)
+        except asyncio.TimeoutError:
+            logging.getLogger("serving").warning(
+                "drain did not finish in %.0f s: stopping with work in flight", drain_timeout_s)
     await server.stop(grace)
 
 
@@ -83,11 +131,13 @@ def run_main(serve: Callable[[], Awaitable[None]]) -> None:
         sys.exit(0)
 
 
-async def wait_healthy(target: str, timeout: float, service: str = "") -> None:
+async def wait_healthy(
+    target: str, timeout: float, service: str = "", tls: TLSFiles | None = None
+) -> None:
     """Poll grpc.health.v1 on ``target`` until SERVING; raise TimeoutError otherwise."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    async with insecure_channel(target) as channel:
+    async with open_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

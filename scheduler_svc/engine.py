@@ -15,14 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 
 import grpc
 import redis.asyncio as aioredis
 
-from pagewire import serving
-from pagewire.v1 import scheduler_pb2, worker_pb2, worker_pb2_grpc
+from pagewire import serving, tracing
+from pagewire.metrics import EngineMetrics
+from pagewire.tls import TLSFiles
+from pagewire.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.request import Request, Status
 from scheduler_svc.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
@@ -47,6 +50,8 @@ class WorkerEngine:
         limits: SchedulerLimits,
         on_lost: Callable[[WorkerEngine, list[Request]], None],
         on_done: Callable[[Request], None],
+        tls: TLSFiles | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.address = address
         self.info = info
@@ -54,6 +59,8 @@ class WorkerEngine:
         self.scheduler = Scheduler(limits, BlockPool(info.num_blocks))
         self.on_lost = on_lost
         self.on_done = on_done
+        self.tls = tls
+        self.metrics = metrics
         self.wakeup = asyncio.Event()
         self.step_id = 0
         self.steps = 0
@@ -164,7 +171,7 @@ class WorkerEngine:
     async def _reconnect(self) -> None:
         while True:
             try:
-                async with serving.insecure_channel(self.address) as ch:
+                async with serving.open_channel(self.address, self.tls) as ch:
                     stub = worker_pb2_grpc.WorkerStub(ch)
                     info = await stub.Describe(worker_pb2.DescribeRequest(), timeout=5)
                 self.info = info
@@ -182,7 +189,7 @@ class WorkerEngine:
         work — applying N's tokens, the Redis write, emitting events, scheduling N+2 — overlaps
         the worker's compute of N+1 instead of sitting between the two steps.
         """
-        async with serving.insecure_channel(self.address) as channel:
+        async with serving.open_channel(self.address, self.tls) as channel:
             call = worker_pb2_grpc.WorkerStub(channel).Execute()
             for req in self.scheduler.running:
                 req.on_worker = False  # a new stream starts with an empty worker cache
@@ -212,18 +219,48 @@ class WorkerEngine:
     def _schedule(self) -> ScheduledBatch:
         """Decide the next step and queue its block-table writes."""
         batch = self.scheduler.schedule()
+        batch.sent_at = time.perf_counter()
         store = self.store
         for victim in batch.preempted:
             store.dropped_table(victim)
+            if victim.span is not None and victim.span.is_recording():
+                victim.span.add_event("preempted")
         for req, block in batch.appended:
             store.appended(req, [block])
         for s in batch.seqs:
             if s.resend:
                 store.table(s.request)
+                if s.request.span is None:
+                    self._first_scheduled(s.request)
             else:
                 store.appended(s.request, s.new_blocks)
         self._release_ids.extend(r.seq_id for r in batch.released)
         return batch
+
+    def _first_scheduled(self, req: Request) -> None:
+        """Queue time, and the scheduler's spans under the router's (when the request is traced)."""
+        if self.metrics is not None:
+            self.metrics.observe_queue_time(time.monotonic() - req.arrival)
+        req.span = tracing.INVALID_SPAN
+        if req.trace_context and tracing.enabled():
+            attrs = {tracing.REQUEST_ID: req.request_id, tracing.WORKER_ID: self.worker_id}
+            queued = tracing.start_child(tracing.SCHEDULER_QUEUE_SPAN, req.trace_context, attrs,
+                                         start_time_ns=tracing.wall_ns(req.arrival))
+            tracing.end_span(queued)
+            req.span = tracing.start_child(tracing.SCHEDULER_SCHEDULE_SPAN, req.trace_context, attrs)
+            # The worker's spans for this sequence are children of the scheduler's.
+            req.trace_context = tracing.inject(req.span) or req.trace_context
+
+    def _record_step(self, batch: ScheduledBatch, generated: int) -> None:
+        sched, m = self.scheduler, self.metrics
+        if m is None:
+            return
+        prompts_done = sum(len(s.request.prompt) for s in batch.seqs
+                           if s.sample and len(s.request.output) == 1)
+        m.observe_step(time.perf_counter() - batch.sent_at, prompts_done, generated)
+        m.set_state(len(sched.running), len(sched.waiting), sched.pool.num_used, sched.pool.num_blocks)
+        bs = self.info.block_size
+        m.sync_totals(sched.num_preemptions, sched.pool.queries * bs, sched.pool.hits * bs)
 
     async def _complete(self, batch: ScheduledBatch, result: worker_pb2.StepResult | None) -> None:
         """Apply a step's tokens and start its Redis write; its events leave once Redis has it.
@@ -278,6 +315,7 @@ class WorkerEngine:
         self._emitting = asyncio.ensure_future(
             self._emit_after(store.generation, store.write(), self._emitting, plain, events, done)
         )
+        self._record_step(batch, len(result.token_ids) if result is not None else 0)
         if self.check_invariants:
             sched.check_invariants()
         self.steps += 1
@@ -309,6 +347,12 @@ class WorkerEngine:
             if req.conn is not None:
                 req.conn.send(event)
         for req in done:
+            if req.span is not None:
+                tracing.end_span(req.span, {
+                    tracing.OUTPUT_TOKENS: len(req.output),
+                    tracing.CACHED_TOKENS: max(req.num_cached, 0),
+                    tracing.FINISH_REASON: common_pb2.FinishReason.Name(req.finish_reason),
+                })
             self.on_done(req)
 
     async def settle(self) -> None:

@@ -7,6 +7,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import common_pb2, scheduler_pb2
@@ -108,6 +109,9 @@ class Request:
     prompt_logprobs: list[common_pb2.Logprobs] = field(default_factory=list)
     # Redis list of output tokens (the state store names it once, not per step).
     tokens_key: str = ""
+    # The scheduler's span for this request (None until first scheduled; a no-op span when the
+    # request is not traced).
+    span: Any = None
 
     @property
     def num_tokens(self) -> int:

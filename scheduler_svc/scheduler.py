@@ -60,6 +60,7 @@ class ScheduledBatch:
     appended: list[tuple[Request, int]] = field(default_factory=list)  # decodes' new blocks
     preempted: list[Request] = field(default_factory=list)
     released: list[Request] = field(default_factory=list)  # finished/aborted since the last step
+    sent_at: float = 0.0  # perf_counter when the step went to the worker (step time metric)
 
     @property
     def num_seqs(self) -> int:

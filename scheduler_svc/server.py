@@ -16,9 +16,10 @@ import grpc
 import redis.asyncio as aioredis
 
 from pagewire import config as pwconfig
-from pagewire import serving
+from pagewire import logs, metrics, serving, tracing
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
+from pagewire.tls import TLSFiles
 from pagewire.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from scheduler_svc.engine import WorkerEngine
 from scheduler_svc.lease import Lease, LeaseLost
@@ -40,6 +41,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.requests: dict[str, Request] = {}
         self.placement: dict[str, WorkerEngine] = {}  # request id -> engine running it
         self.ready = False
+        self.draining = False
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new requests, let the ones in flight finish."""
+        self.draining = True
+        while self.requests:
+            await asyncio.sleep(0.1)
+        for engine in self.engines.values():
+            await engine.settle()
 
     # ---- placement -----------------------------------------------------------------------
     def _pick(self, worker_id: str, exclude: WorkerEngine | None = None) -> WorkerEngine | None:
@@ -115,6 +125,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return grpc.StatusCode.INVALID_ARGUMENT, "request_id and prompt_token_ids are required"
         if rid in self.requests:
             return grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is in flight"
+        if self.draining:
+            return grpc.StatusCode.UNAVAILABLE, "scheduler is shutting down"
         engine = self._pick(sub.worker_id)
         if engine is None:
             return grpc.StatusCode.UNAVAILABLE, "no worker available"
@@ -215,17 +227,22 @@ async def discover_workers(cfg: pwconfig.SchedulerConfig, r: aioredis.Redis) -> 
     return [a.decode() for a in alive if a]
 
 
-async def describe(address: str, timeout: float = 120.0) -> worker_pb2.WorkerInfo:
-    await serving.wait_healthy(address, timeout)
-    async with serving.insecure_channel(address) as ch:
+async def describe(address: str, tls: TLSFiles | None, timeout: float = 120.0) -> worker_pb2.WorkerInfo:
+    await serving.wait_healthy(address, timeout, tls=tls)
+    async with serving.open_channel(address, tls) as ch:
         return await worker_pb2_grpc.WorkerStub(ch).Describe(worker_pb2.DescribeRequest(), timeout=10)
 
 
 async def attach_worker(
-    service: SchedulerService, cfg: pwconfig.SchedulerConfig, r: aioredis.Redis, address: str
+    service: SchedulerService,
+    cfg: pwconfig.SchedulerConfig,
+    r: aioredis.Redis,
+    address: str,
+    tls: TLSFiles | None,
+    sm: metrics.SchedulerMetrics,
 ) -> tuple[WorkerEngine, list[Request]]:
     """Describe the worker, reload what Redis holds for it, and make its engine."""
-    info = await describe(address)
+    info = await describe(address, tls)
     model = cfg.model_name or info.model
     store = StateStore(r, RedisKeys(cfg.deployment, model), info.worker_id)
     limits = SchedulerLimits(
@@ -237,7 +254,8 @@ async def attach_worker(
         prefix_caching=cfg.prefix_caching,
         priority_aging_s=cfg.priority_aging_s,
     )
-    engine = WorkerEngine(address, info, store, limits, service.on_worker_lost, service.on_done)
+    engine = WorkerEngine(address, info, store, limits, service.on_worker_lost, service.on_done,
+                          tls=tls, metrics=sm.for_worker(info.worker_id))
     engine.check_invariants = cfg.check_invariants
     recovered = await engine.recover(await store.load())
     for req in recovered:
@@ -255,14 +273,20 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
         raise SystemExit("--redis-url (or REDIS_URL) is required: Redis is the state of record")
     r = aioredis.Redis.from_url(cfg.redis_url)
     await r.ping()
+    tls = TLSFiles.from_config(cfg)
     service = SchedulerService(cfg)
     server, health_servicer = serving.new_server([SERVICE])
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = serving.add_port(server, f"{cfg.host}:{cfg.port}", tls)
     await server.start()
     addresses = await discover_workers(cfg, r)
     keys = RedisKeys(cfg.deployment, cfg.model_name or (
-        (await describe(addresses[0])).model if addresses else "none"))
+        (await describe(addresses[0], tls)).model if addresses else "none"))
+    registry = metrics.new_registry()
+    sm = metrics.scheduler_metrics(registry, keys.model)
+    metrics_server = metrics.serve_metrics(cfg.metrics_port, registry, cfg.host)
+    if metrics_server.port >= 0:
+        log.info("metrics on http://%s:%d/metrics", cfg.host, metrics_server.port)
     # Before touching the group's state: a second scheduler (rollout, standby) waits here.
     lease = Lease(r, keys.scheduler_lease(cfg.group), cfg.lease_ttl_s)
     await lease.acquire()
@@ -270,7 +294,7 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     await r.hset(keys.schedulers(), cfg.group, cfg.advertise or f"{cfg.host}:{port}")
     recovered = []
     for address in addresses:
-        engine, reqs = await attach_worker(service, cfg, r, address)
+        engine, reqs = await attach_worker(service, cfg, r, address, tls, sm)
         recovered += reqs
         tasks.append(asyncio.create_task(engine.run(r, cfg.heartbeat_check_s)))
     if recovered:
@@ -281,13 +305,16 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
              len(tasks) - 1, cfg.group)
 
     try:
-        await serving.run_until_signalled(server, health_servicer, [SERVICE])
+        await serving.run_until_signalled(server, health_servicer, [SERVICE], drain=service.drain,
+                                          drain_timeout_s=cfg.drain_timeout_s)
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await lease.release()
         await r.aclose()
+        metrics_server.stop()
+        tracing.shutdown_tracing()
 
 
 async def _hold(lease: Lease) -> None:
@@ -301,7 +328,8 @@ async def _hold(lease: Lease) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = pwconfig.parse(pwconfig.SchedulerConfig, argv, prog="pagewire-scheduler")
-    serving.setup_logging(cfg.log_level, "scheduler")
+    logs.setup_logging(cfg.log_level, "scheduler", cfg.log_format)
+    tracing.init_tracing("pagewire-scheduler")
     serving.run_main(lambda: serve(cfg))
 
 
