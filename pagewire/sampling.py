@@ -17,6 +17,11 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_K = 1 << 20
 MAX_SEED = (1 << 63) - 1
+MAX_TEMPERATURE = 1e4
+MAX_PENALTY = 2.0  # presence and frequency, as OpenAI bounds them
+# CTRL's penalty divides positive logits; past ~100 every seen token is effectively banned, so a
+# larger value is more likely a unit mistake than intent.
+MAX_REPETITION_PENALTY = 100.0
 
 
 class ValidationError(ValueError):
@@ -25,6 +30,7 @@ class ValidationError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.reason = message
 
 
 @dataclass(frozen=True)
@@ -117,23 +123,48 @@ class SamplingParams:
         return msg
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Per-deployment bounds on what one request may ask for (the router's --max-n and friends)."""
+
+    max_n: int = 16
+    max_logprobs: int = 20
+    max_stop_strings: int = MAX_STOP_STRINGS
+
+
 def validate(
     msg: common_pb2.SamplingParams,
     *,
     prompt_len: int,
     max_model_len: int,
     vocab_size: int,
+    limits: Limits = Limits(),
 ) -> SamplingParams:
     """Check every field against its bounds and return the resolved parameters.
 
-    Raises ValidationError naming the first offending field and its limit.
+    Raises ValidationError naming the first offending field and its limit. Float bounds are written
+    as ``not lo <= x <= hi`` so that NaN, which compares false with everything, is rejected too.
     """
-    if msg.HasField("temperature") and not (0.0 <= msg.temperature <= 1e4):
-        raise ValidationError("temperature", f"must be >= 0 and <= 1e4, got {msg.temperature}")
+    if msg.HasField("temperature") and not (0.0 <= msg.temperature <= MAX_TEMPERATURE):
+        raise ValidationError(
+            "temperature", f"must be in [0, {MAX_TEMPERATURE:g}], got {msg.temperature}"
+        )
     if msg.HasField("top_p") and not (0.0 < msg.top_p <= 1.0):
         raise ValidationError("top_p", f"must be in (0, 1], got {msg.top_p}")
     if msg.HasField("top_k") and not (msg.top_k in (-1, 0) or 1 <= msg.top_k <= MAX_TOP_K):
-        raise ValidationError("top_k", f"must be -1, 0 (off) or in [1, {MAX_TOP_K}], got {msg.top_k}")
+        raise ValidationError(
+            "top_k", f"must be -1, 0 (off) or in [1, {MAX_TOP_K}], got {msg.top_k}"
+        )
+    _check_closed(msg, "min_p", 0.0, 1.0)
+    _check_closed(msg, "presence_penalty", -MAX_PENALTY, MAX_PENALTY)
+    _check_closed(msg, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY)
+    if msg.HasField("repetition_penalty") and not (
+        0.0 < msg.repetition_penalty <= MAX_REPETITION_PENALTY
+    ):
+        raise ValidationError(
+            "repetition_penalty",
+            f"must be in (0, {MAX_REPETITION_PENALTY:g}], got {msg.repetition_penalty}",
+        )
     if msg.HasField("max_tokens") and msg.max_tokens < 1:
         raise ValidationError("max_tokens", f"must be >= 1, got {msg.max_tokens}")
     if prompt_len < 1:
@@ -151,8 +182,16 @@ def validate(
             f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) must be <= the "
             f"model's context of {max_model_len} tokens",
         )
-    if len(msg.stop) > MAX_STOP_STRINGS:
-        raise ValidationError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(msg.stop)}")
+    _check_closed(msg, "min_tokens", 0, params.max_tokens, " (max_tokens)")
+    _check_closed(msg, "logprobs", 0, limits.max_logprobs, " (--max-logprobs)")
+    _check_closed(msg, "prompt_logprobs", 0, limits.max_logprobs, " (--max-logprobs)")
+    _check_closed(msg, "n", 1, limits.max_n, " (--max-n)")
+    if len(msg.stop) > limits.max_stop_strings:
+        raise ValidationError(
+            "stop",
+            f"at most {limits.max_stop_strings} stop strings (--max-stop-strings), "
+            f"got {len(msg.stop)}",
+        )
     for s in msg.stop:
         if not s or len(s) > MAX_STOP_STRING_CHARS:
             raise ValidationError(
@@ -162,7 +201,19 @@ def validate(
         raise ValidationError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids")
     for t in msg.stop_token_ids:
         if not 0 <= t < vocab_size:
-            raise ValidationError("stop_token_ids", f"each id must be in [0, {vocab_size}), got {t}")
+            raise ValidationError(
+                "stop_token_ids", f"each id must be in [0, {vocab_size}), got {t}"
+            )
     if msg.HasField("seed") and msg.seed > MAX_SEED:
         raise ValidationError("seed", f"must be <= {MAX_SEED}")
     return params
+
+
+def _check_closed(
+    msg: common_pb2.SamplingParams, field: str, lo: float, hi: float, hint: str = ""
+) -> None:
+    """An optional field, when set, must lie in [lo, hi]; ``hint`` names where ``hi`` comes from."""
+    if msg.HasField(field):
+        value = getattr(msg, field)
+        if not lo <= value <= hi:
+            raise ValidationError(field, f"must be in [{lo:g}, {hi:g}]{hint}, got {value}")

@@ -1,12 +1,25 @@
 import pytest
 
-from pagewire.sampling import DEFAULT_MAX_TOKENS, SamplingParams, ValidationError, validate
+from pagewire.sampling import (
+    DEFAULT_MAX_TOKENS,
+    MAX_REPETITION_PENALTY,
+    Limits,
+    SamplingParams,
+    ValidationError,
+    validate,
+)
 from pagewire.v1 import common_pb2
+
+LIMITS = Limits(max_n=4, max_logprobs=5, max_stop_strings=3)
 
 
 def check(prompt_len: int = 5, **fields: object) -> SamplingParams:
     return validate(
-        common_pb2.SamplingParams(**fields), prompt_len=prompt_len, max_model_len=100, vocab_size=50
+        common_pb2.SamplingParams(**fields),
+        prompt_len=prompt_len,
+        max_model_len=100,
+        vocab_size=50,
+        limits=LIMITS,
     )
 
 
@@ -33,8 +46,28 @@ def test_explicit_zero_temperature_is_greedy_not_default() -> None:
         ({}, 100, "prompt"),
         ({"max_tokens": 96}, 5, "max_tokens"),
         ({"stop": [""]}, 5, "stop"),
-        ({"stop": ["x"] * 17}, 5, "stop"),
+        ({"stop": ["x"] * 4}, 5, "stop"),
         ({"stop_token_ids": [50]}, 5, "stop_token_ids"),
+        ({"temperature": float("nan")}, 5, "temperature"),
+        ({"min_p": -0.1}, 5, "min_p"),
+        ({"min_p": 1.5}, 5, "min_p"),
+        ({"min_p": float("nan")}, 5, "min_p"),
+        ({"presence_penalty": 2.5}, 5, "presence_penalty"),
+        ({"presence_penalty": -2.5}, 5, "presence_penalty"),
+        ({"frequency_penalty": 2.01}, 5, "frequency_penalty"),
+        ({"frequency_penalty": float("-inf")}, 5, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, 5, "repetition_penalty"),
+        ({"repetition_penalty": -1.0}, 5, "repetition_penalty"),
+        ({"repetition_penalty": MAX_REPETITION_PENALTY * 2}, 5, "repetition_penalty"),
+        ({"min_tokens": -1}, 5, "min_tokens"),
+        ({"min_tokens": 9, "max_tokens": 8}, 5, "min_tokens"),
+        ({"min_tokens": DEFAULT_MAX_TOKENS + 1}, 5, "min_tokens"),
+        ({"logprobs": -1}, 5, "logprobs"),
+        ({"logprobs": 6}, 5, "logprobs"),
+        ({"prompt_logprobs": -1}, 5, "prompt_logprobs"),
+        ({"prompt_logprobs": 6}, 5, "prompt_logprobs"),
+        ({"n": 0}, 5, "n"),
+        ({"n": 5}, 5, "n"),
     ],
 )
 def test_out_of_bounds_fields_are_named(fields: dict, prompt_len: int, field: str) -> None:
@@ -44,6 +77,26 @@ def test_out_of_bounds_fields_are_named(fields: dict, prompt_len: int, field: st
     assert str(e.value).startswith(field + ":")
 
 
+def test_limit_named_in_message_comes_from_the_deployment() -> None:
+    with pytest.raises(ValidationError, match=r"n: must be in \[1, 4\] \(--max-n\), got 5"):
+        check(n=5)
+
+
+def test_values_at_the_bounds_are_accepted() -> None:
+    p = check(
+        min_p=1.0, presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=0.01,
+        min_tokens=8, max_tokens=8, logprobs=5, prompt_logprobs=0, n=4, stop=["a", "b", "c"],
+    )
+    assert (p.min_tokens, p.logprobs, p.prompt_logprobs, p.n) == (8, 5, 0, 4)
+    assert p.penalized
+
+
+def test_unset_logprobs_differ_from_zero() -> None:
+    assert check().logprobs is None and check(logprobs=0).logprobs == 0
+
+
 def test_round_trip_through_proto() -> None:
-    p = check(temperature=0.7, top_p=0.9, top_k=5, max_tokens=8, seed=3, stop=["a"])
+    p = check(temperature=0.7, top_p=0.9, top_k=5, max_tokens=8, seed=3, stop=["a"], min_p=0.1,
+              presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, min_tokens=2,
+              logprobs=2, prompt_logprobs=1, n=3, include_stop_str_in_output=True)
     assert SamplingParams.from_proto(p.to_proto()) == p

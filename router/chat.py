@@ -1,0 +1,60 @@
+"""Chat prompts: role messages rendered by the model's chat template, then tokenized.
+
+The template is the tokenizer's own (``chat_template`` in tokenizer_config.json) unless the router
+was started with ``--chat-template FILE``. Templates that need a BOS write it themselves
+(``{{ bos_token }}``), which is why transformers encodes a rendered chat with
+``add_special_tokens=False``; doing the same here keeps the ids identical to
+``tokenizer.apply_chat_template(messages, tokenize=True)`` and never puts BOS in twice.
+"""
+
+from __future__ import annotations
+
+import grpc
+import jinja2
+from transformers import PreTrainedTokenizerBase
+
+from pagewire.v1 import generation_pb2
+from router.errors import RequestError
+
+# OpenAI's roles. A template renders any string, but an unknown role is almost always a client
+# bug (a typo, a provider-specific role) that would otherwise pass silently into the prompt.
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def check_messages(chat: generation_pb2.Chat, max_chars: int) -> None:
+    """Refuse an empty conversation, unknown roles and content over ``max_chars`` in total."""
+    if not chat.messages:
+        raise RequestError.invalid("messages", "must not be empty")
+    total = 0
+    for i, message in enumerate(chat.messages):
+        if message.role not in ROLES:
+            raise RequestError.invalid(
+                f"messages[{i}].role", f"must be one of {', '.join(ROLES)}; got {message.role!r}"
+            )
+        total += len(message.content)
+    if total > max_chars:
+        raise RequestError.invalid(
+            "messages", f"content is {total} characters in all; the limit is {max_chars}"
+        )
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, chat: generation_pb2.Chat, template: str | None
+) -> list[int]:
+    """The conversation's prompt token ids. Call :func:`check_messages` first."""
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "chat",
+            "the model has no chat template; start the router with --chat-template FILE",
+        )
+    add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_prompt, chat_template=template
+        )
+    except jinja2.TemplateError as e:  # the template's raise_exception(): roles must alternate...
+        raise RequestError.invalid("messages", f"the chat template refused them: {e}") from None
+    assert isinstance(text, str)
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,107 @@
+"""The served model as the router sees it: its name, tokenizer, context length and chat template.
+
+Turning a request's prompt (text, token ids or a chat) into token ids lives here, because the
+gRPC and HTTP fronts, generation and embeddings all need exactly the same rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from pagewire.config import RouterConfig
+from router.chat import check_messages, render_chat
+from router.errors import RequestError
+
+TOKENIZE_IN_THREAD_CHARS = 16_384  # longer prompts are tokenized off the event loop
+T = TypeVar("T")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+    max_model_len: int
+    vocab_size: int
+    max_prompt_chars: int
+    chat_template: str | None = None  # None: the tokenizer's own
+
+    @classmethod
+    def load(cls, cfg: RouterConfig) -> ServedModel:
+        hf_config = json.loads((Path(cfg.model) / "config.json").read_text())
+        template = None
+        if cfg.chat_template:
+            path = Path(cfg.chat_template)
+            if not path.is_file():
+                raise SystemExit(f"--chat-template: no such file {path}")
+            template = path.read_text()
+        return cls(
+            name=cfg.served_model_name or Path(cfg.model).resolve().name,
+            tokenizer=AutoTokenizer.from_pretrained(cfg.model),
+            max_model_len=int(hf_config.get("max_position_embeddings", 4096)),
+            vocab_size=int(hf_config["vocab_size"]),
+            max_prompt_chars=cfg.max_prompt_chars,
+            chat_template=template,
+        )
+
+    def check_name(self, model: str) -> None:
+        """Empty means this model; anything else must be its name (NOT_FOUND, as OpenAI answers)."""
+        if model and model != self.name:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                "model",
+                f"unknown model {model!r}; served: {self.name!r}",
+            )
+
+    def check_ids(self, ids: Sequence[int], field: str = "token_ids") -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError.invalid(
+                field, f"each id must be in [0, {self.vocab_size}), got {bad}"
+            )
+
+    async def prompt_ids(self, request: Message, oneof: str) -> list[int]:
+        """Token ids of the request's ``oneof`` prompt (text, token_ids or chat); [] if unset.
+
+        Text is tokenized as the tokenizer does for a prompt (BOS added); ids are used as given.
+        """
+        kind = request.WhichOneof(oneof)
+        if kind == "token_ids":
+            ids = list(request.token_ids.ids)  # type: ignore[attr-defined]
+            self.check_ids(ids)
+            return ids
+        if kind == "chat":
+            chat = request.chat  # type: ignore[attr-defined]
+            check_messages(chat, self.max_prompt_chars)
+            size = sum(len(m.content) for m in chat.messages)
+            return await _maybe_in_thread(
+                size, lambda: render_chat(self.tokenizer, chat, self.chat_template)
+            )
+        text: str = request.text if kind == "text" else ""  # type: ignore[attr-defined]
+        return await self.encode(text, field=oneof)
+
+    async def encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > self.max_prompt_chars:
+            raise RequestError.invalid(
+                field, f"is {len(text)} characters; the limit is {self.max_prompt_chars}"
+            )
+        if not text:
+            return []
+        return await _maybe_in_thread(
+            len(text), lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        )
+
+
+async def _maybe_in_thread(size: int, work: Callable[[], T]) -> T:
+    """Short work inline (a thread hop costs more than it); long work off the event loop."""
+    if size > TOKENIZE_IN_THREAD_CHARS:
+        return await asyncio.to_thread(work)
+    return work()

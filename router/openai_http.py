@@ -1,0 +1,252 @@
+"""OpenAI-compatible HTTP API, served by the router beside gRPC (``--http-port``).
+
+A thin translation: JSON bodies become the same ``GenerateRequest`` / ``EmbedRequest`` messages a
+gRPC client sends (``router.openai_requests``) and go down the same path (validation, n, stop
+strings, detokenization); responses are shaped back (``router.openai_responses``). Errors use
+OpenAI's JSON shape: 400 for bad input (``param`` names the field), 401 for a missing or wrong
+bearer token, 404 for an unknown model (OpenAI's ``model_not_found``).
+
+Streams are server-sent events, ``data: {chunk}`` then ``data: [DONE]``. Validation finishes
+before the stream starts, so a bad request still gets its status code. A client that disconnects
+cancels its handler, which aborts the request downstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from pagewire.config import RouterConfig
+from pagewire.v1 import generation_pb2
+from router import embed
+from router.errors import RequestError
+from router.generation import Generator
+from router.model import ServedModel
+from router.openai_requests import (
+    CompletionCall,
+    chat_call,
+    completion_call,
+    embedding_call,
+    parse_body,
+)
+from router.openai_responses import Answer, TokenTexts
+from router.scheduler_link import SchedulerLink
+
+log = logging.getLogger("router.http")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Core field names that OpenAI spells differently.
+_PARAMS = {"text": "prompt", "token_ids": "prompt", "chat": "messages"}
+_CHAT_PARAMS = {**_PARAMS, "logprobs": "top_logprobs"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+}
+_ERROR_CODES = {401: "invalid_api_key", 404: "model_not_found"}
+
+
+class OpenAIApi:
+    def __init__(
+        self, model: ServedModel, generator: Generator, link: SchedulerLink, api_key: str
+    ) -> None:
+        self.model = model
+        self.generator = generator
+        self.link = link
+        self.api_key = api_key
+        self.tokens = TokenTexts(model.tokenizer)
+
+    def app(self, max_body_bytes: int) -> web.Application:
+        app = web.Application(
+            middlewares=[self._errors, self._auth], client_max_size=max_body_bytes
+        )
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.one_model)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        return app
+
+    # ---- middlewares ----------------------------------------------------------------------
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RequestError as e:
+            return error_response(e.http_status, str(e), _param(request, e.field))
+        except web.HTTPException as e:  # no such route, method not allowed, body too large
+            return error_response(e.status, e.text or e.reason, None)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.api_key and request.path != "/health":
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(
+                token.strip().encode(), self.api_key.encode()
+            )
+            if not ok:
+                message = "missing or wrong API key (Authorization: Bearer ...)"
+                return error_response(401, message, None)
+        return await handler(request)
+
+    # ---- routes -------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json({"object": "list", "data": [self._model_card()]})
+
+    async def one_model(self, request: web.Request) -> web.Response:
+        self.model.check_name(request.match_info["model"])
+        return _json(self._model_card())
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, completion_call(await _body(request)))
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat_call(await _body(request)))
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        call = embedding_call(await _body(request))
+        submits = []
+        for i, r in enumerate(call.requests):
+            try:
+                submits.append(await embed.prepare_embed(self.model, r))
+            except RequestError as e:
+                if e.field == "input" and len(call.requests) > 1:  # say which input
+                    raise e.renamed(f"input[{i}]") from None
+                raise
+        pairs = zip(submits, call.requests, strict=True)
+        results = await _all_or_none([embed.embed(self.link, s, r.normalize) for s, r in pairs])
+        data = [
+            {"object": "embedding", "index": i, "embedding": _vector(r, call.base64)}
+            for i, r in enumerate(results)
+        ]
+        prompt_tokens = sum(r.usage.prompt_tokens for r in results)
+        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+        return _json({"object": "list", "data": data, "model": self.model.name, "usage": usage})
+
+    # ---- generation ---------------------------------------------------------------------
+    async def _generate(self, request: web.Request, call: CompletionCall) -> web.StreamResponse:
+        call.request.request_id = request.headers.get("X-Request-Id", "")
+        plan = await self.generator.prepare(call.request, fill_context=call.chat)
+        answer = Answer(
+            plan.rid, self.model.name, plan.params.n, call.chat, call.logprobs, self.tokens
+        )
+        if not call.stream:
+            async with contextlib.aclosing(self.generator.stream(plan)) as responses:
+                async for response in responses:
+                    answer.record(response)
+            return _json(answer.body())
+        stream = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await stream.prepare(request)
+        try:
+            async with contextlib.aclosing(self.generator.stream(plan)) as responses:
+                async for response in responses:
+                    await _send(stream, answer.chunk([answer.stream_choice(response)]))
+            if call.include_usage:
+                await _send(stream, answer.chunk([], usage=True))
+        except RequestError as e:  # after the headers went out: the error travels as an event
+            await _send(stream, error_body(e.http_status, str(e), _param(request, e.field)))
+        await stream.write(b"data: [DONE]\n\n")
+        await stream.write_eof()
+        return stream
+
+    def _model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.model.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "pagewire",
+            "max_model_len": self.model.max_model_len,
+        }
+
+
+async def start(
+    cfg: RouterConfig, model: ServedModel, generator: Generator, link: SchedulerLink
+) -> web.AppRunner:
+    """Serve the API on ``cfg.host:cfg.http_port``; the caller ``cleanup()``s the runner."""
+    api = OpenAIApi(model, generator, link, cfg.api_key)
+    # A body holds at most max_prompt_chars of text; JSON escapes take up to 12 bytes a character.
+    runner = web.AppRunner(
+        api.app(max_body_bytes=12 * cfg.max_prompt_chars + (1 << 20)),
+        handler_cancellation=True,
+        shutdown_timeout=5.0,
+        access_log=None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.http_port)
+    await site.start()
+    for address in runner.addresses:
+        log.info("router HTTP (OpenAI API) on http://%s:%d", address[0], address[1])
+    return runner
+
+
+def _param(request: web.Request, field: str) -> str | None:
+    """The field as OpenAI names it, for the error's ``param``."""
+    names = _CHAT_PARAMS if request.path.endswith("/chat/completions") else _PARAMS
+    return names.get(field, field) or None
+
+
+def error_body(status: int, message: str, param: str | None) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": _ERROR_TYPES.get(status, "server_error"),
+            "param": param,
+            "code": _ERROR_CODES.get(status),
+        }
+    }
+
+
+def error_response(status: int, message: str, param: str | None) -> web.Response:
+    return _json(error_body(status, message, param), status)
+
+
+def _json(body: dict[str, Any], status: int = 200) -> web.Response:
+    return web.Response(
+        body=_dumps(body), status=status, content_type="application/json", charset="utf-8"
+    )
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def _send(stream: web.StreamResponse, body: dict[str, Any]) -> None:
+    await stream.write(b"data: " + _dumps(body) + b"\n\n")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    return parse_body(await request.read())
+
+
+def _vector(result: generation_pb2.EmbedResponse, as_base64: bool) -> list[float] | str:
+    if not as_base64:
+        return list(result.embedding)
+    return base64.b64encode(np.asarray(result.embedding, dtype="<f4").tobytes()).decode()
+
+
+async def _all_or_none(
+    calls: list[Awaitable[generation_pb2.EmbedResponse]],
+) -> list[generation_pb2.EmbedResponse]:
+    """Run the calls concurrently; if one fails, cancel the others (asyncio.gather does not)."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()

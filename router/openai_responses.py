@@ -1,0 +1,196 @@
+"""pagewire's GenerateResponse messages shaped as OpenAI answers: whole bodies or SSE chunks.
+
+An :class:`Answer` follows one request: each response is recorded under its completion's index
+(and, when streaming, shaped into a chunk at once); the final body and the usage chunk are built
+from what was recorded. Usage sums completions the way OpenAI does for ``n > 1``: the prompt is
+counted once; cached tokens are the fewest any completion had, so they never exceed the prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from pagewire.v1 import common_pb2, generation_pb2
+
+FINISH_REASONS = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+}
+
+
+class TokenTexts:
+    """Token id -> its text, decoded once per id: logprobs name tokens by their text."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+            self._texts[token_id] = text
+        return text
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    logprobs: list[generation_pb2.Logprobs] = field(default_factory=list)
+    prompt_logprobs: list[generation_pb2.Logprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_string: str | None = None
+    usage: common_pb2.Usage | None = None
+    text_offset: int = 0  # characters of token text before the next logprobs entry (streaming)
+
+
+class Answer:
+    def __init__(
+        self, rid: str, model: str, n: int, chat: bool, logprobs: bool, tokens: TokenTexts
+    ) -> None:
+        self.id = ("chatcmpl-" if chat else "cmpl-") + rid
+        self.model = model
+        self.created = int(time.time())
+        self.chat = chat
+        self.logprobs = logprobs
+        self.tokens = tokens
+        self.choices = [_Choice() for _ in range(n)]
+
+    def record(self, response: generation_pb2.GenerateResponse) -> _Choice:
+        """Keep a response for the whole answer (:meth:`body`)."""
+        choice = self.choices[response.index]
+        choice.text.append(response.text)
+        choice.logprobs.extend(response.logprobs)
+        choice.prompt_logprobs.extend(response.prompt_logprobs)
+        if response.finish_reason:
+            choice.finish_reason = FINISH_REASONS.get(response.finish_reason, "stop")
+            choice.stop_string = response.stop_string or None
+            choice.usage = response.usage
+        return choice
+
+    def stream_choice(self, response: generation_pb2.GenerateResponse) -> dict[str, Any]:
+        """Record a response; return it as one SSE chunk's choice object."""
+        first = not self.choices[response.index].text
+        choice = self.record(response)
+        shaped: dict[str, Any] = {"index": response.index}
+        if self.chat:
+            delta: dict[str, Any] = {"content": response.text}
+            shaped["delta"] = {"role": "assistant", **delta} if first else delta
+        else:
+            shaped["text"] = response.text
+        shaped["logprobs"] = self._logprobs(choice, response.logprobs) if self.logprobs else None
+        shaped["finish_reason"] = choice.finish_reason if response.finish_reason else None
+        if response.finish_reason:
+            shaped["stop_reason"] = choice.stop_string
+        if response.prompt_logprobs:
+            shaped["prompt_logprobs"] = self._prompt_logprobs(response.prompt_logprobs)
+        return shaped
+
+    def chunk(self, choices: list[dict[str, Any]], usage: bool = False) -> dict[str, Any]:
+        """An SSE chunk carrying ``choices`` (the last chunk: none, and the usage)."""
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        body = {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if usage:
+            body["usage"] = self.usage()
+        return body
+
+    def body(self) -> dict[str, Any]:
+        """The whole answer, once every completion has finished."""
+        choices = []
+        for index, choice in enumerate(self.choices):
+            text = "".join(choice.text)
+            shaped: dict[str, Any] = {"index": index}
+            if self.chat:
+                shaped["message"] = {"role": "assistant", "content": text}
+            else:
+                shaped["text"] = text
+            choice.text_offset = 0  # the whole text: offsets count from its start
+            shaped["logprobs"] = self._logprobs(choice, choice.logprobs) if self.logprobs else None
+            shaped["finish_reason"] = choice.finish_reason
+            shaped["stop_reason"] = choice.stop_string
+            if choice.prompt_logprobs:
+                shaped["prompt_logprobs"] = self._prompt_logprobs(choice.prompt_logprobs)
+            choices.append(shaped)
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+
+    def usage(self) -> dict[str, Any]:
+        usages = [c.usage for c in self.choices if c.usage is not None]
+        prompt = usages[0].prompt_tokens if usages else 0
+        completion = sum(u.completion_tokens for u in usages)
+        cached = min((u.cached_tokens for u in usages), default=0)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    def _logprobs(self, choice: _Choice, entries: Sequence[generation_pb2.Logprobs]) -> Any:
+        if self.chat:
+            return {"content": [self._chat_entry(e) for e in entries], "refusal": None}
+        tokens = [self.tokens(e.token_id) for e in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(choice.text_offset)
+            choice.text_offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [self._top_dict(e) for e in entries],
+            "text_offset": offsets,
+        }
+
+    def _chat_entry(self, entry: generation_pb2.Logprobs) -> dict[str, Any]:
+        top = [
+            self._token_logprob(t, lp)
+            for t, lp in zip(entry.top_token_ids, entry.top_logprobs, strict=True)
+        ]
+        return {**self._token_logprob(entry.token_id, entry.logprob), "top_logprobs": top}
+
+    def _token_logprob(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.tokens(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def _top_dict(self, entry: generation_pb2.Logprobs) -> dict[str, float]:
+        """Legacy completions: the top alternatives and the chosen token, by text."""
+        top = {
+            self.tokens(t): lp
+            for t, lp in zip(entry.top_token_ids, entry.top_logprobs, strict=True)
+        }
+        top.setdefault(self.tokens(entry.token_id), entry.logprob)
+        return top
+
+    def _prompt_logprobs(self, entries: Sequence[generation_pb2.Logprobs]) -> list[Any]:
+        """vLLM's shape: None for the first prompt token, then {id: {logprob, rank, text}}."""
+        shaped: list[Any] = [None]
+        for e in entries:
+            ranked = {e.token_id: (e.logprob, e.rank)}
+            for rank, (t, lp) in enumerate(zip(e.top_token_ids, e.top_logprobs, strict=True), 1):
+                ranked.setdefault(t, (lp, rank))
+            shaped.append(
+                {
+                    str(t): {"logprob": lp, "rank": r, "decoded_token": self.tokens(t)}
+                    for t, (lp, r) in ranked.items()
+                }
+            )
+        return shaped

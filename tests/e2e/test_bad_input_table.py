@@ -1,0 +1,241 @@
+"""Every bad input, over gRPC and over HTTP, against a live stack: refused, naming the field.
+
+One table, walked once per transport. gRPC answers INVALID_ARGUMENT (NOT_FOUND for an unknown
+model) with details starting ``<field>:``; HTTP answers 400 (404) with OpenAI's error body whose
+``param`` is the field as OpenAI spells it. The router runs with small limits so that each row
+stays small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from e2e_util import launch
+
+from pagewire import serving
+from pagewire.launcher import Stack, free_port
+from pagewire.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+MAX_CHARS, MAX_N, MAX_LOGPROBS, MAX_STOPS = 2000, 4, 5, 4
+INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+GENERATE, EMBED = "/pagewire.v1.Generation/Generate", "/pagewire.v1.Generation/Embed"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    field: str  # what gRPC's details start with
+    grpc: generation_pb2.GenerateRequest | generation_pb2.EmbedRequest | bytes | None
+    http: tuple[str, dict | bytes] | None  # (path, JSON body or raw bytes)
+    param: str | None = None  # HTTP's error.param, when OpenAI names the field differently
+    code: grpc.StatusCode = INVALID
+
+
+def gen(sampling: dict | None = None, **fields: object) -> generation_pb2.GenerateRequest:
+    if not {"text", "token_ids", "chat"} & fields.keys():
+        fields["text"] = "hi"
+    return generation_pb2.GenerateRequest(
+        sampling=common_pb2.SamplingParams(**(sampling or {})), **fields
+    )
+
+
+def chat(*messages: tuple[str, str]) -> generation_pb2.Chat:
+    return generation_pb2.Chat(
+        messages=[generation_pb2.ChatMessage(role=r, content=c) for r, c in messages]
+    )
+
+
+def cmpl(**body: object) -> tuple[str, dict]:
+    return "/v1/completions", {"prompt": "hi", **body}
+
+
+def chatc(messages: list[dict], **body: object) -> tuple[str, dict]:
+    return "/v1/chat/completions", {"messages": messages, **body}
+
+
+def bound(field: str, value: object, **others: object) -> Row:
+    """A sampling field out of bounds, sent alike over both transports."""
+    fields = {field: value, **others}
+    return Row(f"{field}={value!r}", field, gen(fields), cmpl(**fields))
+
+
+def ids(*values: int) -> generation_pb2.TokenIds:
+    return generation_pb2.TokenIds(ids=values)
+
+
+USER = [{"role": "user", "content": "hi"}]
+LONG = "x" * (MAX_CHARS + 1)
+BAD_UTF8_GRPC = gen().SerializeToString().replace(b"hi", b"\xff\xfe")
+BAD_UTF8_PROMPT = b'{"prompt": "caf\xe9"}'  # Latin-1
+BAD_UTF8_CHAT = b'{"messages": [{"role": "user", "content": "\xff"}]}'
+
+TABLE = [
+    bound("temperature", -1.0),
+    bound("temperature", float("nan")),
+    bound("top_p", 0.0),
+    bound("top_p", 1.5),
+    bound("top_k", -2),
+    bound("min_p", 1.5),
+    bound("presence_penalty", 3.0),
+    bound("frequency_penalty", -3.0),
+    bound("repetition_penalty", 0.0),
+    bound("max_tokens", 0),
+    bound("max_tokens", 5000),  # past the model's context
+    bound("min_tokens", 9, max_tokens=5),
+    bound("logprobs", MAX_LOGPROBS + 1),
+    bound("prompt_logprobs", MAX_LOGPROBS + 1),
+    bound("n", 0),
+    bound("n", MAX_N + 1),
+    bound("stop", ["a"] * (MAX_STOPS + 1)),
+    bound("stop", [""]),
+    bound("stop_token_ids", [10**6]),
+    bound("seed", 2**64 - 1),
+    Row("max_tokens not an int", "max_tokens", None, cmpl(max_tokens="5")),
+    Row("top_logprobs > max", "logprobs",
+        gen({"logprobs": MAX_LOGPROBS + 1}, chat=chat(("user", "hi"))),
+        chatc(USER, logprobs=True, top_logprobs=MAX_LOGPROBS + 1), param="top_logprobs"),
+    Row("empty prompt", "prompt", gen(text=""), cmpl(prompt="")),
+    Row("empty token prompt", "prompt", gen(token_ids=ids()), cmpl(prompt=[])),
+    Row("id outside the vocabulary", "token_ids", gen(token_ids=ids(10**6)), cmpl(prompt=[10**6]),
+        param="prompt"),
+    Row("prompt fills the context", "prompt", gen(token_ids=ids(*[5] * 4096)),
+        cmpl(prompt=[5] * 4096)),
+    Row("prompt over the character limit", "prompt", gen(text=LONG), cmpl(prompt=LONG)),
+    Row("prompt not UTF-8", "text", BAD_UTF8_GRPC, ("/v1/completions", BAD_UTF8_PROMPT),
+        param="prompt"),
+    Row("chat message not UTF-8", "messages[0].content", None,
+        ("/v1/chat/completions", BAD_UTF8_CHAT)),
+    Row("empty chat", "messages", gen(chat=chat()), chatc([])),
+    Row("unknown role", "messages[1].role", gen(chat=chat(("user", "hi"), ("robot", "beep"))),
+        chatc([*USER, {"role": "robot", "content": "beep"}])),
+    Row("chat over the character limit", "messages", gen(chat=chat(("user", LONG))),
+        chatc([{"role": "user", "content": LONG}])),
+    Row("echo", "echo", None, cmpl(echo=True)),
+    Row("request_id too long", "request_id", gen(request_id="r" * 129), None),
+    Row("priority out of range", "priority", gen(priority=5000), None),
+    Row("unknown model", "model", gen(model="nope"), cmpl(model="nope"), code=NOT_FOUND),
+    Row("unknown chat model", "model", None, chatc(USER, model="nope"), code=NOT_FOUND),
+    Row("empty embedding input", "input", generation_pb2.EmbedRequest(),
+        ("/v1/embeddings", {"input": ""})),
+    Row("second embedding input empty", "input[1]", None,
+        ("/v1/embeddings", {"input": ["ok", ""]})),
+    Row("embedding input over the limit", "input", generation_pb2.EmbedRequest(text=LONG),
+        ("/v1/embeddings", {"input": LONG})),
+    Row("embedding of an unknown model", "model",
+        generation_pb2.EmbedRequest(model="nope", text="hi"),
+        ("/v1/embeddings", {"input": "hi", "model": "nope"}), code=NOT_FOUND),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def table_stack(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Stack, str]]:
+    http_port = free_port()
+    stack = launch(
+        tiny_model,
+        tmp_path_factory.mktemp("logs"),
+        worker_args=["--num-blocks", "300"],
+        router_args=[
+            "--http-port",
+            str(http_port),
+            "--max-prompt-chars",
+            str(MAX_CHARS),
+            "--max-n",
+            str(MAX_N),
+            "--max-logprobs",
+            str(MAX_LOGPROBS),
+            "--max-stop-strings",
+            str(MAX_STOPS),
+        ],
+    )
+    try:
+        yield stack, f"http://127.0.0.1:{http_port}"
+    finally:
+        stack.stop()
+
+
+async def grpc_error(address: str, row: Row) -> tuple[grpc.StatusCode, str] | None:
+    """The call's error (code, details), or None if it succeeded."""
+    async with serving.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        raw = channel.unary_stream(
+            GENERATE,
+            request_serializer=bytes,
+            response_deserializer=generation_pb2.GenerateResponse.FromString,
+        )
+        try:
+            if isinstance(row.grpc, generation_pb2.EmbedRequest):
+                await stub.Embed(row.grpc)
+            else:
+                call = raw(row.grpc) if isinstance(row.grpc, bytes) else stub.Generate(row.grpc)
+                async for _ in call:
+                    pass
+        except grpc.aio.AioRpcError as e:
+            return e.code(), e.details() or ""
+    return None
+
+
+def http_error(base: str, path: str, body: dict | bytes) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        base + path, data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_every_bad_input_over_grpc_is_refused_naming_the_field(
+    table_stack: tuple[Stack, str],
+) -> None:
+    stack, _ = table_stack
+    wrong = []
+    for row in TABLE:
+        if row.grpc is None:
+            continue
+        got = asyncio.run(grpc_error(stack.router, row))
+        if got is None or got[0] != row.code or not got[1].startswith(f"{row.field}:"):
+            wrong.append(f"{row.name}: expected {row.code.name} '{row.field}: ...', got {got}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_bad_input_over_http_is_refused_naming_the_field(
+    table_stack: tuple[Stack, str],
+) -> None:
+    _, base = table_stack
+    wrong = []
+    for row in TABLE:
+        if row.http is None:
+            continue
+        status, body = http_error(base, *row.http)
+        expected = {INVALID: 400, NOT_FOUND: 404}[row.code]
+        error = body.get("error", {})
+        param = row.param or row.field
+        if (
+            status != expected
+            or error.get("param") != param
+            or error.get("type") != "invalid_request_error"
+        ):
+            wrong.append(f"{row.name}: expected {expected} param={param!r}, got {status} {body}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_a_refused_request_leaves_the_stack_serving(table_stack: tuple[Stack, str]) -> None:
+    """The table is refused before anything reaches the scheduler; a good request still works."""
+    stack, base = table_stack
+    assert (
+        asyncio.run(grpc_error(stack.router, Row("ok", "", gen({"max_tokens": 2}), None))) is None
+    )
+    status, body = http_error(base, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200 and body["usage"]["completion_tokens"] == 2

@@ -1,0 +1,245 @@
+"""OpenAI JSON bodies become the API's own messages; a wrong type is a 400 naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from pagewire.v1 import common_pb2
+from router.errors import RequestError
+from router.openai_requests import chat_call, completion_call, embedding_call, parse_body
+
+
+def refused(call: object, body: dict) -> RequestError:
+    with pytest.raises(RequestError) as e:
+        call(body)  # type: ignore[operator]
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    return e.value
+
+
+def test_completion_fields_map_onto_sampling_params() -> None:
+    call = completion_call(
+        {
+            "model": "m",
+            "prompt": "Hi",
+            "max_tokens": 7,
+            "temperature": 0,
+            "top_p": 0.5,
+            "n": 2,
+            "stop": "\n",
+            "seed": 2**63,
+            "presence_penalty": 1,
+            "frequency_penalty": -1.5,
+            "logprobs": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "top_k": 4,
+            "min_p": 0.1,
+            "repetition_penalty": 1.2,
+            "min_tokens": 2,
+            "stop_token_ids": [9],
+            "ignore_eos": True,
+            "include_stop_str_in_output": True,
+        }
+    )
+    r = call.request
+    assert (r.model, r.text) == ("m", "Hi")
+    expected = common_pb2.SamplingParams(
+        max_tokens=7,
+        temperature=0,
+        top_p=0.5,
+        n=2,
+        stop=["\n"],
+        seed=2**63,
+        presence_penalty=1,
+        frequency_penalty=-1.5,
+        logprobs=3,
+        top_k=4,
+        min_p=0.1,
+        repetition_penalty=1.2,
+        min_tokens=2,
+        stop_token_ids=[9],
+        ignore_eos=True,
+        include_stop_str_in_output=True,
+    )
+    assert r.sampling == expected
+    assert (call.chat, call.stream, call.include_usage, call.logprobs) == (False, True, True, True)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "kind", "value"),
+    [
+        ("text", "text", "text"),
+        (["text"], "text", "text"),
+        ([1, 2, 3], "token_ids", [1, 2, 3]),
+        ([[1, 2, 3]], "token_ids", [1, 2, 3]),
+        ([], "token_ids", []),
+    ],
+)
+def test_prompt_is_a_string_or_token_ids_alone_or_as_a_batch_of_one(
+    prompt: object, kind: str, value: object
+) -> None:
+    request = completion_call({"prompt": prompt}).request
+    assert request.WhichOneof("prompt") == kind
+    got = request.text if kind == "text" else list(request.token_ids.ids)
+    assert got == value
+
+
+def test_unset_fields_stay_unset_so_the_apis_defaults_apply() -> None:
+    r = completion_call({"prompt": "x"}).request
+    for name in ("temperature", "max_tokens", "n", "logprobs", "seed", "min_p"):
+        assert not r.sampling.HasField(name), name
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"prompt": "x", "temperature": True}, "temperature"),
+        ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 2**31}, "max_tokens"),
+        ({"prompt": "x", "n": "2"}, "n"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "stop": [1]}, "stop"),
+        ({"prompt": "x", "stop_token_ids": [2**40]}, "stop_token_ids"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "stream_options": []}, "stream_options"),
+        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": 5}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": [1, "b"]}, "prompt"),
+        ({"prompt": [1, 2**40]}, "prompt"),
+    ],
+)
+def test_completion_type_errors_name_the_field(body: dict, field: str) -> None:
+    assert refused(completion_call, body).field == field
+
+
+def test_chat_messages_and_logprobs() -> None:
+    call = chat_call(
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}],
+                },
+                {"role": "assistant", "content": None},
+            ],
+            "max_completion_tokens": 5,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "add_generation_prompt": False,
+        }
+    )
+    chat = call.request.chat
+    assert [(m.role, m.content) for m in chat.messages] == [
+        ("system", "Be brief."),
+        ("user", "Hi there"),
+        ("assistant", ""),
+    ]
+    assert chat.HasField("add_generation_prompt") and not chat.add_generation_prompt
+    assert call.request.sampling.max_tokens == 5 and call.request.sampling.logprobs == 2
+    assert call.chat and call.logprobs
+
+
+def test_chat_logprobs_without_top_logprobs_is_the_sampled_token_only() -> None:
+    sampling = chat_call(
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": True}
+    ).request.sampling
+    assert sampling.HasField("logprobs") and sampling.logprobs == 0
+    sampling = chat_call({"messages": [{"role": "user", "content": "x"}]}).request.sampling
+    assert not sampling.HasField("logprobs")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": ["hi"]}, "messages[0]"),
+        ({"messages": [{"role": 1, "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content[0]",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            "tools",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+        ),
+    ],
+)
+def test_chat_type_errors_name_the_field(body: dict, field: str) -> None:
+    assert refused(chat_call, body).field == field
+
+
+def test_embedding_inputs_become_one_request_each() -> None:
+    call = embedding_call({"input": ["one", [1, 2]], "model": "m", "pooling": "last"})
+    assert [r.WhichOneof("input") for r in call.requests] == ["text", "token_ids"]
+    assert all(r.model == "m" and r.pooling == common_pb2.POOLING_LAST for r in call.requests)
+    assert all(r.normalize for r in call.requests)  # OpenAI's embeddings have unit length
+    assert not call.base64
+    assert len(embedding_call({"input": [1, 2, 3]}).requests) == 1
+    assert embedding_call({"input": "x", "encoding_format": "base64"}).base64
+    assert not embedding_call({"input": "x", "normalize": False}).requests[0].normalize
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"input": []}, "input"),
+        ({"input": 3}, "input"),
+        ({"input": ["ok", 3]}, "input[1]"),
+        ({"input": ["ok", [1, "x"]]}, "input[1]"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": "x", "pooling": "max"}, "pooling"),
+        ({"input": "x", "dimensions": 8}, "dimensions"),
+    ],
+)
+def test_embedding_errors_name_the_field(body: dict, field: str) -> None:
+    assert refused(embedding_call, body).field == field
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"prompt": "caf\xe9"}', "prompt"),  # Latin-1, not UTF-8
+        (
+            b'{"messages": [{"role": "user", "content": "ok"},'
+            b' {"role": "user", "content": "\xff"}]}',
+            "messages[1].content",
+        ),
+        (b'{"prompt": "x", "stop": ["\\ud800"]}', "stop[0]"),  # a lone surrogate escape
+        (b'{"prompt": "ok", "\xff": 1}', "body"),
+    ],
+)
+def test_invalid_utf8_is_a_400_naming_the_field(raw: bytes, field: str) -> None:
+    assert refused(parse_body, raw).field == field  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b""])
+def test_a_body_that_is_not_a_json_object_is_refused(raw: bytes) -> None:
+    assert refused(parse_body, raw).field == "body"  # type: ignore[arg-type]
+
+
+def test_valid_unicode_passes_through() -> None:
+    body = {"prompt": "Café 東京 🙂"}
+    assert parse_body(json.dumps(body).encode()) == body
+    assert parse_body(json.dumps(body, ensure_ascii=False).encode()) == body
+
+
+def test_an_empty_message_list_is_still_a_chat_to_be_refused_as_such() -> None:
+    assert chat_call({"messages": []}).request.WhichOneof("prompt") == "chat"

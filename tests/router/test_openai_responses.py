@@ -1,0 +1,157 @@
+"""GenerateResponse messages shaped as OpenAI answers: bodies, SSE chunks, usage, logprobs."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from pagewire.v1 import common_pb2, generation_pb2
+from router.openai_responses import Answer, TokenTexts
+
+LENGTH, STOP = common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_STOP
+
+
+@pytest.fixture
+def tokens(bpe_tokenizer: PreTrainedTokenizerFast) -> TokenTexts:
+    return TokenTexts(bpe_tokenizer)
+
+
+def ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def entry(token: int, top: list[int]) -> common_pb2.Logprobs:
+    return common_pb2.Logprobs(
+        token_id=token, logprob=-0.5, rank=1, top_token_ids=top, top_logprobs=[-0.5] * len(top)
+    )
+
+
+def last(
+    index: int, text: str, completion: int, cached: int, **fields: object
+) -> generation_pb2.GenerateResponse:
+    return generation_pb2.GenerateResponse(
+        index=index,
+        text=text,
+        finish_reason=fields.pop("finish", LENGTH),
+        usage=common_pb2.Usage(
+            prompt_tokens=10, completion_tokens=completion, cached_tokens=cached
+        ),
+        **fields,
+    )
+
+
+def test_usage_counts_the_prompt_once_and_sums_completions(tokens: TokenTexts) -> None:
+    answer = Answer("r", "m", 2, chat=False, logprobs=False, tokens=tokens)
+    answer.record(generation_pb2.GenerateResponse(index=1, text="b"))
+    answer.record(last(0, "a", 3, cached=16))
+    answer.record(last(1, "c", 4, cached=0, finish=STOP, stop_string="\n"))
+    body = answer.body()
+    assert body["usage"] == {
+        "prompt_tokens": 10,
+        "completion_tokens": 7,
+        "total_tokens": 17,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    assert [
+        (c["index"], c["text"], c["finish_reason"], c["stop_reason"]) for c in body["choices"]
+    ] == [
+        (0, "a", "length", None),
+        (1, "bc", "stop", "\n"),
+    ]
+    assert body["id"] == "cmpl-r" and body["object"] == "text_completion" and body["model"] == "m"
+
+
+def test_chat_stream_opens_each_choice_with_the_assistant_role(tokens: TokenTexts) -> None:
+    answer = Answer("r", "m", 1, chat=True, logprobs=False, tokens=tokens)
+    first = answer.stream_choice(generation_pb2.GenerateResponse(text="Hel"))
+    second = answer.stream_choice(last(0, "lo", 2, 0))
+    assert first == {
+        "index": 0,
+        "delta": {"role": "assistant", "content": "Hel"},
+        "logprobs": None,
+        "finish_reason": None,
+    }
+    assert second["delta"] == {"content": "lo"} and second["finish_reason"] == "length"
+    chunk = answer.chunk([second])
+    assert chunk["object"] == "chat.completion.chunk" and chunk["id"] == "chatcmpl-r"
+    assert "usage" not in chunk
+    assert answer.chunk([], usage=True)["usage"]["completion_tokens"] == 2
+    assert answer.body()["choices"][0]["message"] == {"role": "assistant", "content": "Hello"}
+
+
+def test_chat_logprobs_name_tokens_by_text_and_bytes(
+    tokens: TokenTexts, bpe_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    hello, world = ids(bpe_tokenizer, "Hello world")[:2]
+    answer = Answer("r", "m", 1, chat=True, logprobs=True, tokens=tokens)
+    answer.record(
+        last(0, "Hello", 1, 0, token_ids=[hello], logprobs=[entry(hello, [hello, world])])
+    )
+    content = answer.body()["choices"][0]["logprobs"]["content"]
+    text = bpe_tokenizer.decode([hello])
+    assert content == [
+        {
+            "token": text,
+            "logprob": -0.5,
+            "bytes": list(text.encode()),
+            "top_logprobs": [
+                {"token": text, "logprob": -0.5, "bytes": list(text.encode())},
+                {
+                    "token": bpe_tokenizer.decode([world]),
+                    "logprob": -0.5,
+                    "bytes": list(bpe_tokenizer.decode([world]).encode()),
+                },
+            ],
+        }
+    ]
+
+
+def test_completion_logprobs_have_offsets_into_the_text(
+    tokens: TokenTexts, bpe_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    out = ids(bpe_tokenizer, "Hello world!")
+    answer = Answer("r", "m", 1, chat=False, logprobs=True, tokens=tokens)
+    answer.record(
+        last(0, "Hello world!", len(out), 0, token_ids=out, logprobs=[entry(t, []) for t in out])
+    )
+    logprobs = answer.body()["choices"][0]["logprobs"]
+    pieces = [bpe_tokenizer.decode([t]) for t in out]
+    assert logprobs["tokens"] == pieces
+    assert "".join(pieces) == "Hello world!"
+    assert logprobs["text_offset"] == [len("".join(pieces[:i])) for i in range(len(pieces))]
+    assert logprobs["top_logprobs"] == [{p: -0.5} for p in pieces]  # the chosen token is always in
+
+
+def test_streamed_completion_offsets_continue_across_chunks(
+    tokens: TokenTexts, bpe_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    out = ids(bpe_tokenizer, "Hello world!")
+    answer = Answer("r", "m", 1, chat=False, logprobs=True, tokens=tokens)
+    offsets = []
+    for i, token in enumerate(out):
+        response = generation_pb2.GenerateResponse(token_ids=[token], logprobs=[entry(token, [])])
+        offsets += answer.stream_choice(response)["logprobs"]["text_offset"]
+        assert i == 0 or offsets[-1] > offsets[-2]
+    assert offsets == [len(bpe_tokenizer.decode(out[:i])) for i in range(len(out))]
+
+
+def test_prompt_logprobs_follow_vllms_shape(
+    tokens: TokenTexts, bpe_tokenizer: PreTrainedTokenizerFast
+) -> None:
+    a, b = ids(bpe_tokenizer, "Hello world")[:2]
+    answer = Answer("r", "m", 1, chat=False, logprobs=False, tokens=tokens)
+    prompt_entry = common_pb2.Logprobs(
+        token_id=b, logprob=-3.0, rank=4, top_token_ids=[a], top_logprobs=[-0.1]
+    )
+    answer.record(last(0, "x", 1, 0, prompt_logprobs=[prompt_entry]))
+    assert answer.body()["choices"][0]["prompt_logprobs"] == [
+        None,
+        {
+            str(b): {"logprob": -3.0, "rank": 4, "decoded_token": bpe_tokenizer.decode([b])},
+            str(a): {
+                "logprob": pytest.approx(-0.1),
+                "rank": 1,
+                "decoded_token": bpe_tokenizer.decode([a]),
+            },
+        },
+    ]
