@@ -43,6 +43,8 @@ class CompletionStream:
         self.completion = 0  # output tokens forwarded
         self.done = False  # the client has had this completion's last message
         self.scheduler_done = False  # the scheduler finished it: nothing to abort downstream
+        self.finish_reason = UNFINISHED
+        self.cached_tokens = 0
         self._prompt_logprobs_sent = False
         self._text: list[str] = []
 
@@ -81,7 +83,9 @@ class CompletionStream:
             return resp if has_news else None
         self.done = True
         resp.finish_reason = STOP if stop_string is not None else event.finish_reason
+        self.finish_reason = resp.finish_reason
         resp.stop_string = stop_string or ""
+        self.cached_tokens = event.cached_tokens
         resp.usage.CopyFrom(
             common_pb2.Usage(
                 prompt_tokens=self.prompt_tokens,

@@ -16,11 +16,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import grpc
+from opentelemetry.context import Context
+
+from pagewire import tracing
+from pagewire.metrics import RequestTimer, RouterMetrics
 from pagewire.sampling import MAX_SEED, Limits, SamplingParams, ValidationError, validate
-from pagewire.v1 import generation_pb2, scheduler_pb2
+from pagewire.v1 import common_pb2, generation_pb2, scheduler_pb2
 from router.completion import CompletionStream
 from router.errors import RequestError
 from router.model import ServedModel
@@ -54,16 +59,29 @@ class Plan:
 
 
 class Generator:
-    def __init__(self, model: ServedModel, link: SchedulerLink, limits: Limits) -> None:
+    def __init__(
+        self,
+        model: ServedModel,
+        link: SchedulerLink,
+        limits: Limits,
+        metrics: RouterMetrics | None = None,
+        route: Callable[[list[int]], Awaitable[str]] | None = None,
+    ) -> None:
         self.model = model
         self.link = link
         self.limits = limits
+        self.metrics = metrics
+        # Picks the worker for a prompt (prefix-aware routing); None: the scheduler picks.
+        self.route = route
+        self.draining = False  # SIGTERM: new requests are refused, those in flight finish
 
     async def prepare(
         self, request: generation_pb2.GenerateRequest, *, fill_context: bool = False
     ) -> Plan:
         """Validate and tokenize. ``fill_context``: an unset max_tokens means "up to the model's
         context" (OpenAI's chat default) instead of the API's 16."""
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "", "router is shutting down")
         self.model.check_name(request.model)
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise RequestError.invalid("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters")
@@ -90,18 +108,32 @@ class Generator:
             raise RequestError.from_validation(e) from None
         return Plan(request.request_id or uuid.uuid4().hex, prompt, params, request.priority)
 
-    async def stream(self, plan: Plan) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    async def stream(
+        self, plan: Plan, parent: Context | None = None
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """Submit the plan's completions and yield their responses as they come.
 
         Close the iterator (``contextlib.aclosing``) when leaving early: that aborts the rest.
+        ``parent``: the client's trace context; the router's span (the root of the scheduler's
+        and worker's spans for this request) is its child.
         """
         n = plan.params.n
+        span = tracing.start_span(tracing.ROUTER_SPAN, parent, {
+            tracing.REQUEST_ID: plan.rid, tracing.PROMPT_TOKENS: len(plan.prompt),
+        }, kind=tracing.SpanKind.SERVER)
         completions = [
             CompletionStream(plan.rid, i, plan.prompt, plan.params, self.model.tokenizer)
             for i in range(n)
         ]
-        queues = [self.link.submit(plan.submit_request(i)) for i in range(n)]
+        timers = [RequestTimer() for _ in range(n)]
+        worker_id = await self.route(plan.prompt) if self.route is not None else ""
+        submits = [plan.submit_request(i) for i in range(n)]
+        for sub in submits:
+            sub.worker_id = worker_id
+            sub.trace_context.update(tracing.inject(span))
+        queues = [self.link.submit(sub) for sub in submits]
         events = _Merged(queues)
+        error: BaseException | None = None
         try:
             while not all(c.done for c in completions):
                 active = [i for i, c in enumerate(completions) if not c.done]
@@ -113,11 +145,42 @@ class Generator:
                     if completion.done:  # a stop string: the scheduler does not know yet
                         self._release(plan, completion)
                     if response is not None:
+                        if response.token_ids:
+                            timers[i].tokens_sent()
                         yield response
+        except RequestError as e:
+            error = e
+            raise
         finally:
             events.close()
             for completion in completions:
                 self._release(plan, completion)
+            self._record(plan, span, completions, timers, error, worker_id)
+
+    def _record(
+        self,
+        plan: Plan,
+        span: tracing.Span,
+        completions: list[CompletionStream],
+        timers: list[RequestTimer],
+        error: BaseException | None,
+        worker_id: str,
+    ) -> None:
+        """Metrics per completion, and the router's span, once the request has ended."""
+        reasons = [
+            common_pb2.FinishReason.Name(c.finish_reason).removeprefix("FINISH_REASON_").lower()
+            if c.done else ("error" if error is not None else "abort")
+            for c in completions
+        ]
+        if self.metrics is not None:
+            for c, timer, reason in zip(completions, timers, reasons, strict=True):
+                self.metrics.observe_finished(timer, len(plan.prompt), c.completion, reason)
+        tracing.end_span(span, {
+            tracing.OUTPUT_TOKENS: sum(c.completion for c in completions),
+            tracing.CACHED_TOKENS: min(c.cached_tokens for c in completions),
+            tracing.FINISH_REASON: ",".join(reasons),
+            tracing.WORKER_ID: worker_id,
+        }, error=error)
 
     def _release(self, plan: Plan, completion: CompletionStream) -> None:
         """Forget the completion; abort it downstream unless the scheduler finished it."""

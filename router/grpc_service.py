@@ -18,6 +18,7 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
 
+from pagewire import tracing
 from pagewire.v1 import generation_pb2, generation_pb2_grpc
 from router import embed
 from router.errors import RequestError
@@ -40,7 +41,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         try:
             plan = await self.generator.prepare(request)
-            async with contextlib.aclosing(self.generator.stream(plan)) as responses:
+            parent = tracing.extract_metadata(context.invocation_metadata())
+            async with contextlib.aclosing(self.generator.stream(plan, parent)) as responses:
                 async for response in responses:
                     yield response
         except RequestError as e:

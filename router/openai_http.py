@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -24,8 +23,11 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from opentelemetry.context import Context
 
+from pagewire import auth, tracing
 from pagewire.config import RouterConfig
+from pagewire.tls import TLSFiles
 from pagewire.v1 import generation_pb2
 from router import embed
 from router.errors import RequestError
@@ -90,12 +92,7 @@ class OpenAIApi:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.api_key and request.path != "/health":
-            header = request.headers.get("Authorization", "")
-            scheme, _, token = header.partition(" ")
-            ok = scheme.lower() == "bearer" and hmac.compare_digest(
-                token.strip().encode(), self.api_key.encode()
-            )
-            if not ok:
+            if not auth.authorized(request.headers.get("Authorization"), self.api_key):
                 message = "missing or wrong API key (Authorization: Bearer ...)"
                 return error_response(401, message, None)
         return await handler(request)
@@ -145,7 +142,7 @@ class OpenAIApi:
             plan.rid, self.model.name, plan.params.n, call.chat, call.logprobs, self.tokens
         )
         if not call.stream:
-            async with contextlib.aclosing(self.generator.stream(plan)) as responses:
+            async with contextlib.aclosing(self.generator.stream(plan, _trace_parent(request))) as responses:
                 async for response in responses:
                     answer.record(response)
             return _json(answer.body())
@@ -154,7 +151,7 @@ class OpenAIApi:
         )
         await stream.prepare(request)
         try:
-            async with contextlib.aclosing(self.generator.stream(plan)) as responses:
+            async with contextlib.aclosing(self.generator.stream(plan, _trace_parent(request))) as responses:
                 async for response in responses:
                     await _send(stream, answer.chunk([answer.stream_choice(response)]))
             if call.include_usage:
@@ -176,7 +173,11 @@ class OpenAIApi:
 
 
 async def start(
-    cfg: RouterConfig, model: ServedModel, generator: Generator, link: SchedulerLink
+    cfg: RouterConfig,
+    model: ServedModel,
+    generator: Generator,
+    link: SchedulerLink,
+    tls: TLSFiles | None = None,
 ) -> web.AppRunner:
     """Serve the API on ``cfg.host:cfg.http_port``; the caller ``cleanup()``s the runner."""
     api = OpenAIApi(model, generator, link, cfg.api_key)
@@ -188,11 +189,17 @@ async def start(
         access_log=None,
     )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.http_port)
+    site = web.TCPSite(runner, cfg.host, cfg.http_port,
+                       ssl_context=tls.server_ssl_context() if tls is not None else None)
     await site.start()
     for address in runner.addresses:
-        log.info("router HTTP (OpenAI API) on http://%s:%d", address[0], address[1])
+        log.info("router HTTP (OpenAI API) on %s://%s:%d", "https" if tls else "http", address[0], address[1])
     return runner
+
+
+def _trace_parent(request: web.Request) -> Context | None:
+    """The client's W3C trace context (``traceparent`` / ``tracestate`` headers), if any."""
+    return tracing.extract({k: v for k in ("traceparent", "tracestate") if (v := request.headers.get(k))})
 
 
 def _param(request: web.Request, field: str) -> str | None:

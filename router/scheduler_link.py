@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from pagewire import serving
+from pagewire.tls import TLSFiles
 from pagewire.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("router.link")
@@ -25,8 +26,9 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
 class SchedulerLink:
-    def __init__(self, address: str, resume_timeout_s: float) -> None:
+    def __init__(self, address: str, resume_timeout_s: float, tls: TLSFiles | None = None) -> None:
         self.address = address
+        self.tls = tls
         self.resume_timeout_s = resume_timeout_s
         self.queues: dict[str, asyncio.Queue[scheduler_pb2.TokenEvent]] = {}
         self.submits: dict[str, scheduler_pb2.SubmitRequest] = {}
@@ -52,12 +54,16 @@ class SchedulerLink:
         self.received.pop(rid, None)
         self.resuming.discard(rid)
 
+    @property
+    def in_flight(self) -> int:
+        return len(self.queues)
+
     # ---- the connection -------------------------------------------------------------------
     async def run(self) -> None:
         """Keep a Connect stream open for the router's lifetime."""
         loop = asyncio.get_running_loop()
         down_since: float | None = None
-        async with serving.insecure_channel(self.address) as channel:
+        async with serving.open_channel(self.address, self.tls) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             while True:
                 outgoing: asyncio.Queue[scheduler_pb2.RouterMessage] = asyncio.Queue()

@@ -12,9 +12,10 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from pagewire import auth, logs, metrics, serving, tracing
 from pagewire import config as pwconfig
-from pagewire import serving
 from pagewire.sampling import Limits
+from pagewire.tls import TLSFiles
 from router import openai_http
 from router.generation import Generator
 from router.grpc_service import SERVICE, GenerationService, add_to_server
@@ -27,37 +28,59 @@ log = logging.getLogger("router")
 async def serve(cfg: pwconfig.RouterConfig) -> None:
     if not cfg.model or not cfg.scheduler:
         raise SystemExit("--model and --scheduler are required")
+    tls = TLSFiles.from_config(cfg)  # bad flags fail here, before the model loads
     model = ServedModel.load(cfg)
-    link = SchedulerLink(cfg.scheduler, cfg.resume_timeout_s)
+    link = SchedulerLink(cfg.scheduler, cfg.resume_timeout_s, tls)
     limits = Limits(
         max_n=cfg.max_n, max_logprobs=cfg.max_logprobs, max_stop_strings=cfg.max_stop_strings
     )
-    generator = Generator(model, link, limits)
-    server, health_servicer = serving.new_server([SERVICE])
+    registry = metrics.new_registry()
+    rm = metrics.router_metrics(registry, model.name, model.max_model_len)
+    metrics_server = metrics.serve_metrics(cfg.metrics_port, registry, cfg.host)
+    if metrics_server.port >= 0:
+        log.info("metrics on http://%s:%d/metrics", cfg.host, metrics_server.port)
+    generator = Generator(model, link, limits, rm)
+    server, health_servicer = serving.new_server(
+        [SERVICE],
+        interceptors=auth.interceptors(cfg.api_key),
+        max_receive_bytes=serving.PUBLIC_MAX_RECEIVE_BYTES,
+    )
     add_to_server(GenerationService(model, generator, link), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = serving.add_port(server, f"{cfg.host}:{cfg.port}", tls)
     await server.start()
-    await serving.wait_healthy(cfg.scheduler, timeout=300)
+    await serving.wait_healthy(cfg.scheduler, timeout=300, tls=tls)
     link_task = asyncio.create_task(link.run())
     http = None
     if cfg.http_port >= 0:
-        http = await openai_http.start(cfg, model, generator, link)
+        http = await openai_http.start(cfg, model, generator, link, tls)
     await serving.set_serving(health_servicer, [SERVICE], True)
     log.info(
         "router on %s:%d serving %s via scheduler %s", cfg.host, port, model.name, cfg.scheduler
     )
+
+    async def drain() -> None:
+        """SIGTERM: health is NOT_SERVING already; refuse new requests, let those in flight
+        finish."""
+        generator.draining = True
+        while link.in_flight:
+            await asyncio.sleep(0.1)
+
     try:
-        await serving.run_until_signalled(server, health_servicer, [SERVICE])
+        await serving.run_until_signalled(server, health_servicer, [SERVICE], drain=drain,
+                                          drain_timeout_s=cfg.drain_timeout_s)
     finally:
         if http is not None:
             await http.cleanup()
         link_task.cancel()
         await asyncio.gather(link_task, return_exceptions=True)
+        metrics_server.stop()
+        tracing.shutdown_tracing()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = pwconfig.parse(pwconfig.RouterConfig, argv, prog="pagewire-router")
-    serving.setup_logging(cfg.log_level, "router")
+    logs.setup_logging(cfg.log_level, "router", cfg.log_format)
+    tracing.init_tracing("pagewire-router")
     serving.run_main(lambda: serve(cfg))
 
 

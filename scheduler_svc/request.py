@@ -135,5 +135,7 @@ class Request:
 
     @property
     def uses_prefix_cache(self) -> bool:
-        """Prompt logprobs and mean pooling need every prompt position computed."""
-        return self.params.prompt_logprobs is None and self.pooling != common_pb2.POOLING_MEAN
+        """Prompt logprobs and mean pooling need every prompt position computed, and penalties
+        need the worker to see every token (cached ones are never sent to it)."""
+        return (self.params.prompt_logprobs is None and self.pooling != common_pb2.POOLING_MEAN
+                and not self.params.penalized)

@@ -1,7 +1,9 @@
 """Load a Hugging Face Llama-family directory into the project's own model code.
 
 Reads ``config.json``, then ``model.safetensors`` or the shards named by
-``model.safetensors.index.json``, tensor by tensor (no second full copy in memory).
+``model.safetensors.index.json``, tensor by tensor (no second full copy in memory). With the
+``dummy`` load format the weights are random instead (nothing but config.json is read), for
+benchmarking a model's shape without its checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import Tensor
 from worker_svc.models.llama import LlamaConfig, LlamaForCausalLM, load_weights, rope_cache
 
 SUPPORTED = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+LOAD_FORMATS = ("auto", "dummy")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -70,13 +73,40 @@ def resolve_dtype(name: str, hf_config: dict, device: torch.device) -> torch.dty
 
 
 def load_model(
-    files: ModelFiles, device: torch.device, dtype: torch.dtype, max_len: int
+    files: ModelFiles,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_len: int,
+    load_format: str = "auto",
 ) -> LlamaForCausalLM:
-    """Build the model on the meta device, allocate it once in ``dtype`` on ``device``, fill it."""
+    """Build the model on the meta device, allocate it once in ``dtype`` on ``device``, fill it
+    from the checkpoint (``auto``) or with random weights (``dummy``)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load format {load_format!r} is not one of {LOAD_FORMATS}")
     cfg = LlamaConfig.from_hf(files.hf_config)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_len).to(dtype)
     model = model.to_empty(device=device)
-    load_weights(model, checkpoint_tensors(files.path))
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, checkpoint_tensors(files.path))
     model.rope = rope_cache(cfg, max_len).to(device)  # a buffer: to_empty left it uninitialised
     return model.eval()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
+    """Random weights, one fill per tensor on its device. Matrices are N(0, 1/fan_in), norms 1
+    and biases 0: each projection keeps its input's scale, so the residual stream grows only
+    like sqrt(layers) and activations and logits stay O(1)-O(10), finite in fp16 and bf16."""
+    if model.cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 2:
+            param.normal_(0.0, param.shape[1] ** -0.5, generator=gen)
+        elif name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.zero_()

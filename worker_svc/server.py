@@ -45,7 +45,7 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
     device = pick_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, files.hf_config, device)
     max_len = cfg.max_model_len or files.max_position_embeddings
-    model = load_model(files, device, dtype, max_len)
+    model = load_model(files, device, dtype, max_len, cfg.load_format)
     block_bytes = kv_block_bytes(model, cfg.block_size, dtype)
     num_blocks = cfg.num_blocks
     if num_blocks <= 0:
@@ -60,7 +60,7 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
         backend_name = kernels.default_backend_name(device)
     backend = kernels.get_backend(backend_name)
     caches = allocate_kv_cache(model, num_blocks, cfg.block_size, dtype, device)
-    runner = ModelRunner(model, caches, cfg.block_size, backend, device)
+    runner = ModelRunner(model, caches, cfg.block_size, backend, device, files.eos_token_ids)
     info = worker_pb2.WorkerInfo(
         worker_id=cfg.worker_id or f"{cfg.host}:{cfg.port}",
         model=cfg.served_model_name or Path(cfg.model).resolve().name,

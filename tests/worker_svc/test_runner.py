@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pagewire.config import WorkerConfig
 from pagewire.v1 import common_pb2, worker_pb2
 from worker_svc.runner import ModelRunner
-from worker_svc.server import build_runner
 
 GREEDY = common_pb2.SamplingParams(temperature=0.0)
-BS = 4
-
-
-@pytest.fixture(scope="module")
-def runner(tiny_model: Path) -> ModelRunner:
-    r, info = build_runner(WorkerConfig(model=str(tiny_model), num_blocks=128, block_size=BS))
-    assert info.num_blocks == 128
-    return r
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model: Path) -> AutoModelForCausalLM:
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
 def hf_greedy(hf: AutoModelForCausalLM, prompt: list[int], n: int) -> list[int]:
@@ -96,6 +78,11 @@ def test_released_sequences_are_forgotten(runner: ModelRunner) -> None:
     step = worker_pb2.Step(step_id=1)
     step.seqs.add(seq_id=5, start_pos=0, token_ids=[0, 1, 2], block_ids=[0], sample=True, new=True,
                   sampling=GREEDY)
-    runner.execute(step)
+    assert list(runner.execute(step).seq_ids) == [5]
     runner.execute(worker_pb2.Step(step_id=2, release_seq_ids=[5]))
-    assert 5 not in runner.seqs
+    decode = worker_pb2.Step(step_id=3)
+    decode.decodes.seq_ids.append(5)
+    decode.decodes.positions.append(3)
+    decode.decodes.new_block_ids.append(-1)
+    decode.decodes.output_indices.append(1)
+    assert list(runner.execute(decode).unknown_seq_ids) == [5]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from worker_svc.sampler import SamplingBatch, sample
+from worker_svc.sampler import NO_SEED, SamplingBatch, sample
 
 
 def batch(n: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-          seeds: list[int | None] | None = None, index: int = 0) -> SamplingBatch:
+          seeds: list[int] | None = None, index: int = 0, min_p: float = 0.0) -> SamplingBatch:
     return SamplingBatch.build([temperature] * n, [top_p] * n, [top_k] * n,
-                               seeds or [None] * n, [index] * n, torch.device("cpu"))
+                               seeds or [NO_SEED] * n, [index] * n, torch.device("cpu"),
+                               min_p=[min_p] * n)
 
 
 def test_zero_temperature_is_argmax() -> None:
@@ -20,7 +21,7 @@ def test_zero_temperature_is_argmax() -> None:
 
 def test_mixed_greedy_and_sampled_rows() -> None:
     logits = torch.randn(2, 50)
-    b = SamplingBatch.build([0.0, 1.0], [1.0, 1.0], [0, 0], [None, 1], [0, 0], torch.device("cpu"))
+    b = SamplingBatch.build([0.0, 1.0], [1.0, 1.0], [0, 0], [NO_SEED, 1], [0, 0], torch.device("cpu"))
     out = sample(logits, b)
     assert out[0] == logits[0].argmax()
 
@@ -51,8 +52,26 @@ def test_seeded_rows_repeat_whatever_else_is_in_the_batch() -> None:
     logits = torch.randn(1, 1000)
     alone = sample(logits, batch(1, seeds=[42], index=3))
     crowd_logits = torch.cat([torch.randn(5, 1000), logits, torch.randn(3, 1000)])
-    b = SamplingBatch.build([1.0] * 9, [1.0] * 9, [0] * 9, [None] * 5 + [42] + [None] * 3, [3] * 9,
+    b = SamplingBatch.build([1.0] * 9, [1.0] * 9, [0] * 9, [NO_SEED] * 5 + [42] + [NO_SEED] * 3, [3] * 9,
                             torch.device("cpu"))
     assert sample(crowd_logits, b)[5] == alone[0]
     draws = {int(sample(logits, batch(1, seeds=[42], index=i))[0]) for i in range(20)}
     assert len(draws) > 1, "the output index must change the draw"
+
+
+def test_min_p_drops_tokens_below_min_p_times_the_top_probability() -> None:
+    probs = torch.tensor([[0.40, 0.30, 0.15, 0.10, 0.05]])
+    logits = probs.log().repeat(4000, 1)
+    drawn = sample(logits, batch(4000, min_p=0.3)).tolist()
+    assert set(drawn) == {0, 1, 2}, "0.3 * 0.40 = 0.12: tokens 3 and 4 are below it"
+    kept = probs[0, :3] / probs[0, :3].sum()
+    freq = torch.bincount(torch.tensor(drawn), minlength=5)[:3].float() / len(drawn)
+    assert torch.allclose(freq, kept, atol=0.03)
+
+
+def test_min_p_applies_to_what_top_k_left_at_the_sampling_temperature() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(3000, 1)
+    # At T=0.5 the probabilities are proportional to exp(2 * logit); top_k=3 drops token 3;
+    # min_p=0.1 keeps p >= 0.1 * p_0, i.e. 2 * (l - 2) >= log 0.1: tokens 0 and 1 only.
+    drawn = sample(logits, batch(3000, temperature=0.5, top_k=3, min_p=0.1)).tolist()
+    assert set(drawn) == {0, 1}
