@@ -37,14 +37,6 @@ SERVER_OPTIONS = [
 ]
 
 
-def setup_logging(level: str, service: str) -> logging.Logger:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
-    )
-    return logging.getLogger(service)
-
-
 def insecure_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 

@@ -7,22 +7,26 @@ registers itself (``workers`` set, info hash, heartbeat key with a TTL) so sched
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
+import redis
 import redis.asyncio as aioredis
 import torch
 
 import kernels
 from pagewire import config as pwconfig
-from pagewire import serving
+from pagewire import logs, metrics, serving, tracing
 from pagewire.redis_keys import RedisKeys
+from pagewire.tls import TLSFiles
 from pagewire.v1 import worker_pb2, worker_pb2_grpc
 from worker_svc.loader import load_model, read_model_dir, resolve_dtype
 from worker_svc.runner import ModelRunner, allocate_kv_cache, kv_block_bytes
@@ -84,6 +88,32 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.runner: ModelRunner | None = None
         self.info = worker_pb2.WorkerInfo()
         self.lock = asyncio.Lock()  # one scheduler stream drives the device at a time
+        self.metrics: metrics.WorkerMetrics | None = None
+        # Trace context of traced sequences (sent once, with `new`), until they are released.
+        self.traces: dict[int, dict[str, str]] = {}
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.runner.table.rows) if self.runner is not None else 0
+
+    def _trace(self, step: worker_pb2.Step, start_ns: int, end_ns: int) -> None:
+        """A span per traced prefill chunk (never per packed decode: their cost must not grow
+        with tracing), child of the scheduler's span for the request."""
+        for seq_id in step.release_seq_ids:
+            self.traces.pop(seq_id, None)
+        for s in step.seqs:
+            if s.new and s.trace_context:
+                self.traces[s.seq_id] = dict(s.trace_context)
+            carrier = self.traces.get(s.seq_id)
+            if carrier:
+                span = tracing.start_child(tracing.WORKER_STEP_SPAN, carrier, {
+                    tracing.WORKER_ID: self.info.worker_id,
+                    "pagewire.step_id": step.step_id,
+                    "pagewire.start_pos": s.start_pos,
+                    "pagewire.chunk_tokens": max(len(s.token_ids), 1),
+                    "pagewire.batch_sequences": len(step.seqs) + len(step.decodes.seq_ids),
+                }, start_time_ns=start_ns)
+                tracing.end_span(span, end_time_ns=end_ns)
 
     async def Describe(
         self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -101,8 +131,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             return
         async with self.lock:
             runner.reset()
+            self.traces.clear()
             async for step in request_iterator:
-                yield await asyncio.to_thread(runner.execute, step)
+                start, start_ns = time.perf_counter(), time.time_ns()
+                result = await asyncio.to_thread(runner.execute, step)
+                if self.metrics is not None:
+                    self.metrics.observe_step(time.perf_counter() - start)
+                if tracing.enabled():
+                    self._trace(step, start_ns, time.time_ns())
+                yield result
 
 
 async def register(cfg: pwconfig.WorkerConfig, info: worker_pb2.WorkerInfo, address: str) -> None:
@@ -120,20 +157,26 @@ async def register(cfg: pwconfig.WorkerConfig, info: worker_pb2.WorkerInfo, addr
     }
     try:
         while True:
-            async with r.pipeline(transaction=True) as p:
-                p.sadd(keys.workers(), info.worker_id)
-                p.hset(keys.worker_info(info.worker_id), mapping=fields)
-                p.set(keys.worker_alive(info.worker_id), address, px=ttl_ms)
-                await p.execute()
+            try:
+                async with r.pipeline(transaction=True) as p:
+                    p.sadd(keys.workers(), info.worker_id)
+                    p.hset(keys.worker_info(info.worker_id), mapping=fields)
+                    p.set(keys.worker_alive(info.worker_id), address, px=ttl_ms)
+                    await p.execute()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+                # Redis is away (restarting): keep serving; the next beat registers again.
+                log.warning("heartbeat failed: %s", e)
             await asyncio.sleep(cfg.heartbeat_s)
     finally:
-        await r.delete(keys.worker_alive(info.worker_id))
+        with contextlib.suppress(Exception):
+            await r.delete(keys.worker_alive(info.worker_id))
         await r.aclose()
 
 
 async def serve(cfg: pwconfig.WorkerConfig) -> None:
+    tls = TLSFiles.from_config(cfg)  # bad flags fail here, before the model loads
     server, health_servicer = serving.new_server([SERVICE])
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = serving.add_port(server, f"{cfg.host}:{cfg.port}", tls)
     cfg.port = port
     service = WorkerService()
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
@@ -142,6 +185,11 @@ async def serve(cfg: pwconfig.WorkerConfig) -> None:
     log.info("loading %s", cfg.model)
     runner, info = await asyncio.to_thread(build_runner, cfg)
     service.runner, service.info = runner, info
+    registry = metrics.new_registry()
+    service.metrics = metrics.worker_metrics(registry, info.model, info.worker_id)
+    metrics_server = metrics.serve_metrics(cfg.metrics_port, registry, cfg.host)
+    if metrics_server.port >= 0:
+        log.info("metrics on http://%s:%d/metrics", cfg.host, metrics_server.port)
     address = cfg.advertise or f"{cfg.host}:{port}"
     heartbeat = asyncio.create_task(register(cfg, info, address)) if cfg.redis_url else None
     await serving.set_serving(health_servicer, [SERVICE], True)
@@ -151,17 +199,27 @@ async def serve(cfg: pwconfig.WorkerConfig) -> None:
         info.attention_backend,
     )
 
+    async def drain() -> None:
+        """SIGTERM: health is NOT_SERVING; give the sequences held a chance to finish (whatever
+        is still here at the deadline recomputes on another worker)."""
+        while service.num_sequences:
+            await asyncio.sleep(0.1)
+
     try:
-        await serving.run_until_signalled(server, health_servicer, [SERVICE])
+        await serving.run_until_signalled(server, health_servicer, [SERVICE], drain=drain,
+                                          drain_timeout_s=cfg.drain_timeout_s)
     finally:
         if heartbeat is not None:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
+        metrics_server.stop()
+        tracing.shutdown_tracing()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = pwconfig.parse(pwconfig.WorkerConfig, argv, prog="pagewire-worker")
-    serving.setup_logging(cfg.log_level, f"worker[{socket.gethostname()}]")
+    logs.setup_logging(cfg.log_level, f"worker[{socket.gethostname()}]", cfg.log_format)
+    tracing.init_tracing("pagewire-worker")
     if not cfg.model:
         sys.exit("--model is required")
     serving.run_main(lambda: serve(cfg))
