@@ -42,14 +42,21 @@ async def _up(args: argparse.Namespace) -> None:
         model = str(ensure_model(default_model_dir(), seed=0, size="tiny"))
         print(f"pagewire up: serving the test model at {model}", flush=True)
     worker_args = ["--num-blocks", str(args.num_blocks)] if args.num_blocks else []
+    router_args = ["--http-port", str(args.http_port)]
+    if args.api_key:
+        router_args += ["--api-key", args.api_key]
     stack = await start_stack(
         model,
         router_port=args.port,
         worker_args=worker_args,
+        router_args=router_args,
         log_dir=Path(args.log_dir) if args.log_dir else None,
     )
     try:
         print(f"pagewire up: router listening on {stack.router}", flush=True)
+        if args.http_port >= 0:
+            print(f"pagewire up: OpenAI-compatible API on http://127.0.0.1:{args.http_port}/v1",
+                  flush=True)
         print(f'pagewire up: try  pagewire generate --addr {stack.router} "Once upon a time"', flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -74,7 +81,8 @@ async def _up(args: argparse.Namespace) -> None:
 async def _generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from pagewire import serving
+    from pagewire import auth, serving
+    from pagewire.tls import TLSFiles
     from pagewire.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
     sampling = common_pb2.SamplingParams(
@@ -84,10 +92,11 @@ async def _generate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         sampling.seed = args.seed
     request = generation_pb2.GenerateRequest(text=args.prompt, sampling=sampling)
-    async with serving.insecure_channel(args.addr) as channel:
+    tls = TLSFiles.load("", "", args.tls_ca) if args.tls_ca else None
+    async with serving.open_channel(args.addr, tls) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         try:
-            async for resp in stub.Generate(request):
+            async for resp in stub.Generate(request, metadata=auth.bearer_metadata(args.api_key)):
                 sys.stdout.write(resp.text)
                 sys.stdout.flush()
                 if resp.finish_reason:
@@ -110,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default="", help="model directory (default: build the test model)")
     up.add_argument("--port", type=int, default=50051, help="router port")
     up.add_argument("--num-blocks", type=int, default=0, help="worker KV blocks (0: auto)")
+    up.add_argument("--http-port", type=int, default=8000,
+                    help="router's OpenAI-compatible HTTP port (-1: off)")
+    up.add_argument("--api-key", default=os.environ.get("PAGEWIRE_API_KEY", ""),
+                    help="bearer token the public API requires (env PAGEWIRE_API_KEY)")
     up.add_argument("--log-dir", default="", help="write each service's log here")
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")
@@ -122,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--api-key", default=os.environ.get("PAGEWIRE_API_KEY", ""),
+                     help="bearer token (env PAGEWIRE_API_KEY)")
+    gen.add_argument("--tls-ca", default="", help="CA bundle: dial the router over TLS")
 
     mk = sub.add_parser("make-model", help="build the random-weight Llama test model")
     mk.add_argument("dir")
