@@ -12,14 +12,21 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+import grpc
+import redis
+import redis.asyncio as aioredis
+
 from pagewire import auth, logs, metrics, serving, tracing
 from pagewire import config as pwconfig
+from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import Limits
 from pagewire.tls import TLSFiles
 from router import openai_http
+from router.errors import RequestError
 from router.generation import Generator
 from router.grpc_service import SERVICE, GenerationService, add_to_server
 from router.model import ServedModel
+from router.routing import NoWorkerAvailable, WorkerRouter
 from router.scheduler_link import SchedulerLink
 
 log = logging.getLogger("router")
@@ -39,7 +46,24 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
     metrics_server = metrics.serve_metrics(cfg.metrics_port, registry, cfg.host)
     if metrics_server.port >= 0:
         log.info("metrics on http://%s:%d/metrics", cfg.host, metrics_server.port)
-    generator = Generator(model, link, limits, rm)
+    redis_client = aioredis.Redis.from_url(cfg.redis_url) if cfg.redis_url else None
+    route = None
+    if redis_client is not None:
+        router = WorkerRouter(redis_client, RedisKeys(cfg.deployment, model.name), cfg.routing_policy)
+
+        async def route(prompt: list[int]) -> str:
+            """The worker for this prompt; empty (the scheduler picks) if Redis is away."""
+            try:
+                decision = await router.choose(prompt)
+            except NoWorkerAvailable as e:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "", str(e)) from None
+            except redis.exceptions.RedisError as e:
+                log.warning("routing without Redis (%s): the scheduler places the request", e)
+                return ""
+            rm.observe_routed(cfg.routing_policy)
+            return decision.worker_id
+
+    generator = Generator(model, link, limits, rm, route)
     server, health_servicer = serving.new_server(
         [SERVICE],
         interceptors=auth.interceptors(cfg.api_key),
@@ -74,6 +98,8 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
         link_task.cancel()
         await asyncio.gather(link_task, return_exceptions=True)
         metrics_server.stop()
+        if redis_client is not None:
+            await redis_client.aclose()
         tracing.shutdown_tracing()
 
 

@@ -80,9 +80,12 @@ class BlockPool:
             if block is None:
                 break
             found.append(block)
-        self.queries += len(hashes)
-        self.hits += len(found)
         return found
+
+    def count_lookup(self, queried: int, hit: int) -> None:
+        """Prefix-cache statistics, counted once per admission (not per retry of a waiting one)."""
+        self.queries += queried
+        self.hits += hit
 
     def acquire(self, blocks: Iterable[int]) -> None:
         """Take a reference on cached blocks a new request reuses."""
@@ -119,9 +122,14 @@ class BlockPool:
             blocks.append(b)
         return blocks
 
-    def release(self, blocks: Iterable[int]) -> None:
-        """Drop one reference per block; unreferenced hashed blocks stay cached (most recent last)."""
-        for b in blocks:
+    def release(self, blocks: Sequence[int]) -> None:
+        """Drop one reference per block; unreferenced hashed blocks stay cached (most recent last).
+
+        A table is released last block first, so its first block is the last to be evicted: a
+        chained prefix is only reusable from its start, and evicting the head first would strand
+        every later block of it in the cache, unusable.
+        """
+        for b in reversed(blocks):
             assert self.ref_count[b] > 0, f"block {b} released but not in use"
             self.ref_count[b] -= 1
             if self.ref_count[b] == 0:

@@ -263,6 +263,8 @@ class Scheduler:
     def _admit(self, req: Request, hits: list[int]) -> None:
         bs = self.limits.block_size
         self.pool.acquire(hits)
+        if self.limits.prefix_caching and req.uses_prefix_cache:
+            self.pool.count_lookup(len(req.block_hashes), len(hits))
         req.block_table = list(hits)
         req.block_hashes = req.block_hashes[: len(hits)]
         # A fully cached sequence still computes its last token (its logits are needed).

@@ -83,5 +83,6 @@ def test_trace_spans_three_services_and_metrics_match_the_dashboard(
     assert sample(text["scheduler"], "pagewire:generation_tokens_total") == 8
     assert sample(text["router"], "pagewire:time_to_first_token_seconds_count") == 1
     assert sample(text["router"], "pagewire:request_success_total") == 1
+    assert sample(text["router"], "pagewire:routing_decisions_total") == 1
     assert sample(text["scheduler"], "pagewire:kv_blocks_total") > 0
     assert sample(text["worker"], "pagewire:worker_step_seconds_count") >= 8
