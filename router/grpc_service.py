@@ -92,7 +92,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
 
 @dataclass(frozen=True)
-class _BadUtf8:
+class _Unparsable:
     """What the deserializer hands the handler in place of a request that did not parse."""
 
     message: str
@@ -119,22 +119,22 @@ def add_to_server(service: GenerationService, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
-def _deserializer(cls: type[Message]) -> Callable[[bytes], Message | _BadUtf8]:
-    def parse(data: bytes) -> Message | _BadUtf8:
+def _deserializer(cls: type[Message]) -> Callable[[bytes], Message | _Unparsable]:
+    def parse(data: bytes) -> Message | _Unparsable:
         try:
             return cls.FromString(data)
         except DecodeError:
             path = find_invalid_utf8(cls.DESCRIPTOR, data)
-            if path is None:
-                raise
-            return _BadUtf8(f"{path}: not valid UTF-8")
+            if path is None:  # not a message of this type at all: still the client's fault
+                return _Unparsable(f"request: not a valid {cls.DESCRIPTOR.full_name} message")
+            return _Unparsable(f"{path}: not valid UTF-8")
 
     return parse
 
 
 def _guard_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def call(request: Message | _BadUtf8, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, _BadUtf8):
+    async def call(request: Message | _Unparsable, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Unparsable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return await behavior(request, context)
 
@@ -142,8 +142,8 @@ def _guard_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _guard_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def call(request: Message | _BadUtf8, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, _BadUtf8):
+    async def call(request: Message | _Unparsable, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Unparsable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         async for response in behavior(request, context):
             yield response

@@ -34,7 +34,7 @@ class SchedulerLink:
         self.submits: dict[str, scheduler_pb2.SubmitRequest] = {}
         self.received: dict[str, int] = {}  # output tokens each request has been sent
         self.resuming: set[str] = set()
-        self._outgoing: asyncio.Queue[scheduler_pb2.RouterMessage] = asyncio.Queue()
+        self._outgoing: asyncio.Queue[scheduler_pb2.RouterMessage | None] = asyncio.Queue()
 
     # ---- used by request handlers ---------------------------------------------------------
     def submit(self, sub: scheduler_pb2.SubmitRequest) -> asyncio.Queue[scheduler_pb2.TokenEvent]:
@@ -66,12 +66,12 @@ class SchedulerLink:
         async with serving.open_channel(self.address, self.tls) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             while True:
-                outgoing: asyncio.Queue[scheduler_pb2.RouterMessage] = asyncio.Queue()
+                outgoing: asyncio.Queue[scheduler_pb2.RouterMessage | None] = asyncio.Queue()
                 if down_since is not None:
                     self._resume_all(outgoing)
                 while not self._outgoing.empty():  # queued while down, or never sent
                     msg = self._outgoing.get_nowait()
-                    if down_since is None or msg.HasField("abort"):  # submits became resumes
+                    if msg is not None and (down_since is None or msg.HasField("abort")):  # submits became resumes
                         outgoing.put_nowait(msg)
                 self._outgoing = outgoing
                 call = stub.Connect(_drain(outgoing))
@@ -85,12 +85,20 @@ class SchedulerLink:
                     log.warning("scheduler stream broke: %s", e.code().name)
                 finally:
                     call.cancel()
+                    # The broken stream's request reader may still wait on its queue: messages
+                    # not taken move to a fresh queue (so none is lost in the backoff), and a
+                    # sentinel ends the reader.
+                    fresh: asyncio.Queue[scheduler_pb2.RouterMessage | None] = asyncio.Queue()
+                    while not outgoing.empty():
+                        fresh.put_nowait(outgoing.get_nowait())
+                    outgoing.put_nowait(None)
+                    self._outgoing = fresh
                 down_since = down_since if down_since is not None else loop.time()
                 if loop.time() - down_since > self.resume_timeout_s:
                     self._fail_all(f"scheduler {self.address} unreachable for {self.resume_timeout_s}s")
                 await asyncio.sleep(0.2)
 
-    def _resume_all(self, outgoing: asyncio.Queue[scheduler_pb2.RouterMessage]) -> None:
+    def _resume_all(self, outgoing: asyncio.Queue[scheduler_pb2.RouterMessage | None]) -> None:
         for rid, sub in self.submits.items():
             resume = scheduler_pb2.SubmitRequest()
             resume.CopyFrom(sub)
@@ -130,6 +138,8 @@ class SchedulerLink:
                 request_id=rid, error_code=UNAVAILABLE, error_message=message))
 
 
-async def _drain(queue: asyncio.Queue[scheduler_pb2.RouterMessage]) -> AsyncIterator[scheduler_pb2.RouterMessage]:
-    while True:
-        yield await queue.get()
+async def _drain(
+    queue: asyncio.Queue[scheduler_pb2.RouterMessage | None],
+) -> AsyncIterator[scheduler_pb2.RouterMessage]:
+    while (msg := await queue.get()) is not None:
+        yield msg

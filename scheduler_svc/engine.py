@@ -209,6 +209,9 @@ class WorkerEngine:
                 if inflight and (len(inflight) == PIPELINE_DEPTH or not scheduled):
                     await self._complete(inflight.popleft(), await self._receive(call))
                 elif not scheduled and not inflight:
+                    if self._release_ids:  # let the worker forget finished sequences now
+                        await self._send(call, ScheduledBatch())
+                        await self._receive(call)
                     await self.settle()
                     self.wakeup.clear()
                     if not self.scheduler.has_work:
