@@ -300,6 +300,7 @@ def redis_cpu_seconds(r: redis.Redis) -> float:
     return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
+@pytest.mark.slow  # a timing goal: run with -m slow on a quiet machine (bench/routing.py reports it)
 def test_a_decision_over_100_workers_costs_under_a_millisecond(redis_url: str) -> None:
     """The cost is the CPU a decision takes in this process and in Redis together: on an idle
     machine that is its wall time less one loopback round trip's wait. Wall time is not asserted
