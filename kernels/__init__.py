@@ -1,8 +1,15 @@
-"""Paged attention kernels: Triton for CUDA, plain torch for CPU (and as the tests' oracle).
+"""Paged attention kernels: Triton for CUDA, torch for CPU, and a plain-torch reference.
 
-The worker picks a backend once with :func:`get_backend` and calls its three functions; both backends
-share the signatures of :mod:`kernels.reference`. Triton is imported only when the Triton backend is
-asked for, so CPU-only installs never need it.
+The worker picks a backend once with :func:`get_backend` and calls its three functions; all
+backends share the signatures of :mod:`kernels.reference`:
+
+- ``triton``: the Triton kernels (:mod:`kernels.triton_ops`), the default on CUDA;
+- ``torch``: :mod:`kernels.cpu_attention`, the default on CPU -- fused SDPA over K/V gathered
+  token by token, tested against the reference;
+- ``reference``: :mod:`kernels.reference`, written to be obviously right, not fast; the oracle of
+  every other backend's tests, selectable to rule a backend out when outputs look wrong.
+
+Triton is imported only when the Triton backend is asked for, so CPU-only installs never need it.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu_attention, reference
 from kernels.reference import paged_decode_attention, paged_extend_attention, write_kv
 
 __all__ = [
@@ -25,7 +33,7 @@ __all__ = [
     "write_kv",
 ]
 
-BACKEND_NAMES = ("torch", "triton")
+BACKEND_NAMES = ("torch", "triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -36,12 +44,22 @@ class AttentionBackend:
     write_kv: Callable[..., None]
     decode: Callable[..., torch.Tensor]
     extend: Callable[..., torch.Tensor]
+    # Per-step layout work shared by every layer: plan_decode(block_tables, context_lens, k_cache)
+    # and plan_extend(block_tables, cu_seqlens_q, context_lens, k_cache). A backend that has them
+    # takes decode(..., plan=) and extend(..., plan=, new_kv=(k, v) of the chunks' own tokens).
+    plan_decode: Callable[..., object] | None = None
+    plan_extend: Callable[..., object] | None = None
 
 
 def get_backend(name: str) -> AttentionBackend:
-    """The backend called ``name`` ("torch" or "triton"); raises ValueError for any other name."""
+    """The backend called ``name`` (one of BACKEND_NAMES); raises ValueError for any other name."""
     if name == "torch":
-        return AttentionBackend("torch", write_kv, paged_decode_attention, paged_extend_attention)
+        c = cpu_attention
+        return AttentionBackend("torch", c.write_kv, c.paged_decode_attention,
+                                c.paged_extend_attention, c.plan_decode, c.plan_extend)
+    if name == "reference":
+        return AttentionBackend("reference", reference.write_kv, reference.paged_decode_attention,
+                                reference.paged_extend_attention)
     if name == "triton":
         from kernels import triton_ops  # imports triton; fails clearly if it is not installed
 

@@ -8,6 +8,7 @@ reverse order.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -96,11 +97,21 @@ class Stack:
         return svc
 
     async def _wait(self, svc: Service, timeout: float) -> None:
+        """Until ``svc`` is healthy; fails at once if its process exits first (a bad flag, an
+        import error), rather than after the whole timeout."""
+        health = asyncio.ensure_future(serving.wait_healthy(svc.address, timeout, tls=self.tls))
         try:
-            await serving.wait_healthy(svc.address, timeout, tls=self.tls)
+            while not health.done():
+                await asyncio.wait([health], timeout=0.2)
+                if not health.done() and svc.process.poll() is not None:
+                    raise RuntimeError(f"{svc.name} exited with code {svc.process.returncode} "
+                                       "before it became healthy")
+            health.result()
         except TimeoutError:
             code = svc.process.poll()
             raise RuntimeError(f"{svc.name} did not become healthy (exit code {code})") from None
+        finally:
+            health.cancel()
 
     async def start_worker(self, name: str = "worker", extra: list[str] | None = None) -> Service:
         port = free_port()

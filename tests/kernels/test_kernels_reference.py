@@ -10,7 +10,7 @@ import torch
 from paged_case import dense_attention, make_paged_case, rel_err
 
 import kernels
-from kernels import reference
+from kernels import cpu_attention, reference
 
 CPU = torch.device("cpu")
 
@@ -91,10 +91,10 @@ def test_write_kv_stores_tokens_in_their_slots_and_skips_minus_one() -> None:
 
 
 def test_get_backend_names_the_choices_for_an_unknown_name() -> None:
-    with pytest.raises(ValueError, match="torch, triton"):
+    with pytest.raises(ValueError, match="torch, triton, reference"):
         kernels.get_backend("cuda")
-    backend = kernels.get_backend("torch")
-    assert backend.decode is reference.paged_decode_attention
+    assert kernels.get_backend("reference").decode is reference.paged_decode_attention
+    assert kernels.get_backend("torch").decode is cpu_attention.paged_decode_attention
 
 
 def test_default_backend_is_torch_on_cpu() -> None:

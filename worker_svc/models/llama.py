@@ -77,6 +77,37 @@ class AttentionMetadata:
     cu_seqlens_q: Tensor  # [B_prefill + 1] int32, offsets of prefill chunks (from 0)
     num_decode: int  # sequences (= tokens) at the front that decode one token
     backend: AttentionBackend
+    decode_plan: object | None = None  # the backend's per-step layout, made by plan()
+    extend_plan: object | None = None
+
+    def plan(self, k_cache: Tensor) -> None:
+        """Let the backend lay the step out once for all layers (a no-op for backends without)."""
+        b, nd = self.backend, self.num_decode
+        if b.plan_decode is not None and nd:
+            self.decode_plan = b.plan_decode(self.block_tables[:nd], self.context_lens[:nd], k_cache)
+        if b.plan_extend is not None and self.context_lens.shape[0] > nd:
+            self.extend_plan = b.plan_extend(
+                self.block_tables[nd:], self.cu_seqlens_q, self.context_lens[nd:], k_cache
+            )
+
+    def decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float) -> Tensor:
+        """Attention of the single-token sequences at the front of the batch."""
+        nd = self.num_decode
+        args = (q, k_cache, v_cache, self.block_tables[:nd], self.context_lens[:nd], scale)
+        if self.decode_plan is None:
+            return self.backend.decode(*args)
+        return self.backend.decode(*args, plan=self.decode_plan)
+
+    def extend(
+        self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float
+    ) -> Tensor:
+        """Attention of the prefill chunks; ``k``/``v`` are the chunks' own, already cached."""
+        nd = self.num_decode
+        args = (q, k_cache, v_cache, self.block_tables[nd:], self.cu_seqlens_q,
+                self.context_lens[nd:], scale)
+        if self.extend_plan is None:
+            return self.backend.extend(*args)
+        return self.backend.extend(*args, plan=self.extend_plan, new_kv=(k, v))
 
 
 def _llama3_inv_freq(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
@@ -108,10 +139,16 @@ def rope_cache(cfg: LlamaConfig, max_len: int) -> Tensor:
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (the Hugging Face Llama convention). x [T, H, D]; cos/sin [T, 1, D/2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+def apply_rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """Rotate-half RoPE (the Hugging Face Llama convention) in place. x [T, H, D]; cos/sin [T, 1, D/2].
+
+    In place on the projection's output: q and k are rotated in one pass each with no temporaries
+    but a copy of the first half, which both halves' formulas read.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    first = x1.clone()
+    x1.mul_(cos).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    x2.mul_(cos).addcmul_(first, sin)  # x2 cos + x1 sin
 
 
 class RMSNorm(nn.Module):
@@ -143,32 +180,17 @@ class Attention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], meta: AttentionMetadata
     ) -> Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(T, self.n_kv, self.head_dim), cos, sin)
-        v = v.view(T, self.n_kv, self.head_dim)
+        qkv = self.qkv_proj(x).view(T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        apply_rope_(qkv[:, : self.n_heads + self.n_kv], cos, sin)
+        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
         k_cache, v_cache = kv
         meta.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode
         parts = []
         if nd:
-            parts.append(
-                meta.backend.decode(
-                    q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], self.scale
-                )
-            )
+            parts.append(meta.decode(q[:nd], k_cache, v_cache, self.scale))
         if T > nd:
-            parts.append(
-                meta.backend.extend(
-                    q[nd:],
-                    k_cache,
-                    v_cache,
-                    meta.block_tables[nd:],
-                    meta.cu_seqlens_q,
-                    meta.context_lens[nd:],
-                    self.scale,
-                )
-            )
+            parts.append(meta.extend(q[nd:], k[nd:], v[nd:], k_cache, v_cache, self.scale))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -181,7 +203,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # In place on the projection's output: no [T, intermediate] temporaries.
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -218,8 +241,11 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> Tensor:
         """Final hidden states [T, hidden] of every input token."""
-        cos, sin = self.rope[positions].unsqueeze(1).chunk(2, dim=-1)
         x = self.embed_tokens(input_ids)
+        if kv_caches:
+            meta.plan(kv_caches[0][0])
+        # In the model's dtype, as Hugging Face rotates: RoPE runs in place on the projections.
+        cos, sin = self.rope[positions].to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos, sin, kv, meta)
         return self.norm(x)
