@@ -4,8 +4,11 @@ The worker picks a backend once with :func:`get_backend` and calls its three fun
 backends share the signatures of :mod:`kernels.reference`:
 
 - ``triton``: the Triton kernels (:mod:`kernels.triton_ops`), the default on CUDA;
-- ``torch``: :mod:`kernels.cpu_attention`, the default on CPU -- fused SDPA over K/V gathered
-  token by token, tested against the reference;
+- ``cpu``: the default on CPU -- decode by the compiled kernel of :mod:`kernels.cpu_decode`
+  (reads each cached K/V once; built on first use with the system C compiler), prefill chunks
+  by :mod:`kernels.cpu_attention`; where the kernel cannot be built, exactly ``torch``;
+- ``torch``: :mod:`kernels.cpu_attention` alone -- fused SDPA over K/V gathered token by token,
+  pure torch, any device;
 - ``reference``: :mod:`kernels.reference`, written to be obviously right, not fast; the oracle of
   every other backend's tests, selectable to rule a backend out when outputs look wrong.
 
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cpu_attention, reference
+from kernels import cpu_attention, cpu_decode, reference
 from kernels.reference import paged_decode_attention, paged_extend_attention, write_kv
 
 __all__ = [
@@ -33,7 +36,7 @@ __all__ = [
     "write_kv",
 ]
 
-BACKEND_NAMES = ("torch", "triton", "reference")
+BACKEND_NAMES = ("cpu", "torch", "triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,11 @@ class AttentionBackend:
 
 def get_backend(name: str) -> AttentionBackend:
     """The backend called ``name`` (one of BACKEND_NAMES); raises ValueError for any other name."""
-    if name == "torch":
+    if name == "cpu" and cpu_decode.load() is not None:
+        c = cpu_attention
+        return AttentionBackend("cpu", c.write_kv, _cpu_decode, c.paged_extend_attention,
+                                None, c.plan_extend)
+    if name in ("torch", "cpu"):
         c = cpu_attention
         return AttentionBackend("torch", c.write_kv, c.paged_decode_attention,
                                 c.paged_extend_attention, c.plan_decode, c.plan_extend)
@@ -70,8 +77,21 @@ def get_backend(name: str) -> AttentionBackend:
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
 
 
+def _cpu_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """The compiled decode where it takes the call (dtype, head counts), else the torch path."""
+    args = (q, k_cache, v_cache, block_tables, context_lens, scale)
+    if cpu_decode.supports(q, k_cache):
+        return cpu_decode.paged_decode_attention(*args)
+    return cpu_attention.paged_decode_attention(*args)
+
+
 def default_backend_name(device: torch.device) -> str:
-    """"triton" on a CUDA device when triton is importable, else "torch"."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+    """"triton" on a CUDA device when triton is importable, "torch" on other accelerators, else
+    "cpu"."""
+    kind = torch.device(device).type
+    if kind == "cuda" and importlib.util.find_spec("triton") is not None:
         return "triton"
-    return "torch"
+    return "cpu" if kind == "cpu" else "torch"

@@ -51,7 +51,7 @@ class WorkerConfig(CommonConfig):
     kv_cache_gb: float = opt(0.5, "KV cache size on CPU when --num-blocks is 0.")
     gpu_memory_utilization: float = opt(0.9, "Share of free GPU memory for the KV cache.")
     max_model_len: int = opt(0, "Longest sequence. 0: the model's max_position_embeddings.")
-    attention_backend: str = opt("auto", "auto (triton on CUDA, torch on CPU), triton, torch, reference (the plain oracle).")
+    attention_backend: str = opt("auto", "auto (triton on CUDA, cpu on CPU), cpu (compiled decode), torch, triton, reference (the plain oracle).")
     threads: int = opt(0, "torch CPU threads. 0: torch's default.")
     heartbeat_s: float = opt(2.0, "Seconds between registry heartbeats (TTL is 3x).")
     load_format: str = opt("auto", "auto (safetensors from --model), or dummy (random weights from config.json).")

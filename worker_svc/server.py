@@ -74,7 +74,7 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
         max_model_len=max_len,
         vocab_size=model.cfg.vocab_size,
         eos_token_ids=list(files.eos_token_ids),
-        attention_backend=backend_name,
+        attention_backend=backend.name,
         device=str(device),
         instance_id=uuid.uuid4().hex,
     )

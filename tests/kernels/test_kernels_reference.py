@@ -91,21 +91,21 @@ def test_write_kv_stores_tokens_in_their_slots_and_skips_minus_one() -> None:
 
 
 def test_get_backend_names_the_choices_for_an_unknown_name() -> None:
-    with pytest.raises(ValueError, match="torch, triton, reference"):
+    with pytest.raises(ValueError, match="cpu, torch, triton, reference"):
         kernels.get_backend("cuda")
     assert kernels.get_backend("reference").decode is reference.paged_decode_attention
     assert kernels.get_backend("torch").decode is cpu_attention.paged_decode_attention
 
 
-def test_default_backend_is_torch_on_cpu() -> None:
-    assert kernels.default_backend_name(torch.device("cpu")) == "torch"
+def test_default_backend_is_cpu_on_cpu() -> None:
+    assert kernels.default_backend_name(torch.device("cpu")) == "cpu"
 
 
 def test_import_kernels_works_without_triton() -> None:
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import kernels, torch\n"
-        "assert kernels.default_backend_name(torch.device('cpu')) == 'torch'\n"
-        "kernels.get_backend('torch')\n"
+        "assert kernels.default_backend_name(torch.device('cpu')) == 'cpu'\n"
+        "kernels.get_backend('cpu'), kernels.get_backend('torch')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

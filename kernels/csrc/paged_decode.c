@@ -1,0 +1,114 @@
+/* Paged decode attention for the CPU: one query token per sequence over its paged K/V.
+ *
+ * The same contract as kernels.reference.paged_decode_attention, computed without copying K/V:
+ * each (sequence, KV head) task walks the sequence's block table and reads every cached key and
+ * value of its context exactly once, straight from the cache. Decode attention on a CPU is bound
+ * by memory traffic, and the torch path (gather, then fused attention) reads and writes the K/V
+ * once more on the way.
+ *
+ * Softmax is exact and in fp32: scores of a tile of positions are computed, the running maximum
+ * and sum are rescaled once per tile (online softmax), and the tile's probabilities weight the
+ * values. Caches are fp32 or bf16 (widened to fp32 on load); q and out are fp32.
+ *
+ * Built at run time by kernels/cpu_decode.py with the system C compiler; no torch headers.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TILE 128   /* positions per softmax tile */
+#define MAX_QHEADS 64 /* query heads one task may hold: the whole layer's, when span is all */
+#define MAX_DIM 256
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t bits = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* One task is a sequence and a run of its KV heads: all of them when the batch alone keeps every
+ * core busy (the task then streams whole cached rows, every byte it loads is used), one at a time
+ * when it does not (a few long sequences still spread over the cores). */
+#define DEFINE_DECODE(NAME, T, LOAD)                                                             \
+void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *block_tables,       \
+          int64_t table_stride, const int32_t *context_lens, int64_t batch, int64_t num_q_heads, \
+          int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, float *out,   \
+          int num_threads) {                                                                     \
+    const int64_t group = num_q_heads / num_kv_heads;                                            \
+    const int64_t row = num_kv_heads * head_dim; /* elements per cached token */                 \
+    const int64_t span = batch >= 8 ? num_kv_heads : 1; /* KV heads per task */                  \
+    const int64_t tasks = batch * (num_kv_heads / span);                                         \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads)")                   \
+    for (int64_t task = 0; task < tasks; task++) {                                               \
+        const int64_t b = task / (num_kv_heads / span), h0 = task % (num_kv_heads / span) * span; \
+        const int64_t nq = span * group; /* query heads of this task: h0*group .. +nq */         \
+        float qs[MAX_QHEADS][MAX_DIM], acc[MAX_QHEADS][MAX_DIM];                                 \
+        float score[MAX_QHEADS][TILE], run_max[MAX_QHEADS], run_sum[MAX_QHEADS];                 \
+        float kv[MAX_DIM];                                                                       \
+        const int64_t len = context_lens[b];                                                     \
+        const int32_t *table = block_tables + b * table_stride;                                  \
+        for (int64_t j = 0; j < nq; j++) {                                                       \
+            const float *src = q + (b * num_q_heads + h0 * group + j) * head_dim;                \
+            for (int64_t d = 0; d < head_dim; d++) { qs[j][d] = src[d] * scale; acc[j][d] = 0.f; } \
+            run_max[j] = -INFINITY;                                                              \
+            run_sum[j] = 0.f;                                                                    \
+        }                                                                                        \
+        for (int64_t t0 = 0; t0 < len; t0 += TILE) {                                             \
+            const int64_t n = len - t0 < TILE ? len - t0 : TILE;                                 \
+            for (int64_t i = 0; i < n; i++) {                                                    \
+                const int64_t pos = t0 + i;                                                      \
+                const T *kr = k_cache + ((int64_t)table[pos / block_size] * block_size           \
+                                         + pos % block_size) * row + h0 * head_dim;              \
+                for (int64_t hh = 0; hh < span; hh++) {                                          \
+                    for (int64_t d = 0; d < head_dim; d++) kv[d] = LOAD(kr[hh * head_dim + d]);  \
+                    for (int64_t g = 0; g < group; g++) {                                        \
+                        const float *qv = qs[hh * group + g];                                    \
+                        float s = 0.f;                                                           \
+                        _Pragma("omp simd reduction(+:s)")                                       \
+                        for (int64_t d = 0; d < head_dim; d++) s += qv[d] * kv[d];               \
+                        score[hh * group + g][i] = s;                                            \
+                    }                                                                            \
+                }                                                                                \
+            }                                                                                    \
+            for (int64_t j = 0; j < nq; j++) {                                                   \
+                float m = run_max[j];                                                            \
+                for (int64_t i = 0; i < n; i++) m = score[j][i] > m ? score[j][i] : m;           \
+                const float correction = expf(run_max[j] - m); /* 0 on the first tile */         \
+                float sum = 0.f;                                                                 \
+                for (int64_t i = 0; i < n; i++) { score[j][i] = expf(score[j][i] - m); sum += score[j][i]; } \
+                run_sum[j] = run_sum[j] * correction + sum;                                      \
+                run_max[j] = m;                                                                  \
+                if (correction != 1.f)                                                           \
+                    for (int64_t d = 0; d < head_dim; d++) acc[j][d] *= correction;              \
+            }                                                                                    \
+            for (int64_t i = 0; i < n; i++) {                                                    \
+                const int64_t pos = t0 + i;                                                      \
+                const T *vr = v_cache + ((int64_t)table[pos / block_size] * block_size           \
+                                         + pos % block_size) * row + h0 * head_dim;              \
+                for (int64_t hh = 0; hh < span; hh++) {                                          \
+                    for (int64_t d = 0; d < head_dim; d++) kv[d] = LOAD(vr[hh * head_dim + d]);  \
+                    for (int64_t g = 0; g < group; g++) {                                        \
+                        float *a = acc[hh * group + g];                                          \
+                        const float p = score[hh * group + g][i];                                \
+                        _Pragma("omp simd")                                                      \
+                        for (int64_t d = 0; d < head_dim; d++) a[d] += p * kv[d];                \
+                    }                                                                            \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int64_t j = 0; j < nq; j++) {                                                       \
+            float *dst = out + (b * num_q_heads + h0 * group + j) * head_dim;                    \
+            const float inv = 1.f / run_sum[j];                                                  \
+            for (int64_t d = 0; d < head_dim; d++) dst[d] = acc[j][d] * inv;                     \
+        }                                                                                        \
+    }                                                                                            \
+}
+
+#define LOAD_F32(x) (x)
+#define LOAD_BF16(x) bf16_to_f32(x)
+DEFINE_DECODE(paged_decode_f32, float, LOAD_F32)
+DEFINE_DECODE(paged_decode_bf16, uint16_t, LOAD_BF16)
+
+int max_q_heads(void) { return MAX_QHEADS; }
+int max_head_dim(void) { return MAX_DIM; }

@@ -1,0 +1,79 @@
+"""The compiled CPU decode kernel (kernels.cpu_decode) against the torch reference, its oracle.
+
+Unused cache memory is NaN (paged_case), so any read outside a sequence's context shows up.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from paged_case import make_paged_case, rel_err
+
+import kernels
+from kernels import cpu_decode, reference
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(cpu_decode.load() is None, reason="no C compiler with OpenMP")
+
+
+def both(lens: list[int], heads: int, kv_heads: int, dim: int, block_size: int,
+         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    case = make_paged_case(lens, block_size, kv_heads, dim, dtype=dtype, device=CPU)
+    q = torch.randn(len(lens), heads, dim)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, dim**-0.5)
+    return cpu_decode.paged_decode_attention(*args), reference.paged_decode_attention(*args)
+
+
+# Batches under 8 give each task one KV head, larger ones all of a sequence's heads: both paths.
+@pytest.mark.parametrize("lens", [[1, 300, 17], [5, 16, 129, 300, 1, 33, 64, 65, 250, 7]])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_decode_matches_the_reference_without_reading_unused_memory(
+    lens: list[int], heads: int, kv_heads: int, block_size: int
+) -> None:
+    out, ref = both(lens, heads, kv_heads, 64, block_size, torch.float32)
+    assert out.shape == ref.shape and rel_err(out, ref) < 1e-5
+
+
+def test_contexts_spanning_many_softmax_tiles_and_wide_heads() -> None:
+    out, ref = both([1000, 129, 128, 257], 16, 4, 128, 16, torch.float32)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_bf16_cache_widens_to_fp32_and_returns_the_query_dtype() -> None:
+    case = make_paged_case([40, 3, 170], 16, 2, 64, dtype=torch.bfloat16, device=CPU)
+    q = torch.randn(3, 4, 64).to(torch.bfloat16)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, 0.125)
+    out = cpu_decode.paged_decode_attention(*args)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, reference.paged_decode_attention(*args)) < 1e-2
+
+
+def test_the_cpu_backend_takes_the_strided_query_view_the_model_passes() -> None:
+    case = make_paged_case([40, 3, 70], 16, 2, 16, dtype=torch.float32, device=CPU)
+    qkv = torch.randn(3, 4 + 2 + 2, 16)  # q heads, then k and v heads, as the fused projection
+    args = (qkv[:, :4], case.k_cache, case.v_cache, case.block_tables, case.context_lens, 0.25)
+    backend = kernels.get_backend("cpu")
+    assert backend.name == "cpu"
+    assert rel_err(backend.decode(*args), reference.paged_decode_attention(*args)) < 1e-5
+
+
+def test_without_the_kernel_the_cpu_backend_is_the_torch_path() -> None:
+    code = (
+        "import kernels\n"
+        "b = kernels.get_backend('cpu')\n"
+        "assert b.name == 'torch', b.name\n"
+    )
+    env = {**os.environ, "PAGEWIRE_CPU_DECODE": "0"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_a_missing_compiler_means_no_kernel_not_an_error(tmp_path) -> None:
+    code = "from kernels import cpu_decode\nassert cpu_decode.load() is None\n"
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"),
+           "PAGEWIRE_KERNEL_CACHE": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
