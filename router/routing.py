@@ -4,7 +4,9 @@ Every decision reads, in one EVALSHA, for each registered worker: whether its he
 exists (a lapsed heartbeat means it is never chosen), how many leading blocks of the prompt its
 prefix index holds (the chained block hash names a block's whole prefix, so the run stops at the
 first miss), and the load figures its scheduler publishes every step. Worker membership and
-block size change rarely, so they are cached here and re-read every ``refresh_s`` seconds.
+block size change rarely, so they are cached here and re-read every ``refresh_s`` seconds. With
+several scheduler groups, the candidates are the workers of the live groups only (``eligible``,
+given by ``router.schedulers``): a worker whose scheduler is gone is never chosen.
 
 Policies:
 
