@@ -55,6 +55,7 @@ class WorkerConfig(CommonConfig):
     threads: int = opt(0, "torch CPU threads. 0: torch's default.")
     heartbeat_s: float = opt(2.0, "Seconds between registry heartbeats (TTL is 3x).")
     load_format: str = opt("auto", "auto (safetensors from --model), or dummy (random weights from config.json).")
+    group: str = opt("default", "Worker group to join: a scheduler without --workers drives the registered workers of its --group.")
 
 
 @dataclass
@@ -81,7 +82,7 @@ class RouterConfig(CommonConfig):
     served_model_name: str = opt("", "Name clients use for the model. Empty: the directory name.")
     host: str = opt("127.0.0.1", "Address to listen on.")
     port: int = opt(0, "Port to listen on (0: any free port).")
-    scheduler: str = opt("", "Scheduler address (host:port).")
+    scheduler: str = opt("", "One fixed scheduler for every request (host:port). Empty: one per live worker group, found in Redis (--redis-url).")
     max_prompt_chars: int = opt(1 << 20, "Longest prompt text accepted, in characters.")
     resume_timeout_s: float = opt(60.0, "How long to keep re-attaching to a restarting scheduler.")
     http_port: int = opt(-1, "Port for the OpenAI-compatible HTTP API (0: any free port; -1: off).")

@@ -119,15 +119,21 @@ class Stack:
                 "--redis-url", self.redis_url, *(extra or [])]
         return await self.start_service(name, "worker_svc.server", args, port, timeout=300)
 
-    async def start_scheduler(self, workers: list[Service], extra: list[str] | None = None) -> Service:
+    async def start_scheduler(
+        self, workers: list[Service], extra: list[str] | None = None, name: str = "scheduler"
+    ) -> Service:
         port = free_port()
         args = ["--port", str(port), "--redis-url", self.redis_url,
                 "--workers", ",".join(w.address for w in workers), *(extra or [])]
-        return await self.start_service("scheduler", "scheduler_svc.server", args, port)
+        return await self.start_service(name, "scheduler_svc.server", args, port)
 
-    async def start_router(self, scheduler: Service, port: int = 0, extra: list[str] | None = None) -> Service:
+    async def start_router(
+        self, scheduler: Service | None, port: int = 0, extra: list[str] | None = None
+    ) -> Service:
+        """A router bound to ``scheduler``, or (None) to every scheduler group found in Redis."""
         port = port or free_port()
-        args = ["--model", self.model, "--port", str(port), "--scheduler", scheduler.address,
+        fixed = ["--scheduler", scheduler.address] if scheduler is not None else []
+        args = ["--model", self.model, "--port", str(port), *fixed,
                 "--redis-url", self.redis_url, *(extra or [])]
         return await self.start_service("router", "router.server", args, port)
 

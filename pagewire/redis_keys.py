@@ -50,13 +50,19 @@ class RedisKeys:
         return f"{self.prefix}:worker:{worker_id}:load"
 
     # Schedulers: the lease that makes one scheduler the driver of a worker group (a second
-    # replica waits for it), and where routers find each group's scheduler.
+    # replica waits for it), and the group directory routers read: where each group's scheduler
+    # listens and which workers it drives, both written only by the lease holder (a group whose
+    # lease has lapsed is not live, whatever the directory still says).
     def scheduler_lease(self, group: str) -> str:
         return f"{self.prefix}:scheduler:{group}:lease"
 
     def schedulers(self) -> str:
         """Hash: worker group -> address of the scheduler holding its lease."""
         return f"{self.prefix}:schedulers"
+
+    def group_workers(self, group: str) -> str:
+        """Set: ids of the workers the group's scheduler drives."""
+        return f"{self.prefix}:scheduler:{group}:workers"
 
     def token_log(self, worker_id: str) -> str:
         """String: (request handle, token) int32 pairs appended once per step, oldest first --

@@ -16,7 +16,7 @@ from pagewire.v1 import common_pb2, generation_pb2, scheduler_pb2
 from router.errors import RequestError
 from router.generation import MAX_REQUEST_ID_CHARS
 from router.model import ServedModel
-from router.scheduler_link import SchedulerLink
+from router.placement import Placer
 
 POOLINGS = (common_pb2.POOLING_MEAN, common_pb2.POOLING_LAST)
 
@@ -49,10 +49,12 @@ async def prepare_embed(
 
 
 async def embed(
-    link: SchedulerLink, submit: scheduler_pb2.SubmitRequest, normalize: bool
+    placer: Placer, submit: scheduler_pb2.SubmitRequest, normalize: bool
 ) -> generation_pb2.EmbedResponse:
     """Run a prepared embedding request; wait for the event that carries the vector."""
     rid = submit.request_id
+    placement = await placer.place(list(submit.prompt_token_ids))
+    submit.worker_id, link = placement.worker_id, placement.link
     queue = link.submit(submit)
     finished = False
     try:

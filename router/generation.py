@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -29,6 +29,7 @@ from pagewire.v1 import common_pb2, generation_pb2, scheduler_pb2
 from router.completion import CompletionStream
 from router.errors import RequestError
 from router.model import ServedModel
+from router.placement import Placer
 from router.scheduler_link import SchedulerLink
 
 MAX_REQUEST_ID_CHARS = 128
@@ -62,17 +63,14 @@ class Generator:
     def __init__(
         self,
         model: ServedModel,
-        link: SchedulerLink,
+        placer: Placer,
         limits: Limits,
         metrics: RouterMetrics | None = None,
-        route: Callable[[list[int]], Awaitable[str]] | None = None,
     ) -> None:
         self.model = model
-        self.link = link
+        self.placer = placer  # the worker for a prompt, and the link to its scheduler
         self.limits = limits
         self.metrics = metrics
-        # Picks the worker for a prompt (prefix-aware routing); None: the scheduler picks.
-        self.route = route
         self.draining = False  # SIGTERM: new requests are refused, those in flight finish
 
     async def prepare(
@@ -126,12 +124,17 @@ class Generator:
             for i in range(n)
         ]
         timers = [RequestTimer() for _ in range(n)]
-        worker_id = await self.route(plan.prompt) if self.route is not None else ""
+        try:
+            placement = await self.placer.place(plan.prompt)
+        except RequestError as e:
+            tracing.end_span(span, {}, error=e)
+            raise
+        link, worker_id = placement.link, placement.worker_id
         submits = [plan.submit_request(i) for i in range(n)]
         for sub in submits:
             sub.worker_id = worker_id
             sub.trace_context.update(tracing.inject(span))
-        queues = [self.link.submit(sub) for sub in submits]
+        queues = [link.submit(sub) for sub in submits]
         events = _Merged(queues)
         error: BaseException | None = None
         try:
@@ -143,7 +146,7 @@ class Generator:
                     completion = completions[i]
                     response = completion.on_event(event)
                     if completion.done:  # a stop string: the scheduler does not know yet
-                        self._release(plan, completion)
+                        _release(link, plan, completion)
                     if response is not None:
                         if response.token_ids:
                             timers[i].tokens_sent()
@@ -154,7 +157,7 @@ class Generator:
         finally:
             events.close()
             for completion in completions:
-                self._release(plan, completion)
+                _release(link, plan, completion)
             self._record(plan, span, completions, timers, error, worker_id)
 
     def _record(
@@ -182,9 +185,11 @@ class Generator:
             tracing.WORKER_ID: worker_id,
         }, error=error)
 
-    def _release(self, plan: Plan, completion: CompletionStream) -> None:
-        """Forget the completion; abort it downstream unless the scheduler finished it."""
-        self.link.finish(plan.completion_id(completion.index), abort=not completion.scheduler_done)
+
+
+def _release(link: SchedulerLink, plan: Plan, completion: CompletionStream) -> None:
+    """Forget the completion; abort it downstream unless the scheduler finished it."""
+    link.finish(plan.completion_id(completion.index), abort=not completion.scheduler_done)
 
 
 class _Merged:

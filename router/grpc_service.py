@@ -24,17 +24,17 @@ from router import embed
 from router.errors import RequestError
 from router.generation import Generator
 from router.model import ServedModel
-from router.scheduler_link import SchedulerLink
+from router.placement import Placer
 from router.wire_utf8 import find_invalid_utf8
 
 SERVICE = "pagewire.v1.Generation"
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, model: ServedModel, generator: Generator, link: SchedulerLink) -> None:
+    def __init__(self, model: ServedModel, generator: Generator, placer: Placer) -> None:
         self.model = model
         self.generator = generator
-        self.link = link
+        self.placer = placer
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -53,7 +53,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     ) -> generation_pb2.EmbedResponse:
         try:
             submit = await embed.prepare_embed(self.model, request)
-            return await embed.embed(self.link, submit, request.normalize)
+            return await embed.embed(self.placer, submit, request.normalize)
         except RequestError as e:
             await context.abort(e.code, str(e))
 

@@ -41,7 +41,7 @@ from router.openai_requests import (
     parse_body,
 )
 from router.openai_responses import Answer, TokenTexts
-from router.scheduler_link import SchedulerLink
+from router.placement import Placer
 
 log = logging.getLogger("router.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,11 +59,11 @@ _ERROR_CODES = {401: "invalid_api_key", 404: "model_not_found"}
 
 class OpenAIApi:
     def __init__(
-        self, model: ServedModel, generator: Generator, link: SchedulerLink, api_key: str
+        self, model: ServedModel, generator: Generator, placer: Placer, api_key: str
     ) -> None:
         self.model = model
         self.generator = generator
-        self.link = link
+        self.placer = placer
         self.api_key = api_key
         self.tokens = TokenTexts(model.tokenizer)
 
@@ -125,7 +125,7 @@ class OpenAIApi:
                     raise e.renamed(f"input[{i}]") from None
                 raise
         pairs = zip(submits, call.requests, strict=True)
-        results = await _all_or_none([embed.embed(self.link, s, r.normalize) for s, r in pairs])
+        results = await _all_or_none([embed.embed(self.placer, s, r.normalize) for s, r in pairs])
         data = [
             {"object": "embedding", "index": i, "embedding": _vector(r, call.base64)}
             for i, r in enumerate(results)
@@ -176,11 +176,11 @@ async def start(
     cfg: RouterConfig,
     model: ServedModel,
     generator: Generator,
-    link: SchedulerLink,
+    placer: Placer,
     tls: TLSFiles | None = None,
 ) -> web.AppRunner:
     """Serve the API on ``cfg.host:cfg.http_port``; the caller ``cleanup()``s the runner."""
-    api = OpenAIApi(model, generator, link, cfg.api_key)
+    api = OpenAIApi(model, generator, placer, cfg.api_key)
     # A body holds at most max_prompt_chars of text; JSON escapes take up to 12 bytes a character.
     runner = web.AppRunner(
         api.app(max_body_bytes=12 * cfg.max_prompt_chars + (1 << 20)),

@@ -4,7 +4,9 @@ Every decision reads, in one EVALSHA, for each registered worker: whether its he
 exists (a lapsed heartbeat means it is never chosen), how many leading blocks of the prompt its
 prefix index holds (the chained block hash names a block's whole prefix, so the run stops at the
 first miss), and the load figures its scheduler publishes every step. Worker membership and
-block size change rarely, so they are cached here and re-read every ``refresh_s`` seconds.
+block size change rarely, so they are cached here and re-read every ``refresh_s`` seconds. With
+several scheduler groups, the candidates are the workers of the live groups only (``eligible``,
+given by ``router.schedulers``): a worker whose scheduler is gone is never chosen.
 
 Policies:
 
@@ -47,7 +49,7 @@ import asyncio
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -164,16 +166,22 @@ class WorkerRouter:
         # since): work the published figures do not show yet.
         self._pending: dict[str, tuple[int, int]] = {}
 
-    async def choose(self, prompt_token_ids: Sequence[int]) -> Decision:
-        """The worker for this prompt. Raises NoWorkerAvailable when no heartbeat is live."""
+    async def choose(
+        self, prompt_token_ids: Sequence[int], eligible: Set[str] | None = None
+    ) -> Decision:
+        """The worker for this prompt, among ``eligible`` (None: every registered worker) -- the
+        workers a live scheduler drives. Raises NoWorkerAvailable when none has a live heartbeat."""
         await self._ensure_members()
         hashes = (
             prompt_block_hashes(prompt_token_ids, self._block_size)
             if self.policy == "prefix" and self._block_size else []
         )
         live = await self._read(hashes, len(prompt_token_ids))
+        if eligible is not None:
+            live = [w for w in live if w.worker_id in eligible]
         if not live:
-            raise NoWorkerAvailable(f"no live worker registered for model {self.keys.model!r}")
+            where = "registered" if eligible is None else "driven by a live scheduler"
+            raise NoWorkerAvailable(f"no live worker {where} for model {self.keys.model!r}")
         if self.policy == "round-robin":
             chosen, reason = live[self._turn % len(live)], "round-robin"
             self._turn += 1

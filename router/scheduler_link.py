@@ -35,6 +35,7 @@ class SchedulerLink:
         self.received: dict[str, int] = {}  # output tokens each request has been sent
         self.resuming: set[str] = set()
         self._outgoing: asyncio.Queue[scheduler_pb2.RouterMessage | None] = asyncio.Queue()
+        self._down_since: float | None = None  # when the stream last broke; None while up
 
     # ---- used by request handlers ---------------------------------------------------------
     def submit(self, sub: scheduler_pb2.SubmitRequest) -> asyncio.Queue[scheduler_pb2.TokenEvent]:
@@ -60,43 +61,56 @@ class SchedulerLink:
 
     # ---- the connection -------------------------------------------------------------------
     async def run(self) -> None:
-        """Keep a Connect stream open for the router's lifetime."""
-        loop = asyncio.get_running_loop()
-        down_since: float | None = None
-        async with serving.open_channel(self.address, self.tls) as channel:
-            stub = scheduler_pb2_grpc.SchedulerStub(channel)
-            while True:
-                outgoing: asyncio.Queue[scheduler_pb2.RouterMessage | None] = asyncio.Queue()
-                if down_since is not None:
-                    self._resume_all(outgoing)
-                while not self._outgoing.empty():  # queued while down, or never sent
-                    msg = self._outgoing.get_nowait()
-                    if msg is not None and (down_since is None or msg.HasField("abort")):  # submits became resumes
-                        outgoing.put_nowait(msg)
-                self._outgoing = outgoing
-                call = stub.Connect(_drain(outgoing))
-                try:
-                    async for batch in call:
-                        down_since = None
-                        for event in batch.events:
-                            self._dispatch(event)
-                        self._dispatch_tokens(batch)
-                except grpc.aio.AioRpcError as e:
-                    log.warning("scheduler stream broke: %s", e.code().name)
-                finally:
-                    call.cancel()
-                    # The broken stream's request reader may still wait on its queue: messages
-                    # not taken move to a fresh queue (so none is lost in the backoff), and a
-                    # sentinel ends the reader.
-                    fresh: asyncio.Queue[scheduler_pb2.RouterMessage | None] = asyncio.Queue()
-                    while not outgoing.empty():
-                        fresh.put_nowait(outgoing.get_nowait())
-                    outgoing.put_nowait(None)
-                    self._outgoing = fresh
-                down_since = down_since if down_since is not None else loop.time()
-                if loop.time() - down_since > self.resume_timeout_s:
-                    self._fail_all(f"scheduler {self.address} unreachable for {self.resume_timeout_s}s")
-                await asyncio.sleep(0.2)
+        """Keep a Connect stream open for the router's lifetime, at the current ``address``.
+
+        A new address (another scheduler took the group over) is dialled once the stream to the
+        old one breaks; the old holder exits when it loses the lease, so that is soon.
+        """
+        while True:
+            address = self.address
+            async with serving.open_channel(address, self.tls) as channel:
+                stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                while self.address == address:
+                    await self._stream(stub)
+                    self._check_timeout()
+                    await asyncio.sleep(0.2)
+
+    async def _stream(self, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
+        """One Connect stream, from (re)connecting until it breaks."""
+        outgoing: asyncio.Queue[scheduler_pb2.RouterMessage | None] = asyncio.Queue()
+        if self._down_since is not None:
+            self._resume_all(outgoing)
+        while not self._outgoing.empty():  # queued while down, or never sent
+            msg = self._outgoing.get_nowait()
+            if msg is not None and (self._down_since is None or msg.HasField("abort")):  # submits became resumes
+                outgoing.put_nowait(msg)
+        self._outgoing = outgoing
+        call = stub.Connect(_drain(outgoing))
+        try:
+            async for batch in call:
+                self._down_since = None
+                for event in batch.events:
+                    self._dispatch(event)
+                self._dispatch_tokens(batch)
+        except grpc.aio.AioRpcError as e:
+            log.warning("scheduler %s stream broke: %s", self.address, e.code().name)
+        finally:
+            call.cancel()
+            # The broken stream's request reader may still wait on its queue: messages not
+            # taken move to a fresh queue (so none is lost in the backoff), and a sentinel ends
+            # the reader.
+            fresh: asyncio.Queue[scheduler_pb2.RouterMessage | None] = asyncio.Queue()
+            while not outgoing.empty():
+                fresh.put_nowait(outgoing.get_nowait())
+            outgoing.put_nowait(None)
+            self._outgoing = fresh
+        if self._down_since is None:
+            self._down_since = asyncio.get_running_loop().time()
+
+    def _check_timeout(self) -> None:
+        assert self._down_since is not None
+        if asyncio.get_running_loop().time() - self._down_since > self.resume_timeout_s:
+            self._fail_all(f"scheduler {self.address} unreachable for {self.resume_timeout_s}s")
 
     def _resume_all(self, outgoing: asyncio.Queue[scheduler_pb2.RouterMessage | None]) -> None:
         for rid, sub in self.submits.items():

@@ -1,9 +1,11 @@
 """The router process: the public ``Generation`` API over gRPC, and OpenAI's HTTP API beside it.
 
 Both fronts share one request path (``router.generation``, ``router.embed``): validate, tokenize,
-submit to the scheduler over the router's one ``Connect`` stream, turn tokens back into text. The
-router keeps no state that must survive it.
-Start: ``python -m router.server --model DIR --scheduler HOST:PORT [--http-port N]``.
+place the request on a worker and its scheduler (``router.placement``), submit it over that
+scheduler's one ``Connect`` stream, turn tokens back into text. The router keeps no state that
+must survive it.
+Start: ``python -m router.server --model DIR --redis-url URL [--http-port N]`` (the schedulers of
+every worker group are found in Redis), or with ``--scheduler HOST:PORT`` for one fixed scheduler.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-import grpc
-import redis
 import redis.asyncio as aioredis
 
 from pagewire import auth, logs, metrics, serving, tracing
@@ -22,22 +22,30 @@ from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import Limits
 from pagewire.tls import TLSFiles
 from router import openai_http
-from router.errors import RequestError
 from router.generation import Generator
 from router.grpc_service import SERVICE, GenerationService, add_to_server
 from router.model import ServedModel
-from router.routing import NoWorkerAvailable, WorkerRouter
+from router.placement import Placer
+from router.routing import WorkerRouter
 from router.scheduler_link import SchedulerLink
+from router.schedulers import FixedScheduler, SchedulerGroups, Schedulers
 
 log = logging.getLogger("router")
 
 
 async def serve(cfg: pwconfig.RouterConfig) -> None:
-    if not cfg.model or not cfg.scheduler:
-        raise SystemExit("--model and --scheduler are required")
+    if not cfg.model or not (cfg.scheduler or cfg.redis_url):
+        raise SystemExit("--model, and --scheduler or --redis-url (to find the schedulers), are required")
     tls = TLSFiles.from_config(cfg)  # bad flags fail here, before the model loads
     model = ServedModel.load(cfg)
-    link = SchedulerLink(cfg.scheduler, cfg.resume_timeout_s, tls)
+    keys = RedisKeys(cfg.deployment, model.name)
+    redis_client = aioredis.Redis.from_url(cfg.redis_url) if cfg.redis_url else None
+    schedulers: Schedulers
+    if cfg.scheduler:
+        schedulers = FixedScheduler(SchedulerLink(cfg.scheduler, cfg.resume_timeout_s, tls))
+    else:
+        assert redis_client is not None
+        schedulers = SchedulerGroups(redis_client, keys, cfg.resume_timeout_s, tls)
     limits = Limits(
         max_n=cfg.max_n, max_logprobs=cfg.max_logprobs, max_stop_strings=cfg.max_stop_strings
     )
@@ -46,47 +54,31 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
     metrics_server = metrics.serve_metrics(cfg.metrics_port, registry, cfg.host)
     if metrics_server.port >= 0:
         log.info("metrics on http://%s:%d/metrics", cfg.host, metrics_server.port)
-    redis_client = aioredis.Redis.from_url(cfg.redis_url) if cfg.redis_url else None
-    route = None
-    if redis_client is not None:
-        router = WorkerRouter(redis_client, RedisKeys(cfg.deployment, model.name), cfg.routing_policy)
-
-        async def route(prompt: list[int]) -> str:
-            """The worker for this prompt; empty (the scheduler picks) if Redis is away."""
-            try:
-                decision = await router.choose(prompt)
-            except NoWorkerAvailable as e:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "", str(e)) from None
-            except redis.exceptions.RedisError as e:
-                log.warning("routing without Redis (%s): the scheduler places the request", e)
-                return ""
-            rm.observe_routed(cfg.routing_policy)
-            return decision.worker_id
-
-    generator = Generator(model, link, limits, rm, route)
+    router = None if redis_client is None else WorkerRouter(redis_client, keys, cfg.routing_policy)
+    placer = Placer(schedulers, router, rm)
+    generator = Generator(model, placer, limits, rm)
     server, health_servicer = serving.new_server(
         [SERVICE],
         interceptors=auth.interceptors(cfg.api_key),
         max_receive_bytes=serving.PUBLIC_MAX_RECEIVE_BYTES,
     )
-    add_to_server(GenerationService(model, generator, link), server)
+    add_to_server(GenerationService(model, generator, placer), server)
     port = serving.add_port(server, f"{cfg.host}:{cfg.port}", tls)
     await server.start()
-    await serving.wait_healthy(cfg.scheduler, timeout=300, tls=tls)
-    link_task = asyncio.create_task(link.run())
+    await schedulers.wait_ready(timeout=300)
+    links_task = asyncio.create_task(schedulers.run())
     http = None
     if cfg.http_port >= 0:
-        http = await openai_http.start(cfg, model, generator, link, tls)
+        http = await openai_http.start(cfg, model, generator, placer, tls)
     await serving.set_serving(health_servicer, [SERVICE], True)
-    log.info(
-        "router on %s:%d serving %s via scheduler %s", cfg.host, port, model.name, cfg.scheduler
-    )
+    log.info("router on %s:%d serving %s via %s", cfg.host, port, model.name,
+             f"scheduler {cfg.scheduler}" if cfg.scheduler else "the scheduler groups in Redis")
 
     async def drain() -> None:
         """SIGTERM: health is NOT_SERVING already; refuse new requests, let those in flight
         finish."""
         generator.draining = True
-        while link.in_flight:
+        while schedulers.in_flight:
             await asyncio.sleep(0.1)
 
     try:
@@ -95,8 +87,8 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
     finally:
         if http is not None:
             await http.cleanup()
-        link_task.cancel()
-        await asyncio.gather(link_task, return_exceptions=True)
+        links_task.cancel()
+        await asyncio.gather(links_task, return_exceptions=True)
         metrics_server.stop()
         if redis_client is not None:
             await redis_client.aclose()

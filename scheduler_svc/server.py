@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from pagewire import config as pwconfig
 from pagewire import logs, metrics, serving, tracing
+from pagewire.group_directory import publish_group
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.tls import TLSFiles
@@ -25,7 +26,7 @@ from scheduler_svc.engine import WorkerEngine
 from scheduler_svc.lease import Lease, LeaseLost
 from scheduler_svc.request import Request, RouterConn, Status
 from scheduler_svc.scheduler import SchedulerLimits
-from scheduler_svc.state_store import StateStore
+from scheduler_svc.state_store import REDIS_DOWN, StateStore
 
 log = logging.getLogger("scheduler")
 SERVICE = "pagewire.v1.Scheduler"
@@ -216,15 +217,26 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
 
 async def discover_workers(cfg: pwconfig.SchedulerConfig, r: aioredis.Redis) -> list[str]:
-    """Worker addresses from --workers, else the live entries of the Redis registry."""
+    """Worker addresses from --workers, else the live entries of the Redis registry that joined
+    this scheduler's --group (a worker registered without a group is in ``default``)."""
     if cfg.workers:
         return [w.strip() for w in cfg.workers.split(",") if w.strip()]
     if not cfg.model_name:
         raise SystemExit("either --workers or --model-name (to read the Redis registry) is required")
     keys = RedisKeys(cfg.deployment, cfg.model_name)
     ids = [i.decode() for i in await r.smembers(keys.workers())]
-    alive = await r.mget([keys.worker_alive(i) for i in ids]) if ids else []
-    return [a.decode() for a in alive if a]
+    if not ids:
+        return []
+    async with r.pipeline(transaction=False) as p:
+        for i in ids:
+            p.get(keys.worker_alive(i))
+            p.hget(keys.worker_info(i), "group")
+        replies = await p.execute()
+    alive, groups = replies[0::2], replies[1::2]
+    return [
+        a.decode() for a, g in zip(alive, groups, strict=True)
+        if a and (g.decode() if g else "default") == cfg.group
+    ]
 
 
 async def describe(address: str, tls: TLSFiles | None, timeout: float = 120.0) -> worker_pb2.WorkerInfo:
@@ -291,7 +303,6 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     lease = Lease(r, keys.scheduler_lease(cfg.group), cfg.lease_ttl_s)
     await lease.acquire()
     tasks = [asyncio.create_task(_hold(lease))]
-    await r.hset(keys.schedulers(), cfg.group, cfg.advertise or f"{cfg.host}:{port}")
     recovered = []
     for address in addresses:
         engine, reqs = await attach_worker(service, cfg, r, address, tls, sm)
@@ -300,6 +311,10 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     if recovered:
         tasks.append(asyncio.create_task(service.reap_orphans(recovered)))
     service.ready = True
+    # Routers that find schedulers in Redis send work here from now on (and re-attach the
+    # group's requests in flight, if this scheduler took the group over).
+    address = cfg.advertise or f"{cfg.host}:{port}"
+    tasks.append(asyncio.create_task(_publish(r, keys, cfg.group, lease, address, list(service.engines))))
     await serving.set_serving(health_servicer, [SERVICE], True)
     log.info("scheduler on %s:%d driving %d worker(s) of group %s", cfg.host, port,
              len(tasks) - 1, cfg.group)
@@ -324,6 +339,19 @@ async def _hold(lease: Lease) -> None:
     except LeaseLost:
         log.critical("lost the scheduler lease %s: exiting", lease.key)
         os._exit(75)
+
+
+async def _publish(
+    r: aioredis.Redis, keys: RedisKeys, group: str, lease: Lease, address: str, worker_ids: list[str]
+) -> None:
+    """Keep the group's directory entry in Redis at every lease renewal (so it is back soon
+    after Redis restarts empty); the entry is written only while the lease is ours."""
+    while True:
+        try:
+            await publish_group(r, keys, group, lease.token, address, worker_ids)
+        except REDIS_DOWN:
+            pass  # Redis is away: the next round writes it
+        await asyncio.sleep(lease.ttl_ms / 3000)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

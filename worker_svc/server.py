@@ -153,6 +153,7 @@ async def register(cfg: pwconfig.WorkerConfig, info: worker_pb2.WorkerInfo, addr
         "block_size": info.block_size,
         "num_blocks": info.num_blocks,
         "max_model_len": info.max_model_len,
+        "group": cfg.group,
         "pid": os.getpid(),
     }
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -13,11 +14,38 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pagewire import serving
 from pagewire.launcher import Stack, start_stack
 from pagewire.redis_keys import RedisKeys
+from pagewire.redis_server import start_redis
 from pagewire.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 
 def launch(model: Path, log_dir: Path, **kwargs: object) -> Stack:
     return asyncio.run(start_stack(str(model), log_dir=log_dir, **kwargs))  # type: ignore[arg-type]
+
+
+def launch_groups(
+    model: Path, log_dir: Path, groups: list[str], worker_args: list[str], scheduler_args: list[str]
+) -> Stack:
+    """Redis, then per group a worker ``worker-<g>`` and its scheduler ``scheduler-<g>``
+    (``--group g``), then one router with no fixed scheduler: it finds the groups in Redis."""
+
+    async def start() -> Stack:
+        stack = Stack(model=str(model), log_dir=log_dir)
+        try:
+            stack.redis_url = os.environ.get("REDIS_URL", "")
+            if not stack.redis_url:
+                stack.redis = start_redis()
+                stack.redis_url = stack.redis.url
+            for g in groups:
+                worker = await stack.start_worker(f"worker-{g}", worker_args)
+                await stack.start_scheduler(
+                    [worker], [*scheduler_args, "--group", g], name=f"scheduler-{g}")
+            await stack.start_router(None)
+        except BaseException:
+            stack.stop()
+            raise
+        return stack
+
+    return asyncio.run(start())
 
 
 def redis_keys(model: Path) -> RedisKeys:

@@ -1,0 +1,172 @@
+"""The schedulers a router submits to: one fixed scheduler, or one per live worker group.
+
+``--scheduler H:P`` names a single scheduler that takes every request (:class:`FixedScheduler`,
+the one-group deployment). Without it, :class:`SchedulerGroups` reads the group directory in Redis
+(``pagewire.group_directory``: each live group's scheduler address and its workers) every
+``refresh_s`` seconds and keeps one :class:`SchedulerLink` per live group. A request is placed on a
+worker by the routing policy over the workers of live groups only, then submitted on the link of
+that worker's group.
+
+A link outlives its group's lease while it has requests in flight: when the group's scheduler
+restarts, or a standby takes the lease over at another address (the link is pointed there on the
+next read), those requests re-attach as with a single scheduler. An idle link of a group that is
+no longer live is closed; the group's link is made again when it comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+import redis
+import redis.asyncio as aioredis
+
+from pagewire import serving
+from pagewire.group_directory import Group, read_live_groups
+from pagewire.redis_keys import RedisKeys
+from pagewire.tls import TLSFiles
+from router.scheduler_link import SchedulerLink
+
+log = logging.getLogger("router.schedulers")
+
+
+class Schedulers(Protocol):
+    """What request placement needs from the router's schedulers."""
+
+    @property
+    def eligible(self) -> frozenset[str] | None:
+        """Worker ids routing may choose; None: any registered worker."""
+
+    def link_for(self, worker_id: str) -> SchedulerLink | None:
+        """The link of the scheduler that drives ``worker_id``; None if no live one does."""
+
+    def fallback(self) -> SchedulerLink | None:
+        """A link to use when routing cannot choose a worker (Redis away): its scheduler picks."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Return once a scheduler is reachable; raise TimeoutError after ``timeout`` s."""
+
+    async def run(self) -> None:
+        """Keep the links connected (and, for groups, up to date) until cancelled."""
+
+
+class FixedScheduler:
+    """``--scheduler H:P``: one scheduler, whatever worker a request is routed to."""
+
+    eligible = None
+
+    def __init__(self, link: SchedulerLink) -> None:
+        self.link = link
+
+    def link_for(self, worker_id: str) -> SchedulerLink:
+        return self.link
+
+    def fallback(self) -> SchedulerLink:
+        return self.link
+
+    @property
+    def in_flight(self) -> int:
+        return self.link.in_flight
+
+    async def wait_ready(self, timeout: float) -> None:
+        await serving.wait_healthy(self.link.address, timeout, tls=self.link.tls)
+
+    async def run(self) -> None:
+        await self.link.run()
+
+
+class SchedulerGroups:
+    """One link per live worker group, kept in step with the group directory in Redis."""
+
+    def __init__(
+        self, r: aioredis.Redis, keys: RedisKeys, resume_timeout_s: float,
+        tls: TLSFiles | None = None, refresh_s: float = 1.0,
+    ) -> None:
+        self.redis, self.keys, self.tls = r, keys, tls
+        self.resume_timeout_s, self.refresh_s = resume_timeout_s, refresh_s
+        self.links: dict[str, SchedulerLink] = {}  # group -> link (live groups, and busy ones)
+        self.live: list[Group] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._group_of: dict[str, str] = {}  # worker id -> its live group
+
+    @property
+    def eligible(self) -> frozenset[str]:
+        return frozenset(self._group_of)
+
+    def link_for(self, worker_id: str) -> SchedulerLink | None:
+        group = self._group_of.get(worker_id)
+        return self.links.get(group) if group is not None else None
+
+    def fallback(self) -> SchedulerLink | None:
+        links = [self.links[g.name] for g in self.live if g.name in self.links]
+        return min(links, key=lambda link: link.in_flight, default=None)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(link.in_flight for link in self.links.values())
+
+    async def wait_ready(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.live:
+            if loop.time() > deadline:
+                raise TimeoutError(f"no live scheduler group in Redis after {timeout}s")
+            with contextlib.suppress(redis.exceptions.RedisError):
+                await self.refresh()
+            if not self.live:
+                await asyncio.sleep(min(self.refresh_s, 0.2))
+        await serving.wait_healthy(self.live[0].address, deadline - loop.time(), tls=self.tls)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    await self.refresh()
+                except redis.exceptions.RedisError as e:  # keep the last view until Redis is back
+                    log.warning("reading the group directory failed: %s", e)
+                await asyncio.sleep(self.refresh_s)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop every link (requests still on them get no more events)."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self.links.clear()
+
+    async def refresh(self) -> None:
+        """Read the group directory and bring the links and the worker map in step with it."""
+        self.apply(await read_live_groups(self.redis, self.keys))
+
+    def apply(self, groups: list[Group]) -> None:
+        live = {g.name for g in groups}
+        for g in groups:
+            link = self.links.get(g.name)
+            if link is None:
+                log.info("scheduler group %s at %s: %d worker(s)", g.name, g.address, len(g.workers))
+                self._open(g)
+            elif link.address != g.address:  # a standby took the group over
+                log.info("scheduler group %s moved from %s to %s", g.name, link.address, g.address)
+                link.address = g.address
+        for name in [n for n, link in self.links.items() if n not in live and not link.in_flight]:
+            log.info("scheduler group %s is gone: closing its link", name)
+            self._tasks.pop(name).cancel()
+            del self.links[name]
+        group_of: dict[str, str] = {}
+        for g in groups:  # sorted by name: a worker two groups claim stays with the first
+            for w in g.workers:
+                group_of.setdefault(w, g.name)
+        self._group_of, self.live = group_of, groups
+
+    def _open(self, g: Group) -> None:
+        link = SchedulerLink(g.address, self.resume_timeout_s, self.tls)
+        self.links[g.name] = link
+        self._tasks[g.name] = asyncio.create_task(link.run(), name=f"scheduler-link-{g.name}")
