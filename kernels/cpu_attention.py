@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.reference import write_kv
+from kernels import reference
 
 __all__ = [
     "write_kv", "paged_decode_attention", "paged_extend_attention", "decode_groups",
@@ -53,6 +53,19 @@ def _token_slots(block_table: Tensor, context_lens: Tensor, length: int, block_s
     pos = torch.minimum(pos[None, :], (context_lens[:, None] - 1).to(pos.dtype))
     blocks = block_table.gather(1, pos // block_size).to(torch.int64)
     return blocks * block_size + pos % block_size
+
+
+def write_kv(
+    key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+) -> None:
+    """Same contract as :func:`kernels.reference.write_kv`. The worker never pads a step, so the
+    common case has no slot to skip: one ``index_copy_`` per cache, no masked copies of K/V."""
+    if slot_mapping.numel() and bool((slot_mapping < 0).any()):
+        reference.write_kv(key, value, k_cache, v_cache, slot_mapping)
+        return
+    slots = slot_mapping.long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
 
 
 class _Workspace:

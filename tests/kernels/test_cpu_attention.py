@@ -122,3 +122,17 @@ def test_extend_attends_to_the_chunks_own_kv_when_there_is_no_prefix() -> None:
         case.v_cache[table] = float("nan")
     out = cpu_attention.paged_extend_attention(*args, plan=plan, new_kv=(new_k, new_v))
     assert rel_err(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("skip_one", [False, True])
+def test_write_kv_stores_like_the_reference_with_and_without_skipped_slots(skip_one: bool) -> None:
+    shape = (6, 4, 2, 8)
+    key, value = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    slots = torch.tensor([3, 9, 17, 22, 0])
+    if skip_one:
+        slots[1] = -1
+    ours = [torch.zeros(shape), torch.zeros(shape)]
+    theirs = [torch.zeros(shape), torch.zeros(shape)]
+    cpu_attention.write_kv(key, value, *ours, slots)
+    reference.write_kv(key, value, *theirs, slots)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
