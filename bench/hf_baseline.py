@@ -48,11 +48,12 @@ class HfRun:
         return {**asdict(self), "output_throughput": self.output_throughput}
 
 
-def load_model(model_dir: str | Path, threads: int) -> PreTrainedModel:
-    """Load in float32 for the CPU with ``threads`` intra-op threads (the worker gets the same)."""
+def load_model(model_dir: str | Path, threads: int, dtype: str = "float32") -> PreTrainedModel:
+    """Load in ``dtype`` (float32 by default, what the worker runs on a CPU) with ``threads``
+    intra-op threads (the worker gets the same)."""
     if threads > 0:
         torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
     return model.eval()
 
 
@@ -119,12 +120,13 @@ def run_baseline(
     single_limit: int = 0,
     progress: bool = True,
     repeats: int = 1,
+    dtype: str = "float32",
 ) -> list[HfRun]:
     """Every mode on the same requests, ``repeats`` times each, keeping the median run by tok/s.
 
     Batch size 1 may be capped to the first ``single_limit`` requests (it is by far the slowest).
     """
-    model = load_model(model_dir, threads)
+    model = load_model(model_dir, threads, dtype)
     warm_up(model, requests)
     runs = []
     for bs in batch_sizes:
@@ -148,6 +150,7 @@ def main() -> None:
     p.add_argument("--output-len-range", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--single-limit", type=int, default=0, help="cap batch-size-1 to N requests")
     p.add_argument("--repeats", type=int, default=1, help="runs per mode; the median is reported")
     p.add_argument("--out", default="bench_hf_baseline.json")
@@ -157,7 +160,7 @@ def main() -> None:
     requests = make_requests(spec, model_vocab_size(args.model))
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     runs = run_baseline(args.model, requests, sizes, args.threads, args.single_limit,
-                        repeats=args.repeats)
+                        repeats=args.repeats, dtype=args.dtype)
     for r in runs:
         print(f"{r.mode:<12} {r.requests:>4} req {r.output_tokens:>6} tok {r.wall_s:>8.2f} s "
               f"{r.output_throughput:>8.1f} tok/s")

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads for the worker and for transformers (default: all cores)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and KV cache, for the worker and for transformers alike")
     p.add_argument("--num-blocks", type=int, default=0,
                    help="worker KV blocks; 0: enough for every request at once (no preemption)")
     p.add_argument("--worker-args", default="", help="extra worker flags, one shell-quoted string")
@@ -102,7 +104,8 @@ def worker_args(args: argparse.Namespace, requests: list[BenchRequest]) -> list[
     blocks = args.num_blocks or sum(
         math.ceil((r.input_len + r.output_len) / BLOCK_SIZE) for r in requests
     ) + 64
-    return ["--threads", str(args.threads), "--num-blocks", str(blocks), *shlex.split(args.worker_args)]
+    return ["--threads", str(args.threads), "--num-blocks", str(blocks), "--dtype", args.dtype,
+            *shlex.split(args.worker_args)]
 
 
 @asynccontextmanager
@@ -191,7 +194,7 @@ def environment(args: argparse.Namespace) -> dict[str, object]:
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": platform.node(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "threads": args.threads}
+            "transformers": transformers.__version__, "threads": args.threads, "dtype": args.dtype}
 
 
 async def main_async(args: argparse.Namespace) -> dict:

@@ -21,7 +21,7 @@ def compare(
     """Run the baseline modes, print the table, return it as JSON-ready rows plus the verdict."""
     sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b.strip()]
     hf_runs = run_baseline(args.model, requests, sizes, args.threads, args.hf_single_limit,
-                           progress=not args.no_progress, repeats=args.repeats)
+                           progress=not args.no_progress, repeats=args.repeats, dtype=args.dtype)
     rows = [pagewire_row(pagewire_point)] + [hf_row(r) for r in hf_runs]
     pw_tps = rows[0]["output_throughput"]
     for row in rows:
@@ -33,7 +33,7 @@ def compare(
         "goal_ratio": GOAL_RATIO,
         "goal_met": bool(best and best["pagewire_ratio"] >= GOAL_RATIO),
     }
-    print(format_table(rows, verdict, args.threads))
+    print(format_table(rows, verdict, args.threads, args.dtype))
     return {"rows": rows, **verdict}
 
 
@@ -54,10 +54,10 @@ def hf_row(run: HfRun) -> dict[str, object]:
             "throughput_runs": run.throughput_runs}
 
 
-def format_table(rows: list[dict], verdict: dict, threads: int) -> str:
+def format_table(rows: list[dict], verdict: dict, threads: int, dtype: str = "float32") -> str:
     """Markdown, so it can be pasted into docs/BENCHMARKS.md as printed."""
     lines = [
-        f"\nSide by side (torch threads {threads}; output tok/s = requested output tokens / wall s;"
+        f"\nSide by side ({dtype}, torch threads {threads}; output tok/s = requested output tokens / wall s;"
         " median run shown, all runs' tok/s in the last column)",
         "",
         "| mode | requests | output tokens | generated tokens | wall s | output tok/s | pagewire × "
