@@ -47,6 +47,9 @@ class RedisKeys:
         return f"{self.prefix}:worker:{worker_id}:state"
 
     def worker_load(self, worker_id: str) -> str:
+        """Hash: the figures the scheduler publishes each step (running, waiting_tokens,
+        used_blocks, steps, ...) and ``draining`` (1: the worker's health is not SERVING; it gets
+        no new requests and routers never choose it)."""
         return f"{self.prefix}:worker:{worker_id}:load"
 
     # Schedulers: the lease that makes one scheduler the driver of a worker group (a second

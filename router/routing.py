@@ -6,7 +6,10 @@ prefix index holds (the chained block hash names a block's whole prefix, so the 
 first miss), and the load figures its scheduler publishes every step. Worker membership and
 block size change rarely, so they are cached here and re-read every ``refresh_s`` seconds. With
 several scheduler groups, the candidates are the workers of the live groups only (``eligible``,
-given by ``router.schedulers``): a worker whose scheduler is gone is never chosen.
+given by ``router.schedulers``): a worker whose scheduler is gone is never chosen. Nor is a
+worker whose scheduler has published ``draining=1`` in its load figures: it is shutting down (its
+health is NOT_SERVING), finishes what it holds and takes nothing new; when every candidate is
+draining the request fails at once with UNAVAILABLE, the status clients retry.
 
 Policies:
 
@@ -63,7 +66,7 @@ KV_SAFE_USE = 0.75
 
 # KEYS: every worker's heartbeat, then every worker's prefix index, then every worker's load.
 # ARGV: the prompt's block hashes in order. Returns five integers per worker: leading blocks
-# cached (-1: heartbeat gone), then running, waiting_tokens, used_blocks (0 where the scheduler has
+# cached (-1: heartbeat gone, -2: draining, and its prefix is not read), then running, waiting_tokens, used_blocks (0 where the scheduler has
 # published none) and steps (-1 where it has published none). The heartbeats are one MGET. A worker
 # lacking the first block, the common case, costs one HEXISTS (inside a script a fifth of an
 # HMGET's cost); a match is then read on in HMGETs of 4, 16, 64, ... (at most 1,024) hashes to
@@ -74,9 +77,13 @@ local alive = redis.call('MGET', unpack(KEYS, 1, nw))
 for w = 1, nw do
   local matched, f = -1, {}
   if alive[w] then
+    f = redis.call('HMGET', KEYS[2 * nw + w], 'running', 'waiting_tokens', 'used_blocks', 'steps',
+                   'draining')
     local index = KEYS[nw + w]
     matched = 0
-    if n > 0 and redis.call('HEXISTS', index, ARGV[1]) == 1 then
+    if f[5] == '1' then
+      matched = -2
+    elseif n > 0 and redis.call('HEXISTS', index, ARGV[1]) == 1 then
       local chunk, missed = 4, false
       matched = 1
       while matched < n and not missed do
@@ -89,7 +96,6 @@ for w = 1, nw do
         chunk = math.min(chunk * 4, 1024)  -- unpack() takes a few thousand values at most
       end
     end
-    f = redis.call('HMGET', KEYS[2 * nw + w], 'running', 'waiting_tokens', 'used_blocks', 'steps')
   end
   out[o + 1] = matched
   out[o + 2] = tonumber(f[1]) or 0
@@ -103,7 +109,8 @@ return out
 
 
 class NoWorkerAvailable(Exception):
-    """No registered worker has a live heartbeat (the caller answers UNAVAILABLE)."""
+    """No registered worker has a live heartbeat and takes new work (the caller answers
+    UNAVAILABLE)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,7 @@ class WorkerView:
     cached_tokens: int
     penalty: float  # load_penalty, plus what this router sent that the figures do not show yet
     steps: int  # its scheduler's step count when it published the figures (-1: none yet)
+    draining: bool = False  # shutting down: finishes what it holds, takes nothing new
 
 
 def load_penalty(waiting_tokens: int, running: int, used_blocks: int, total_blocks: int,
@@ -176,12 +184,15 @@ class WorkerRouter:
             prompt_block_hashes(prompt_token_ids, self._block_size)
             if self.policy == "prefix" and self._block_size else []
         )
-        live = await self._read(hashes, len(prompt_token_ids))
+        alive = await self._read(hashes, len(prompt_token_ids))
         if eligible is not None:
-            live = [w for w in live if w.worker_id in eligible]
+            alive = [w for w in alive if w.worker_id in eligible]
+        live = [w for w in alive if not w.draining]
         if not live:
             where = "registered" if eligible is None else "driven by a live scheduler"
-            raise NoWorkerAvailable(f"no live worker {where} for model {self.keys.model!r}")
+            draining = len(alive)
+            why = f" ({draining} draining: shutting down; retry)" if draining else ""
+            raise NoWorkerAvailable(f"no live worker {where} for model {self.keys.model!r}{why}")
         if self.policy == "round-robin":
             chosen, reason = live[self._turn % len(live)], "round-robin"
             self._turn += 1
@@ -228,14 +239,18 @@ class WorkerRouter:
 
     # ---- Redis -----------------------------------------------------------------------------
     async def _read(self, hashes: list[bytes], prompt_len: int) -> list[WorkerView]:
-        """The one round trip of a decision: the live workers, their cached run and load."""
+        """The one round trip of a decision: the live workers (draining ones flagged, their
+        prefix unread), their cached run and load."""
         if not self._members:
             return []
         flat = await self._script(keys=self._script_keys, args=hashes)
         live = []
         columns = (flat[0::5], flat[1::5], flat[2::5], flat[3::5], flat[4::5])
         for m, matched, running, waiting, used, steps in zip(self._members, *columns, strict=True):
-            if matched < 0:
+            if matched == -1:
+                continue
+            if matched == -2:
+                live.append(WorkerView(m.worker_id, 0, 0.0, steps, draining=True))
                 continue
             penalty = load_penalty(waiting, running, used, m.num_blocks, prompt_len)
             live.append(WorkerView(

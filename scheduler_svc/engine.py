@@ -8,6 +8,11 @@ Connect streams.
 
 When the worker's stream breaks or its heartbeat lapses, every request it held is handed back
 (``on_lost``) to be recomputed elsewhere, and the engine keeps trying to reconnect.
+
+A worker that is draining (``draining``, set from its health status) runs what it holds to the end
+but takes nothing new: between steps its waiting requests that never started are offered to the
+other workers (``on_draining``), and its load figures in Redis say ``draining=1`` so routers stop
+choosing it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import redis.asyncio as aioredis
@@ -52,6 +57,7 @@ class WorkerEngine:
         on_done: Callable[[Request], None],
         tls: TLSFiles | None = None,
         metrics: EngineMetrics | None = None,
+        on_draining: Callable[[WorkerEngine], Awaitable[None] | None] | None = None,
     ) -> None:
         self.address = address
         self.info = info
@@ -59,12 +65,17 @@ class WorkerEngine:
         self.scheduler = Scheduler(limits, BlockPool(info.num_blocks))
         self.on_lost = on_lost
         self.on_done = on_done
+        self.on_draining = on_draining
         self.tls = tls
         self.metrics = metrics
         self.wakeup = asyncio.Event()
         self.step_id = 0
         self.steps = 0
         self.connected = False
+        # The worker's health is not SERVING (it is shutting down, or still loading): it gets no
+        # new requests. Set by the scheduler service from the worker's health watch.
+        self.draining = False
+        self._draining_published: bool | None = None  # what Redis's load figures say (None: unknown)
         self.check_invariants = False
         self._release_ids: list[int] = []  # sequences the worker may forget, sent with the next step
         self._emitting: asyncio.Future[None] | None = None  # the latest step's write + events
@@ -122,6 +133,14 @@ class WorkerEngine:
     def load(self) -> int:
         return self.scheduler.load_tokens() if self.connected else 1 << 60
 
+    async def release(self, reqs: list[Request]) -> None:
+        """``reqs`` left this engine's scheduler for another worker: let this worker forget them
+        (with the next step), and wait until this worker's Redis writes so far have landed, so
+        that their admission here can never overwrite their admission there."""
+        self._release_ids.extend(r.seq_id for r in reqs)
+        self.wakeup.set()
+        await self.store.flush()
+
     # ---- the loop ------------------------------------------------------------------------
     async def run(self, redis_client: aioredis.Redis, heartbeat_s: float) -> None:
         """Drive the worker until cancelled; on loss hand its requests back and reconnect."""
@@ -160,6 +179,7 @@ class WorkerEngine:
 
     async def _lose_worker(self) -> None:
         self.connected = False
+        self._draining_published = None  # forget_worker drops the load figures
         reqs = self.scheduler.take_all()
         for req in reqs:
             self.store.dropped_table(req)
@@ -197,6 +217,13 @@ class WorkerEngine:
             self.wakeup.set()
             inflight: deque[ScheduledBatch] = deque()
             while True:
+                hand_over = self._hand_over()
+                if hand_over is not None:
+                    # Before anything else is scheduled: finish the steps in flight, so that the
+                    # hand-over happens at a step boundary, before a waiting request starts here.
+                    while inflight:
+                        await self._complete(inflight.popleft(), await self._receive(call))
+                    await hand_over
                 scheduled = False
                 if len(inflight) < PIPELINE_DEPTH and self.scheduler.has_work:
                     batch = self._schedule()
@@ -212,12 +239,24 @@ class WorkerEngine:
                     if self._release_ids:  # let the worker forget finished sequences now
                         await self._send(call, ScheduledBatch())
                         await self._receive(call)
+                    if self._draining_published is not self.draining:  # idle: no step publishes it
+                        self.store.publish_load(draining=int(self.draining))
+                        self._draining_published = self.draining
                     await self.settle()
                     self.wakeup.clear()
                     if not self.scheduler.has_work:
                         await self.wakeup.wait()
                     else:  # work that cannot run yet (blocks, tokens in flight): poll gently
                         await asyncio.wait([asyncio.ensure_future(self.wakeup.wait())], timeout=0.01)
+
+    def _hand_over(self) -> Awaitable[None] | None:
+        """Draining, with waiting requests that never started: ``on_draining`` gives the
+        hand-over to run before the next schedule() could start them here (None: no other
+        worker takes them, so they run here)."""
+        if (self.draining and self.on_draining is not None and self.scheduler.waiting
+                and self.scheduler.has_unstarted()):
+            return self.on_draining(self)
+        return None
 
     def _schedule(self) -> ScheduledBatch:
         """Decide the next step and queue its block-table writes."""
@@ -303,7 +342,9 @@ class WorkerEngine:
             prefix_queries=sched.pool.queries,
             prefix_hits=sched.pool.hits,
             steps=self.steps + 1,
+            draining=int(self.draining),
         )
+        self._draining_published = self.draining
         # What this step tells the routers is fixed now: later steps append to the same requests.
         plain: list[Request] = []
         events: list[tuple[Request, scheduler_pb2.TokenEvent]] = []

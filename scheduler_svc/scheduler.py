@@ -83,6 +83,11 @@ def _samples(s: ScheduledSeq) -> bool:
     return s.sample and s.request.pooling == common_pb2.POOLING_NONE
 
 
+def _unstarted(r: Request) -> bool:
+    """Nothing of ``r`` is here: no output token, no block, no token in flight."""
+    return not r.output and not r.block_table and not r.pending
+
+
 def _priority_key(r: Request) -> tuple[int, float]:
     return (-r.priority, r.arrival)
 
@@ -412,6 +417,23 @@ class Scheduler:
         self.pool = BlockPool(self.pool.num_blocks)
         self.freed = []
         return reqs
+
+    def has_unstarted(self) -> bool:
+        return any(_unstarted(r) for r in self.waiting)
+
+    def take_unstarted(self) -> list[Request]:
+        """Remove and return the waiting requests that have nothing here (the worker is
+        draining): no output token, no block, no token in flight. Moving one elsewhere costs
+        nothing -- at most a partial prefill computed before a preemption. A preempted request
+        with output stays: it is work in flight, and recomputes here as it would have anyway."""
+        moved = [r for r in self.waiting if _unstarted(r)]
+        if moved:
+            self.waiting = [r for r in self.waiting if not _unstarted(r)]
+        for req in moved:
+            req.epoch += 1  # results of a step still in flight no longer describe it
+            req.num_computed = 0
+            req.on_worker = False
+        return moved
 
     def drain_freed(self) -> list[tuple[Request, list[int]]]:
         freed, self.freed = self.freed, []

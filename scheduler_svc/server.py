@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import grpc
 import redis.asyncio as aioredis
@@ -27,6 +28,7 @@ from scheduler_svc.lease import Lease, LeaseLost
 from scheduler_svc.request import Request, RouterConn, Status
 from scheduler_svc.scheduler import SchedulerLimits
 from scheduler_svc.state_store import REDIS_DOWN, StateStore
+from scheduler_svc.worker_health import watch_health
 
 log = logging.getLogger("scheduler")
 SERVICE = "pagewire.v1.Scheduler"
@@ -54,13 +56,51 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     # ---- placement -----------------------------------------------------------------------
     def _pick(self, worker_id: str, exclude: WorkerEngine | None = None) -> WorkerEngine | None:
-        candidates = [e for e in self.engines.values() if e is not exclude]
+        """The router's choice if it takes new work, else the least loaded worker that does.
+        None when every worker (but ``exclude``) is draining: none of them may get new work."""
+        candidates = [e for e in self.engines.values() if e is not exclude and not e.draining]
         if not candidates:
             return None
         chosen = self.engines.get(worker_id)
-        if chosen is not None and chosen is not exclude and chosen.connected:
+        if chosen in candidates and chosen.connected:
             return chosen
         return min(candidates, key=lambda e: e.load())
+
+    def on_worker_health(self, engine: WorkerEngine, serving: bool) -> None:
+        """The worker's health status changed (``worker_health``): a worker that is not SERVING
+        is draining and gets no new requests; its engine hands its unstarted ones over."""
+        if engine.draining == (not serving):
+            return
+        engine.draining = not serving
+        engine.wakeup.set()  # publish the flag for routers, hand waiting requests over
+        if engine.draining:
+            log.warning("worker %s is not serving (draining or starting): no new requests go to it",
+                        engine.worker_id)
+        else:
+            log.info("worker %s is serving: it takes new requests", engine.worker_id)
+
+    def on_draining(self, engine: WorkerEngine) -> Awaitable[None] | None:
+        """A draining worker has waiting requests that never started: the hand-over that moves
+        them to the workers that take new work, or None when no such worker is connected -- then
+        they stay and run there, within its drain timeout (they were accepted, and the worker is
+        still computing). The engine runs the hand-over at a step boundary."""
+        if not any(e.connected and not e.draining for e in self.engines.values() if e is not engine):
+            return None
+        return self._hand_over(engine)
+
+    async def _hand_over(self, engine: WorkerEngine) -> None:
+        moved = engine.scheduler.take_unstarted()
+        if not moved:
+            return
+        await engine.release(moved)
+        placed = 0
+        for req in moved:
+            if req.finished:  # aborted while its release was written
+                continue
+            self.place(req, self._pick("", exclude=engine) or engine)
+            placed += 1
+        log.warning("worker %s is draining: moved %d waiting requests to other workers",
+                    engine.worker_id, placed)
 
     def place(self, req: Request, engine: WorkerEngine) -> None:
         self.placement[req.request_id] = engine
@@ -129,6 +169,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if self.draining:
             return grpc.StatusCode.UNAVAILABLE, "scheduler is shutting down"
         engine = self._pick(sub.worker_id)
+        if engine is None and self.engines:
+            # Queueing for a worker that is leaving would hold the client for an unknown time
+            # (it may never come back); UNAVAILABLE is the status clients retry, and nothing ran.
+            return (grpc.StatusCode.UNAVAILABLE,
+                    f"every worker of group {self.cfg.group!r} is draining (shutting down or "
+                    "starting): no new requests until one serves again; retry")
         if engine is None:
             return grpc.StatusCode.UNAVAILABLE, "no worker available"
         if len(engine.scheduler.waiting) >= self.cfg.max_queue:
@@ -267,7 +313,8 @@ async def attach_worker(
         priority_aging_s=cfg.priority_aging_s,
     )
     engine = WorkerEngine(address, info, store, limits, service.on_worker_lost, service.on_done,
-                          tls=tls, metrics=sm.for_worker(info.worker_id))
+                          tls=tls, metrics=sm.for_worker(info.worker_id),
+                          on_draining=service.on_draining)
     engine.check_invariants = cfg.check_invariants
     recovered = await engine.recover(await store.load())
     for req in recovered:
@@ -308,6 +355,8 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
         engine, reqs = await attach_worker(service, cfg, r, address, tls, sm)
         recovered += reqs
         tasks.append(asyncio.create_task(engine.run(r, cfg.heartbeat_check_s)))
+        tasks.append(asyncio.create_task(watch_health(
+            address, tls, functools.partial(service.on_worker_health, engine))))
     if recovered:
         tasks.append(asyncio.create_task(service.reap_orphans(recovered)))
     service.ready = True
@@ -317,7 +366,7 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     tasks.append(asyncio.create_task(_publish(r, keys, cfg.group, lease, address, list(service.engines))))
     await serving.set_serving(health_servicer, [SERVICE], True)
     log.info("scheduler on %s:%d driving %d worker(s) of group %s", cfg.host, port,
-             len(tasks) - 1, cfg.group)
+             len(service.engines), cfg.group)
 
     try:
         await serving.run_until_signalled(server, health_servicer, [SERVICE], drain=service.drain,

@@ -205,6 +205,35 @@ def test_no_live_worker_is_a_clear_error(redis_url: str) -> None:
     scenario(redis_url, body)
 
 
+@pytest.mark.parametrize("policy", ["prefix", "least-load", "round-robin"])
+def test_a_draining_worker_is_never_chosen_even_holding_the_whole_prompt(
+    redis_url: str, policy: str
+) -> None:
+    async def body(r: aioredis.Redis, k: RedisKeys) -> None:
+        await fleet(r, k, ["a", "b"])
+        tokens = prompt(10, 8 * BS)
+        await cache(r, k, "a", prompt_block_hashes(tokens, BS))
+        await publish(r, k, "b", waiting_tokens=5000)
+        await publish(r, k, "a", draining=1)  # what the scheduler writes once a's health drops
+        router = WorkerRouter(r, k, policy)
+        assert {(await router.choose(tokens)).worker_id for _ in range(4)} == {"b"}
+        await publish(r, k, "a", draining=0)  # serving again (a restarted instance)
+        assert (await router.choose(tokens)).worker_id == "a" or policy != "prefix"
+
+    scenario(redis_url, body)
+
+
+def test_only_draining_workers_left_is_a_clear_error(redis_url: str) -> None:
+    async def body(r: aioredis.Redis, k: RedisKeys) -> None:
+        await fleet(r, k, ["a", "b"])
+        await publish(r, k, "a", draining=1)
+        await r.delete(k.worker_alive("b"))
+        with pytest.raises(NoWorkerAvailable, match=r"\(1 draining: shutting down; retry\)"):
+            await WorkerRouter(r, k).choose(prompt(11, 40))
+
+    scenario(redis_url, body)
+
+
 def test_round_robin_cycles_over_the_live_workers(redis_url: str) -> None:
     async def body(r: aioredis.Redis, k: RedisKeys) -> None:
         await fleet(r, k, ["a", "b", "c"])
