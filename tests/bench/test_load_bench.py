@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
-sys.path.append(str(BENCH_DIR))  # appended: bench/kernels.py must not shadow the kernels package
+sys.path.append(str(BENCH_DIR))  # appended: bench/ scripts must not shadow packages
 
 import load  # noqa: E402
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
-# bench/ is a folder of scripts, not a package. Appended, not prepended: bench/kernels.py must
+# bench/ is a folder of scripts, not a package. Appended, not prepended: bench/triton_kernels.py must
 # not shadow the kernels package for the rest of the session.
 sys.path.append(str(BENCH_DIR))
 

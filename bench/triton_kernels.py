@@ -5,7 +5,7 @@ copy bandwidth, measured in the same run (a large device-to-device copy; bytes r
 over time), and by its time relative to torch SDPA over the same KV stored contiguously. Extend is
 compute-bound, so it is judged in TFLOP/s against SDPA with a causal mask.
 
-    python3 bench/kernels.py --out bench_kernels.json [--quick] [--sweep]
+    python3 bench/triton_kernels.py --out bench_kernels.json [--quick] [--sweep]
 
 Conventions: decode KV bytes = batch * context * kv_heads * head_dim * 2 (K and V) * dtype bytes
 (q/out ignored); extend FLOPs = 4 * head_dim * q_heads * (attended query-key pairs), causal pairs
@@ -274,7 +274,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="only sweep launch configs (tuning)")
     parser.add_argument("--block-size", type=int, default=16)
     args = parser.parse_args()
-    assert torch.cuda.is_available(), "bench/kernels.py needs a CUDA GPU"
+    assert torch.cuda.is_available(), "bench/triton_kernels.py needs a CUDA GPU"
     dtype = torch.bfloat16
     copy_bw = copy_bandwidth_gbps()
     if args.sweep:  # tuning run: sweeps only
