@@ -27,7 +27,7 @@ from pagewire.metrics import EngineMetrics
 from pagewire.tls import TLSFiles
 from pagewire.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler_svc.block_pool import BlockPool
-from scheduler_svc.request import Request, Status
+from scheduler_svc.request import Request, Status, send_next_tokens
 from scheduler_svc.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from scheduler_svc.state_store import CHECKPOINT_LOG_BYTES, REDIS_DOWN, StateStore, StoredPool
 
@@ -283,8 +283,7 @@ class WorkerEngine:
             embeddings = {e.seq_id: e.values for e in result.embeddings}
             touched = sched.update(batch, result.token_ids, result.logprobs, embeddings)
         sched.drain_freed()
-        for req in touched:
-            store.generated(req)
+        store.generated(touched)
         # Finished this step, or aborted since the last one (finished ones were recorded already).
         done = [r for r in touched if r.status is Status.FINISHED]
         done += [r for r in batch.released if r.aborted]
@@ -339,12 +338,7 @@ class WorkerEngine:
             await self._resync(generation, e)
         if previous is not None:
             await previous
-        for req in plain:
-            index = req.flushed
-            req.flushed = index + 1
-            conn = req.conn
-            if conn is not None:
-                conn.send_token(req.request_id, req.output[index], index)
+        send_next_tokens(plain)
         for req, event in events:
             req.flushed = event.index + len(event.token_ids)
             if req.conn is not None:

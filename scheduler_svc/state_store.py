@@ -290,20 +290,21 @@ class StateStore:
         self._blocks = (_pack(free), _pack(not_free), time.time(), _pack(cached), _pack(not_cached),
                         DIGEST_BYTES, gone, names, _pack(list(hashed.values())))
 
-    def generated(self, req: Request) -> None:
-        """Queue the request's output tokens Redis does not have yet (usually exactly one)."""
-        n = len(req.output) - req.queued
-        if n <= 0:
-            return
+    def generated(self, reqs: list[Request]) -> None:
+        """Queue the output tokens Redis does not have yet (usually exactly one per request)."""
         log = self._log
-        if n == 1:
-            log.append(req.seq_id)
-            log.append(req.output[-1])
-        else:
-            for token in req.output[req.queued:]:
+        for req in reqs:
+            out, queued = req.output, req.queued
+            n = len(out) - queued
+            if n == 1:
                 log.append(req.seq_id)
-                log.append(token)
-        req.queued = len(req.output)
+                log.append(out[-1])
+                req.queued = queued + 1
+            elif n > 1:
+                for token in out[queued:]:
+                    log.append(req.seq_id)
+                    log.append(token)
+                req.queued = len(out)
 
     def _checkpoint_one(self, req: Request) -> None:
         if req.queued > req.checkpointed:

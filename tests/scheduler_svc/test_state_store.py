@@ -31,7 +31,7 @@ def run(redis_url: str, steps) -> None:  # type: ignore[no-untyped-def]
 def sampled(store: StateStore, req: Request, tokens: list[int]) -> None:
     """The worker sampled ``tokens`` for ``req``: the engine appends them and queues the write."""
     req.output.extend(tokens)
-    store.generated(req)
+    store.generated([req])
     req.flushed = len(req.output)
 
 
