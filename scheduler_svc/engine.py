@@ -29,7 +29,13 @@ from pagewire.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.request import Request, Status, send_next_tokens
 from scheduler_svc.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
-from scheduler_svc.state_store import CHECKPOINT_LOG_BYTES, REDIS_DOWN, StateStore, StoredPool
+from scheduler_svc.state_store import (
+    CHECKPOINT_LOG_BYTES,
+    REDIS_DOWN,
+    StateStore,
+    StoredPool,
+    Write,
+)
 
 log = logging.getLogger("scheduler.engine")
 
@@ -315,7 +321,7 @@ class WorkerEngine:
             else:
                 events.append((req, self._event(req, worker_id)))
         self._emitting = asyncio.ensure_future(
-            self._emit_after(store.generation, store.write(), self._emitting, plain, events, done)
+            self._emit_after(store.generation, store.take(), plain, events, done)
         )
         self._record_step(batch, len(result.token_ids) if result is not None else 0)
         if self.check_invariants:
@@ -325,19 +331,17 @@ class WorkerEngine:
     async def _emit_after(
         self,
         generation: int,
-        written: asyncio.Future[None],
-        previous: asyncio.Future[None] | None,
+        write: Write,
         plain: list[Request],
         events: list[tuple[Request, scheduler_pb2.TokenEvent]],
         done: list[Request],
     ) -> None:
-        """Tokens leave only once Redis has them, and in step order."""
+        """Tokens leave only once Redis has them, and in step order (the step before finished
+        emitting before this one was taken: see _complete)."""
         try:
-            await written
+            await self.store.send(write)
         except REDIS_DOWN as e:
             await self._resync(generation, e)
-        if previous is not None:
-            await previous
         send_next_tokens(plain)
         for req, event in events:
             req.flushed = event.index + len(event.token_ids)

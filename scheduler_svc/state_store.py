@@ -96,6 +96,17 @@ return 1
 _NO_BLOCKS = (b"", b"", b"0", b"", b"", DIGEST_BYTES, b"", b"", b"")
 
 
+@dataclass
+class Write:
+    """One round trip's worth of queued changes (see StateStore.take)."""
+
+    pipe: Pipeline | None  # MULTI/EXEC of other commands, ending with the step script; or None
+    step: list[bytes | float | int] | None  # the step script's arguments, when sent alone
+    generation: int
+    previous: asyncio.Future[None] | None  # landed (or failed) once the write before it has
+    landed: asyncio.Future[None]
+
+
 def _pack(ids: list[int]) -> bytes:
     return array("i", ids).tobytes()
 
@@ -142,7 +153,7 @@ class StateStore:
                            k.worker_load(w))
         # Commands other than the step script, in order (None: none queued this write).
         self._pipe: Pipeline | None = None
-        self._last: asyncio.Future[None] | None = None  # the latest write in flight
+        self._last: asyncio.Future[None] | None = None  # the latest write's landed
         # Bumped by resync(): writes queued before it are covered by it and must not also land.
         self.generation = 0
         self._log = array("i")  # this write's (handle, token) pairs
@@ -378,31 +389,37 @@ class StateStore:
             args += (name, value)
         return args
 
-    def write(self) -> asyncio.Future[None]:
-        """Send everything queued so far, without waiting for it: in steady state one script call,
-        else one MULTI/EXEC pipeline that ends with it (one round trip per step either way).
-
-        Writes land in the order they were started (each waits for the one before), so the
-        caller can go on preparing the next step while Redis applies this one.
-        """
+    def take(self) -> Write:
+        """Everything queued so far, as one write to send: in steady state one script call, else
+        one MULTI/EXEC pipeline that ends with it (one round trip per step either way)."""
         step = self._take_step()
-        pipe, prev, generation = self._pipe, self._last, self.generation
-        self._pipe = None
+        pipe, self._pipe = self._pipe, None
         if pipe is not None and step is not None:
             pipe.execute_command("EVAL", *step)
+        w = Write(pipe, step, self.generation, self._last, asyncio.get_running_loop().create_future())
+        self._last = w.landed
+        return w
 
-        async def run() -> None:
-            if prev is not None and not prev.done():
-                await asyncio.wait([prev])  # its failure is its own caller's to handle
-            if generation != self.generation:
-                return
-            if pipe is not None:
-                await pipe.execute()
-            elif step is not None:
-                await self.r.execute_command("EVAL", *step)
+    async def send(self, w: Write) -> None:
+        """Send a write taken by :meth:`take`, after the one taken before it has landed (writes
+        land in the order they were taken), in the caller's task. Raises REDIS_DOWN on failure."""
+        try:
+            if w.previous is not None and not w.previous.done():
+                await w.previous  # its failure is its own caller's to handle
+            if w.generation != self.generation:
+                return  # a resync since it was taken rewrote everything it holds
+            if w.pipe is not None:
+                await w.pipe.execute()
+            elif w.step is not None:
+                await self.r.execute_command("EVAL", *w.step)
+        finally:
+            if not w.landed.done():
+                w.landed.set_result(None)
 
-        self._last = asyncio.ensure_future(run())
-        return self._last
+    def write(self) -> asyncio.Future[None]:
+        """take() and send() in a task of its own: the caller can go on preparing the next step
+        while Redis applies this one."""
+        return asyncio.ensure_future(self.send(self.take()))
 
     async def resync(self, instance_id: str, pool: BlockPool, reqs: list[Request]) -> None:
         """Rewrite everything Redis holds for this worker from memory, in one transaction.
