@@ -291,8 +291,7 @@ class WorkerEngine:
         sched.drain_freed()
         store.generated(touched)
         # Finished this step, or aborted since the last one (finished ones were recorded already).
-        done = [r for r in touched if r.status is Status.FINISHED]
-        done += [r for r in batch.released if r.aborted]
+        done = sched.finished_now + [r for r in batch.released if r.aborted]
         for req in done:
             store.finished(req)
         if store.log_bytes > CHECKPOINT_LOG_BYTES:
@@ -312,12 +311,12 @@ class WorkerEngine:
         # What this step tells the routers is fixed now: later steps append to the same requests.
         plain: list[Request] = []
         events: list[tuple[Request, scheduler_pb2.TokenEvent]] = []
-        worker_id = self.worker_id
+        worker_id, add_plain, finished = self.worker_id, plain.append, Status.FINISHED
         for req in touched:
-            if (req.sent and len(req.output) - req.sent == 1
-                    and req.status is not Status.FINISHED and not req.logprobs):
-                plain.append(req)  # the common case: one token, nothing else to say
-                req.sent += 1
+            sent = req.sent
+            if sent and len(req.output) - sent == 1 and req.status is not finished and not req.logprobs:
+                add_plain(req)  # the common case: one token, nothing else to say
+                req.sent = sent + 1
             else:
                 events.append((req, self._event(req, worker_id)))
         self._emitting = asyncio.ensure_future(

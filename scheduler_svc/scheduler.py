@@ -97,6 +97,7 @@ class Scheduler:
         # Blocks given back since the last drain, per request: what the state store must record.
         self.freed: list[tuple[Request, list[int]]] = []
         self.num_preemptions = 0
+        self.finished_now: list[Request] = []  # finished by the last update(), in its order
         self._eos = frozenset(limits.eos_token_ids)
         self._running_sorted = True
 
@@ -304,6 +305,7 @@ class Scheduler:
         """
         touched: list[Request] = []
         touch = touched.append
+        released_before = len(self._released)
         caching, bs = self.limits.prefix_caching, self.limits.block_size
         max_len, eos, finished = self.limits.max_model_len, self._eos, Status.FINISHED
         lps = iter(logprobs) if logprobs else itertools.repeat(None)
@@ -355,6 +357,7 @@ class Scheduler:
             if reason:
                 (self.running if req in self.running else self.waiting).remove(req)
                 self._finish(req, reason)
+        self.finished_now = self._released[released_before:]
         return touched
 
     def _stop_reason(self, req: Request, token: int) -> int:
