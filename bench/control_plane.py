@@ -90,6 +90,9 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
         sched = await stack.start_scheduler(
             [worker], ["--max-num-seqs", "1024", "--max-num-batched-tokens", "16384", "--log-level", "WARNING"]
         )
+        # The server's overall health is SERVING as soon as it listens; the Scheduler service
+        # only once it has attached its worker (a Connect before that is refused).
+        await serving.wait_healthy(sched.address, 60, service="pagewire.v1.Scheduler")
         r = redis.Redis.from_url(rs.url)
         load_key = RedisKeys("default", "null").worker_load("null-0")
         rows = []
