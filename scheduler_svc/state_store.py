@@ -3,15 +3,17 @@
 Per worker: a set of free blocks, a sorted set of cached unreferenced blocks (LRU by score), the
 prefix index (block hash -> block), which worker instance all that describes, and a token log.
 Per request: a hash (prompt, sampling, worker, priority, handle), its block table (a list) and
-its output tokens (a list).
+its output tokens (a string of packed int32).
 
 A step's new tokens go to the worker's token log, one APPEND of packed (handle, token) pairs,
 not one list push per request: Redis's work per step stays constant as the batch grows. The log
-is checkpointed into the per-request lists when it grows large, when a request finishes or moves,
-and at recovery; a request's output is its list followed by its entries in the log.
+is checkpointed into the per-request token strings (one APPEND of bytes each, nothing for Redis
+to parse per token) when it grows large, when a request finishes or moves, and at recovery; a
+request's output is its string followed by its entries in the log.
 
-Every change of a step is queued here and written as one MULTI/EXEC pipeline (one round trip per
-step, never per sequence), so a crash at any instant leaves Redis at a step boundary. Blocks are
+Every change of a step is queued here and written in one round trip per step, never per
+sequence: one script call (STEP_WRITE), inside a MULTI/EXEC when the step also has other
+commands, so a crash at any instant leaves Redis at a step boundary. Blocks are
 written as their final state after the step, which cannot get the order of intermediate moves
 wrong. The in-memory scheduler is authoritative between writes; Redis is what a restarted
 scheduler reloads and what routers read.
@@ -44,13 +46,15 @@ REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, O
 # argument (little-endian int32): redis-py's cost per argument, not Redis's, dominated at 256+
 # requests. One script call is atomic on its own, so a step with nothing else to write needs no
 # MULTI/EXEC around it. KEYS: the token log, free blocks, cached blocks, prefix index, load.
-# ARGV[1..4]: list appends -- the list names concatenated, their byte lengths, how many values each
-# list gets, the values (the names travel as data: every key shares the {deployment:model} hash
-# tag, so they are in the slot KEYS route the call to). ARGV[5]: bytes for the token log.
-# ARGV[6], ARGV[7]: blocks to add to / remove from the free set. ARGV[8]: the score of ARGV[9],
-# blocks to add to the cached set; ARGV[10]: blocks to remove from it. ARGV[11]: the hash width;
-# ARGV[12]: hashes to remove from the prefix index; ARGV[13], ARGV[14]: hashes to set, and their
-# blocks. ARGV[15...]: load figures, field and value pairs.
+# ARGV[1..4]: integers to push onto lists (block tables) -- the list names concatenated, their
+# byte lengths, how many values each list gets, the values (the names travel as data: every key
+# shares the {deployment:model} hash tag, so they are in the slot KEYS route the call to).
+# ARGV[5]: bytes for the token log. ARGV[6..8]: bytes to append to strings (requests' token
+# strings) -- names concatenated, their byte lengths, the bytes of each, the bytes concatenated.
+# ARGV[10], ARGV[11]: blocks to add to / remove from the free set. ARGV[12]: the score of
+# ARGV[13], blocks to add to the cached set; ARGV[14]: blocks to remove from it. ARGV[15]: the
+# hash width; ARGV[16]: hashes to remove from the prefix index; ARGV[17], ARGV[18]: hashes to set,
+# and their blocks. ARGV[19...]: load figures, field and value pairs.
 STEP_WRITE = """
 local function ints(packed)
   local out, pos = {}, 1
@@ -64,36 +68,42 @@ local function call(command, key, items, first, last)  -- in chunks: Lua's unpac
     redis.call(command, key, unpack(items, i, math.min(i + 4095, last)))
   end
 end
-local names, lengths, counts, values = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local at, pos = 1, 0
-local counted, all = ints(counts), ints(values)
-for i, len in ipairs(ints(lengths)) do
+local names, at, pos = ARGV[1], 1, 0
+local counted, all = ints(ARGV[3]), ints(ARGV[4])
+for i, len in ipairs(ints(ARGV[2])) do
   call('RPUSH', string.sub(names, at, at + len - 1), all, pos + 1, pos + counted[i])
   at, pos = at + len, pos + counted[i]
 end
 if #ARGV[5] > 0 then redis.call('APPEND', KEYS[1], ARGV[5]) end
-local free, taken = ints(ARGV[6]), ints(ARGV[7])
+local sizes, data = ints(ARGV[8]), ARGV[9]
+names, at, pos = ARGV[6], 1, 1
+for i, len in ipairs(ints(ARGV[7])) do
+  redis.call('APPEND', string.sub(names, at, at + len - 1), string.sub(data, pos, pos + sizes[i] - 1))
+  at, pos = at + len, pos + sizes[i]
+end
+local free, taken = ints(ARGV[10]), ints(ARGV[11])
 call('SADD', KEYS[2], free, 1, #free)
 call('SREM', KEYS[2], taken, 1, #taken)
-local cached, uncached = ints(ARGV[9]), ints(ARGV[10])
+local cached, uncached = ints(ARGV[13]), ints(ARGV[14])
 local scored = {}
-for i, b in ipairs(cached) do scored[2 * i - 1], scored[2 * i] = ARGV[8], b end
+for i, b in ipairs(cached) do scored[2 * i - 1], scored[2 * i] = ARGV[12], b end
 call('ZADD', KEYS[3], scored, 1, #scored)
 call('ZREM', KEYS[3], uncached, 1, #uncached)
-local width = tonumber(ARGV[11])
+local width = tonumber(ARGV[15])
 local gone = {}
-for i = 1, #ARGV[12] / width do gone[i] = string.sub(ARGV[12], (i - 1) * width + 1, i * width) end
+for i = 1, #ARGV[16] / width do gone[i] = string.sub(ARGV[16], (i - 1) * width + 1, i * width) end
 call('HDEL', KEYS[4], gone, 1, #gone)
-local hashed, entries = ints(ARGV[14]), {}
+local hashed, entries = ints(ARGV[18]), {}
 for i, b in ipairs(hashed) do
-  entries[2 * i - 1], entries[2 * i] = string.sub(ARGV[13], (i - 1) * width + 1, i * width), b
+  entries[2 * i - 1], entries[2 * i] = string.sub(ARGV[17], (i - 1) * width + 1, i * width), b
 end
 call('HSET', KEYS[4], entries, 1, #entries)
-if #ARGV > 14 then redis.call('HSET', KEYS[5], unpack(ARGV, 15)) end
+if #ARGV > 18 then redis.call('HSET', KEYS[5], unpack(ARGV, 19)) end
 return 1
 """
-# ARGV[6..14] of a step that moved no block.
+# ARGV[10..18] of a step that moved no block.
 _NO_BLOCKS = (b"", b"", b"0", b"", b"", DIGEST_BYTES, b"", b"", b"")
+_NO_APPENDS = (b"",) * 4
 
 
 @dataclass
@@ -162,7 +172,10 @@ class StateStore:
         self._keys: list[bytes] = []
         self._counts: list[int] = []
         self._values: list[int] = []
-        self._blocks: tuple[bytes | float | int, ...] = _NO_BLOCKS  # ARGV[6..14] of STEP_WRITE
+        # String appends (requests' tokens, packed int32): key i gets chunk i.
+        self._string_keys: list[bytes] = []
+        self._chunks: list[bytes] = []
+        self._blocks: tuple[bytes | float | int, ...] = _NO_BLOCKS  # ARGV[10..18] of STEP_WRITE
         self._load: dict[str, int] = {}
 
     # ---- start-up ----------------------------------------------------------------------
@@ -199,7 +212,7 @@ class StateStore:
         k = self.keys
         async with self.r.pipeline(transaction=False) as p:
             p.hgetall(k.request(rid))
-            p.lrange(k.request_tokens(rid), 0, -1)
+            p.get(k.request_tokens(rid))
             p.lrange(k.request_blocks(rid), 0, -1)
             info, tokens, blocks = await p.execute()
         if not info:
@@ -210,7 +223,7 @@ class StateStore:
             prompt=_unpack(info[b"prompt"]),
             params=params,
             priority=int(info[b"priority"]),
-            output=[int(t) for t in tokens],
+            output=_unpack(tokens or b""),
             block_table=[int(b) for b in blocks],
             finish_reason=int(info.get(b"finish_reason", 0)),
             num_cached=int(info.get(b"num_cached", 0)),
@@ -321,7 +334,8 @@ class StateStore:
         if req.queued > req.checkpointed:
             if not req.tokens_key:
                 req.tokens_key = self.keys.request_tokens(req.request_id)
-            self._append(req.tokens_key, req.output[req.checkpointed : req.queued])
+            self._string_keys.append(req.tokens_key.encode())
+            self._chunks.append(_pack(req.output[req.checkpointed : req.queued]))
             req.checkpointed = req.queued
 
     def checkpoint(self, reqs: list[Request], handles: bool = False) -> None:
@@ -352,24 +366,31 @@ class StateStore:
         """Per-worker load figures (running, waiting, blocks, preemptions) that routers read."""
         self._load.update(figures)
 
-    def _take_appends(self) -> tuple[bytes, bytes, bytes, bytes]:
-        if not self._keys:
-            return b"", b"", b"", b""
-        names = self._keys
-        appends = (b"".join(names), array("i", map(len, names)).tobytes(),
-                   array("i", self._counts).tobytes(), array("i", self._values).tobytes())
-        self._keys, self._counts, self._values = [], [], []
-        return appends
+    def _take_appends(self) -> tuple[bytes, ...]:
+        """ARGV[1..4] and ARGV[6..9] of STEP_WRITE (the token log's ARGV[5] goes between)."""
+        lists = strings = _NO_APPENDS
+        if self._keys:
+            names = self._keys
+            lists = (b"".join(names), array("i", map(len, names)).tobytes(),
+                     array("i", self._counts).tobytes(), array("i", self._values).tobytes())
+            self._keys, self._counts, self._values = [], [], []
+        if self._string_keys:
+            names, chunks = self._string_keys, self._chunks
+            strings = (b"".join(names), array("i", map(len, names)).tobytes(),
+                       array("i", map(len, chunks)).tobytes(), b"".join(chunks))
+            self._string_keys, self._chunks = [], []
+        return lists + strings
 
-    def _queue_script(self, appends: tuple[bytes, ...] = (b"",) * 4, log: bytes = b"",
+    def _queue_script(self, appends: tuple[bytes, ...] = _NO_APPENDS * 2, log: bytes = b"",
                       blocks: tuple[bytes | float | int, ...] = _NO_BLOCKS) -> None:
         # EVAL with the body, not EVALSHA: nothing to reload after a Redis restart; Redis caches
         # the compiled script by its hash anyway.
-        self._commands().eval(STEP_WRITE, len(self._step_keys), *self._step_keys, *appends, log, *blocks)
+        self._commands().eval(STEP_WRITE, len(self._step_keys), *self._step_keys, *appends[:4], log,
+                              *appends[4:], *blocks)
 
     def _flush_appends(self) -> None:
-        """Queue the pending list appends as one script call, keeping command order intact."""
-        if self._keys:
+        """Queue the pending list and string appends as one script call, keeping command order."""
+        if self._keys or self._string_keys:
             self._queue_script(self._take_appends())
 
     def _take_step(self) -> list[bytes | float | int] | None:
@@ -380,11 +401,11 @@ class StateStore:
             self.log_bytes += len(log)
             self._log = array("i")
         blocks, load = self._blocks, self._load
-        if not log and not appends[0] and blocks is _NO_BLOCKS and not load:
+        if not log and appends == _NO_APPENDS * 2 and blocks is _NO_BLOCKS and not load:
             return None
         self._blocks, self._load = _NO_BLOCKS, {}
         args: list[bytes | float | int] = [STEP_WRITE, len(self._step_keys), *self._step_keys,
-                                            *appends, log, *blocks]
+                                            *appends[:4], log, *appends[4:], *blocks]
         for name, value in load.items():
             args += (name, value)
         return args
@@ -432,6 +453,7 @@ class StateStore:
         self.generation += 1
         self._pipe, self._log = None, array("i")
         self._keys, self._counts, self._values = [], [], []
+        self._string_keys, self._chunks = [], []
         self._blocks, self._load = _NO_BLOCKS, {}
         live = {r.request_id for r in reqs}
         members = [m.decode() for m in await self.r.smembers(k.requests())]
@@ -465,7 +487,7 @@ class StateStore:
                 if req.block_table:
                     p.rpush(k.request_blocks(rid), *req.block_table)
                 if req.output:
-                    p.rpush(k.request_tokens(rid), *req.output)
+                    p.set(k.request_tokens(rid), _pack(req.output))
             await p.execute()
         for req in reqs:
             req.queued = req.checkpointed = len(req.output)
