@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import AbstractConnection
 
 from pagewire.block_hash import DIGEST_BYTES
 from pagewire.redis_keys import RedisKeys
@@ -164,6 +165,7 @@ class StateStore:
         # Commands other than the step script, in order (None: none queued this write).
         self._pipe: Pipeline | None = None
         self._last: asyncio.Future[None] | None = None  # the latest write's landed
+        self._conn: AbstractConnection | None = None  # for steps written by one script call
         # Bumped by resync(): writes queued before it are covered by it and must not also land.
         self.generation = 0
         self._log = array("i")  # this write's (handle, token) pairs
@@ -432,10 +434,19 @@ class StateStore:
             if w.pipe is not None:
                 await w.pipe.execute()
             elif w.step is not None:
-                await self.r.execute_command("EVAL", *w.step)
+                await self._eval(w.step)
         finally:
             if not w.landed.done():
                 w.landed.set_result(None)
+
+    async def _eval(self, args: list[bytes | float | int]) -> None:
+        """The steady-state step write on a connection of the store's own: none of the client's
+        per-command machinery (pool checkout, retry wrapper, event hooks) on the hot path. The
+        connection reconnects on its next use after an error; an error reply raises."""
+        if self._conn is None:
+            self._conn = await self.r.connection_pool.get_connection()
+        await self._conn.send_command("EVAL", *args)
+        await self._conn.read_response()
 
     def write(self) -> asyncio.Future[None]:
         """take() and send() in a task of its own: the caller can go on preparing the next step
