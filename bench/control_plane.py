@@ -3,10 +3,12 @@
     python bench/control_plane.py [--running 1,64,256,1024] [--window 3] [--out control_plane.json]
 
 Starts a private redis-server, a null worker (same gRPC service, answers at once) and a
-scheduler, then for each level keeps that many requests decoding (submitted straight to the
-scheduler's Submit, whose token streams this script consumes like a router would) and reads the
-scheduler's step counter from Redis over a window. Every step writes its tokens, blocks and load
-to Redis in one pipeline and sends the step's events to the router as one batch.
+scheduler, then for each level keeps that many requests decoding (submitted on one Connect
+stream, whose event batches this script consumes like a router would) and reads the scheduler's
+step counter from Redis over a window, with the CPU time per step of the scheduler, the null
+worker, redis-server and this client (they share the machine's cores). Every step writes its
+tokens, blocks and load to Redis in one round trip and sends the step's events to the router as
+one batch.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(addr: str, pid: int, r: redis.Redis, load_key: str, n: int, window: float) -> dict:
-    """Keep ``n`` requests decoding over one Connect stream (as a router does); count steps."""
+async def measure(addr: str, pids: dict[str, int], r: redis.Redis, load_key: str, n: int,
+                  window: float) -> dict:
+    """Keep ``n`` requests decoding over one Connect stream (as a router does); count steps.
+    ``pids``: the processes whose CPU time per step is reported (scheduler first)."""
     counts: dict[str, int] = {f"cp-{n}-{i}": 0 for i in range(n)}
     outgoing: asyncio.Queue[scheduler_pb2.RouterMessage] = asyncio.Queue()
     for i, rid in enumerate(counts):
@@ -63,20 +67,23 @@ async def measure(addr: str, pid: int, r: redis.Redis, load_key: str, n: int, wi
         consumer = asyncio.create_task(consume())
         while min(counts.values()) < 2:
             await asyncio.sleep(0.05)
-        samples, cpu_ms = [], []
+        samples: list[float] = []
+        cpu_ms: dict[str, list[float]] = {name: [] for name in pids}
         for _ in range(3):
-            s0, t0, c0 = int(r.hget(load_key, "steps")), time.perf_counter(), cpu_seconds(pid)
+            s0, t0 = int(r.hget(load_key, "steps")), time.perf_counter()
+            c0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             await asyncio.sleep(window / 3)
-            s1, t1, c1 = int(r.hget(load_key, "steps")), time.perf_counter(), cpu_seconds(pid)
+            s1, t1 = int(r.hget(load_key, "steps")), time.perf_counter()
+            for name, pid in pids.items():
+                cpu_ms[name].append((cpu_seconds(pid) - c0[name]) * 1e3 / max(s1 - s0, 1))
             samples.append((s1 - s0) / (t1 - t0))
-            cpu_ms.append((c1 - c0) * 1e3 / max(s1 - s0, 1))
         running = int(r.hget(load_key, "running"))
         call.cancel()  # closing the stream aborts every request it submitted
         consumer.cancel()
         await asyncio.gather(consumer, return_exceptions=True)
     steps_s = statistics.median(samples)
     return {"running": n, "running_seen": running, "steps_per_s": steps_s, "ms_per_step": 1e3 / steps_s,
-            "scheduler_cpu_ms_per_step": statistics.median(cpu_ms),
+            **{f"{name}_cpu_ms_per_step": statistics.median(v) for name, v in cpu_ms.items()},
             "tokens_per_s": steps_s * n, "samples_steps_per_s": samples}
 
 
@@ -90,11 +97,16 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
         sched = await stack.start_scheduler(
             [worker], ["--max-num-seqs", "1024", "--max-num-batched-tokens", "16384", "--log-level", "WARNING"]
         )
+        # The server's overall health is SERVING as soon as it listens; the Scheduler service
+        # only once it has attached its worker (a Connect before that is refused).
+        await serving.wait_healthy(sched.address, 60, service="pagewire.v1.Scheduler")
         r = redis.Redis.from_url(rs.url)
         load_key = RedisKeys("default", "null").worker_load("null-0")
         rows = []
         for n in args.running:
-            rows.append(await measure(sched.address, sched.process.pid, r, load_key, n, args.window))
+            pids = {"scheduler": sched.process.pid, "worker": worker.process.pid, "redis": rs.pid,
+                    "client": os.getpid()}
+            rows.append(await measure(sched.address, pids, r, load_key, n, args.window))
             while int(r.hget(load_key, "running") or 0):
                 await asyncio.sleep(0.1)
         return rows
@@ -111,10 +123,13 @@ def main() -> None:
     args = p.parse_args()
     args.running = [int(x) for x in args.running.split(",")]
     rows = asyncio.run(main_async(args))
-    print(f"{'running':>8} {'steps/s':>9} {'wall ms/step':>13} {'sched CPU ms/step':>18} {'tokens/s':>9}")
+    print(f"{'running':>8} {'steps/s':>9} {'wall ms/step':>13} {'sched CPU ms/step':>18} {'tokens/s':>9}"
+          f"   CPU ms/step of worker / redis / client")
     for row in rows:
         print(f"{row['running']:>8} {row['steps_per_s']:>9.1f} {row['ms_per_step']:>13.3f} "
-              f"{row['scheduler_cpu_ms_per_step']:>18.3f} {row['tokens_per_s']:>9.0f}")
+              f"{row['scheduler_cpu_ms_per_step']:>18.3f} {row['tokens_per_s']:>9.0f}   "
+              f"{row['worker_cpu_ms_per_step']:.3f} / {row['redis_cpu_ms_per_step']:.3f} / "
+              f"{row['client_cpu_ms_per_step']:.3f}")
     Path(args.out).write_text(json.dumps(rows, indent=2))
 
 

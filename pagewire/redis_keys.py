@@ -69,11 +69,11 @@ class RedisKeys:
 
     def token_log(self, worker_id: str) -> str:
         """String: (request handle, token) int32 pairs appended once per step, oldest first --
-        the tokens of the worker's requests not yet checkpointed into their own lists."""
+        the tokens of the worker's requests not yet checkpointed into their own strings."""
         return f"{self.prefix}:worker:{worker_id}:tokens"
 
     # Per request: a hash of its description (prompt, sampling, worker, state), the list of its
-    # block ids (its block table) and the list of generated token ids.
+    # block ids (its block table) and its generated token ids (a string of packed int32).
     def requests(self) -> str:
         return f"{self.prefix}:requests"
 

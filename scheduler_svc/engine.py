@@ -32,9 +32,15 @@ from pagewire.metrics import EngineMetrics
 from pagewire.tls import TLSFiles
 from pagewire.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler_svc.block_pool import BlockPool
-from scheduler_svc.request import Request, Status
+from scheduler_svc.request import Request, Status, send_next_tokens
 from scheduler_svc.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
-from scheduler_svc.state_store import CHECKPOINT_LOG_BYTES, REDIS_DOWN, StateStore, StoredPool
+from scheduler_svc.state_store import (
+    CHECKPOINT_LOG_BYTES,
+    REDIS_DOWN,
+    StateStore,
+    StoredPool,
+    Write,
+)
 
 log = logging.getLogger("scheduler.engine")
 
@@ -322,11 +328,9 @@ class WorkerEngine:
             embeddings = {e.seq_id: e.values for e in result.embeddings}
             touched = sched.update(batch, result.token_ids, result.logprobs, embeddings)
         sched.drain_freed()
-        for req in touched:
-            store.generated(req)
+        store.generated(touched)
         # Finished this step, or aborted since the last one (finished ones were recorded already).
-        done = [r for r in touched if r.status is Status.FINISHED]
-        done += [r for r in batch.released if r.aborted]
+        done = sched.finished_now + [r for r in batch.released if r.aborted]
         for req in done:
             store.finished(req)
         if store.log_bytes > CHECKPOINT_LOG_BYTES:
@@ -348,16 +352,16 @@ class WorkerEngine:
         # What this step tells the routers is fixed now: later steps append to the same requests.
         plain: list[Request] = []
         events: list[tuple[Request, scheduler_pb2.TokenEvent]] = []
-        worker_id = self.worker_id
+        worker_id, add_plain, finished = self.worker_id, plain.append, Status.FINISHED
         for req in touched:
-            if (req.sent and len(req.output) - req.sent == 1
-                    and req.status is not Status.FINISHED and not req.logprobs):
-                plain.append(req)  # the common case: one token, nothing else to say
-                req.sent += 1
+            sent = req.sent
+            if sent and len(req.output) - sent == 1 and req.status is not finished and not req.logprobs:
+                add_plain(req)  # the common case: one token, nothing else to say
+                req.sent = sent + 1
             else:
                 events.append((req, self._event(req, worker_id)))
         self._emitting = asyncio.ensure_future(
-            self._emit_after(store.generation, store.write(), self._emitting, plain, events, done)
+            self._emit_after(store.generation, store.take(), plain, events, done)
         )
         self._record_step(batch, len(result.token_ids) if result is not None else 0)
         if self.check_invariants:
@@ -367,25 +371,18 @@ class WorkerEngine:
     async def _emit_after(
         self,
         generation: int,
-        written: asyncio.Future[None],
-        previous: asyncio.Future[None] | None,
+        write: Write,
         plain: list[Request],
         events: list[tuple[Request, scheduler_pb2.TokenEvent]],
         done: list[Request],
     ) -> None:
-        """Tokens leave only once Redis has them, and in step order."""
+        """Tokens leave only once Redis has them, and in step order (the step before finished
+        emitting before this one was taken: see _complete)."""
         try:
-            await written
+            await self.store.send(write)
         except REDIS_DOWN as e:
             await self._resync(generation, e)
-        if previous is not None:
-            await previous
-        for req in plain:
-            index = req.flushed
-            req.flushed = index + 1
-            conn = req.conn
-            if conn is not None:
-                conn.send_token(req.request_id, req.output[index], index)
+        send_next_tokens(plain)
         for req, event in events:
             req.flushed = event.index + len(event.token_ids)
             if req.conn is not None:

@@ -35,12 +35,6 @@ class RouterConn:
         self.outbox.append(event)
         self.ready.set()
 
-    def send_token(self, request_id: str, token_id: int, index: int) -> None:
-        self.token_rids.append(request_id)
-        self.token_ids.append(token_id)
-        self.token_indices.append(index)
-        self.ready.set()
-
     @property
     def pending(self) -> bool:
         return bool(self.outbox or self.token_rids)
@@ -139,3 +133,27 @@ class Request:
         need the worker to see every token (cached ones are never sent to it)."""
         return (self.params.prompt_logprobs is None and self.pooling != common_pb2.POOLING_MEAN
                 and not self.params.penalized)
+
+
+def send_next_tokens(reqs: list[Request]) -> None:
+    """Each request's next unflushed token, to the router it belongs to now (not when its step
+    completed: a router may have re-attached since) -- the common case of a step, in one pass
+    with no call per request. A request no router listens to (aborted, or not re-attached yet
+    after a restart) still counts its token as flushed."""
+    conn = None
+    rids: list[str] = []
+    ids: list[int] = []
+    indices: list[int] = []
+    for req in reqs:
+        index = req.flushed
+        req.flushed = index + 1
+        c = req.conn
+        if c is None:
+            continue
+        if c is not conn:
+            conn = c
+            rids, ids, indices = c.token_rids, c.token_ids, c.token_indices
+            c.ready.set()
+        rids.append(req.request_id)
+        ids.append(req.output[index])
+        indices.append(index)

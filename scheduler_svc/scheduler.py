@@ -102,6 +102,7 @@ class Scheduler:
         # Blocks given back since the last drain, per request: what the state store must record.
         self.freed: list[tuple[Request, list[int]]] = []
         self.num_preemptions = 0
+        self.finished_now: list[Request] = []  # finished by the last update(), in its order
         self._eos = frozenset(limits.eos_token_ids)
         self._running_sorted = True
 
@@ -192,18 +193,22 @@ class Scheduler:
             running.sort(key=_priority_key)
             self._running_sorted = True
         i = nseqs = 0
+        # The decode columns' appends, bound once: the loop below runs once per running request.
+        add_decode, add_position = batch.decodes.append, batch.decode_positions.append
+        add_block, add_index, add_epoch = (batch.decode_blocks.append, batch.decode_indices.append,
+                                           batch.decode_epochs.append)
         while i < len(running) and budget > 0 and nseqs < max_seqs:
             req = running[i]
-            out, pending = len(req.output), req.pending
-            total = len(req.prompt) + out + pending
-            n = total - req.num_computed
+            out, pending, computed, prompt = len(req.output), req.pending, req.num_computed, len(req.prompt)
+            total = prompt + out + pending
+            n = total - computed
             if n == 0 or (pending and (out + pending >= req.params.max_tokens or total >= max_len)):
                 i += 1  # waits for the tokens of steps in flight, or they already end it
                 continue
-            if n == 1 and req.on_worker and req.num_computed >= len(req.prompt):
+            if n == 1 and computed >= prompt and req.on_worker:
                 # A plain decode: the hot path, no per-sequence object.
                 block = -1
-                if req.num_computed >= len(req.block_table) * bs:
+                if computed >= len(req.block_table) * bs:
                     if not pool.num_free:
                         victim = running[-1]
                         self._preempt(victim, batch)
@@ -213,13 +218,13 @@ class Scheduler:
                     block = pool.allocate(1)[0]
                     req.block_table.append(block)
                     batch.appended.append((req, block))
-                batch.decodes.append(req)
-                batch.decode_positions.append(req.num_computed)
-                batch.decode_blocks.append(block)
-                batch.decode_indices.append(out + pending)
-                batch.decode_epochs.append(req.epoch)
-                req.num_computed += 1
-                req.pending += 1
+                add_decode(req)
+                add_position(computed)
+                add_block(block)
+                add_index(out + pending)
+                add_epoch(req.epoch)
+                req.num_computed = computed + 1
+                req.pending = pending + 1
                 budget -= 1
                 nseqs += 1
                 i += 1
@@ -304,25 +309,30 @@ class Scheduler:
         ``embeddings`` maps an embedding sequence's seq_id to its pooled hidden state.
         """
         touched: list[Request] = []
+        touch = touched.append
+        released_before = len(self._released)
         caching, bs = self.limits.prefix_caching, self.limits.block_size
-        max_len, eos = self.limits.max_model_len, self._eos
+        max_len, eos, finished = self.limits.max_model_len, self._eos, Status.FINISHED
         lps = iter(logprobs) if logprobs else itertools.repeat(None)
         for req, token, pos, epoch, lp in zip(
             batch.decodes, tokens, batch.decode_positions, batch.decode_epochs, lps, strict=False
         ):
-            if req.pending:
-                req.pending -= 1
-            if req.status is Status.FINISHED:
+            pending = req.pending
+            if pending:
+                req.pending = pending - 1
+            if req.status is finished:
                 continue  # finished by an earlier step: a token sampled past the end is dropped
-            req.output.append(token)
-            touched.append(req)
-            if lp is not None and req.params.logprobs is not None:
+            out = req.output
+            out.append(token)
+            touch(req)
+            p = req.params
+            if lp is not None and p.logprobs is not None:
                 req.logprobs.append(lp)
             if caching and epoch == req.epoch and (pos + 1) // bs > len(req.block_hashes):
                 self._register_full_blocks(req, pos + 1)
-            p = req.params
-            if (token in eos or p.stop_token_ids or len(req.output) >= p.max_tokens
-                    or len(req.prompt) + len(req.output) >= max_len):
+            n = len(out)
+            if (token in eos or p.stop_token_ids or n >= p.max_tokens
+                    or len(req.prompt) + n >= max_len):
                 reason = self._stop_reason(req, token)
                 if reason:
                     self.running.remove(req)
@@ -352,6 +362,7 @@ class Scheduler:
             if reason:
                 (self.running if req in self.running else self.waiting).remove(req)
                 self._finish(req, reason)
+        self.finished_now = self._released[released_before:]
         return touched
 
     def _stop_reason(self, req: Request, token: int) -> int:

@@ -130,13 +130,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler is starting")
         conn = RouterConn()
         reader = asyncio.create_task(self._read_router(request_iterator, conn))
+        reader.add_done_callback(lambda _: conn.ready.set())  # wakes the loop below to end
         try:
-            while not reader.done() or conn.pending:
-                ready = asyncio.ensure_future(conn.ready.wait())
-                await asyncio.wait([ready, reader], return_when=asyncio.FIRST_COMPLETED)
-                ready.cancel()
+            while True:
                 if conn.pending:
-                    yield conn.take()
+                    yield conn.take()  # clears ready
+                elif reader.done():
+                    break
+                else:
+                    conn.ready.clear()
+                    await conn.ready.wait()
         finally:
             reader.cancel()
             for req in list(conn.requests.values()):  # the router went away: free their blocks

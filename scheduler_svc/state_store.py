@@ -3,15 +3,17 @@
 Per worker: a set of free blocks, a sorted set of cached unreferenced blocks (LRU by score), the
 prefix index (block hash -> block), which worker instance all that describes, and a token log.
 Per request: a hash (prompt, sampling, worker, priority, handle), its block table (a list) and
-its output tokens (a list).
+its output tokens (a string of packed int32).
 
 A step's new tokens go to the worker's token log, one APPEND of packed (handle, token) pairs,
 not one list push per request: Redis's work per step stays constant as the batch grows. The log
-is checkpointed into the per-request lists when it grows large, when a request finishes or moves,
-and at recovery; a request's output is its list followed by its entries in the log.
+is checkpointed into the per-request token strings (one APPEND of bytes each, nothing for Redis
+to parse per token) when it grows large, when a request finishes or moves, and at recovery; a
+request's output is its string followed by its entries in the log.
 
-Every change of a step is queued here and written as one MULTI/EXEC pipeline (one round trip per
-step, never per sequence), so a crash at any instant leaves Redis at a step boundary. Blocks are
+Every change of a step is queued here and written in one round trip per step, never per
+sequence: one script call (STEP_WRITE), inside a MULTI/EXEC when the step also has other
+commands, so a crash at any instant leaves Redis at a step boundary. Blocks are
 written as their final state after the step, which cannot get the order of intermediate moves
 wrong. The in-memory scheduler is authoritative between writes; Redis is what a restarted
 scheduler reloads and what routers read.
@@ -26,7 +28,10 @@ from dataclasses import dataclass, field
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import AbstractConnection
 
+from pagewire.block_hash import DIGEST_BYTES
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import common_pb2
@@ -38,30 +43,79 @@ CHECKPOINT_LOG_BYTES = 1 << 20  # token log size that triggers a checkpoint (128
 # What a Redis outage looks like to the client (a restart, a dropped connection).
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
-# Append many integers to many lists in one command. ARGV[1] is the list names concatenated,
-# ARGV[2] their byte lengths, ARGV[3] how many values each list gets, ARGV[4] the values (all
-# counts packed little-endian int32). One command per step instead of one RPUSH per request, and
-# four arguments instead of one per list: the client's per-argument cost dominates at 256+
-# requests. (The names travel as data; KEYS[1], the token log, routes the call to the slot that
-# the shared {deployment:model} hash tag puts every one of them in.)
-APPEND_LISTS = """
-local names, lengths, counts, values = ARGV[1], ARGV[2], ARGV[3], ARGV[4]  -- KEYS[1]: routing
-local at, pos = 1, 1
-for i = 1, #lengths / 4 do
-  local len = struct.unpack('<i4', lengths, (i - 1) * 4 + 1)
-  local n = struct.unpack('<i4', counts, (i - 1) * 4 + 1)
-  local name = string.sub(names, at, at + len - 1)
-  for first = 1, n, 4096 do  -- in chunks: Lua's unpack has a stack limit
-    local items = {}
-    for j = 1, math.min(4096, n - first + 1) do
-      items[j], pos = struct.unpack('<i4', values, pos)
-    end
-    redis.call('RPUSH', name, unpack(items))
+# The whole of a step's regular writes in one command, every integer list packed into one binary
+# argument (little-endian int32): redis-py's cost per argument, not Redis's, dominated at 256+
+# requests. One script call is atomic on its own, so a step with nothing else to write needs no
+# MULTI/EXEC around it. KEYS: the token log, free blocks, cached blocks, prefix index, load.
+# ARGV[1..4]: integers to push onto lists (block tables) -- the list names concatenated, their
+# byte lengths, how many values each list gets, the values (the names travel as data: every key
+# shares the {deployment:model} hash tag, so they are in the slot KEYS route the call to).
+# ARGV[5]: bytes for the token log. ARGV[6..8]: bytes to append to strings (requests' token
+# strings) -- names concatenated, their byte lengths, the bytes of each, the bytes concatenated.
+# ARGV[10], ARGV[11]: blocks to add to / remove from the free set. ARGV[12]: the score of
+# ARGV[13], blocks to add to the cached set; ARGV[14]: blocks to remove from it. ARGV[15]: the
+# hash width; ARGV[16]: hashes to remove from the prefix index; ARGV[17], ARGV[18]: hashes to set,
+# and their blocks. ARGV[19...]: load figures, field and value pairs.
+STEP_WRITE = """
+local function ints(packed)
+  local out, pos = {}, 1
+  for i = 1, #packed / 4 do
+    out[i], pos = struct.unpack('<i4', packed, pos)
   end
-  at = at + len
+  return out
 end
-return #lengths / 4
+local function call(command, key, items, first, last)  -- in chunks: Lua's unpack has a limit
+  for i = first, last, 4096 do
+    redis.call(command, key, unpack(items, i, math.min(i + 4095, last)))
+  end
+end
+local names, at, pos = ARGV[1], 1, 0
+local counted, all = ints(ARGV[3]), ints(ARGV[4])
+for i, len in ipairs(ints(ARGV[2])) do
+  call('RPUSH', string.sub(names, at, at + len - 1), all, pos + 1, pos + counted[i])
+  at, pos = at + len, pos + counted[i]
+end
+if #ARGV[5] > 0 then redis.call('APPEND', KEYS[1], ARGV[5]) end
+local sizes, data = ints(ARGV[8]), ARGV[9]
+names, at, pos = ARGV[6], 1, 1
+for i, len in ipairs(ints(ARGV[7])) do
+  redis.call('APPEND', string.sub(names, at, at + len - 1), string.sub(data, pos, pos + sizes[i] - 1))
+  at, pos = at + len, pos + sizes[i]
+end
+local free, taken = ints(ARGV[10]), ints(ARGV[11])
+call('SADD', KEYS[2], free, 1, #free)
+call('SREM', KEYS[2], taken, 1, #taken)
+local cached, uncached = ints(ARGV[13]), ints(ARGV[14])
+local scored = {}
+for i, b in ipairs(cached) do scored[2 * i - 1], scored[2 * i] = ARGV[12], b end
+call('ZADD', KEYS[3], scored, 1, #scored)
+call('ZREM', KEYS[3], uncached, 1, #uncached)
+local width = tonumber(ARGV[15])
+local gone = {}
+for i = 1, #ARGV[16] / width do gone[i] = string.sub(ARGV[16], (i - 1) * width + 1, i * width) end
+call('HDEL', KEYS[4], gone, 1, #gone)
+local hashed, entries = ints(ARGV[18]), {}
+for i, b in ipairs(hashed) do
+  entries[2 * i - 1], entries[2 * i] = string.sub(ARGV[17], (i - 1) * width + 1, i * width), b
+end
+call('HSET', KEYS[4], entries, 1, #entries)
+if #ARGV > 18 then redis.call('HSET', KEYS[5], unpack(ARGV, 19)) end
+return 1
 """
+# ARGV[10..18] of a step that moved no block.
+_NO_BLOCKS = (b"", b"", b"0", b"", b"", DIGEST_BYTES, b"", b"", b"")
+_NO_APPENDS = (b"",) * 4
+
+
+@dataclass
+class Write:
+    """One round trip's worth of queued changes (see StateStore.take)."""
+
+    pipe: Pipeline | None  # MULTI/EXEC of other commands, ending with the step script; or None
+    step: list[bytes | float | int] | None  # the step script's arguments, when sent alone
+    generation: int
+    previous: asyncio.Future[None] | None  # landed (or failed) once the write before it has
+    landed: asyncio.Future[None]
 
 
 def _pack(ids: list[int]) -> bytes:
@@ -105,17 +159,26 @@ class StateStore:
         self.r = client
         self.keys = keys
         self.worker_id = worker_id
-        self._pipe = client.pipeline(transaction=True)
-        self._queued = 0
-        # List appends, written by one script call: key i gets the next counts[i] values.
-        self._last: asyncio.Future[None] | None = None  # the latest write in flight
+        k, w = keys, worker_id
+        self._step_keys = (k.token_log(w), k.free_blocks(w), k.cached_blocks(w), k.prefix_index(w),
+                           k.worker_load(w))
+        # Commands other than the step script, in order (None: none queued this write).
+        self._pipe: Pipeline | None = None
+        self._last: asyncio.Future[None] | None = None  # the latest write's landed
+        self._conn: AbstractConnection | None = None  # for steps written by one script call
         # Bumped by resync(): writes queued before it are covered by it and must not also land.
         self.generation = 0
         self._log = array("i")  # this write's (handle, token) pairs
         self.log_bytes = 0  # the token log's size in Redis since the last checkpoint
-        self._keys: list[str] = []
+        # List appends, written by one script call: key i gets the next counts[i] values.
+        self._keys: list[bytes] = []
         self._counts: list[int] = []
         self._values: list[int] = []
+        # String appends (requests' tokens, packed int32): key i gets chunk i.
+        self._string_keys: list[bytes] = []
+        self._chunks: list[bytes] = []
+        self._blocks: tuple[bytes | float | int, ...] = _NO_BLOCKS  # ARGV[10..18] of STEP_WRITE
+        self._load: dict[str, int] = {}
 
     # ---- start-up ----------------------------------------------------------------------
     async def load(self) -> StoredPool | None:
@@ -151,7 +214,7 @@ class StateStore:
         k = self.keys
         async with self.r.pipeline(transaction=False) as p:
             p.hgetall(k.request(rid))
-            p.lrange(k.request_tokens(rid), 0, -1)
+            p.get(k.request_tokens(rid))
             p.lrange(k.request_blocks(rid), 0, -1)
             info, tokens, blocks = await p.execute()
         if not info:
@@ -162,7 +225,7 @@ class StateStore:
             prompt=_unpack(info[b"prompt"]),
             params=params,
             priority=int(info[b"priority"]),
-            output=[int(t) for t in tokens],
+            output=_unpack(tokens or b""),
             block_table=[int(b) for b in blocks],
             finish_reason=int(info.get(b"finish_reason", 0)),
             num_cached=int(info.get(b"num_cached", 0)),
@@ -190,9 +253,14 @@ class StateStore:
         )
 
     # ---- per step ----------------------------------------------------------------------
+    def _commands(self) -> Pipeline:
+        if self._pipe is None:
+            self._pipe = self.r.pipeline(transaction=True)
+        return self._pipe
+
     def admitted(self, req: Request) -> None:
         """Record a new request (or its move to this worker): the prompt and how to sample."""
-        k, p = self.keys, self._pipe
+        k, p = self.keys, self._commands()
         p.hset(
             k.request(req.request_id),
             mapping={
@@ -205,22 +273,20 @@ class StateStore:
             },
         )
         p.sadd(k.requests(), req.request_id)
-        self._queued += 2
         req.tokens_key = k.request_tokens(req.request_id)
 
     def table(self, req: Request) -> None:
         """Write the whole block table (on admission, when it may start with cached blocks)."""
         self._flush_appends()
-        k, p = self.keys, self._pipe
+        k, p = self.keys, self._commands()
         p.delete(k.request_blocks(req.request_id))
         if req.block_table:
             p.rpush(k.request_blocks(req.request_id), *req.block_table)
         p.hset(k.request(req.request_id), "num_cached", max(req.num_cached, 0))
-        self._queued += 3
 
     def _append(self, key: str, values: list[int]) -> None:
         if values:
-            self._keys.append(key)
+            self._keys.append(key.encode())
             self._counts.append(len(values))
             self._values.extend(values)
 
@@ -229,56 +295,49 @@ class StateStore:
 
     def dropped_table(self, req: Request) -> None:
         self._flush_appends()  # appends queued before the drop must land before it
-        self._pipe.delete(self.keys.request_blocks(req.request_id))
-        self._queued += 1
+        self._commands().delete(self.keys.request_blocks(req.request_id))
 
     def blocks(self, pool: BlockPool) -> None:
-        """Final state of every block that moved since the last step, in a fixed number of commands."""
+        """Final state of every block that moved since the last call, for the step's script."""
         dirty, unhashed = pool.drain_dirty()
         if not dirty and not unhashed:
             return
-        k, w, p = self.keys, self.worker_id, self._pipe
-        free = [b for b in dirty if pool.ref_count[b] == 0 and pool.block_hash[b] is None]
-        cached = [b for b in dirty if pool.ref_count[b] == 0 and pool.block_hash[b] is not None]
-        hashed = {pool.block_hash[b]: b for b in dirty if pool.block_hash[b] is not None}
-        not_free = set(dirty) - set(free)
-        not_cached = set(dirty) - set(cached)
-        gone = [h for h in unhashed if h not in pool.index]
-        now = time.time()
-        if free:
-            p.sadd(k.free_blocks(w), *free)
-        if not_free:
-            p.srem(k.free_blocks(w), *not_free)
-        if cached:
-            p.zadd(k.cached_blocks(w), {b: now for b in cached})
-        if not_cached:
-            p.zrem(k.cached_blocks(w), *not_cached)
-        if gone:
-            p.hdel(k.prefix_index(w), *gone)
-        if hashed:
-            p.hset(k.prefix_index(w), mapping=hashed)  # type: ignore[arg-type]
-        self._queued += 6
+        if self._blocks is not _NO_BLOCKS:  # two calls in one write: the earlier one goes first
+            self._queue_script(blocks=self._blocks)
+        refs, hashes = pool.ref_count, pool.block_hash
+        free = [b for b in dirty if refs[b] == 0 and hashes[b] is None]
+        cached = [b for b in dirty if refs[b] == 0 and hashes[b] is not None]
+        hashed = {hashes[b]: b for b in dirty if hashes[b] is not None}
+        not_free = sorted(set(dirty) - set(free))
+        not_cached = sorted(set(dirty) - set(cached))
+        gone = b"".join(h for h in unhashed if h not in pool.index)
+        names = b"".join(hashed)  # type: ignore[arg-type]
+        assert len(names) == DIGEST_BYTES * len(hashed), "a block hash of another width"
+        self._blocks = (_pack(free), _pack(not_free), time.time(), _pack(cached), _pack(not_cached),
+                        DIGEST_BYTES, gone, names, _pack(list(hashed.values())))
 
-    def generated(self, req: Request) -> None:
-        """Queue the request's output tokens Redis does not have yet (usually exactly one)."""
-        n = len(req.output) - req.queued
-        if n <= 0:
-            return
+    def generated(self, reqs: list[Request]) -> None:
+        """Queue the output tokens Redis does not have yet (usually exactly one per request)."""
         log = self._log
-        if n == 1:
-            log.append(req.seq_id)
-            log.append(req.output[-1])
-        else:
-            for token in req.output[req.queued:]:
+        for req in reqs:
+            out, queued = req.output, req.queued
+            n = len(out) - queued
+            if n == 1:
                 log.append(req.seq_id)
-                log.append(token)
-        req.queued = len(req.output)
+                log.append(out[-1])
+                req.queued = queued + 1
+            elif n > 1:
+                for token in out[queued:]:
+                    log.append(req.seq_id)
+                    log.append(token)
+                req.queued = len(out)
 
     def _checkpoint_one(self, req: Request) -> None:
         if req.queued > req.checkpointed:
             if not req.tokens_key:
                 req.tokens_key = self.keys.request_tokens(req.request_id)
-            self._append(req.tokens_key, req.output[req.checkpointed : req.queued])
+            self._string_keys.append(req.tokens_key.encode())
+            self._chunks.append(_pack(req.output[req.checkpointed : req.queued]))
             req.checkpointed = req.queued
 
     def checkpoint(self, reqs: list[Request], handles: bool = False) -> None:
@@ -288,70 +347,111 @@ class StateStore:
         for req in reqs:
             self._checkpoint_one(req)
             if handles:
-                self._pipe.hset(self.keys.request(req.request_id), "handle", req.seq_id)
-                self._queued += 1
+                self._commands().hset(self.keys.request(req.request_id), "handle", req.seq_id)
         self._flush_appends()
         self._log = array("i")
-        self._pipe.delete(self.keys.token_log(self.worker_id))
-        self._queued += 1
+        self._commands().delete(self.keys.token_log(self.worker_id))
         self.log_bytes = 0
 
     def finished(self, req: Request) -> None:
         """Blocks are gone; output stays a while so a router can still resume and replay it."""
         self._checkpoint_one(req)
         self._flush_appends()
-        k, p, rid = self.keys, self._pipe, req.request_id
+        k, p, rid = self.keys, self._commands(), req.request_id
         p.delete(k.request_blocks(rid))
         p.hset(k.request(rid), "finish_reason", req.finish_reason)
         p.expire(k.request(rid), FINISHED_TTL_S)
         p.expire(k.request_tokens(rid), FINISHED_TTL_S)
         p.srem(k.requests(), rid)
-        self._queued += 5
 
     def publish_load(self, **figures: int) -> None:
         """Per-worker load figures (running, waiting, blocks, preemptions) that routers read."""
-        self._pipe.hset(self.keys.worker_load(self.worker_id), mapping=figures)
-        self._queued += 1
+        self._load.update(figures)
 
-    def _flush_appends(self) -> None:
-        """Queue the pending list appends as one script call, keeping command order intact."""
-        if not self._keys:
-            return
-        names = [k.encode() for k in self._keys]
-        lengths = array("i", map(len, names)).tobytes()
-        counts = array("i", self._counts).tobytes()
-        values = array("i", self._values).tobytes()
+    def _take_appends(self) -> tuple[bytes, ...]:
+        """ARGV[1..4] and ARGV[6..9] of STEP_WRITE (the token log's ARGV[5] goes between)."""
+        lists = strings = _NO_APPENDS
+        if self._keys:
+            names = self._keys
+            lists = (b"".join(names), array("i", map(len, names)).tobytes(),
+                     array("i", self._counts).tobytes(), array("i", self._values).tobytes())
+            self._keys, self._counts, self._values = [], [], []
+        if self._string_keys:
+            names, chunks = self._string_keys, self._chunks
+            strings = (b"".join(names), array("i", map(len, names)).tobytes(),
+                       array("i", map(len, chunks)).tobytes(), b"".join(chunks))
+            self._string_keys, self._chunks = [], []
+        return lists + strings
+
+    def _queue_script(self, appends: tuple[bytes, ...] = _NO_APPENDS * 2, log: bytes = b"",
+                      blocks: tuple[bytes | float | int, ...] = _NO_BLOCKS) -> None:
         # EVAL with the body, not EVALSHA: nothing to reload after a Redis restart; Redis caches
         # the compiled script by its hash anyway.
-        self._pipe.eval(APPEND_LISTS, 1, self.keys.token_log(self.worker_id), b"".join(names),
-                        lengths, counts, values)
-        self._keys, self._counts, self._values = [], [], []
-        self._queued += 1
+        self._commands().eval(STEP_WRITE, len(self._step_keys), *self._step_keys, *appends[:4], log,
+                              *appends[4:], *blocks)
+
+    def _flush_appends(self) -> None:
+        """Queue the pending list and string appends as one script call, keeping command order."""
+        if self._keys or self._string_keys:
+            self._queue_script(self._take_appends())
+
+    def _take_step(self) -> list[bytes | float | int] | None:
+        """The arguments of the step's script call, or None when the step changed nothing."""
+        appends, log = self._take_appends(), b""
+        if self._log:
+            log = self._log.tobytes()
+            self.log_bytes += len(log)
+            self._log = array("i")
+        blocks, load = self._blocks, self._load
+        if not log and appends == _NO_APPENDS * 2 and blocks is _NO_BLOCKS and not load:
+            return None
+        self._blocks, self._load = _NO_BLOCKS, {}
+        args: list[bytes | float | int] = [STEP_WRITE, len(self._step_keys), *self._step_keys,
+                                            *appends[:4], log, *appends[4:], *blocks]
+        for name, value in load.items():
+            args += (name, value)
+        return args
+
+    def take(self) -> Write:
+        """Everything queued so far, as one write to send: in steady state one script call, else
+        one MULTI/EXEC pipeline that ends with it (one round trip per step either way)."""
+        step = self._take_step()
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None and step is not None:
+            pipe.execute_command("EVAL", *step)
+        w = Write(pipe, step, self.generation, self._last, asyncio.get_running_loop().create_future())
+        self._last = w.landed
+        return w
+
+    async def send(self, w: Write) -> None:
+        """Send a write taken by :meth:`take`, after the one taken before it has landed (writes
+        land in the order they were taken), in the caller's task. Raises REDIS_DOWN on failure."""
+        try:
+            if w.previous is not None and not w.previous.done():
+                await w.previous  # its failure is its own caller's to handle
+            if w.generation != self.generation:
+                return  # a resync since it was taken rewrote everything it holds
+            if w.pipe is not None:
+                await w.pipe.execute()
+            elif w.step is not None:
+                await self._eval(w.step)
+        finally:
+            if not w.landed.done():
+                w.landed.set_result(None)
+
+    async def _eval(self, args: list[bytes | float | int]) -> None:
+        """The steady-state step write on a connection of the store's own: none of the client's
+        per-command machinery (pool checkout, retry wrapper, event hooks) on the hot path. The
+        connection reconnects on its next use after an error; an error reply raises."""
+        if self._conn is None:
+            self._conn = await self.r.connection_pool.get_connection()
+        await self._conn.send_command("EVAL", *args)
+        await self._conn.read_response()
 
     def write(self) -> asyncio.Future[None]:
-        """Send everything queued so far as one MULTI/EXEC round trip, without waiting for it.
-
-        Writes land in the order they were started (each waits for the one before), so the
-        caller can go on preparing the next step while Redis applies this one.
-        """
-        self._flush_appends()
-        if self._log:
-            raw = self._log.tobytes()
-            self._pipe.append(self.keys.token_log(self.worker_id), raw)
-            self._queued += 1
-            self.log_bytes += len(raw)
-            self._log = array("i")
-        pipe, queued, prev, generation = self._pipe, self._queued, self._last, self.generation
-        self._pipe, self._queued = self.r.pipeline(transaction=True), 0
-
-        async def run() -> None:
-            if prev is not None:
-                await asyncio.wait([prev])  # its failure is its own caller's to handle
-            if queued and generation == self.generation:
-                await pipe.execute()
-
-        self._last = asyncio.ensure_future(run())
-        return self._last
+        """take() and send() in a task of its own: the caller can go on preparing the next step
+        while Redis applies this one."""
+        return asyncio.ensure_future(self.send(self.take()))
 
     async def resync(self, instance_id: str, pool: BlockPool, reqs: list[Request]) -> None:
         """Rewrite everything Redis holds for this worker from memory, in one transaction.
@@ -362,8 +462,10 @@ class StateStore:
         """
         k, w = self.keys, self.worker_id
         self.generation += 1
-        self._pipe, self._queued, self._log = self.r.pipeline(transaction=True), 0, array("i")
+        self._pipe, self._log = None, array("i")
         self._keys, self._counts, self._values = [], [], []
+        self._string_keys, self._chunks = [], []
+        self._blocks, self._load = _NO_BLOCKS, {}
         live = {r.request_id for r in reqs}
         members = [m.decode() for m in await self.r.smembers(k.requests())]
         async with self.r.pipeline(transaction=False) as p:
@@ -396,7 +498,7 @@ class StateStore:
                 if req.block_table:
                     p.rpush(k.request_blocks(rid), *req.block_table)
                 if req.output:
-                    p.rpush(k.request_tokens(rid), *req.output)
+                    p.set(k.request_tokens(rid), _pack(req.output))
             await p.execute()
         for req in reqs:
             req.queued = req.checkpointed = len(req.output)

@@ -28,10 +28,16 @@ def run(redis_url: str, steps) -> None:  # type: ignore[no-untyped-def]
     asyncio.run(body())
 
 
+def unpacked(raw: bytes) -> list[int]:
+    values = array("i")
+    values.frombytes(raw)
+    return values.tolist()
+
+
 def sampled(store: StateStore, req: Request, tokens: list[int]) -> None:
     """The worker sampled ``tokens`` for ``req``: the engine appends them and queues the write."""
     req.output.extend(tokens)
-    store.generated(req)
+    store.generated([req])
     req.flushed = len(req.output)
 
 
@@ -100,7 +106,7 @@ def test_finished_request_frees_blocks_but_keeps_output_for_a_while(
     run(redis_url, steps)
     assert not redis_client.exists(KEYS.request_blocks("a"))
     assert redis_client.scard(KEYS.free_blocks("w0")) == 4
-    assert [int(t) for t in redis_client.lrange(KEYS.request_tokens("a"), 0, -1)] == [5, 6]
+    assert unpacked(redis_client.get(KEYS.request_tokens("a"))) == [5, 6]
     assert 0 < redis_client.ttl(KEYS.request_tokens("a")) <= 120
     assert not redis_client.sismember(KEYS.requests(), "a")
 
@@ -118,7 +124,7 @@ def test_checkpoint_moves_logged_tokens_into_request_lists(redis_client: redis.R
         await store.flush()
 
     run(redis_url, steps)
-    assert [int(t) for t in redis_client.lrange(KEYS.request_tokens("a"), 0, -1)] == [5, 6]
+    assert unpacked(redis_client.get(KEYS.request_tokens("a"))) == [5, 6]
     log = array("i")
     log.frombytes(redis_client.get(KEYS.token_log("w0")))
     assert log.tolist() == [a.seq_id, 7], "the log holds only what came after the checkpoint"
