@@ -72,6 +72,11 @@ def new_server(
     ]
     server = grpc.aio.server(interceptors=list(interceptors), options=options)
     health_servicer = health.aio.HealthServicer()
+    # grpcio's servicer starts the whole server ("") as SERVING; ours is not ready until the
+    # service says so (model loaded, workers attached), or probes and launchers would send
+    # work to a server that cannot take it yet. No watcher exists yet, so setting the status
+    # table directly is all that set() would do here.
+    health_servicer._server_status[""] = health_pb2.HealthCheckResponse.NOT_SERVING
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, reflection.SERVICE_NAME, health.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
