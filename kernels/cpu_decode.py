@@ -30,8 +30,12 @@ from torch import Tensor
 
 log = logging.getLogger("kernels.cpu_decode")
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-funroll-loops", "-fopenmp", "-shared", "-fPIC",
-         "-std=c11"]
+# Not -ffast-math: linking with it sets flush-to-zero for the whole process that loads the
+# library (torch's arithmetic and Python's floats included). These are its parts that let the
+# reductions reorder, and that change nothing outside this library.
+FLAGS = ["-O3", "-march=native", "-funroll-loops", "-fno-math-errno", "-fno-trapping-math",
+         "-fassociative-math", "-fno-signed-zeros", "-freciprocal-math", "-fopenmp", "-shared",
+         "-fPIC", "-std=c11"]
 _SYMBOLS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
 
 

@@ -77,3 +77,17 @@ def test_a_missing_compiler_means_no_kernel_not_an_error(tmp_path) -> None:
     env = {**os.environ, "CC": str(tmp_path / "no-such-cc"),
            "PAGEWIRE_KERNEL_CACHE": str(tmp_path / "cache")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_loading_the_kernel_leaves_the_process_float_environment_alone() -> None:
+    """A library linked with -ffast-math flushes subnormals to zero in every thread of the process
+    that loads it (torch's kernels, Python's floats): the kernel must not be built that way."""
+    code = (
+        "from kernels import cpu_decode\n"
+        "assert cpu_decode.load() is not None\n"
+        "import torch\n"
+        "tiny = torch.tensor([1e-40], dtype=torch.float32)\n"
+        "assert float(tiny * 1.0) != 0.0, 'subnormal float32 flushed to zero'\n"
+        "assert 5e-324 * 1.0 != 0.0, 'subnormal float64 flushed to zero'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
