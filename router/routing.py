@@ -59,6 +59,7 @@ import redis.asyncio as aioredis
 
 from pagewire.block_hash import prompt_block_hashes
 from pagewire.redis_keys import RedisKeys
+from router.packed_script import PackedScript
 
 POLICIES = ("prefix", "least-load", "round-robin")
 RUNNING_TOKENS = 16
@@ -163,9 +164,8 @@ class WorkerRouter:
         if policy not in POLICIES:
             raise ValueError(f"routing policy {policy!r}: expected one of {', '.join(POLICIES)}")
         self.redis, self.keys, self.policy, self.refresh_s = redis, keys, policy, refresh_s
-        self._script = redis.register_script(DECISION_LUA)
+        self._script = PackedScript(redis, DECISION_LUA)
         self._members: list[Member] = []
-        self._script_keys: list[bytes] = []
         self._block_size = 0
         self._fresh_until = 0.0
         self._refresh_lock = asyncio.Lock()
@@ -243,7 +243,7 @@ class WorkerRouter:
         prefix unread), their cached run and load."""
         if not self._members:
             return []
-        flat = await self._script(keys=self._script_keys, args=hashes)
+        flat = await self._script(hashes)
         live = []
         columns = (flat[0::5], flat[1::5], flat[2::5], flat[3::5], flat[4::5])
         for m, matched, running, waiting, used, steps in zip(self._members, *columns, strict=True):
@@ -281,8 +281,8 @@ class WorkerRouter:
         ]
         sizes = Counter(m.block_size for m in self._members)
         self._block_size = sizes.most_common(1)[0][0] if sizes else 0
-        self._script_keys = [  # encoded once: the per-request cost is then packing only
+        self._script.set_keys([  # packed once: a decision then packs only the prompt's hashes
             key(m.worker_id).encode()
             for key in (k.worker_alive, k.prefix_index, k.worker_load) for m in self._members
-        ]
+        ])
         self._fresh_until = time.monotonic() + self.refresh_s
