@@ -73,23 +73,23 @@ KV_SAFE_USE = 0.75
 # HMGET's cost); a match is then read on in HMGETs of 4, 16, 64, ... (at most 1,024) hashes to
 # the first miss.
 DECISION_LUA = """
-local nw, n, out, o = #KEYS / 3, #ARGV, {}, 0
-local alive = redis.call('MGET', unpack(KEYS, 1, nw))
+local call, nw, n, out, o = redis.call, #KEYS / 3, #ARGV, {}, 0
+local alive, first, none = call('MGET', unpack(KEYS, 1, nw)), ARGV[1], {}
 for w = 1, nw do
-  local matched, f = -1, {}
+  local matched, f = -1, none
   if alive[w] then
-    f = redis.call('HMGET', KEYS[2 * nw + w], 'running', 'waiting_tokens', 'used_blocks', 'steps',
-                   'draining')
+    f = call('HMGET', KEYS[2 * nw + w], 'running', 'waiting_tokens', 'used_blocks', 'steps',
+             'draining')
     local index = KEYS[nw + w]
     matched = 0
     if f[5] == '1' then
       matched = -2
-    elseif n > 0 and redis.call('HEXISTS', index, ARGV[1]) == 1 then
+    elseif n > 0 and call('HEXISTS', index, first) == 1 then
       local chunk, missed = 4, false
       matched = 1
       while matched < n and not missed do
         local last = math.min(matched + chunk, n)
-        local found = redis.call('HMGET', index, unpack(ARGV, matched + 1, last))
+        local found = call('HMGET', index, unpack(ARGV, matched + 1, last))
         for i = 1, #found do
           if not found[i] then missed = true break end
           matched = matched + 1
