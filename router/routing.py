@@ -55,6 +55,7 @@ from collections import Counter
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
+import numpy as np
 import redis.asyncio as aioredis
 
 from pagewire.block_hash import prompt_block_hashes
@@ -141,11 +142,13 @@ class WorkerView:
     draining: bool = False  # shutting down: finishes what it holds, takes nothing new
 
 
-def load_penalty(waiting_tokens: int, running: int, used_blocks: int, total_blocks: int,
-                 prompt_len: int) -> float:
-    """Prefill-equivalent tokens ahead of a new request (the module docstring says why)."""
-    kv_use = used_blocks / total_blocks if total_blocks > 0 else 0.0
-    kv_pressure = max(0.0, kv_use - KV_SAFE_USE) / (1.0 - KV_SAFE_USE)
+def load_penalty(waiting_tokens: np.ndarray, running: np.ndarray, used_blocks: np.ndarray,
+                 total_blocks: np.ndarray, prompt_len: int) -> np.ndarray:
+    """Prefill-equivalent tokens ahead of a new request, per worker (the module docstring says
+    why); the same float64 arithmetic, worker by worker, as scalar Python."""
+    kv_use = np.divide(used_blocks, total_blocks, out=np.zeros(len(total_blocks)),
+                       where=total_blocks > 0)
+    kv_pressure = np.maximum(0.0, kv_use - KV_SAFE_USE) / (1.0 - KV_SAFE_USE)
     return waiting_tokens + RUNNING_TOKENS * running + prompt_len * kv_pressure
 
 
@@ -167,6 +170,7 @@ class WorkerRouter:
         self._script = PackedScript(redis, DECISION_LUA)
         self._members: list[Member] = []
         self._block_size = 0
+        self._num_blocks = self._matched_tokens = np.zeros(0, dtype=np.int64)  # per member
         self._fresh_until = 0.0
         self._refresh_lock = asyncio.Lock()
         self._turn = 0
@@ -243,22 +247,22 @@ class WorkerRouter:
         prefix unread), their cached run and load."""
         if not self._members:
             return []
-        flat = await self._script(hashes)
+        matched, running, waiting, used, steps = (
+            np.array(await self._script(hashes), dtype=np.int64).reshape(-1, 5).T)
+        # Scored for every worker at once; a worker of another block size never matches.
+        cached = matched * self._matched_tokens
+        penalty = load_penalty(waiting, running, used, self._num_blocks, prompt_len)
         live = []
-        columns = (flat[0::5], flat[1::5], flat[2::5], flat[3::5], flat[4::5])
-        for m, matched, running, waiting, used, steps in zip(self._members, *columns, strict=True):
-            if matched == -1:
+        rows = zip(self._members, matched.tolist(), cached.tolist(), penalty.tolist(),
+                   steps.tolist(), strict=True)
+        for m, blocks, tokens, load, step in rows:
+            if blocks == -1:
                 continue
-            if matched == -2:
-                live.append(WorkerView(m.worker_id, 0, 0.0, steps, draining=True))
+            if blocks == -2:
+                live.append(WorkerView(m.worker_id, 0, 0.0, step, draining=True))
                 continue
-            penalty = load_penalty(waiting, running, used, m.num_blocks, prompt_len)
-            live.append(WorkerView(
-                worker_id=m.worker_id,
-                cached_tokens=matched * self._block_size if m.block_size == self._block_size else 0,
-                penalty=penalty + self._pending_tokens(m.worker_id, steps),
-                steps=steps,
-            ))
+            live.append(WorkerView(m.worker_id, tokens, load + self._pending_tokens(m.worker_id, step),
+                                   step))
         return live
 
     async def _ensure_members(self) -> None:
@@ -281,6 +285,10 @@ class WorkerRouter:
         ]
         sizes = Counter(m.block_size for m in self._members)
         self._block_size = sizes.most_common(1)[0][0] if sizes else 0
+        self._num_blocks = np.array([m.num_blocks for m in self._members], dtype=np.int64)
+        self._matched_tokens = np.array(  # tokens per matched block; 0 at another block size
+            [self._block_size if m.block_size == self._block_size else 0 for m in self._members],
+            dtype=np.int64)
         self._script.set_keys([  # packed once: a decision then packs only the prompt's hashes
             key(m.worker_id).encode()
             for key in (k.worker_alive, k.prefix_index, k.worker_load) for m in self._members
