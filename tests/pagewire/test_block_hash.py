@@ -31,3 +31,12 @@ def test_token_boundaries_matter() -> None:
     # Token ids are hashed as fixed-width integers, so [1, 23] and [12, 3] cannot collide.
     assert block_hash(None, [1, 23]) != block_hash(None, [12, 3])
     assert block_hash(None, [256]) != block_hash(None, [0, 1])
+
+
+def test_prompt_hashes_are_block_hash_chained_over_full_blocks() -> None:
+    tokens = [7 * i + 3 for i in range(70)]
+    expected, parent = [], None
+    for start in range(0, 64, 16):
+        parent = block_hash(parent, tokens[start : start + 16])
+        expected.append(parent)
+    assert prompt_block_hashes(tokens, 16) == expected
