@@ -91,3 +91,13 @@ def test_loading_the_kernel_leaves_the_process_float_environment_alone() -> None
         "assert 5e-324 * 1.0 != 0.0, 'subnormal float64 flushed to zero'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.125, 4.0, 40.0])
+def test_flat_and_sharply_peaked_softmax_match_the_reference(scale: float) -> None:
+    """Scores from near-equal to hundreds apart: the kernel's own exp must hold over the range."""
+    case = make_paged_case([300, 77, 129], 16, 2, 64, dtype=torch.float32, device=CPU)
+    q = torch.randn(3, 4, 64)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, scale)
+    out = cpu_decode.paged_decode_attention(*args)
+    assert rel_err(out, reference.paged_decode_attention(*args)) < 1e-5
