@@ -186,13 +186,27 @@ class WorkerEngine:
     async def _lose_worker(self) -> None:
         self.connected = False
         self._draining_published = None  # forget_worker drops the load figures
+        reqs = await self._take_all()
+        await self.store.forget_worker()
+        self.on_lost(self, reqs)
+
+    async def evacuate(self) -> None:
+        """Recompute every request this engine holds on the other workers, as if the worker were
+        lost, but keep driving it. For a worker found draining when this scheduler starts: its
+        recovered requests may not finish there (the first stream a scheduler opens resets the
+        worker's sequences, and a draining worker holding none exits), so they move at once."""
+        reqs = await self._take_all()
+        await self.store.reset(self.info.instance_id, self.info.num_blocks)
+        self.on_lost(self, reqs)
+
+    async def _take_all(self) -> list[Request]:
+        """Take every request off this worker, their block tables dropped in Redis."""
         reqs = self.scheduler.take_all()
         for req in reqs:
             self.store.dropped_table(req)
         self.store.checkpoint(reqs)  # they move on: their tokens must not stay in this log
         await self.settle()
-        await self.store.forget_worker()
-        self.on_lost(self, reqs)
+        return reqs
 
     async def _reconnect(self) -> None:
         while True:

@@ -28,7 +28,7 @@ from scheduler_svc.lease import Lease, LeaseLost
 from scheduler_svc.request import Request, RouterConn, Status
 from scheduler_svc.scheduler import SchedulerLimits
 from scheduler_svc.state_store import REDIS_DOWN, StateStore
-from scheduler_svc.worker_health import watch_health
+from scheduler_svc.worker_health import WORKER_SERVICE, probe, watch_health
 
 log = logging.getLogger("scheduler")
 SERVICE = "pagewire.v1.Scheduler"
@@ -294,6 +294,16 @@ async def describe(address: str, tls: TLSFiles | None, timeout: float = 120.0) -
         return await worker_pb2_grpc.WorkerStub(ch).Describe(worker_pb2.DescribeRequest(), timeout=10)
 
 
+async def model_of(addresses: list[str], tls: TLSFiles | None) -> str:
+    """The model the first worker to describe itself serves (draining or not): the group's."""
+    while True:
+        for address in addresses:
+            found = await probe(address, tls)
+            if found is not None:
+                return found[0].model
+        await asyncio.sleep(0.5)
+
+
 async def attach_worker(
     service: SchedulerService,
     cfg: pwconfig.SchedulerConfig,
@@ -301,9 +311,11 @@ async def attach_worker(
     address: str,
     tls: TLSFiles | None,
     sm: metrics.SchedulerMetrics,
+    info: worker_pb2.WorkerInfo | None = None,
 ) -> tuple[WorkerEngine, list[Request]]:
-    """Describe the worker, reload what Redis holds for it, and make its engine."""
-    info = await describe(address, tls)
+    """Reload what Redis holds for the worker (described by ``info``, else asked once it
+    serves), and make its engine."""
+    info = info or await describe(address, tls)
     model = cfg.model_name or info.model
     store = StateStore(r, RedisKeys(cfg.deployment, model), info.worker_id)
     limits = SchedulerLimits(
@@ -343,7 +355,7 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     await server.start()
     addresses = await discover_workers(cfg, r)
     keys = RedisKeys(cfg.deployment, cfg.model_name or (
-        (await describe(addresses[0], tls)).model if addresses else "none"))
+        await model_of(addresses, tls) if addresses else "none"))
     registry = metrics.new_registry()
     sm = metrics.scheduler_metrics(registry, keys.model)
     metrics_server = metrics.serve_metrics(cfg.metrics_port, registry, cfg.host)
@@ -353,20 +365,23 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     lease = Lease(r, keys.scheduler_lease(cfg.group), cfg.lease_ttl_s)
     await lease.acquire()
     tasks = [asyncio.create_task(_hold(lease))]
-    recovered = []
+    attach = functools.partial(_attach, service, cfg, r, tls, sm, tasks)
+    loading = []
     for address in addresses:
-        engine, reqs = await attach_worker(service, cfg, r, address, tls, sm)
-        recovered += reqs
-        tasks.append(asyncio.create_task(engine.run(r, cfg.heartbeat_check_s)))
-        tasks.append(asyncio.create_task(watch_health(
-            address, tls, functools.partial(service.on_worker_health, engine))))
-    if recovered:
-        tasks.append(asyncio.create_task(service.reap_orphans(recovered)))
+        found = await probe(address, tls)
+        if found is None:  # still loading (or away): attached in the background once it serves
+            loading.append(asyncio.create_task(attach(address)))
+        else:
+            await attach(address, *found)
+    tasks += loading
+    await _evacuate_draining(service)
+    if loading and not service.engines:  # nothing to serve with yet: wait for the first one
+        await asyncio.wait(loading, return_when=asyncio.FIRST_COMPLETED)
     service.ready = True
     # Routers that find schedulers in Redis send work here from now on (and re-attach the
     # group's requests in flight, if this scheduler took the group over).
     address = cfg.advertise or f"{cfg.host}:{port}"
-    tasks.append(asyncio.create_task(_publish(r, keys, cfg.group, lease, address, list(service.engines))))
+    tasks.append(asyncio.create_task(_publish(r, keys, cfg.group, lease, address, service.engines)))
     await serving.set_serving(health_servicer, [SERVICE], True)
     log.info("scheduler on %s:%d driving %d worker(s) of group %s", cfg.host, port,
              len(service.engines), cfg.group)
@@ -384,6 +399,46 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
         tracing.shutdown_tracing()
 
 
+async def _attach(
+    service: SchedulerService,
+    cfg: pwconfig.SchedulerConfig,
+    r: aioredis.Redis,
+    tls: TLSFiles | None,
+    sm: metrics.SchedulerMetrics,
+    tasks: list[asyncio.Task],
+    address: str,
+    info: worker_pb2.WorkerInfo | None = None,
+    serves: bool = True,
+) -> None:
+    """Attach the worker and drive it (step loop, health watch). Without ``info`` it is still
+    loading: wait as long as it takes for it to serve. ``serves`` False: it was found draining,
+    and takes no new requests."""
+    if info is None:
+        await serving.wait_healthy(address, float("inf"), WORKER_SERVICE, tls)
+    engine, recovered = await attach_worker(service, cfg, r, address, tls, sm, info)
+    engine.draining = not serves
+    tasks.append(asyncio.create_task(engine.run(r, cfg.heartbeat_check_s)))
+    tasks.append(asyncio.create_task(watch_health(
+        address, tls, functools.partial(service.on_worker_health, engine))))
+    if recovered:
+        tasks.append(asyncio.create_task(service.reap_orphans(recovered)))
+
+
+async def _evacuate_draining(service: SchedulerService) -> None:
+    """Workers found draining at start-up hand their recovered requests to the serving ones,
+    which recompute them (prompt + output so far) as after a worker loss: the first stream this
+    scheduler opens to a worker resets its sequences, so a draining one would exit with them.
+    With no worker serving they stay, and run there while it lasts."""
+    if all(e.draining for e in service.engines.values()):
+        return
+    for engine in list(service.engines.values()):
+        if engine.draining:
+            log.warning("worker %s is draining at start-up: its %d recovered requests recompute "
+                        "on the workers that serve", engine.worker_id,
+                        len(engine.scheduler.running) + len(engine.scheduler.waiting))
+            await engine.evacuate()
+
+
 async def _hold(lease: Lease) -> None:
     """Renew the lease; losing it means another scheduler may be driving the group: stop now."""
     try:
@@ -394,13 +449,15 @@ async def _hold(lease: Lease) -> None:
 
 
 async def _publish(
-    r: aioredis.Redis, keys: RedisKeys, group: str, lease: Lease, address: str, worker_ids: list[str]
+    r: aioredis.Redis, keys: RedisKeys, group: str, lease: Lease, address: str,
+    engines: dict[str, WorkerEngine],
 ) -> None:
     """Keep the group's directory entry in Redis at every lease renewal (so it is back soon
-    after Redis restarts empty); the entry is written only while the lease is ours."""
+    after Redis restarts empty, and names workers attached late); the entry is written only while
+    the lease is ours."""
     while True:
         try:
-            await publish_group(r, keys, group, lease.token, address, worker_ids)
+            await publish_group(r, keys, group, lease.token, address, list(engines))
         except REDIS_DOWN:
             pass  # Redis is away: the next round writes it
         await asyncio.sleep(lease.ttl_ms / 3000)

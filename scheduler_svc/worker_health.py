@@ -17,7 +17,9 @@ Why this signal and not another:
   the worker's load figures (``draining``), which the routers already read.
 
 A worker that is still loading is NOT_SERVING too; the scheduler treats it the same way (no new
-requests) until it reports SERVING.
+requests) until it reports SERVING. At the scheduler's start the two differ (``probe``): a draining
+worker describes itself and is attached at once, as draining; a loading one cannot, and is
+attached in the background once it serves.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagewire import serving
 from pagewire.tls import TLSFiles
-from pagewire.v1 import worker_pb2
+from pagewire.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("scheduler.health")
 
@@ -54,3 +56,18 @@ async def watch_health(
         except grpc.aio.AioRpcError as e:
             log.debug("health watch of %s: %s", address, e.code())
         await asyncio.sleep(retry_s)
+
+
+async def probe(address: str, tls: TLSFiles | None) -> tuple[worker_pb2.WorkerInfo, bool] | None:
+    """The worker's description and whether it is SERVING, asked once; None while it cannot
+    describe itself (still loading its model, or unreachable). A worker that describes itself
+    but is not SERVING is draining: it has its model, and will not take work again."""
+    try:
+        async with serving.open_channel(address, tls) as channel:
+            info = await worker_pb2_grpc.WorkerStub(channel).Describe(
+                worker_pb2.DescribeRequest(), timeout=5)
+            resp = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=5)
+    except grpc.aio.AioRpcError:
+        return None
+    return info, resp.status == health_pb2.HealthCheckResponse.SERVING
