@@ -145,3 +145,20 @@ async def run_concurrently(address: str, requests: list[generation_pb2.GenerateR
     async with serving.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         return await asyncio.gather(*(generate(stub, r) for r in requests))
+
+
+async def stream_into(
+    stub: generation_pb2_grpc.GenerationStub, req: generation_pb2.GenerateRequest, got: list[int]
+) -> generation_pb2.GenerateResponse:
+    """Stream ``req``, appending its tokens to ``got`` as they arrive (so a test can act
+    mid-stream); returns the last message."""
+    last = generation_pb2.GenerateResponse()
+    async for resp in stub.Generate(req):
+        got.extend(resp.token_ids)
+        last = resp
+    return last
+
+
+def worker_of(client: redis.Redis, model: Path, rid: str) -> str:
+    """The worker Redis records for a request (kept a while after it finishes)."""
+    return (client.hget(redis_keys(model).request(rid), "worker") or b"").decode()

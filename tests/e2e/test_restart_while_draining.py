@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 
 import redis
-from e2e_util import HFReference, assert_block_invariants, launch, redis_keys
+from e2e_util import (
+    HFReference,
+    assert_block_invariants,
+    greedy_request,
+    launch,
+    redis_keys,
+    stream_into,
+    worker_of,
+)
 
 from pagewire import serving
 from pagewire.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -29,24 +37,11 @@ NUM_BLOCKS = 256
 
 
 def request(rid: str, prompt: str, max_tokens: int) -> generation_pb2.GenerateRequest:
-    return generation_pb2.GenerateRequest(
-        request_id=rid, text=prompt,
-        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
-    )
+    req = greedy_request(prompt, max_tokens, ignore_eos=True)
+    req.request_id = rid
+    return req
 
 
-async def stream(
-    stub: generation_pb2_grpc.GenerationStub, req: generation_pb2.GenerateRequest, got: list[int]
-) -> generation_pb2.GenerateResponse:
-    last = generation_pb2.GenerateResponse()
-    async for resp in stub.Generate(req):
-        got.extend(resp.token_ids)
-        last = resp
-    return last
-
-
-def worker_of(client: redis.Redis, model: Path, rid: str) -> str:
-    return (client.hget(redis_keys(model).request(rid), "worker") or b"").decode()
 
 
 def test_scheduler_restarted_while_a_worker_drains_starts_at_once_and_loses_nothing(
@@ -68,7 +63,7 @@ def test_scheduler_restarted_while_a_worker_drains_starts_at_once_and_loses_noth
             new: list[list[int]] = [[] for _ in AFTER]
             async with serving.insecure_channel(stack.router) as channel:
                 stub = generation_pb2_grpc.GenerationStub(channel)
-                streaming = [asyncio.create_task(stream(stub, request(f"old-{i}", p, MAX_TOKENS), o))
+                streaming = [asyncio.create_task(stream_into(stub, request(f"old-{i}", p, MAX_TOKENS), o))
                              for i, (p, o) in enumerate(zip(IN_FLIGHT, old, strict=True))]
                 while not all(len(o) >= 2 for o in old):
                     assert not any(t.done() for t in streaming), "a stream ended before the fault"
@@ -88,7 +83,7 @@ def test_scheduler_restarted_while_a_worker_drains_starts_at_once_and_loses_noth
                 await stack.restart("scheduler", timeout=60)
                 started = time.monotonic() - start
                 old_last = await asyncio.gather(*streaming)
-                later = [stream(stub, request(f"new-{i}", p, AFTER_TOKENS), o)
+                later = [stream_into(stub, request(f"new-{i}", p, AFTER_TOKENS), o)
                          for i, (p, o) in enumerate(zip(AFTER, new, strict=True))]
                 new_last = await asyncio.gather(*later)
             assert all(b < MAX_TOKENS for b in before), "the restart must come mid-generation"

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-from e2e_util import HFReference, assert_block_invariants, launch, redis_keys
+from e2e_util import (
+    HFReference,
+    assert_block_invariants,
+    greedy_request,
+    launch,
+    redis_keys,
+    stream_into,
+    worker_of,
+)
 
 from pagewire import serving
 from pagewire.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -30,20 +38,10 @@ MAX_NUM_SEQS = 3  # per worker: of the 5 requests round-robin places on each, 2 
 
 
 def request(rid: str, prompt: str, max_tokens: int) -> generation_pb2.GenerateRequest:
-    return generation_pb2.GenerateRequest(
-        request_id=rid, text=prompt,
-        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
-    )
+    req = greedy_request(prompt, max_tokens, ignore_eos=True)
+    req.request_id = rid
+    return req
 
-
-async def stream(
-    stub: generation_pb2_grpc.GenerationStub, req: generation_pb2.GenerateRequest, got: list[int]
-) -> generation_pb2.GenerateResponse:
-    last = generation_pb2.GenerateResponse()
-    async for resp in stub.Generate(req):
-        got.extend(resp.token_ids)
-        last = resp
-    return last
 
 
 @dataclass
@@ -61,10 +59,6 @@ class Drained:
     announced: float
     exited: float
 
-
-def worker_of(client: redis.Redis, model: Path, rid: str) -> str:
-    """The worker Redis records for a request (kept a while after it finishes)."""
-    return (client.hget(redis_keys(model).request(rid), "worker") or b"").decode()
 
 
 def test_sigterm_worker_drains_while_the_other_takes_new_requests(
@@ -84,7 +78,7 @@ def test_sigterm_worker_drains_while_the_other_takes_new_requests(
             new: list[list[int]] = [[] for _ in AFTER]
             async with serving.insecure_channel(stack.router) as channel:
                 stub = generation_pb2_grpc.GenerationStub(channel)
-                streaming = [asyncio.create_task(stream(stub, request(f"old-{i}", p, MAX_TOKENS), o))
+                streaming = [asyncio.create_task(stream_into(stub, request(f"old-{i}", p, MAX_TOKENS), o))
                              for i, (p, o) in enumerate(zip(IN_FLIGHT, old, strict=True))]
                 while sum(len(o) >= 2 for o in old) < 2 * MAX_NUM_SEQS:  # both workers full
                     assert not any(t.done() for t in streaming), "a stream ended before SIGTERM"
@@ -103,7 +97,7 @@ def test_sigterm_worker_drains_while_the_other_takes_new_requests(
                 # Mid-drain, with requests live on it, the draining worker's blocks are consistent.
                 await asyncio.to_thread(assert_block_invariants, stack.redis_url, tiny_model,
                                         "worker-1", NUM_BLOCKS, False)
-                later = [asyncio.create_task(stream(stub, request(f"new-{i}", p, AFTER_TOKENS), o))
+                later = [asyncio.create_task(stream_into(stub, request(f"new-{i}", p, AFTER_TOKENS), o))
                          for i, (p, o) in enumerate(zip(AFTER, new, strict=True))]
                 old_last = await asyncio.gather(*streaming)
                 new_last = await asyncio.gather(*later)
