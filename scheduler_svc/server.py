@@ -294,14 +294,24 @@ async def describe(address: str, tls: TLSFiles | None, timeout: float = 120.0) -
         return await worker_pb2_grpc.WorkerStub(ch).Describe(worker_pb2.DescribeRequest(), timeout=10)
 
 
-async def model_of(addresses: list[str], tls: TLSFiles | None) -> str:
-    """The model the first worker to describe itself serves (draining or not): the group's."""
+Probe = tuple[worker_pb2.WorkerInfo, bool] | None  # what worker_health.probe found
+
+
+async def probe_all(addresses: list[str], tls: TLSFiles | None) -> dict[str, Probe]:
+    """Every worker probed once, all at the same time."""
+    found = await asyncio.gather(*(probe(a, tls) for a in addresses))
+    return dict(zip(addresses, found, strict=True))
+
+
+async def model_of(probes: dict[str, Probe], tls: TLSFiles | None) -> str:
+    """The model of the first worker that describes itself (draining or not): the group's. While
+    none can (all still loading), ask again."""
     while True:
-        for address in addresses:
-            found = await probe(address, tls)
+        for found in probes.values():
             if found is not None:
                 return found[0].model
         await asyncio.sleep(0.5)
+        probes = await probe_all(list(probes), tls)
 
 
 async def attach_worker(
@@ -354,8 +364,9 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     port = serving.add_port(server, f"{cfg.host}:{cfg.port}", tls)
     await server.start()
     addresses = await discover_workers(cfg, r)
+    probes = await probe_all(addresses, tls)
     keys = RedisKeys(cfg.deployment, cfg.model_name or (
-        await model_of(addresses, tls) if addresses else "none"))
+        await model_of(probes, tls) if addresses else "none"))
     registry = metrics.new_registry()
     sm = metrics.scheduler_metrics(registry, keys.model)
     metrics_server = metrics.serve_metrics(cfg.metrics_port, registry, cfg.host)
@@ -368,9 +379,11 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     attach = functools.partial(_attach, service, cfg, r, tls, sm, tasks)
     loading = []
     for address in addresses:
-        found = await probe(address, tls)
+        found = probes[address]
         if found is None:  # still loading (or away): attached in the background once it serves
-            loading.append(asyncio.create_task(attach(address)))
+            task = asyncio.create_task(attach(address))
+            task.add_done_callback(functools.partial(_log_failed_attach, address))
+            loading.append(task)
         else:
             await attach(address, *found)
     tasks += loading
@@ -422,6 +435,11 @@ async def _attach(
         address, tls, functools.partial(service.on_worker_health, engine))))
     if recovered:
         tasks.append(asyncio.create_task(service.reap_orphans(recovered)))
+
+
+def _log_failed_attach(address: str, task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("worker %s could not be attached: %r", address, task.exception())
 
 
 async def _evacuate_draining(service: SchedulerService) -> None:
