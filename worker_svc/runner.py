@@ -6,6 +6,13 @@ sequence with ``new`` set, which is what keeps the worker's API stateless. Packe
 (``Step.decodes``) are handled as columns: gathering their state, appending their blocks and
 building positions, slots and block tables are array ops. The Python loop is over the step's
 SequenceSteps (prefill chunks and resends) only; everything per token is an array or tensor op.
+
+A step runs in two halves so that the GPU never waits for Python: :meth:`ModelRunner.launch`
+lays the step out, sends its inputs in one packed copy and queues the forward pass and the
+sampling; :meth:`ModelRunner.finish` waits for the sampled tokens (copied back asynchronously)
+and builds the result. The worker launches step N+1 before finishing step N when the scheduler
+has sent it: a decode's input token is then the one step N sampled, read on the device from
+``last_tokens``, never through the host.
 """
 
 from __future__ import annotations
@@ -21,11 +28,15 @@ from torch import Tensor
 from kernels import AttentionBackend
 from pagewire.v1 import common_pb2, worker_pb2
 from worker_svc import prompt_outputs
+from worker_svc.cuda_graphs import DecodeGraphs, pad_columns
 from worker_svc.logits import Penalties, apply_penalties, logprob_protos, mask_tokens
 from worker_svc.models.llama import AttentionMetadata, LlamaForCausalLM
 from worker_svc.prompt_outputs import Chunk
 from worker_svc.sampler import SamplingBatch, sample
-from worker_svc.seq_table import NONE, SequenceTable
+from worker_svc.seq_table import NONE, SequenceTable, TokenHistory
+from worker_svc.step_inputs import FROM_DEVICE, Download, Uploader, pack, unpack
+
+SAMPLED = -2  # host last_token of a row whose last sample lives on the device (in last_tokens)
 
 
 def allocate_kv_cache(
@@ -49,12 +60,35 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype)
 class StepLayout:
     """Where each sequence of a step sits in the forward pass (one slot per sequence)."""
 
-    ids: np.ndarray  # [T] input token ids, slot by slot
+    ids: np.ndarray  # [T] input token ids, slot by slot; FROM_DEVICE: the row's last sample
     rows: np.ndarray  # [N] table row of each slot
     starts: np.ndarray  # [N] position of each slot's first token
     lens: np.ndarray  # [N] tokens of each slot
     slot: np.ndarray  # [len(step.seqs)] slot of each SequenceStep (packed decode i is slot i)
     num_decode: int  # single-token slots, all at the front
+
+
+@dataclass
+class PendingStep:
+    """A launched step: what :meth:`ModelRunner.finish` needs to build its result."""
+
+    step: worker_pb2.Step
+    result: worker_pb2.StepResult  # prompt outputs already in
+    started: float
+    seq_ids: list[int]  # sequences that sampled, in result order
+    ran: bool = False  # the step had work (its result reports compute time)
+    tokens: Download | None = None
+    logprobs: tuple[Tensor, Tensor, list[int], np.ndarray] | None = None  # raw, chosen, k, rows
+    # Penalized rows: their token histories (captured at launch) and the sampled positions.
+    histories: list[tuple[int, TokenHistory | None, int]] | None = None
+
+    def ready(self) -> bool:
+        """The sampled tokens are on the host (finish() will not block)."""
+        return self.tokens is None or self.tokens.ready()
+
+    def wait(self) -> None:
+        if self.tokens is not None:
+            self.tokens.wait()
 
 
 @dataclass
@@ -76,6 +110,7 @@ class ModelRunner:
         backend: AttentionBackend,
         device: torch.device,
         eos_token_ids: Sequence[int] = (),
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -84,38 +119,92 @@ class ModelRunner:
         self.device = device
         self.vocab_size = model.cfg.vocab_size
         self.table = SequenceTable(eos_token_ids)
+        self.graphs = graphs
+        self.uploader = Uploader(device)
+        # Each row's last sampled token, on the device: what a decode feeds when the host has not
+        # seen that token yet (the step that sampled it may still be running).
+        self.last_tokens = torch.zeros(len(self.table.last_token), dtype=torch.int32,
+                                       device=device)
 
     def reset(self) -> None:
         """Forget every sequence (a new scheduler stream starts from scratch)."""
         self.table.clear()
 
-    @torch.inference_mode()
     def execute(self, step: worker_pb2.Step) -> worker_pb2.StepResult:
+        return self.finish(self.launch(step))
+
+    def depends_on_pending(self, step: worker_pb2.Step) -> bool:
+        """Whether ``step`` reads host state that a launched, unfinished step writes: the token
+        histories of penalized sequences (their penalties need the last token on the host)."""
+        t = self.table
+        rows = t.lookup(step.decodes.seq_ids)
+        if len(rows) and t.penalized[rows[rows != NONE]].any():
+            return True
+        return any(
+            (row := t.rows.get(s.seq_id)) is not None and bool(t.penalized[row])
+            for s in step.seqs
+        )
+
+    @torch.inference_mode()
+    def launch(self, step: worker_pb2.Step) -> PendingStep:
+        """Lay out, upload, run and sample ``step`` without waiting for the device."""
         t0 = time.perf_counter()
         table, seqs, d = self.table, step.seqs, step.decodes
         table.release(step.release_seq_ids)
         drows = table.lookup(d.seq_ids)
+        result = worker_pb2.StepResult(step_id=step.step_id)
+        pending = PendingStep(step, result, t0, [])
         unknown = self._unknown(step, drows)
         if unknown:
-            return worker_pb2.StepResult(step_id=step.step_id, unknown_seq_ids=unknown)
+            result.unknown_seq_ids.extend(unknown)
+            return pending
         if not seqs and not len(drows):
-            return worker_pb2.StepResult(step_id=step.step_id)
+            return pending
+        pending.ran = True
         srows = self._apply_seqs(seqs)
+        self._grow_last_tokens()
         if len(d.new_block_ids):
             table.append_blocks(drows, np.asarray(d.new_block_ids, dtype=np.int64))
         lay = self._layout(step, drows, srows)
-        hidden, cu = self._forward(lay)
-        result = worker_pb2.StepResult(step_id=step.step_id)
-        self._prompt_outputs(seqs, srows, cu[lay.slot], hidden, result)
+        cu = np.zeros(len(lay.lens) + 1, dtype=np.int64)
+        np.cumsum(lay.lens, out=cu[1:])
         sampled = [i for i, s in enumerate(seqs) if s.sample and not table.is_embedding(srows[i])]
-        if len(drows) or sampled:
-            tokens, logprobs = self._sample(hidden, self._picks(step, lay, cu, sampled))
-            result.seq_ids.extend(d.seq_ids)
-            result.seq_ids.extend(seqs[i].seq_id for i in sampled)
-            result.token_ids.extend(tokens)
-            result.logprobs.extend(logprobs)
-        result.compute_ms = (time.perf_counter() - t0) * 1e3
+        picks = self._picks(step, lay, cu, sampled)
+        hidden = self._forward(lay, cu, bool(seqs))
+        self._prompt_outputs(seqs, srows, cu[lay.slot], hidden, result)
+        if len(picks.rows):
+            pending.seq_ids = [*d.seq_ids, *(seqs[i].seq_id for i in sampled)]
+            self._sample(hidden, picks, pending)
+        return pending
+
+    @torch.inference_mode()
+    def finish(self, pending: PendingStep) -> worker_pb2.StepResult:
+        """Wait for ``pending``'s sampled tokens; its result."""
+        result = pending.result
+        if pending.tokens is not None:
+            tokens = pending.tokens.numpy()
+            for at, history, position in pending.histories or ():
+                assert history is not None
+                history.put(position, tokens[at : at + 1])
+            result.seq_ids.extend(pending.seq_ids)
+            result.token_ids.extend(tokens.tolist())
+            if pending.logprobs is not None:
+                raw, chosen, num_top, want = pending.logprobs
+                asked = logprob_protos(raw, chosen, num_top)
+                out = [common_pb2.Logprobs() for _ in range(len(tokens))]
+                for j, lp in zip(want.tolist(), asked, strict=True):
+                    out[j] = lp
+                result.logprobs.extend(out)
+        if pending.ran:
+            result.compute_ms = (time.perf_counter() - pending.started) * 1e3
         return result
+
+    def _grow_last_tokens(self) -> None:
+        need, have = len(self.table.last_token), len(self.last_tokens)
+        if need > have:
+            grown = torch.zeros(need, dtype=torch.int32, device=self.device)
+            grown[:have] = self.last_tokens
+            self.last_tokens = grown
 
     def _layout(self, step: worker_pb2.Step, drows: np.ndarray, srows: np.ndarray) -> StepLayout:
         """Forward order: decodes (packed, then one-token SequenceSteps), then multi-token chunks;
@@ -128,9 +217,9 @@ class ModelRunner:
         lens[nd:] = [max(len(seqs[i].token_ids), 1) for i in order]
         seq_ids: list[int] = []
         for i in order:
-            seq_ids.extend(seqs[i].token_ids or [int(self.table.last_token[srows[i]])])
+            seq_ids.extend(seqs[i].token_ids or [FROM_DEVICE])
         return StepLayout(
-            ids=np.concatenate([self.table.last_token[drows], np.asarray(seq_ids, np.int64)]),
+            ids=np.concatenate([np.full(nd, FROM_DEVICE, np.int64), np.asarray(seq_ids, np.int64)]),
             rows=np.concatenate([drows, srows[order]]),
             starts=np.concatenate([np.asarray(d.positions, dtype=np.int64),
                                    np.fromiter((seqs[i].start_pos for i in order), np.int64)]),
@@ -188,32 +277,37 @@ class ModelRunner:
             rows[i] = row
         return rows
 
-    def _forward(self, lay: StepLayout) -> tuple[Tensor, np.ndarray]:
-        """Run the model; return every token's final hidden state [T, H] and the token offsets of
-        the forward slots (slot i is tokens cu[i] .. cu[i+1])."""
-        dev, bs = self.device, self.block_size
+    def _forward(self, lay: StepLayout, cu: np.ndarray, has_seqs: bool) -> Tensor:
+        """Run the model; every token's final hidden state [T, H] (slot i is tokens cu[i] ..
+        cu[i+1]). A decode-only batch that fits a captured graph replays it."""
+        bs, n = self.block_size, len(lay.lens)
         starts, lens, rows, num_decode = lay.starts, lay.lens, lay.rows, lay.num_decode
-        cu = np.zeros(len(lens) + 1, dtype=np.int64)
-        np.cumsum(lens, out=cu[1:])
-        owner = np.repeat(np.arange(len(lens)), lens)
+        owner = np.repeat(np.arange(n), lens)
         positions = starts[owner] + np.arange(int(cu[-1])) - cu[:-1][owner]
         width = int(self.table.num_blocks[rows].max())
         block_tables = self.table.block_tables[rows, :width]
         slots = block_tables[owner, positions // bs].astype(np.int64) * bs + positions % bs
-
-        def put(a: np.ndarray) -> Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True)
-
+        ctx = starts + lens
+        graphs = self.graphs
+        if graphs is not None and num_decode == n and graphs.fits(n, width):
+            cols = pad_columns(n, graphs.bucket(n), lay.ids, rows, positions, slots, ctx)
+            packed, _ = pack(*cols, np.empty(0), block_tables)
+            hidden = graphs.run(self.uploader.put(packed), n, width, self.last_tokens)
+            # The graph's output buffer is overwritten by the next replay: prompt outputs, which
+            # may keep a hidden state across steps, get their own copy.
+            return hidden.clone() if has_seqs else hidden
+        packed, sizes = pack(lay.ids, rows[owner], positions, slots, ctx,
+                             cu[num_decode:] - cu[num_decode], block_tables)
+        t = unpack(self.uploader.put(packed), sizes, width)
         meta = AttentionMetadata(
-            slot_mapping=put(slots),
-            block_tables=put(block_tables),
-            context_lens=put((starts + lens).astype(np.int32)),
-            cu_seqlens_q=put((cu[num_decode:] - cu[num_decode]).astype(np.int32)),
+            slot_mapping=t.slots.long(),
+            block_tables=t.block_tables,
+            context_lens=t.context_lens,
+            cu_seqlens_q=t.cu_seqlens_q,
             num_decode=num_decode,
             backend=self.backend,
         )
-        hidden = self.model(put(lay.ids), put(positions), self.kv_caches, meta)
-        return hidden, cu
+        return self.model(t.token_ids(self.last_tokens), t.positions, self.kv_caches, meta)
 
     def _prompt_outputs(
         self,
@@ -242,17 +336,19 @@ class ModelRunner:
         if pool_chunks:
             result.embeddings.extend(prompt_outputs.pool(pool_chunks, hidden))
 
-    def _sample(
-        self, hidden: Tensor, picks: SampleRows
-    ) -> tuple[list[int], list[common_pb2.Logprobs]]:
-        """Logits of the sampling rows, processed and drawn; raw logprobs for the rows that ask."""
-        t, rows = self.table, picks.rows
-        index = torch.from_numpy(picks.hidden_index).to(self.device, non_blocking=True)
-        logits = self.model.logits(hidden[index])
+    def _sample(self, hidden: Tensor, picks: SampleRows, pending: PendingStep) -> None:
+        """Logits of the sampling rows, processed and drawn on the device; the tokens start their
+        way to the host and into ``last_tokens``. Raw logprobs are kept for the rows that ask."""
+        t, rows, dev = self.table, picks.rows, self.device
+        n = len(rows)
+        if np.array_equal(picks.hidden_index, np.arange(n)):
+            logits = self.model.logits(hidden[:n])
+        else:
+            logits = self.model.logits(hidden[torch.from_numpy(picks.hidden_index).to(dev)])
         want = np.flatnonzero(t.logprobs[rows] != NONE)
         raw = None
         if len(want):
-            raw = logits[torch.from_numpy(want).to(self.device)].log_softmax(dim=-1)
+            raw = logits[torch.from_numpy(want).to(dev)].log_softmax(dim=-1)
         penalized = np.flatnonzero(t.penalized[rows])
         if len(penalized):
             apply_penalties(logits, self._penalties(rows, penalized))
@@ -261,22 +357,18 @@ class ModelRunner:
             mask_tokens(logits, early, [t.extra(r).stop_ids for r in rows[early]])
         batch = SamplingBatch.build(
             t.temperature[rows], t.top_p[rows], t.top_k[rows], t.seed[rows], picks.output_index,
-            self.device, min_p=t.min_p[rows],
+            dev, min_p=t.min_p[rows],
         )
-        tokens = sample(logits, batch).cpu().numpy()
-        t.last_token[rows] = tokens
-        for j in penalized:
-            history = t.extra(rows[j]).history
-            assert history is not None
-            history.put(int(picks.position[j]), tokens[j : j + 1])
-        if raw is None:
-            return tokens.tolist(), []
-        chosen = torch.from_numpy(tokens[want]).to(self.device)
-        asked = logprob_protos(raw, chosen, t.logprobs[rows[want]].tolist())
-        out = [common_pb2.Logprobs() for _ in range(len(rows))]
-        for j, lp in zip(want.tolist(), asked, strict=True):
-            out[j] = lp
-        return tokens.tolist(), out
+        tokens = sample(logits, batch)
+        self.last_tokens[torch.from_numpy(rows).to(dev)] = tokens.to(torch.int32)
+        t.last_token[rows] = SAMPLED
+        pending.tokens = Download(tokens)
+        pending.histories = [
+            (int(j), t.extra(rows[j]).history, int(picks.position[j])) for j in penalized
+        ]
+        if raw is not None:
+            chosen = tokens[torch.from_numpy(want).to(dev)]
+            pending.logprobs = (raw, chosen, t.logprobs[rows[want]].tolist(), want)
 
     def _penalties(self, rows: np.ndarray, penalized: np.ndarray) -> Penalties:
         t = self.table

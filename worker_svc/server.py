@@ -28,8 +28,10 @@ from pagewire import logs, metrics, serving, tracing
 from pagewire.redis_keys import RedisKeys
 from pagewire.tls import TLSFiles
 from pagewire.v1 import worker_pb2, worker_pb2_grpc
+from worker_svc.cuda_graphs import DecodeGraphs
 from worker_svc.loader import load_model, read_model_dir, resolve_dtype
-from worker_svc.runner import ModelRunner, allocate_kv_cache, kv_block_bytes
+from worker_svc.runner import ModelRunner, PendingStep, allocate_kv_cache, kv_block_bytes
+from worker_svc.step_pipeline import StepPipeline
 
 log = logging.getLogger("worker")
 SERVICE = "pagewire.v1.Worker"
@@ -64,7 +66,12 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
         backend_name = kernels.default_backend_name(device)
     backend = kernels.get_backend(backend_name)
     caches = allocate_kv_cache(model, num_blocks, cfg.block_size, dtype, device)
-    runner = ModelRunner(model, caches, cfg.block_size, backend, device, files.eos_token_ids)
+    graphs = None
+    if cfg.cuda_graphs and device.type == "cuda":
+        graphs = DecodeGraphs(model, caches, backend, device, cfg.block_size, max_len,
+                              cfg.max_num_seqs)
+    runner = ModelRunner(model, caches, cfg.block_size, backend, device, files.eos_token_ids,
+                         graphs)
     info = worker_pb2.WorkerInfo(
         worker_id=cfg.worker_id or f"{cfg.host}:{cfg.port}",
         model=cfg.served_model_name or Path(cfg.model).resolve().name,
@@ -132,14 +139,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         async with self.lock:
             runner.reset()
             self.traces.clear()
-            async for step in request_iterator:
-                start, start_ns = time.perf_counter(), time.time_ns()
-                result = await asyncio.to_thread(runner.execute, step)
-                if self.metrics is not None:
-                    self.metrics.observe_step(time.perf_counter() - start)
-                if tracing.enabled():
-                    self._trace(step, start_ns, time.time_ns())
+            pipeline = StepPipeline(runner, on_result=self._observe)
+            async for result in pipeline.run(request_iterator):
                 yield result
+
+    def _observe(self, pending: PendingStep) -> None:
+        """Metrics and spans of a step, from its launch to its result."""
+        seconds = time.perf_counter() - pending.started
+        if self.metrics is not None:
+            self.metrics.observe_step(seconds)
+        if tracing.enabled():
+            end_ns = time.time_ns()
+            self._trace(pending.step, end_ns - int(seconds * 1e9), end_ns)
 
 
 async def register(cfg: pwconfig.WorkerConfig, info: worker_pb2.WorkerInfo, address: str) -> None:

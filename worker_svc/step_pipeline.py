@@ -1,0 +1,94 @@
+"""The worker's step loop: launch step N+1 while step N is still on the device.
+
+The scheduler keeps two steps in flight, so step N+1 often arrives while step N computes. Launching
+it at once (layout, input copy, kernel launches) lets the host work of N+1 overlap the GPU work of
+N, and the GPU goes from N to N+1 without waiting for Python. Results still leave in step order,
+each as soon as its tokens are on the host:
+
+- a finished step is answered before anything else is launched (on the CPU, where a launch is the
+  whole computation, this keeps the loop exactly sequential: no result waits behind a later step);
+- a step that reads host state an unfinished step writes (penalties need the token history) waits
+  until every launched step is finished;
+- at most ``depth`` steps are launched and unanswered at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from pagewire.v1 import worker_pb2
+from worker_svc.runner import PendingStep
+
+
+class Runner(Protocol):
+    def launch(self, step: worker_pb2.Step) -> PendingStep: ...
+    def finish(self, pending: PendingStep) -> worker_pb2.StepResult: ...
+    def depends_on_pending(self, step: worker_pb2.Step) -> bool: ...
+
+
+class StepPipeline:
+    """Steps in, results out in the same order; launch and finish interleaved as above."""
+
+    def __init__(self, runner: Runner, depth: int = 2,
+                 on_result: Callable[[PendingStep], None] | None = None) -> None:
+        self.runner, self.depth, self.on_result = runner, depth, on_result
+        self.inbox: deque[worker_pb2.Step] = deque()
+        self.arrived = asyncio.Event()
+        self.closed = False
+        self.pending: deque[PendingStep] = deque()
+
+    async def run(self, steps: AsyncIterator[worker_pb2.Step]) -> AsyncIterator[worker_pb2.StepResult]:
+        reader = asyncio.create_task(self._read(steps))
+        try:
+            while True:
+                if self.pending and self.pending[0].ready():
+                    yield await self._finish()
+                elif self.inbox and len(self.pending) < self.depth:
+                    step = self.inbox.popleft()
+                    if self.pending and self.runner.depends_on_pending(step):
+                        while self.pending:
+                            yield await self._finish()
+                    self.pending.append(await asyncio.to_thread(self.runner.launch, step))
+                elif self.pending:
+                    await self._wait_head()
+                elif self.closed:
+                    break
+                else:
+                    self.arrived.clear()
+                    await self.arrived.wait()
+            reader.result()  # the request stream's error, if it broke
+        finally:
+            reader.cancel()
+
+    async def _read(self, steps: AsyncIterator[worker_pb2.Step]) -> None:
+        try:
+            async for step in steps:
+                self.inbox.append(step)
+                self.arrived.set()
+        finally:
+            self.closed = True
+            self.arrived.set()
+
+    async def _wait_head(self) -> None:
+        """Until the oldest step's tokens are on the host, or (with room) a new step arrives."""
+        head = asyncio.ensure_future(asyncio.to_thread(self.pending[0].wait))
+        if len(self.pending) >= self.depth or self.closed:
+            await head
+            return
+        self.arrived.clear()
+        if self.inbox:
+            head.cancel()  # the thread finishes its wait on its own; nothing depends on it
+            return
+        arrival = asyncio.ensure_future(self.arrived.wait())
+        await asyncio.wait({head, arrival}, return_when=asyncio.FIRST_COMPLETED)
+        arrival.cancel()
+
+    async def _finish(self) -> worker_pb2.StepResult:
+        pending = self.pending.popleft()
+        result = await asyncio.to_thread(self.runner.finish, pending)
+        if self.on_result is not None:
+            self.on_result(pending)
+        return result
