@@ -93,9 +93,10 @@ def mask_tokens(logits: Tensor, rows: np.ndarray, ids: Sequence[np.ndarray]) -> 
     lens = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
     if not lens.any():
         return
-    r = torch.from_numpy(np.repeat(rows.astype(np.int64), lens)).to(logits.device)
-    c = torch.from_numpy(np.concatenate(ids)).to(logits.device)
-    logits.index_put_((r, c), torch.tensor(float("-inf"), device=logits.device))
+    # Non-blocking copies and a filled scalar: nothing here waits for the device.
+    r = torch.from_numpy(np.repeat(rows.astype(np.int64), lens)).to(logits.device, non_blocking=True)
+    c = torch.from_numpy(np.concatenate(ids)).to(logits.device, non_blocking=True)
+    logits.index_put_((r, c), torch.full((), float("-inf"), device=logits.device))
 
 
 def logprob_protos(

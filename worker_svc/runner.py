@@ -170,11 +170,11 @@ class ModelRunner:
         np.cumsum(lay.lens, out=cu[1:])
         sampled = [i for i, s in enumerate(seqs) if s.sample and not table.is_embedding(srows[i])]
         picks = self._picks(step, lay, cu, sampled)
-        hidden = self._forward(lay, cu, bool(seqs))
+        hidden, picks_dev = self._forward(lay, cu, picks, bool(seqs))
         self._prompt_outputs(seqs, srows, cu[lay.slot], hidden, result)
         if len(picks.rows):
             pending.seq_ids = [*d.seq_ids, *(seqs[i].seq_id for i in sampled)]
-            self._sample(hidden, picks, pending)
+            self._sample(hidden, picks, picks_dev, pending)
         return pending
 
     @torch.inference_mode()
@@ -277,9 +277,13 @@ class ModelRunner:
             rows[i] = row
         return rows
 
-    def _forward(self, lay: StepLayout, cu: np.ndarray, has_seqs: bool) -> Tensor:
+    def _forward(
+        self, lay: StepLayout, cu: np.ndarray, picks: SampleRows, has_seqs: bool
+    ) -> tuple[Tensor, Tensor]:
         """Run the model; every token's final hidden state [T, H] (slot i is tokens cu[i] ..
-        cu[i+1]). A decode-only batch that fits a captured graph replays it."""
+        cu[i+1]) and, on the device, the sampling rows' table rows and hidden-state indices
+        ([2, S], sent in the same copy). A decode-only batch that fits a captured graph replays
+        it."""
         bs, n = self.block_size, len(lay.lens)
         starts, lens, rows, num_decode = lay.starts, lay.lens, lay.rows, lay.num_decode
         owner = np.repeat(np.arange(n), lens)
@@ -291,13 +295,16 @@ class ModelRunner:
         graphs = self.graphs
         if graphs is not None and num_decode == n and graphs.fits(n, width):
             cols = pad_columns(n, graphs.bucket(n), lay.ids, rows, positions, slots, ctx)
-            packed, _ = pack(*cols, np.empty(0), block_tables)
-            hidden = graphs.run(self.uploader.put(packed), n, width, self.last_tokens)
+            packed, _ = pack(*cols, np.empty(0), block_tables, picks.rows, picks.hidden_index)
+            buf = self.uploader.put(packed)
+            hidden = graphs.run(buf, n, width, self.last_tokens)
             # The graph's output buffer is overwritten by the next replay: prompt outputs, which
             # may keep a hidden state across steps, get their own copy.
-            return hidden.clone() if has_seqs else hidden
+            sampling = buf[len(packed) - 2 * len(picks.rows) :].view(2, -1)
+            return (hidden.clone() if has_seqs else hidden), sampling
         packed, sizes = pack(lay.ids, rows[owner], positions, slots, ctx,
-                             cu[num_decode:] - cu[num_decode], block_tables)
+                             cu[num_decode:] - cu[num_decode], block_tables,
+                             np.stack([picks.rows, picks.hidden_index]))
         t = unpack(self.uploader.put(packed), sizes, width)
         meta = AttentionMetadata(
             slot_mapping=t.slots.long(),
@@ -307,7 +314,8 @@ class ModelRunner:
             num_decode=num_decode,
             backend=self.backend,
         )
-        return self.model(t.token_ids(self.last_tokens), t.positions, self.kv_caches, meta)
+        hidden = self.model(t.token_ids(self.last_tokens), t.positions, self.kv_caches, meta)
+        return hidden, t.sampling.view(2, -1)
 
     def _prompt_outputs(
         self,
@@ -336,7 +344,9 @@ class ModelRunner:
         if pool_chunks:
             result.embeddings.extend(prompt_outputs.pool(pool_chunks, hidden))
 
-    def _sample(self, hidden: Tensor, picks: SampleRows, pending: PendingStep) -> None:
+    def _sample(
+        self, hidden: Tensor, picks: SampleRows, picks_dev: Tensor, pending: PendingStep
+    ) -> None:
         """Logits of the sampling rows, processed and drawn on the device; the tokens start their
         way to the host and into ``last_tokens``. Raw logprobs are kept for the rows that ask."""
         t, rows, dev = self.table, picks.rows, self.device
@@ -344,11 +354,11 @@ class ModelRunner:
         if np.array_equal(picks.hidden_index, np.arange(n)):
             logits = self.model.logits(hidden[:n])
         else:
-            logits = self.model.logits(hidden[torch.from_numpy(picks.hidden_index).to(dev)])
+            logits = self.model.logits(hidden[picks_dev[1]])
         want = np.flatnonzero(t.logprobs[rows] != NONE)
         raw = None
         if len(want):
-            raw = logits[torch.from_numpy(want).to(dev)].log_softmax(dim=-1)
+            raw = logits[torch.from_numpy(want).to(dev, non_blocking=True)].log_softmax(dim=-1)
         penalized = np.flatnonzero(t.penalized[rows])
         if len(penalized):
             apply_penalties(logits, self._penalties(rows, penalized))
@@ -360,14 +370,14 @@ class ModelRunner:
             dev, min_p=t.min_p[rows],
         )
         tokens = sample(logits, batch)
-        self.last_tokens[torch.from_numpy(rows).to(dev)] = tokens.to(torch.int32)
+        self.last_tokens[picks_dev[0]] = tokens.to(torch.int32)
         t.last_token[rows] = SAMPLED
         pending.tokens = Download(tokens)
         pending.histories = [
             (int(j), t.extra(rows[j]).history, int(picks.position[j])) for j in penalized
         ]
         if raw is not None:
-            chosen = tokens[torch.from_numpy(want).to(dev)]
+            chosen = tokens[torch.from_numpy(want).to(dev, non_blocking=True)]
             pending.logprobs = (raw, chosen, t.logprobs[rows[want]].tolist(), want)
 
     def _penalties(self, rows: np.ndarray, penalized: np.ndarray) -> Penalties:

@@ -54,7 +54,12 @@ class SamplingBatch:
         index_col = np.asarray(output_index, dtype=np.int64)
         seeded_rows = np.flatnonzero(seed_col != NO_SEED)
 
+        greedy = not bool((temp > 0).any())
+
         def put(a: np.ndarray) -> Tensor:
+            # An all-greedy batch only takes the argmax: its columns need not reach the device.
+            if greedy:
+                return torch.empty(0, dtype=torch.from_numpy(a).dtype, device=device)
             return torch.from_numpy(a).to(device, non_blocking=True)
 
         return cls(
@@ -70,7 +75,7 @@ class SamplingBatch:
                     strict=True,
                 )
             ),
-            all_greedy=not bool((temp > 0).any()),
+            all_greedy=greedy,
             any_top_k=bool((tk > 0).any()),
             any_top_p=bool((tp < 1.0).any()),
             any_min_p=bool((mp > 0).any()),

@@ -35,6 +35,7 @@ class StepTensors:
     context_lens: Tensor  # [B]
     cu_seqlens_q: Tensor  # [P + 1] offsets of the prefill chunks (from 0)
     block_tables: Tensor  # [B, width]
+    sampling: Tensor  # [2 * S]: table rows, then hidden-state indices, of the sampling rows
 
     def token_ids(self, last_tokens: Tensor) -> Tensor:
         """Input ids with every FROM_DEVICE filled from ``last_tokens`` (indexed by row)."""
@@ -44,9 +45,10 @@ class StepTensors:
 def pack(
     ids: np.ndarray, rows: np.ndarray, positions: np.ndarray, slots: np.ndarray,
     context_lens: np.ndarray, cu_seqlens_q: np.ndarray, block_tables: np.ndarray,
+    *extra: np.ndarray,
 ) -> tuple[np.ndarray, tuple[int, ...]]:
     """One int32 buffer holding the fields in order, and the field lengths."""
-    fields = (ids, rows, positions, slots, context_lens, cu_seqlens_q, block_tables)
+    fields = (ids, rows, positions, slots, context_lens, cu_seqlens_q, block_tables, *extra)
     sizes = tuple(int(f.size) for f in fields)
     out = np.empty(sum(sizes), dtype=np.int32)
     at = 0

@@ -39,9 +39,12 @@ def test_capture_sizes_cover_every_batch_up_to_the_limit() -> None:
 def make_runner(model: Path, padded: bool) -> ModelRunner:
     runner, _ = build_runner(WorkerConfig(model=str(model), num_blocks=256, block_size=BS,
                                           max_model_len=128))
-    if padded:
+    if padded:  # captured and replayed on a GPU, run eagerly over the same buffers on the CPU
         runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.backend,
-                                     runner.device, BS, 128, max_num_seqs=16, capture=False)
+                                     runner.device, BS, 128, max_num_seqs=16,
+                                     capture=runner.device.type == "cuda")
+    else:
+        runner.graphs = None
     for k, v in runner.kv_caches:  # no block is written before a sequence owns it
         k.fill_(float("nan"))
         v.fill_(float("nan"))

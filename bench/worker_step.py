@@ -1,0 +1,224 @@
+"""Worker decode step time against the device's own time for the same step, with and without CUDA
+graphs, in the worker's process (no scheduler, no gRPC): what the worker's host work costs.
+
+    python bench/worker_step.py --shape qwen2.5-0.5b --batches 1,8,64,256
+    python bench/worker_step.py --shape llama-3.1-8b --batches 1 --steps 128 --bound
+
+For each batch size: the batch's prompts are prefilled, then ``--steps`` decode steps are run the
+way the scheduler sends them (two in flight, each decode feeding the token the step before it
+sampled) through the worker's own step loop. Reported per step:
+
+- ``wall_ms``: wall time per step in that loop (launch of step N+1 overlapping step N);
+- ``serial_ms``: wall time per step when each step is launched and awaited before the next;
+- ``device_ms``: the summed kernel time of a step (torch profiler, CUDA only);
+- ``host_share``: 1 - device_ms / wall_ms, the time the device sat idle waiting for the host.
+
+``--bound`` adds the memory-bandwidth bound of a decode step: weight bytes plus the K/V bytes it
+reads, over the device-to-device copy bandwidth measured in the same run (bytes read + written).
+Writes JSON (``--out``); prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from model_shapes import SHAPES, parse_override, write_shape
+
+from pagewire.config import WorkerConfig
+from pagewire.v1 import common_pb2, worker_pb2
+from worker_svc.runner import ModelRunner
+from worker_svc.server import build_runner
+from worker_svc.step_pipeline import StepPipeline
+
+BLOCK = 16
+GREEDY = common_pb2.SamplingParams(temperature=0.0, ignore_eos=True)
+
+
+def copy_bandwidth(device: torch.device, gib: float = 4.0) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20)."""
+    n = int(gib * 2**30) // 2
+    src = torch.empty(n, dtype=torch.int16, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(23):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n * 2 / statistics.median(times[3:])
+
+
+class Batch:
+    """B sequences of one prompt length, with their block tables, driven as the scheduler does."""
+
+    def __init__(self, batch: int, prompt_len: int, vocab: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.prompts = rng.integers(0, vocab, size=(batch, prompt_len)).tolist()
+        self.fed = [prompt_len] * batch
+        self.blocks: list[list[int]] = []
+        self.next_block = 0
+        self.step_id = 0
+        for _ in range(batch):
+            n = -(-prompt_len // BLOCK)
+            self.blocks.append(list(range(self.next_block, self.next_block + n)))
+            self.next_block += n
+
+    def prefills(self, chunk_tokens: int) -> list[worker_pb2.Step]:
+        steps, step, used = [], None, chunk_tokens
+        for i, prompt in enumerate(self.prompts):
+            if used + len(prompt) > chunk_tokens:
+                self.step_id += 1
+                step, used = worker_pb2.Step(step_id=self.step_id), 0
+                steps.append(step)
+            s = step.seqs.add(seq_id=i + 1, start_pos=0, token_ids=prompt, block_ids=self.blocks[i],
+                              sample=True, new=True, prompt_len=len(prompt))
+            s.sampling.CopyFrom(GREEDY)
+            used += len(prompt)
+        return steps
+
+    def decodes(self, count: int) -> list[worker_pb2.Step]:
+        steps = []
+        for k in range(count):
+            self.step_id += 1
+            step = worker_pb2.Step(step_id=self.step_id)
+            d = step.decodes
+            for i in range(len(self.prompts)):
+                new = -1
+                if self.fed[i] // BLOCK >= len(self.blocks[i]):
+                    new = self.next_block
+                    self.blocks[i].append(new)
+                    self.next_block += 1
+                d.seq_ids.append(i + 1)
+                d.positions.append(self.fed[i])
+                d.new_block_ids.append(new)
+                d.output_indices.append(k + 1)
+                self.fed[i] += 1
+            steps.append(step)
+        return steps
+
+
+def run_loop(runner: ModelRunner, steps: list[worker_pb2.Step]) -> float:
+    """Seconds for ``steps`` through the worker's step loop, two in flight."""
+    async def feed() -> AsyncIterator[worker_pb2.Step]:
+        for s in steps:
+            yield s
+
+    async def go() -> None:
+        async for _ in StepPipeline(runner).run(feed()):
+            pass
+
+    start = time.perf_counter()
+    asyncio.run(go())
+    return time.perf_counter() - start
+
+
+def device_seconds(runner: ModelRunner, steps: list[worker_pb2.Step]) -> float | None:
+    """Summed kernel time of ``steps`` (CUDA only)."""
+    if runner.device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_loop(runner, steps)
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+
+
+def measure(runner: ModelRunner, batch: int, args: argparse.Namespace, vocab: int) -> dict:
+    runner.reset()
+    b = Batch(batch, args.prompt_len, vocab, seed=batch)
+    for step in b.prefills(8192):
+        runner.execute(step)
+    run_loop(runner, b.decodes(8))  # warm-up: allocator, autotuning, lazy init
+    steps = args.steps
+    serial = []
+    for step in b.decodes(steps):
+        t0 = time.perf_counter()
+        runner.execute(step)
+        serial.append(time.perf_counter() - t0)
+    wall = run_loop(runner, b.decodes(steps)) / steps
+    dev = device_seconds(runner, b.decodes(steps))
+    out = {"batch": batch, "wall_ms": wall * 1e3, "serial_ms": statistics.median(serial) * 1e3,
+           "tok_s": batch / wall}
+    if dev is not None:
+        out["device_ms"] = dev / steps * 1e3
+        out["host_share"] = 1 - out["device_ms"] / out["wall_ms"]
+    out["context"] = b.fed[0]
+    return out
+
+
+def bound(runner: ModelRunner, context: int, bandwidth: float) -> dict:
+    model = runner.model
+    seen, weight_bytes = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            weight_bytes += p.numel() * p.element_size()
+    k = runner.kv_caches[0][0]
+    kv_bytes = 2 * len(runner.kv_caches) * context * k.shape[2] * k.shape[3] * k.element_size()
+    step_s = (weight_bytes + kv_bytes) / bandwidth
+    return {"weight_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9, "bound_ms": step_s * 1e3,
+            "bound_tok_s": 1 / step_s}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    p.add_argument("--override", action="append", default=[], help="config key=json-value")
+    p.add_argument("--batches", default="1,8,64,256")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--graphs", default="on,off", help="on, off, or on,off")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--bound", action="store_true")
+    p.add_argument("--out", default="bench_worker_step.json")
+    args = p.parse_args()
+    batches = [int(x) for x in args.batches.split(",")]
+    model_dir = write_shape(args.shape, tempfile.mkdtemp(), parse_override(args.override))
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    blocks = max(batches) * (-(-(args.prompt_len + 4 * args.steps + 16) // BLOCK)) + 16
+    report: dict = {"shape": args.shape, "override": args.override, "args": vars(args), "runs": []}
+    for graphs in args.graphs.split(","):
+        cfg = WorkerConfig(model=str(model_dir), load_format="dummy", dtype=args.dtype,
+                           device=args.device, num_blocks=blocks, block_size=BLOCK,
+                           max_model_len=args.max_model_len, cuda_graphs=graphs == "on",
+                           max_num_seqs=max(batches))
+        t0 = time.perf_counter()
+        runner, _ = build_runner(cfg)
+        start_s = time.perf_counter() - t0
+        if args.bound and runner.device.type == "cuda" and "bandwidth" not in report:
+            report["bandwidth_gbs"] = copy_bandwidth(runner.device) / 1e9
+        for batch in batches:
+            row = {"graphs": graphs, "start_s": start_s, **measure(runner, batch, args, vocab)}
+            if args.bound and "bandwidth_gbs" in report:
+                row.update(bound(runner, row["context"], report["bandwidth_gbs"] * 1e9))
+                row["of_bound"] = row["tok_s"] / batch / row["bound_tok_s"]
+            report["runs"].append(row)
+            print(json.dumps(row), flush=True)
+        del runner
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    cols = ["graphs", "batch", "wall_ms", "serial_ms", "device_ms", "host_share", "tok_s", "of_bound"]
+    print(" | ".join(cols))
+    for r in report["runs"]:
+        print(" | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
+                         for c in cols))
+    print(f"json: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
