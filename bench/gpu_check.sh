@@ -37,12 +37,14 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   tail -n 14 "$OUT/$name.txt"
 }
 
-part pytest "${PYTEST_S:-170}" python3 -m pytest -q -p no:cacheprovider -x --timeout 120 \
-  tests/kernels/test_kernels_triton.py tests/worker_svc tests/e2e/test_generate.py
+part pytest "${PYTEST_S:-170}" python3 -m pytest -q -p no:cacheprovider --timeout 120 \
+  tests/kernels/test_elementwise.py tests/worker_svc/test_decode_graphs.py \
+  tests/worker_svc/test_step_pipeline.py tests/e2e/test_generate.py tests/worker_svc \
+  tests/kernels/test_kernels_triton.py
 part step_qwen05 "${QWEN_S:-100}" python3 bench/worker_step.py --shape qwen2.5-0.5b \
   --batches 1,8,64,256 --steps 32 --out "$OUT/step_qwen05.json"
 part step_llama8b "${LLAMA_S:-100}" python3 bench/worker_step.py --shape llama-3.1-8b \
-  --batches 1 --steps 128 --bound --out "$OUT/step_llama8b.json"
+  --batches 1 --steps 128 --bound --graphs on --out "$OUT/step_llama8b.json"
 python3 bench/model_shapes.py llama-3.1-8b /tmp/llama8b > /dev/null
 part serving_llama8b "${SERVING_S:-200}" python3 bench/serving.py --model /tmp/llama8b \
   --num-requests 1000 --input-len 512 --input-len-range 0 --output-len 128 \
@@ -50,4 +52,4 @@ part serving_llama8b "${SERVING_S:-200}" python3 bench/serving.py --model /tmp/l
   --worker-args "--load-format dummy --max-model-len 4096" \
   --scheduler-args "--max-num-batched-tokens 8192 --max-num-seqs 256" \
   --log-dir /tmp/serving-logs --out "$OUT/serving_llama8b.json"
-tail -n 30 /tmp/serving-logs/worker* > "$OUT/serving_worker_log.txt" 2>/dev/null
+tail -n 30 /tmp/serving-logs/worker* >> "$OUT/device.txt" 2>/dev/null

@@ -123,8 +123,9 @@ def run_loop(runner: ModelRunner, steps: list[worker_pb2.Step]) -> float:
     return time.perf_counter() - start
 
 
-def device_seconds(runner: ModelRunner, steps: list[worker_pb2.Step]) -> float | None:
-    """Summed kernel time of ``steps`` (CUDA only)."""
+def device_seconds(runner: ModelRunner, steps: list[worker_pb2.Step]) -> tuple[float, list] | None:
+    """Summed kernel time of ``steps`` (CUDA only), and the kernels that took the most of it
+    (name, microseconds per step, launches per step)."""
     if runner.device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -132,7 +133,10 @@ def device_seconds(runner: ModelRunner, steps: list[worker_pb2.Step]) -> float |
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run_loop(runner, steps)
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+    kernels = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)
+    top = [(e.key[:80], e.self_device_time_total / len(steps), e.count / len(steps))
+           for e in kernels[:12]]
+    return sum(e.self_device_time_total for e in kernels) / 1e6, top
 
 
 def measure(runner: ModelRunner, batch: int, args: argparse.Namespace, vocab: int) -> dict:
@@ -152,8 +156,9 @@ def measure(runner: ModelRunner, batch: int, args: argparse.Namespace, vocab: in
     out = {"batch": batch, "wall_ms": wall * 1e3, "serial_ms": statistics.median(serial) * 1e3,
            "tok_s": batch / wall}
     if dev is not None:
-        out["device_ms"] = dev / steps * 1e3
+        out["device_ms"] = dev[0] / steps * 1e3
         out["host_share"] = 1 - out["device_ms"] / out["wall_ms"]
+        out["top_kernels"] = dev[1]
     out["context"] = b.fed[0]
     return out
 

@@ -10,6 +10,12 @@ each as soon as its tokens are on the host:
 - a step that reads host state an unfinished step writes (penalties need the token history) waits
   until every launched step is finished;
 - at most ``depth`` steps are launched and unanswered at once.
+
+Where a launch only queues device work (CUDA) it runs on the event loop's own thread, as does a
+finish, which runs once the tokens are on the host: a thread hand-off costs more than either.
+Only the wait for the device runs in a thread, so that a step arriving meanwhile is launched. On
+the CPU, where a launch is the whole forward pass, launches and finishes run in a thread so the
+server stays responsive.
 """
 
 from __future__ import annotations
@@ -17,13 +23,17 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Any, Protocol
+
+import torch
 
 from pagewire.v1 import worker_pb2
 from worker_svc.runner import PendingStep
 
 
 class Runner(Protocol):
+    device: torch.device
+
     def launch(self, step: worker_pb2.Step) -> PendingStep: ...
     def finish(self, pending: PendingStep) -> worker_pb2.StepResult: ...
     def depends_on_pending(self, step: worker_pb2.Step) -> bool: ...
@@ -35,6 +45,7 @@ class StepPipeline:
     def __init__(self, runner: Runner, depth: int = 2,
                  on_result: Callable[[PendingStep], None] | None = None) -> None:
         self.runner, self.depth, self.on_result = runner, depth, on_result
+        self.inline = getattr(runner, "device", torch.device("cpu")).type == "cuda"
         self.inbox: deque[worker_pb2.Step] = deque()
         self.arrived = asyncio.Event()
         self.closed = False
@@ -51,7 +62,7 @@ class StepPipeline:
                     if self.pending and self.runner.depends_on_pending(step):
                         while self.pending:
                             yield await self._finish()
-                    self.pending.append(await asyncio.to_thread(self.runner.launch, step))
+                    self.pending.append(await self._call(self.runner.launch, step))
                 elif self.pending:
                     await self._wait_head()
                 elif self.closed:
@@ -86,9 +97,12 @@ class StepPipeline:
         await asyncio.wait({head, arrival}, return_when=asyncio.FIRST_COMPLETED)
         arrival.cancel()
 
+    async def _call(self, fn: Callable[..., Any], arg: Any) -> Any:
+        return fn(arg) if self.inline else await asyncio.to_thread(fn, arg)
+
     async def _finish(self) -> worker_pb2.StepResult:
         pending = self.pending.popleft()
-        result = await asyncio.to_thread(self.runner.finish, pending)
+        result = await self._call(self.runner.finish, pending)
         if self.on_result is not None:
             self.on_result(pending)
         return result

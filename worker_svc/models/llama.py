@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import AttentionBackend
+from kernels import AttentionBackend, elementwise
 
 
 @dataclass(frozen=True)
@@ -141,14 +140,8 @@ def rope_cache(cfg: LlamaConfig, max_len: int) -> Tensor:
 
 def apply_rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     """Rotate-half RoPE (the Hugging Face Llama convention) in place. x [T, H, D]; cos/sin [T, 1, D/2].
-
-    In place on the projection's output: q and k are rotated in one pass each with no temporaries
-    but a copy of the first half, which both halves' formulas read.
-    """
-    x1, x2 = x.chunk(2, dim=-1)
-    first = x1.clone()
-    x1.mul_(cos).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
-    x2.mul_(cos).addcmul_(first, sin)  # x2 cos + x1 sin
+    One Triton kernel on CUDA (kernels.elementwise)."""
+    elementwise.rope_(x, cos, sin)
 
 
 class RMSNorm(nn.Module):
@@ -158,9 +151,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return elementwise.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -202,9 +193,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        # In place on the projection's output: no [T, intermediate] temporaries.
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        return self.down_proj(elementwise.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,66 @@
+"""The decoder's elementwise operations: one Triton kernel each on CUDA, torch elsewhere.
+
+The torch versions are the definitions (Hugging Face's order of operations and roundings) and
+the CPU path; :mod:`kernels.triton_ops.elementwise` fuses each into one kernel on the GPU, where
+a handful of tiny kernels per operation cost more than the operation itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@functools.cache
+def _triton_ops():  # noqa: ANN202
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from kernels.triton_ops import elementwise
+
+    return elementwise
+
+
+def _fused(x: Tensor):  # noqa: ANN202
+    """The Triton module when ``x`` lives on a CUDA device and Triton is installed."""
+    return _triton_ops() if x.is_cuda else None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight * x / sqrt(mean(x^2) + eps), the mean in float32, the product in x's dtype."""
+    ops = _fused(x)
+    if ops is not None and x.dim() == 2:
+        return ops.rms_norm(x, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """Rotate-half RoPE (the Hugging Face Llama convention) in place. x [T, H, D]; cos/sin
+    [T, 1, D/2] in x's dtype.
+
+    The torch path works in place on the projection's output: q and k are rotated in one pass each
+    with no temporaries but a copy of the first half, which both halves' formulas read.
+    """
+    ops = _fused(x)
+    if ops is not None:
+        ops.rope_(x, cos, sin)
+        return
+    x1, x2 = x.chunk(2, dim=-1)
+    first = x1.clone()
+    x1.mul_(cos).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    x2.mul_(cos).addcmul_(first, sin)  # x2 cos + x1 sin
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up of a fused gate/up projection [T, 2 * I] -> [T, I]."""
+    ops = _fused(gate_up)
+    if ops is not None:
+        return ops.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    # In place on the projection's output: no [T, intermediate] temporaries.
+    return F.silu(gate, inplace=True).mul_(up)
