@@ -177,6 +177,35 @@ def bound(runner: ModelRunner, context: int, bandwidth: float) -> dict:
             "bound_tok_s": 1 / step_s}
 
 
+def plot(report: dict, out: Path) -> Path:
+    """Wall time per step beside the device's time, per batch size, graphs on and off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for graphs, marker in (("on", "o"), ("off", "s")):
+        runs = [r for r in report["runs"] if r["graphs"] == graphs]
+        if not runs:
+            continue
+        batches = [r["batch"] for r in runs]
+        ax.plot(batches, [r["wall_ms"] for r in runs], marker=marker, label=f"step, graphs {graphs}")
+        if all("device_ms" in r for r in runs):
+            ax.plot(batches, [r["device_ms"] for r in runs], marker=marker, linestyle="--",
+                    label=f"device, graphs {graphs}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("decode batch (sequences)")
+    ax.set_ylabel("ms per step")
+    ax.set_title(f"worker decode step, {report['shape']}")
+    ax.legend()
+    fig.tight_layout()
+    path = out.with_suffix(".png")
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
@@ -190,7 +219,11 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--bound", action="store_true")
     p.add_argument("--out", default="bench_worker_step.json")
+    p.add_argument("--replot", default="", help="only redraw the plot of an earlier JSON")
     args = p.parse_args()
+    if args.replot:
+        print(plot(json.loads(Path(args.replot).read_text()), Path(args.replot)))
+        return
     batches = [int(x) for x in args.batches.split(",")]
     model_dir = write_shape(args.shape, tempfile.mkdtemp(), parse_override(args.override))
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
@@ -223,6 +256,7 @@ def main() -> None:
         print(" | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
                          for c in cols))
     print(f"json: {args.out}")
+    print(f"plot: {plot(report, Path(args.out))}")
 
 
 if __name__ == "__main__":
