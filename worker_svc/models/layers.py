@@ -1,0 +1,45 @@
+"""The decoder's building blocks that are not attention: norms, activations, the dense MLP."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kernels.moe import act_and_mul_
+from worker_svc.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm, or Gemma's (``gemma=True``): weight stored as an offset from 1, and the
+    product taken in fp32 before the cast back (Llama casts first), as transformers does each."""
+
+    def __init__(self, dim: int, eps: float, gemma: bool = False) -> None:
+        super().__init__()
+        self.eps, self.gemma = eps, gemma
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """Gated feed-forward: down(act(gate(x)) * up(x)), gate and up as one fused projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.activation = cfg.activation
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # In place on the projection's output: no [T, intermediate] temporaries.
+        return self.down_proj(act_and_mul_(self.gate_up_proj(x), self.activation))
+
+
+def softcap(x: Tensor, cap: float | None) -> Tensor:
+    """``cap * tanh(x / cap)`` (Gemma 2's logit soft-capping); x itself when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
