@@ -32,7 +32,8 @@ _STACKED = {"experts.gate_up_proj": "w_gate_up", "experts.down_proj": "w_down"}
 
 def _shards(name: str, cfg: ModelConfig) -> int:
     """How many separately loaded pieces parameter ``name`` may come in."""
-    leaf = name.rsplit(".", 2)[-2]
+    parts = name.split(".")
+    leaf = parts[-2] if parts[-1] in ("weight", "bias") else parts[-1]
     experts = cfg.moe.num_experts if cfg.moe else 0
     return {"qkv_proj": 3, "gate_up_proj": 2, "w_gate_up": 2 * experts, "w_down": experts}.get(leaf, 1)
 
