@@ -17,10 +17,24 @@ from typing import Any
 import torch
 
 from pagewire.testmodel import (
-    EMBED_STD, LM_HEAD_GAIN, MLP_GAIN, O_GAIN, QK_GAIN, SIZES, V_GAIN, _normal, generation_config,
+    EMBED_STD,
+    LM_HEAD_GAIN,
+    MLP_GAIN,
+    O_GAIN,
+    QK_GAIN,
+    SIZES,
+    V_GAIN,
+    _normal,
+    generation_config,
 )
 from pagewire.testmodel_tokenizer import (
-    BOS, EOS, PAD, SPECIAL_TOKENS, train_tokenizer, write_json, write_tokenizer_files,
+    BOS,
+    EOS,
+    PAD,
+    SPECIAL_TOKENS,
+    train_tokenizer,
+    write_json,
+    write_tokenizer_files,
 )
 
 # --arch -> (model_type, what the family adds to the shape).
