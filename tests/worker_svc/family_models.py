@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,20 +21,15 @@ _ROOT = Path(tempfile.mkdtemp(prefix="pagewire-families-"))
 
 
 @functools.cache
-def _model_dir(arch: str, overrides: tuple[tuple[str, Any], ...]) -> Path:
-    name = arch + "".join(f"-{k}={v}" for k, v in overrides).replace("/", "_")
-    return make_arch_model(_ROOT / name[:120], arch, seed=0, size="tiny", num_hidden_layers=2,
-                           **dict(overrides))
+def _model_dir(arch: str, overrides_json: str) -> Path:
+    name = f"{arch}-{len(list(_ROOT.iterdir()))}"
+    return make_arch_model(_ROOT / name, arch, seed=0, size="tiny", num_hidden_layers=2,
+                           **json.loads(overrides_json))
 
 
 def model_dir(arch: str, **overrides: Any) -> Path:
     """A tiny 2-layer model of ``arch`` (built once per process per set of overrides)."""
-    frozen = tuple(sorted((k, _freeze(v)) for k, v in overrides.items()))
-    return _model_dir(arch, frozen)
-
-
-def _freeze(v: Any) -> Any:
-    return tuple(sorted(v.items())) if isinstance(v, dict) else v
+    return _model_dir(arch, json.dumps(overrides, sort_keys=True))
 
 
 def hf_model(path: Path) -> AutoModelForCausalLM:
@@ -51,9 +47,10 @@ def hf_generate(hf: AutoModelForCausalLM, prompt: list[int], n: int) -> list[int
     return out[0, len(prompt):].tolist()
 
 
-def runner_for(path: Path, backend: str = os.environ.get("PW_BACKEND", "cpu"), block_size: int = 4) -> ModelRunner:
+def runner_for(path: Path, backend: str = os.environ.get("PW_BACKEND", "cpu"),
+               block_size: int = 4, max_model_len: int = 0) -> ModelRunner:
     cfg = WorkerConfig(model=str(path), num_blocks=256, block_size=block_size,
-                       attention_backend=backend)
+                       attention_backend=backend, max_model_len=max_model_len)
     return build_runner(cfg)[0]
 
 

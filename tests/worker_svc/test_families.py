@@ -33,9 +33,23 @@ CASES = {
     "gemma3-all-local": ("gemma3", {"sliding_window": 8, "sliding_window_pattern": 6}),
     "phi3": ("phi3", {}),
     "phi3-partial-rope-window": ("phi3", {"partial_rotary_factor": 0.5, "sliding_window": 8}),
+    "qwen3-yarn": ("qwen3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                                                  "original_max_position_embeddings": 1024,
+                                                  "rope_theta": 10000.0}}),
+    "llama-llama3-rope": ("llama", {"rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64, "rope_theta": 10000.0}}),
+    "llama-gelu": ("llama", {"hidden_act": "gelu"}),
+    # served up to original_max_position_embeddings, where transformers uses the short factors
+    "phi3-longrope": ("phi3", {"max_position_embeddings": 16384, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4096,
+        "short_factor": [1.0 + 0.1 * i for i in range(16)],
+        "long_factor": [2.0 + i for i in range(16)]}}),
     "mixtral": ("mixtral", {}),
     "qwen3_moe": ("qwen3_moe", {}),
     "qwen3_moe-unnormalised": ("qwen3_moe", {"norm_topk_prob": False}),
+    "qwen3_moe-dense-layers": ("qwen3_moe", {"mlp_only_layers": [0], "decoder_sparse_step": 1}),
+    "qwen3_moe-sparse-step": ("qwen3_moe", {"decoder_sparse_step": 2}),
 }
 
 
@@ -46,7 +60,7 @@ def test_family_greedy_tokens_match_transformers(case: str) -> None:
     hf = hf_model(path)
     ps = prompts(hf.config.vocab_size)
     expected = {sid: hf_generate(hf, p, N_OUT) for sid, p in ps.items()}
-    driver = Driver(runner_for(path))
+    driver = Driver(runner_for(path, max_model_len=4096 if "longrope" in case else 0))
     longest = max(ps, key=lambda sid: len(ps[sid]))
     for sid, p in ps.items():
         params = common_pb2.SamplingParams(temperature=0.0, prompt_logprobs=0 if sid == longest
