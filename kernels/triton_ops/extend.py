@@ -135,7 +135,7 @@ def _extend_kernel(
             stride_kb, stride_kt, stride_vb, stride_vt, window, softcap,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IEEE, WINDOW, SOFTCAP)
 
-    o = acc / l_i[:, None]
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # 0: a padding row past a window's keys
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ def hf_generate(hf: AutoModelForCausalLM, prompt: list[int], n: int) -> list[int
     return out[0, len(prompt):].tolist()
 
 
-def runner_for(path: Path, backend: str = os.environ.get("PW_BACKEND", "cpu"),
+def runner_for(path: Path, backend: str = "cpu",
                block_size: int = 4, max_model_len: int = 0) -> ModelRunner:
     cfg = WorkerConfig(model=str(path), num_blocks=256, block_size=block_size,
                        attention_backend=backend, max_model_len=max_model_len)

@@ -53,14 +53,31 @@ CASES = {
 }
 
 
+# The windowed and soft-capped cases again on the other backends (Triton under the interpreter).
+OTHER_BACKENDS = ["mistral-window", "gemma2", "gemma3", "phi3-partial-rope-window",
+                  "qwen3_moe"]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_family_greedy_tokens_match_transformers(case: str) -> None:
+    check_case(case, "cpu")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("case", OTHER_BACKENDS)
+def test_windows_and_softcaps_match_on_every_backend(case: str, backend: str) -> None:
+    if backend == "triton":
+        pytest.importorskip("triton")
+    check_case(case, backend)
+
+
+def check_case(case: str, backend: str) -> None:
     arch, overrides = CASES[case]
     path = model_dir(arch, **overrides)
     hf = hf_model(path)
     ps = prompts(hf.config.vocab_size)
     expected = {sid: hf_generate(hf, p, N_OUT) for sid, p in ps.items()}
-    driver = Driver(runner_for(path, max_model_len=4096 if "longrope" in case else 0))
+    driver = Driver(runner_for(path, backend, max_model_len=4096 if "longrope" in case else 0))
     longest = max(ps, key=lambda sid: len(ps[sid]))
     for sid, p in ps.items():
         params = common_pb2.SamplingParams(temperature=0.0, prompt_logprobs=0 if sid == longest
