@@ -4,7 +4,8 @@ The contract is :func:`kernels.moe.moe_reference`'s. Assignments are sorted by e
 expert's run is padded to a multiple of ``BLOCK_M`` rows, so every row tile of the grouped GEMM
 belongs to one expert and multiplies by that expert's weights alone (vLLM's "align block size").
 The buffers are sized by an upper bound known from shapes (``T * k`` rows plus one partial tile
-per expert), so nothing waits on the GPU for the real counts; tiles past the end skip themselves.
+per expert), so nothing waits on the GPU for the real counts (no host read anywhere: the layer can
+be captured in a CUDA graph); tiles past the end skip themselves.
 
 Two launches: x @ W_gate_up^T per assignment, the activation in torch, then @ W_down^T scaled by
 the routing weight; the k rows of each token are summed at the end.
@@ -61,21 +62,23 @@ def align_by_expert(ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor
     """(rows, tile_expert): the flat assignment indices sorted by expert, each expert's run padded
     with -1 to a multiple of ``block_m``; the expert of each tile (-1: unused tile)."""
     flat = ids.reshape(-1)
-    n = flat.numel()
+    n, dev = flat.numel(), ids.device
     max_tiles = triton.cdiv(n, block_m) + num_experts
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: bincount reads its input's max back to the host
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
+        0, flat, torch.ones_like(flat))
     tiles = (counts + block_m - 1) // block_m
-    tile_start = torch.cumsum(tiles, 0) - tiles  # first tile of each expert
+    tile_end = torch.cumsum(tiles, 0)
     run_start = torch.cumsum(counts, 0) - counts  # first sorted index of each expert
     expert_sorted = flat[order]
-    slot = tile_start[expert_sorted] * block_m + torch.arange(n, device=ids.device) \
+    slot = (tile_end - tiles)[expert_sorted] * block_m + torch.arange(n, device=dev) \
         - run_start[expert_sorted]
-    rows = torch.full((max_tiles * block_m,), -1, dtype=torch.int64, device=ids.device)
+    rows = torch.full((max_tiles * block_m,), -1, dtype=torch.int64, device=dev)
     rows[slot] = order
-    tile_expert = torch.full((max_tiles,), -1, dtype=torch.int64, device=ids.device)
-    owner = torch.repeat_interleave(torch.arange(num_experts, device=ids.device), tiles)
-    tile_expert[: owner.numel()] = owner
+    # The expert owning each tile, found by search (repeat_interleave would read its size back).
+    owner = torch.searchsorted(tile_end, torch.arange(max_tiles, device=dev), right=True)
+    tile_expert = torch.where(owner < num_experts, owner, -1)
     return rows, tile_expert
 
 

@@ -184,8 +184,8 @@ class DecoderForCausalLM(nn.Module):
     ) -> Tensor:
         """Final hidden states [T, hidden] of every input token."""
         x = self.embed_tokens(input_ids)
-        if self.cfg.gemma:  # scaled in the model's dtype, as transformers does
-            x = x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype)
+        if self.cfg.gemma:  # by sqrt(hidden) rounded to the model's dtype, as transformers does
+            x = x * float(torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype))
         if kv_caches:
             meta.plan(kv_caches[0][0])
         # In the model's dtype, as Hugging Face rotates: RoPE runs in place on the projections.
