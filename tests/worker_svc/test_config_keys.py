@@ -48,7 +48,8 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"architectures": ["Qwen2MoeForCausalLM"]}, "architectures"),
     ({"architectures": ["DeepseekV3ForCausalLM"]}, "architectures"),
     ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quantization_config"),
-    ({"auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}, "auto_map"),
+    ({"architectures": ["CustomForCausalLM"], "auto_map": {"AutoModelForCausalLM": "m.X"}},
+     "architectures"),  # repository code is never run
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
     ({"hidden_act": "relu"}, "hidden_act"),
     ({"hidden_act": "gelu_new"}, "hidden_act"),
@@ -84,6 +85,10 @@ def test_a_key_pagewire_cannot_honour_refuses_start_up_naming_it(
         read_model_dir(tmp_path)
         DecoderForCausalLM(ModelConfig.from_hf(hf), max_len=128)  # length-dependent refusals
     assert err.value.key == key and key.split(".")[0] in str(err.value)
+
+
+def test_repository_code_beside_a_known_architecture_is_ignored_as_transformers_does() -> None:
+    ModelConfig.from_hf({**LLAMA, "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}})
 
 
 def test_every_family_reads_its_own_saved_config(tmp_path) -> None:

@@ -43,7 +43,9 @@ FAMILIES: dict[str, Family] = {
     "Qwen2ForCausalLM": Family(_QWEN_WINDOW, bias="qkv", windows="layer_types"),
     "Qwen3ForCausalLM": Family(_QWEN_WINDOW | {"attention_bias"}, bias="config", qk_norm=True,
                                windows="layer_types"),
-    "GemmaForCausalLM": Family(frozenset({"attention_bias"}), bias="config", gemma=1),
+    # Gemma reads hidden_act; some configs also carry hidden_activation, which it ignores.
+    "GemmaForCausalLM": Family(frozenset({"attention_bias", "hidden_activation"}), bias="config",
+                               gemma=1),
     "Gemma2ForCausalLM": Family(_GEMMA2, bias="config", gemma=2, windows="layer_types"),
     "Gemma3ForCausalLM": Family(_GEMMA2 | {"sliding_window_pattern", "_sliding_window_pattern",
                                            "rope_local_base_freq"},

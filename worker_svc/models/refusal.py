@@ -30,6 +30,11 @@ INERT = frozenset({
     "cache_implementation", "_attn_implementation", "use_bidirectional_attention",
     "max_position_embeddings",  # read by the worker, not the model
     "tokenizer_class", "chat_template", "task_specific_params", "is_decoder",
+    # Repository code for the same architecture (official Phi-3 configs carry it): transformers
+    # runs its own implementation unless told to trust remote code, and so does pagewire; an
+    # architecture pagewire does not implement is refused by name before this matters.
+    "auto_map",
+    "sliding_window_size",  # Gemma 2's legacy duplicate; transformers reads sliding_window
 })
 
 
@@ -39,9 +44,6 @@ def check_keys(hf: dict[str, Any], handled: frozenset[str]) -> None:
         method = (hf["quantization_config"] or {}).get("quant_method", "?")
         raise Unsupported("quantization_config", method,
                           "quantized checkpoints are not implemented (serve unquantized weights)")
-    if hf.get("auto_map"):
-        raise Unsupported("auto_map", hf["auto_map"],
-                          "the model needs custom code from its repository, which pagewire never runs")
     if hf.get("use_bidirectional_attention"):
         raise Unsupported("use_bidirectional_attention", True, "only causal decoding is served")
     for key, value in hf.items():
