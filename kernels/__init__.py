@@ -79,13 +79,14 @@ def get_backend(name: str) -> AttentionBackend:
 
 def _cpu_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float,
+    context_lens: torch.Tensor, scale: float, window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The compiled decode where it takes the call (dtype, head counts), else the torch path."""
     args = (q, k_cache, v_cache, block_tables, context_lens, scale)
     if cpu_decode.supports(q, k_cache):
-        return cpu_decode.paged_decode_attention(*args)
-    return cpu_attention.paged_decode_attention(*args)
+        return cpu_decode.paged_decode_attention(*args, window, softcap)
+    return cpu_attention.paged_decode_attention(*args, window=window, softcap=softcap)
 
 
 def default_backend_name(device: torch.device) -> str:

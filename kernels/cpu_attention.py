@@ -17,6 +17,10 @@ memory traffic, which is what bounds attention on a CPU:
   rows of that head in decode, and in extend K/V are broadcast to the query heads by a stride-0
   view. Neither copies K/V.
 
+Per layer, ``window`` (sliding-window attention) masks keys before the window and, in extend,
+skips gathering them; ``softcap`` (Gemma 2) has no fused SDPA equivalent, so a soft-capped call
+is computed by :mod:`kernels.reference` instead, exact and slower.
+
 Everything that depends only on the step's block tables and lengths (sort order, slots, masks,
 groups) is worked out once per step by :func:`plan_decode` / :func:`plan_extend` and shared by
 every layer; without a plan each call makes its own.
@@ -159,6 +163,8 @@ def paged_decode_attention(
     context_lens: Tensor,
     scale: float,
     plan: DecodePlan | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Same contract as :func:`kernels.reference.paged_decode_attention`; ``plan`` (from
     :func:`plan_decode` on the same tables and lengths) skips the per-call layout work.
@@ -169,7 +175,11 @@ def paged_decode_attention(
     num_kv_heads = k_cache.shape[2]
     if batch == 0:
         return torch.empty_like(q)
+    if softcap is not None:
+        return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                                scale, window, softcap)
     p = plan if plan is not None else plan_decode(block_tables, context_lens, k_cache)
+    bias = p.bias if window is None else _window_bias(p, context_lens, window)
     # The query heads sharing a KV head are query rows of that head: [B, Hkv, group, D].
     qs = q[p.perm].view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     qs = qs.to(k_cache.dtype)
@@ -178,12 +188,19 @@ def paged_decode_attention(
         run_slots = p.slots[start:end, :length]
         k = _gather(k_cache, run_slots, "k").transpose(1, 2)  # [n, Hkv, L, D], a view
         v = _gather(v_cache, run_slots, "v").transpose(1, 2)
-        mask = p.bias[start:end, None, None, :length]
+        mask = bias[start:end, None, None, :length]
         out[start:end] = F.scaled_dot_product_attention(qs[start:end], k, v, attn_mask=mask,
                                                         scale=scale)
     result = torch.empty_like(q)
     result[p.perm] = out.view(batch, num_q_heads, head_dim).to(q.dtype)
     return result
+
+
+def _window_bias(p: DecodePlan, context_lens: Tensor, window: int) -> Tensor:
+    """The plan's mask with the positions before each sequence's window masked too."""
+    lens = context_lens[p.perm].to(torch.int64)
+    pos = torch.arange(p.bias.shape[1], device=p.bias.device)
+    return p.bias.masked_fill(pos[None, :] < lens[:, None] - window, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -234,6 +251,8 @@ def paged_extend_attention(
     scale: float,
     plan: ExtendPlan | None = None,
     new_kv: tuple[Tensor, Tensor] | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Same contract as :func:`kernels.reference.paged_extend_attention`.
 
@@ -245,21 +264,39 @@ def paged_extend_attention(
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
+    if softcap is not None:
+        return reference.paged_extend_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q,
+                                                context_lens, scale, window, softcap)
     out = torch.empty_like(q)
     p = plan if plan is not None else plan_extend(block_tables, cu_seqlens_q, context_lens, k_cache)
     for c in p.chunks:
         q_len = c.q_end - c.q_start
-        if c.mask is None and new_kv is not None:  # no prefix: the chunk's K/V are all of it
+        lo, mask = _chunk_keys(c, q_len, window)
+        if lo == 0 and c.mask is None and new_kv is not None:  # no prefix: the chunk's own K/V
             k, v = (t[c.q_start : c.q_end].to(k_cache.dtype) for t in new_kv)
         else:
-            k, v = _gather(k_cache, c.slots, "k"), _gather(v_cache, c.slots, "v")
+            k, v = _gather(k_cache, c.slots[lo:], "k"), _gather(v_cache, c.slots[lo:], "v")
         # [Hkv, 1, L, D] broadcast over the group: the query heads of one KV head share it.
         k, v = k.transpose(0, 1)[:, None], v.transpose(0, 1)[:, None]
-        shape = (num_kv_heads, group, c.context, head_dim)
+        shape = (num_kv_heads, group, c.context - lo, head_dim)
         qs = q[c.q_start : c.q_end].view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         o = F.scaled_dot_product_attention(
-            qs.to(k.dtype), k.expand(shape), v.expand(shape), attn_mask=c.mask,
-            is_causal=c.mask is None, scale=scale,
+            qs.to(k.dtype), k.expand(shape), v.expand(shape), attn_mask=mask,
+            is_causal=mask is None, scale=scale,
         )  # [Hkv, group, q_len, D]
         out[c.q_start : c.q_end] = o.permute(2, 0, 1, 3).reshape(q_len, num_q_heads, head_dim)
     return out
+
+
+def _chunk_keys(c: ExtendChunk, q_len: int, window: int | None) -> tuple[int, Tensor | None]:
+    """The first key position any query of the chunk sees, and the mask over keys from there
+    (None: plain causal over the chunk's own keys)."""
+    prefix = c.context - q_len
+    if window is None or prefix + q_len <= window:  # every query sees back to position 0
+        return 0, c.mask
+    lo = max(0, prefix - window + 1)
+    dev = c.slots.device
+    q_pos = prefix + torch.arange(q_len, device=dev)
+    k_pos = torch.arange(lo, c.context, device=dev)
+    diff = q_pos[:, None] - k_pos[None, :]
+    return lo, (diff >= 0) & (diff < window)

@@ -92,7 +92,7 @@ def load() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr,
-                       ctypes.c_int]
+                       ctypes.c_int, i64, f32]
     return lib
 
 
@@ -111,7 +111,7 @@ def supports(q: Tensor, k_cache: Tensor) -> bool:
 
 def paged_decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
-    scale: float,
+    scale: float, window: int | None = None, softcap: float | None = None,
 ) -> Tensor:
     """Same contract as :func:`kernels.reference.paged_decode_attention` (check :func:`supports`)."""
     lib = load()
@@ -128,5 +128,6 @@ def paged_decode_attention(
             qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
             tables.stride(0), lens.data_ptr(), batch, heads, kv_heads, dim, block_size,
             scale, out.data_ptr(), torch.get_num_threads(),  # the worker's --threads
+            window or 0, softcap or 0.0,
         )
     return out.to(q.dtype)

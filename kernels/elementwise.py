@@ -11,8 +11,9 @@ import functools
 import importlib.util
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from kernels.moe import act_and_mul_
 
 
 @functools.cache
@@ -29,19 +30,24 @@ def _fused(x: Tensor):  # noqa: ANN202
     return _triton_ops() if x.is_cuda else None
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """weight * x / sqrt(mean(x^2) + eps), the mean in float32, the product in x's dtype."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) in float32, then Llama's ``weight * y`` in x's dtype, or
+    Gemma's (``gemma``) ``y * (1 + weight)`` in float32 before the cast, as transformers does
+    each."""
     ops = _fused(x)
     if ops is not None and x.dim() == 2:
-        return ops.rms_norm(x, weight, eps)
+        return ops.rms_norm(x, weight, eps, gemma)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return (xf * (1.0 + weight.float())).to(x.dtype)
     return weight * xf.to(x.dtype)
 
 
 def rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
-    """Rotate-half RoPE (the Hugging Face Llama convention) in place. x [T, H, D]; cos/sin
-    [T, 1, D/2] in x's dtype.
+    """Rotate-half RoPE (the Hugging Face convention) in place on the first ``2 * cos.shape[-1]``
+    dims of each head (all of them unless the rope is partial). x [T, H, D]; cos/sin [T, 1, R/2]
+    in x's dtype.
 
     The torch path works in place on the projection's output: q and k are rotated in one pass each
     with no temporaries but a copy of the first half, which both halves' formulas read.
@@ -50,17 +56,21 @@ def rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     if ops is not None:
         ops.rope_(x, cos, sin)
         return
-    x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = x[..., : 2 * cos.shape[-1]].chunk(2, dim=-1)
     first = x1.clone()
     x1.mul_(cos).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
     x2.mul_(cos).addcmul_(first, sin)  # x2 cos + x1 sin
 
 
+def act_and_mul(gate_up: Tensor, activation: str) -> Tensor:
+    """act(gate) * up of a fused gate/up projection [T, 2 * I] -> [T, I]; one kernel for SiLU on
+    CUDA, else in place on the projection's output (kernels.moe.act_and_mul_)."""
+    ops = _fused(gate_up)
+    if ops is not None and activation == "silu" and gate_up.dim() == 2:
+        return ops.silu_mul(gate_up)
+    return act_and_mul_(gate_up, activation)
+
+
 def silu_mul(gate_up: Tensor) -> Tensor:
     """silu(gate) * up of a fused gate/up projection [T, 2 * I] -> [T, I]."""
-    ops = _fused(gate_up)
-    if ops is not None:
-        return ops.silu_mul(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    # In place on the projection's output: no [T, intermediate] temporaries.
-    return F.silu(gate, inplace=True).mul_(up)
+    return act_and_mul(gate_up, "silu")

@@ -5,6 +5,11 @@ A token's *slot* is ``block_id * block_size + offset``; a sequence's block table
 order, so its token at position ``p`` lives in block ``block_tables[b, p // block_size]`` at offset
 ``p % block_size``.
 
+Two per-layer options change what a query sees: ``window`` (sliding-window attention: the query
+at position ``p`` sees keys ``p - window < k <= p``, itself and the ``window - 1`` before it;
+None: all of them) and ``softcap`` (Gemma 2: scores become ``softcap * tanh(scores / softcap)``
+after scaling, before the mask). Every backend takes both with these meanings.
+
 Softmax is always computed in float32, whatever the storage dtype. Positions past a sequence's context
 are masked both in the scores and in V, because unused cache memory may hold anything (NaN included) and
 ``0 * NaN`` would otherwise leak into the output.
@@ -47,11 +52,14 @@ def gather_kv(
     return cache[blocks].flatten(0, 1)[:num_tokens]
 
 
-def _masked_softmax_av(scores: Tensor, mask: Tensor, v: Tensor, equation: str) -> Tensor:
-    """fp32 softmax over the last axis of ``scores`` restricted to ``mask``, then ``P @ V``.
-
-    A row with no allowed position yields zeros instead of NaN.
+def _masked_softmax_av(
+    scores: Tensor, mask: Tensor, v: Tensor, equation: str, softcap: float | None = None
+) -> Tensor:
+    """fp32 softmax over the last axis of ``scores`` (soft-capped first when asked) restricted
+    to ``mask``, then ``P @ V``. A row with no allowed position yields zeros instead of NaN.
     """
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
     p = torch.exp(scores - row_max)
@@ -66,8 +74,11 @@ def paged_decode_attention(
     block_tables: Tensor,
     context_lens: Tensor,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
-    """One query token per sequence attends to its whole cached context.
+    """One query token per sequence attends to its cached context (the last ``window`` tokens
+    of it, with a window).
 
     q: [B, num_q_heads, head_dim]; block_tables: [B, max_blocks] int32; context_lens: [B] int32 counts
     the current token too. Returns [B, num_q_heads, head_dim] in q.dtype.
@@ -88,12 +99,15 @@ def paged_decode_attention(
     k = k_cache[table].reshape(batch, length, num_kv_heads, head_dim).float()
     v = v_cache[table].reshape(batch, length, num_kv_heads, head_dim).float()
     positions = torch.arange(length, device=q.device)
-    valid = positions[None, :] < context_lens[:, None].to(positions.dtype)  # [B, L]
+    ctx = context_lens[:, None].to(positions.dtype)
+    valid = positions[None, :] < ctx  # [B, L]
+    if window is not None:
+        valid &= positions[None, :] >= ctx - window
     v = v.masked_fill(~valid[:, :, None, None], 0.0)
 
     qf = q.float().view(batch, num_kv_heads, group, head_dim) * scale
     scores = torch.einsum("bhgd,blhd->bhgl", qf, k)
-    out = _masked_softmax_av(scores, valid[:, None, None, :], v, "bhgl,blhd->bhgd")
+    out = _masked_softmax_av(scores, valid[:, None, None, :], v, "bhgl,blhd->bhgd", softcap)
     return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
 
 
@@ -105,8 +119,11 @@ def paged_extend_attention(
     cu_seqlens_q: Tensor,
     context_lens: Tensor,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
-    """A chunk of new query tokens per sequence: causal over the chunk, full over the cached prefix.
+    """A chunk of new query tokens per sequence: causal over the chunk, full over the cached prefix
+    (or, with a window, the last ``window`` positions up to each query's own).
 
     q: [T, num_q_heads, head_dim], sequence b owning rows cu_seqlens_q[b]:cu_seqlens_q[b+1];
     context_lens[b] counts the prefix and the new tokens (their K/V already written). Query i of the
@@ -140,6 +157,8 @@ def paged_extend_attention(
             scores = torch.einsum("ihgd,lhd->hgil", qf * scale, k)  # [Hkv, G, rows, L]
             q_pos = prefix + torch.arange(i0, i1, device=q.device)
             mask = k_pos[None, :] <= q_pos[:, None]  # [rows, L]
-            o = _masked_softmax_av(scores, mask, v, "hgil,lhd->ihgd")
+            if window is not None:
+                mask &= k_pos[None, :] > q_pos[:, None] - window
+            o = _masked_softmax_av(scores, mask, v, "hgil,lhd->ihgd", softcap)
             out[q_start + i0 : q_start + i1] = o.reshape(i1 - i0, num_q_heads, head_dim).to(q.dtype)
     return out

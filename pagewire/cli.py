@@ -2,7 +2,7 @@
 
     pagewire up [--model DIR] [--port 50051]     run Redis, worker, scheduler and router locally
     pagewire generate "text" [--max-tokens N]    stream a completion from a router
-    pagewire make-model DIR [--seed N] [--size]  build the random-weight Llama test model
+    pagewire make-model DIR [--seed N] [--size] [--arch A]  build a random-weight test model
     pagewire worker|scheduler|router [flags]     run one service (what containers run)
 """
 
@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_ADDR = "127.0.0.1:50051"
+# make-model --arch: pagewire.testmodel_arch.ARCHS (kept here so --help needs no torch import).
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "mixtral",
+         "qwen3_moe")
 SERVICES = {"worker": "worker_svc.server", "scheduler": "scheduler_svc.server", "router": "router.server"}
 
 
@@ -26,10 +29,15 @@ def default_model_dir() -> Path:
 
 
 def cmd_make_model(args: argparse.Namespace) -> None:
-    from pagewire.testmodel import make_model
+    if args.arch == "llama":  # the default test model, written without transformers
+        from pagewire.testmodel import make_model
 
-    path = make_model(args.dir, seed=args.seed, size=args.size)
-    print(f"wrote {args.size} test model (seed {args.seed}) to {path}")
+        path = make_model(args.dir, seed=args.seed, size=args.size)
+    else:
+        from pagewire.testmodel_arch import make_arch_model
+
+        path = make_arch_model(args.dir, args.arch, seed=args.seed, size=args.size)
+    print(f"wrote {args.size} {args.arch} test model (seed {args.seed}) to {path}")
 
 
 async def _up(args: argparse.Namespace) -> None:
@@ -139,10 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bearer token (env PAGEWIRE_API_KEY)")
     gen.add_argument("--tls-ca", default="", help="CA bundle: dial the router over TLS")
 
-    mk = sub.add_parser("make-model", help="build the random-weight Llama test model")
+    mk = sub.add_parser("make-model", help="build a random-weight test model")
     mk.add_argument("dir")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    mk.add_argument("--arch", default="llama", choices=ARCHS,
+                    help="model family (all share the test tokenizer)")
 
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} service (flags: pagewire {name} --help)",

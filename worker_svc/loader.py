@@ -1,4 +1,4 @@
-"""Load a Hugging Face Llama-family directory into the project's own model code.
+"""Load a Hugging Face model directory into the project's own model code.
 
 Reads ``config.json``, then ``model.safetensors`` or the shards named by
 ``model.safetensors.index.json``, tensor by tensor (no second full copy in memory). With the
@@ -17,9 +17,11 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from worker_svc.models.llama import LlamaConfig, LlamaForCausalLM, load_weights, rope_cache
+from worker_svc.models.config import FAMILIES, ModelConfig
+from worker_svc.models.llama import DecoderForCausalLM
+from worker_svc.models.weights import init_dummy_weights, load_weights
 
-SUPPORTED = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+SUPPORTED = frozenset(FAMILIES)
 LOAD_FORMATS = ("auto", "dummy")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,9 +42,7 @@ class ModelFiles:
 def read_model_dir(path: str | Path) -> ModelFiles:
     path = Path(path)
     hf = json.loads((path / "config.json").read_text())
-    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
-    if arch not in SUPPORTED:
-        raise ValueError(f"architecture {arch} is not supported (supported: {sorted(SUPPORTED)})")
+    ModelConfig.from_hf(hf)  # refuses, naming the key, what pagewire cannot serve exactly
     eos = hf.get("eos_token_id")
     gen_path = path / "generation_config.json"
     if gen_path.exists():
@@ -78,35 +78,18 @@ def load_model(
     dtype: torch.dtype,
     max_len: int,
     load_format: str = "auto",
-) -> LlamaForCausalLM:
+) -> DecoderForCausalLM:
     """Build the model on the meta device, allocate it once in ``dtype`` on ``device``, fill it
     from the checkpoint (``auto``) or with random weights (``dummy``)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load format {load_format!r} is not one of {LOAD_FORMATS}")
-    cfg = LlamaConfig.from_hf(files.hf_config)
+    cfg = ModelConfig.from_hf(files.hf_config)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_len).to(dtype)
+        model = DecoderForCausalLM(cfg, max_len).to(dtype)
     model = model.to_empty(device=device)
     if load_format == "dummy":
         init_dummy_weights(model)
     else:
         load_weights(model, checkpoint_tensors(files.path))
-    model.rope = rope_cache(cfg, max_len).to(device)  # a buffer: to_empty left it uninitialised
+    model.init_rope(max_len, device)  # buffers: to_empty left them uninitialised
     return model.eval()
-
-
-@torch.no_grad()
-def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
-    """Random weights, one fill per tensor on its device. Matrices are N(0, 1/fan_in), norms 1
-    and biases 0: each projection keeps its input's scale, so the residual stream grows only
-    like sqrt(layers) and activations and logits stay O(1)-O(10), finite in fp16 and bf16."""
-    if model.cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        if param.dim() == 2:
-            param.normal_(0.0, param.shape[1] ** -0.5, generator=gen)
-        elif name.endswith("norm.weight"):
-            param.fill_(1.0)
-        else:
-            param.zero_()

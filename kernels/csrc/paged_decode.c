@@ -8,7 +8,9 @@
  *
  * Softmax is exact and in fp32: scores of a tile of positions are computed, the running maximum
  * and sum are rescaled once per tile (online softmax), and the tile's probabilities weight the
- * values. Caches are fp32 or bf16 (widened to fp32 on load); q and out are fp32. Built with
+ * values. A sliding window (window > 0) starts the walk at the window's first position; a
+ * soft-cap (softcap > 0, Gemma 2) maps each scaled score s to softcap * tanh(s / softcap).
+ * Caches are fp32 or bf16 (widened to fp32 on load); q and out are fp32. Built with
  * reassociation allowed (the sums vectorize; results stay within 1e-6 of the reference) but not
  * -ffast-math, whose start-up code would flush subnormals to zero in the whole process.
  *
@@ -60,7 +62,7 @@ static inline float exp_nonpositive(float x) {
 void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *block_tables,       \
           int64_t table_stride, const int32_t *context_lens, int64_t batch, int64_t num_q_heads, \
           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, float *out,   \
-          int num_threads) {                                                                     \
+          int num_threads, int64_t window, float softcap) {                                      \
     const int64_t group = num_q_heads / num_kv_heads;                                            \
     const int64_t row = num_kv_heads * head_dim; /* elements per cached token */                 \
     const int64_t span = batch >= 8 ? num_kv_heads : 1; /* KV heads per task */                  \
@@ -80,7 +82,8 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
             run_max[j] = -FLT_MAX; /* finite: exp(run_max - m) is 0 on the first tile */      \
             run_sum[j] = 0.f;                                                                    \
         }                                                                                        \
-        for (int64_t t0 = 0; t0 < len; t0 += TILE) {                                             \
+        const int64_t first = window > 0 && len > window ? len - window : 0;                     \
+        for (int64_t t0 = first; t0 < len; t0 += TILE) {                                         \
             const int64_t n = len - t0 < TILE ? len - t0 : TILE;                                 \
             for (int64_t i = 0; i < n; i++) {                                                    \
                 const int64_t pos = t0 + i;                                                      \
@@ -93,7 +96,7 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
                         float s = 0.f;                                                           \
                         _Pragma("omp simd reduction(+:s)")                                       \
                         for (int64_t d = 0; d < head_dim; d++) s += qv[d] * kv[d];               \
-                        score[hh * group + g][i] = s;                                            \
+                        score[hh * group + g][i] = softcap > 0.f ? softcap * tanhf(s / softcap) : s; \
                     }                                                                            \
                 }                                                                                \
             }                                                                                    \

@@ -1,4 +1,4 @@
-"""Small helpers shared by the Triton wrappers: shape checks and device facts."""
+"""Small helpers shared by the Triton wrappers: shape checks, device facts, score soft-capping."""
 
 from __future__ import annotations
 
@@ -6,7 +6,18 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+
+
+@triton.jit
+def softcap_log2(s, scale_log2, softcap):
+    """Raw q.k products to soft-capped scores in the log2 domain the kernels' softmax uses:
+    ``log2(e) * softcap * tanh(s * scale / softcap)``; tanh as ``1 - 2 / (exp(2x) + 1)``, which
+    saturates cleanly at both ends (tanh has no portable tl builtin)."""
+    x = s * (scale_log2 / 1.4426950408889634) / softcap
+    return (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)) * softcap * 1.4426950408889634
 
 
 def next_pow2(n: int) -> int:

@@ -10,6 +10,10 @@ bandwidth; what matters is keeping enough loads in flight. Two choices follow fr
   kernel merges the partial results by their log-sum-exp (flash-decoding). With one split the first
   kernel writes the output directly; that is used once the batch alone fills the GPU.
 
+A sliding window (``window``, per call: a layer's) moves the start of every sequence's range to
+its window's first position, and the splits divide what is left; ``softcap`` (Gemma 2) caps the
+scaled scores with ``softcap * tanh(s / softcap)``.
+
 The number of splits is chosen from the block-table width (an upper bound of the context known
 without reading device memory), so a call never synchronises with the GPU and can be graph-captured;
 each sequence divides its own context evenly among the splits.
@@ -30,6 +34,7 @@ from kernels.triton_ops.common import (
     last_dim_contiguous,
     next_pow2,
     num_sms,
+    softcap_log2,
 )
 
 _LOG2E = 1.4426950408889634
@@ -45,17 +50,18 @@ def _decode_split_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_bt,
     stride_ob, stride_oh,
-    num_splits,
+    num_splits, window, softcap,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
-    per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
+    lo = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)  # window 0: the whole context
+    per_split = tl.cdiv(tl.cdiv(ctx - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * per_split
     end = tl.minimum(start + per_split, ctx)
 
     offs_g = tl.arange(0, GROUP_PAD)
@@ -82,7 +88,11 @@ def _decode_split_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        if SOFTCAP:
+            s = softcap_log2(s, scale_log2, softcap)
+        else:
+            s = s * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -176,6 +186,8 @@ def paged_decode_attention(
     context_lens: Tensor,
     scale: float,
     num_splits: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Same contract as kernels.reference.paged_decode_attention.
 
@@ -211,10 +223,10 @@ def paged_decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        num_splits,
+        num_splits, window or 0, softcap or 0.0,
         GROUP=group, GROUP_PAD=max(16, next_pow2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
-        SINGLE_SPLIT=single, IEEE=q.dtype == torch.float32,
+        SINGLE_SPLIT=single, IEEE=q.dtype == torch.float32, SOFTCAP=softcap is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not single:

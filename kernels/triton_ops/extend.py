@@ -7,7 +7,9 @@ online softmax in fp32).
 
 The key range splits in two loops: positions every row of the tile may see (the whole prefix and
 the chunk up to the tile's first row) need no mask, which keeps the common long-prefix case at full
-speed; only the last few tiles near the diagonal apply the causal mask.
+speed; only the last few tiles near the diagonal apply the causal mask. With a sliding window
+(``window``, per call: a layer's) every tile is masked and the loop starts at the tile holding the
+first row's first visible key; ``softcap`` (Gemma 2) caps the scaled scores.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton_ops.common import check_head_dim, interpreting, last_dim_contiguous
+from kernels.triton_ops.common import (
+    check_head_dim,
+    interpreting,
+    last_dim_contiguous,
+    softcap_log2,
+)
 
 _LOG2E = 1.4426950408889634
 
@@ -25,9 +32,9 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_tile(
     acc, l_i, m_i, q, k_head, v_head, table_row, n0, q_pos, ctx, scale_log2,
-    stride_kb, stride_kt, stride_vb, stride_vt,
+    stride_kb, stride_kt, stride_vb, stride_vt, window, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, IEEE: tl.constexpr,
+    MASKED: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Fold one BLOCK_N tile of keys at positions n0.. into the online softmax state."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -46,12 +53,20 @@ def _attend_tile(
         v = tl.load(v_head + (blk * stride_vb + (pos % BLOCK_SIZE) * stride_vt)[:, None]
                     + offs_d[None, :])
     if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k))
+    if SOFTCAP:
+        s = softcap_log2(s, scale_log2, softcap)
+    else:
+        s = s * scale_log2
     if MASKED:
         s = tl.where((pos[None, :] <= q_pos[:, None]) & (pos[None, :] < ctx), s, float("-inf"))
+    if WINDOW:
+        s = tl.where(pos[None, :] > q_pos[:, None] - window, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
+    if WINDOW:  # a row may see nothing in this tile yet: keep exp2 away from -inf - -inf
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -69,9 +84,10 @@ def _extend_kernel(
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
-    stride_bt, stride_ot, stride_oh,
+    stride_bt, stride_ot, stride_oh, window, softcap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # Causal tiles near the end of a chunk attend to the most keys: launch those first, so the
     # short ones fill in the tail of the grid.
@@ -103,18 +119,23 @@ def _extend_kernel(
     full_end = (prefix + tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N
     last_row = tl.minimum(tile * BLOCK_M + BLOCK_M, q_len) - 1
     kv_end = prefix + last_row + 1
-    for n0 in range(0, full_end, BLOCK_N):
+    if WINDOW:  # from the tile of the first row's first visible key, every tile masked
+        lo = tl.maximum(prefix + tile * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_end = lo
+    else:
+        lo = 0
+    for n0 in range(lo, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_head, v_head, table_row, n0, q_pos, ctx, scale_log2,
-            stride_kb, stride_kt, stride_vb, stride_vt,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, IEEE)
+            stride_kb, stride_kt, stride_vb, stride_vt, window, softcap,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, IEEE, False, SOFTCAP)
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, k_head, v_head, table_row, n0, q_pos, ctx, scale_log2,
-            stride_kb, stride_kt, stride_vb, stride_vt,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IEEE)
+            stride_kb, stride_kt, stride_vb, stride_vt, window, softcap,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, IEEE, WINDOW, SOFTCAP)
 
-    o = acc / l_i[:, None]
+    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # 0: a padding row past a window's keys
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
 
@@ -138,6 +159,8 @@ def paged_extend_attention(
     context_lens: Tensor,
     scale: float,
     max_q_len: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Same contract as kernels.reference.paged_extend_attention.
 
@@ -164,9 +187,10 @@ def paged_extend_attention(
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1), window or 0, softcap or 0.0,
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], IEEE=q.dtype == torch.float32,
+        WINDOW=window is not None, SOFTCAP=softcap is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -60,16 +60,20 @@ def make_paged_case(
                      torch.tensor(context_lens, dtype=torch.int32, device=device))
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, prefix: int) -> Tensor:
-    """float64 attention of q [n, Hq, D] at positions prefix.. over dense k/v [L, Hkv, D]."""
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, prefix: int,
+                    window: int | None = None, softcap: float | None = None) -> Tensor:
+    """float64 attention of q [n, Hq, D] at positions prefix.. over dense k/v [L, Hkv, D]
+    (keys within ``window`` of each query only; scores soft-capped when asked)."""
     n, num_q_heads, _ = q.shape
     group = num_q_heads // k.shape[1]
     kk = k.double().repeat_interleave(group, dim=1)  # [L, Hq, D]
     vv = v.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("ihd,lhd->hil", q.double(), kk) * scale
-    allowed = torch.arange(k.shape[0], device=q.device)[None, :] <= (
-        prefix + torch.arange(n, device=q.device)
-    )[:, None]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    distance = (prefix + torch.arange(n, device=q.device))[:, None] - torch.arange(
+        k.shape[0], device=q.device)[None, :]
+    allowed = (distance >= 0) & (distance < (window or k.shape[0] + n))
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hil,lhd->ihd", torch.softmax(scores, dim=-1), vv)
 

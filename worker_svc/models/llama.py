@@ -1,66 +1,25 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) over a paged KV cache.
+"""The decoder every supported family shares, over a paged KV cache.
 
-Written in the gpt-fast manner: a config dataclass, attention, feed-forward, blocks. The forward
-pass takes one flattened batch of tokens (decodes first, then prefill chunks) and an
+Written in the gpt-fast manner: attention, feed-forward, blocks, the model; what a family does
+differently is a field of :class:`ModelConfig` (see ``config.FAMILIES``), not a copy of this file.
+The forward pass takes one flattened batch of tokens (decodes first, then prefill chunks) and an
 :class:`AttentionMetadata` that says where each token's K/V goes and what each sequence attends
-to; the attention itself is a backend from ``kernels`` (torch reference on CPU, Triton on CUDA).
-Weight names map from the Hugging Face checkpoint in :func:`load_weights`, next to the model.
+to; the attention itself is a backend from ``kernels``, told per layer its sliding window and
+score soft-capping. Checkpoint names map to these parameters in ``weights.py``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kernels import AttentionBackend, elementwise
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
-        heads = hf["num_attention_heads"]
-        rope_theta = hf.get("rope_theta")
-        rope_scaling = hf.get("rope_scaling")
-        if rope_theta is None:  # transformers >= 5 nests these under rope_parameters
-            params = hf.get("rope_parameters") or {}
-            rope_theta = params.get("rope_theta", 10000.0)
-            if params.get("rope_type", "default") != "default":
-                rope_scaling = params
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias", False)),
-        )
+from kernels import AttentionBackend
+from worker_svc.models.config import ModelConfig
+from worker_svc.models.layers import MLP, RMSNorm, softcap
+from worker_svc.models.moe import SparseMoeBlock
+from worker_svc.models.rope import apply_rope_, check_max_len, rope_cache
 
 
 @dataclass
@@ -89,137 +48,131 @@ class AttentionMetadata:
                 self.block_tables[nd:], self.cu_seqlens_q, self.context_lens[nd:], k_cache
             )
 
-    def decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float) -> Tensor:
-        """Attention of the single-token sequences at the front of the batch."""
+    def decode(
+        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float,
+        window: int | None = None, softcap: float | None = None,
+    ) -> Tensor:
+        """Attention of the single-token sequences at the front of the batch. ``window``: the
+        layer's sliding window (None: the whole context); ``softcap``: its score soft-capping."""
         nd = self.num_decode
         args = (q, k_cache, v_cache, self.block_tables[:nd], self.context_lens[:nd], scale)
+        kw = _layer_kwargs(window, softcap)
         if self.decode_plan is None:
-            return self.backend.decode(*args)
-        return self.backend.decode(*args, plan=self.decode_plan)
+            return self.backend.decode(*args, **kw)
+        return self.backend.decode(*args, plan=self.decode_plan, **kw)
 
     def extend(
-        self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float
+        self, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float,
+        window: int | None = None, softcap: float | None = None,
     ) -> Tensor:
         """Attention of the prefill chunks; ``k``/``v`` are the chunks' own, already cached."""
         nd = self.num_decode
         args = (q, k_cache, v_cache, self.block_tables[nd:], self.cu_seqlens_q,
                 self.context_lens[nd:], scale)
+        kw = _layer_kwargs(window, softcap)
         if self.extend_plan is None:
-            return self.backend.extend(*args)
-        return self.backend.extend(*args, plan=self.extend_plan, new_kv=(k, v))
+            return self.backend.extend(*args, **kw)
+        return self.backend.extend(*args, plan=self.extend_plan, new_kv=(k, v), **kw)
 
 
-def _llama3_inv_freq(inv_freq: Tensor, scaling: dict[str, Any]) -> Tensor:
-    """Llama 3.1 frequency remapping: keep high frequencies, stretch low ones smoothly."""
-    factor = scaling["factor"]
-    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old_len = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_len / wavelen - low) / (high - low)
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    is_mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
-    return torch.where(is_mid, mid, scaled)
-
-
-def rope_cache(cfg: LlamaConfig, max_len: int) -> Tensor:
-    """cos/sin table [max_len, head_dim] (cos in the first half, sin in the second), fp32."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "llama3":
-        inv_freq = _llama3_inv_freq(inv_freq, scaling)
-    elif kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind != "default":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported")
-    freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
-
-
-def apply_rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
-    """Rotate-half RoPE (the Hugging Face Llama convention) in place. x [T, H, D]; cos/sin [T, 1, D/2].
-    One Triton kernel on CUDA (kernels.elementwise)."""
-    elementwise.rope_(x, cos, sin)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return elementwise.rms_norm(x, self.weight, self.eps)
+def _layer_kwargs(window: int | None, softcap: float | None) -> dict[str, float]:
+    """The per-layer attention arguments that are set: a layer without them calls the backend
+    exactly as before they existed."""
+    kw: dict[str, float] = {}
+    if window is not None:
+        kw["window"] = window
+    if softcap is not None:
+        kw["softcap"] = softcap
+    return kw
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        )
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
         self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.scale = self.head_dim**-0.5
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.scale = cfg.attn_scale or self.head_dim**-0.5
+        self.window, self.softcap = cfg.window(layer), cfg.attn_softcap
+        self.rope_key = cfg.layer_types[layer]
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, gemma=cfg.gemma > 0)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, gemma=cfg.gemma > 0)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], meta: AttentionMetadata
+        self, x: Tensor, rope: dict[str, tuple[Tensor, Tensor]], kv: tuple[Tensor, Tensor],
+        meta: AttentionMetadata,
     ) -> Tensor:
-        T = x.shape[0]
-        qkv = self.qkv_proj(x).view(T, self.n_heads + 2 * self.n_kv, self.head_dim)
-        apply_rope_(qkv[:, : self.n_heads + self.n_kv], cos, sin)
-        q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        T, H = x.shape[0], self.n_heads
+        qkv = self.qkv_proj(x).view(T, H + 2 * self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):  # per-head norms before rope (Qwen3, Gemma 3)
+            qkv[:, :H] = self.q_norm(qkv[:, :H])
+            qkv[:, H : H + self.n_kv] = self.k_norm(qkv[:, H : H + self.n_kv])
+        apply_rope_(qkv[:, : H + self.n_kv], *rope[self.rope_key])
+        q, k, v = qkv.split([H, self.n_kv, self.n_kv], dim=1)
         k_cache, v_cache = kv
         meta.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        nd = meta.num_decode
+        nd, layer_args = meta.num_decode, (self.scale, self.window, self.softcap)
         parts = []
         if nd:
-            parts.append(meta.decode(q[:nd], k_cache, v_cache, self.scale))
+            parts.append(meta.decode(q[:nd], k_cache, v_cache, *layer_args))
         if T > nd:
-            parts.append(meta.extend(q[nd:], k[nd:], v[nd:], k_cache, v_cache, self.scale))
+            parts.append(meta.extend(q[nd:], k[nd:], v[nd:], k_cache, v_cache, *layer_args))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
-        super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(elementwise.silu_mul(self.gate_up_proj(x)))
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    """Pre-norm attention and feed-forward; Gemma 2/3 also norm each sublayer's output
+    ("sandwich" norms) before it joins the residual stream."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        sparse = cfg.moe is not None and cfg.moe.layers[layer]
+        self.mlp = SparseMoeBlock(cfg) if sparse else MLP(cfg)
+        norm = [cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma > 0]
+        self.input_layernorm = RMSNorm(*norm)
+        self.post_attention_layernorm = RMSNorm(*norm)
+        self.sandwich = cfg.gemma >= 2
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(*norm)
+            self.post_feedforward_layernorm = RMSNorm(*norm)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], meta: AttentionMetadata
+        self, x: Tensor, rope: dict[str, tuple[Tensor, Tensor]], kv: tuple[Tensor, Tensor],
+        meta: AttentionMetadata,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), rope, kv, meta)
+        if not self.sandwich:
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: LlamaConfig, max_len: int) -> None:
+class DecoderForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, gemma=cfg.gemma > 0)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("rope", rope_cache(cfg, max_len), persistent=False)
+        self.init_rope(max_len)
+
+    def init_rope(self, max_len: int, device: torch.device | None = None) -> None:
+        """(Re)build one cos/sin table per layer type (Gemma 3's local layers have their own
+        base); refuses a length the rope type cannot serve exactly (see rope.check_max_len)."""
+        cfg = self.cfg
+        assert cfg.rope is not None
+        for key, spec in cfg.rope.items():
+            check_max_len(spec, max_len, cfg.max_position_embeddings)
+            table = rope_cache(spec, cfg.head_dim, max_len, cfg.max_position_embeddings)
+            self.register_buffer(f"rope_{key}", table if device is None else table.to(device),
+                                 persistent=False)
 
     @torch.inference_mode()
     def forward(
@@ -231,71 +184,23 @@ class LlamaForCausalLM(nn.Module):
     ) -> Tensor:
         """Final hidden states [T, hidden] of every input token."""
         x = self.embed_tokens(input_ids)
+        if self.cfg.gemma:  # by sqrt(hidden) rounded to the model's dtype, as transformers does
+            x = x * float(torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype))
         if kv_caches:
             meta.plan(kv_caches[0][0])
         # In the model's dtype, as Hugging Face rotates: RoPE runs in place on the projections.
-        cos, sin = self.rope[positions].to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
+        rope = {}
+        for key in self.cfg.rope or {}:
+            table = getattr(self, f"rope_{key}")
+            rope[key] = table[positions].to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv, meta)
+            x = layer(x, rope, kv, meta)
         return self.norm(x)
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(hidden).float()
+        return softcap(self.lm_head(hidden).float(), self.cfg.final_softcap)
 
 
-# Hugging Face checkpoint names -> (our parameter, shard index within a fused parameter).
-_FUSED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
-
-
-def _fused_slice(model: LlamaForCausalLM, fused: str, shard: int) -> tuple[int, int]:
-    cfg = model.cfg
-    if fused == "gate_up_proj":
-        return shard * cfg.intermediate_size, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return [(0, q), (q, kv), (q + kv, kv)][shard]
-
-
-def load_weights(model: LlamaForCausalLM, weights: Iterable[tuple[str, Tensor]]) -> None:
-    """Copy checkpoint tensors into the model, fusing q/k/v and gate/up; fail on anything missing."""
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    for hf_name, tensor in weights:
-        if "rotary_emb.inv_freq" in hf_name:
-            continue
-        name = hf_name.removeprefix("model.")
-        parts = name.split(".")
-        target = parts[-2] if len(parts) >= 2 else ""
-        if target in _FUSED:
-            fused, shard = _FUSED[target]
-            name = ".".join([*parts[:-2], fused, parts[-1]])
-            start, size = _fused_slice(model, fused, shard)
-            params[name].data.narrow(0, start, size).copy_(tensor)
-            loaded.add(f"{name}#{shard}")
-            continue
-        if name not in params:
-            raise KeyError(f"unexpected weight {hf_name!r} in checkpoint")
-        params[name].data.copy_(tensor)
-        loaded.add(name)
-    if model.cfg.tie_word_embeddings and "lm_head.weight" not in loaded:
-        model.lm_head.weight = model.embed_tokens.weight
-        loaded.add("lm_head.weight")
-    expected = set()
-    for name in params:
-        base = name.rsplit(".", 2)
-        if len(base) == 3 and base[1] in ("qkv_proj", "gate_up_proj"):
-            shards = 3 if base[1] == "qkv_proj" else 2
-            expected.update(f"{name}#{i}" for i in range(shards))
-        else:
-            expected.add(name)
-    if model.cfg.tie_word_embeddings:
-        expected.add("lm_head.weight")
-    missing = expected - loaded
-    if missing:
-        raise KeyError(f"checkpoint lacks weights: {sorted(missing)[:8]}")
+# The runner names the model by its first family.
+LlamaForCausalLM = DecoderForCausalLM
