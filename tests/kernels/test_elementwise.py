@@ -32,20 +32,24 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,dim", [(1, 64), (7, 96), (33, 256)])
-def test_rms_norm(dtype: torch.dtype, rows: int, dim: int) -> None:
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+def test_rms_norm(dtype: torch.dtype, rows: int, dim: int, gemma: bool) -> None:
     g = torch.Generator().manual_seed(rows)
     x = (torch.randn(rows, dim, generator=g) * 3).to(dtype).to(DEVICE)
     w = (1 + torch.randn(dim, generator=g) * 0.1).to(dtype).to(DEVICE)
-    close(fused.rms_norm(x, w, 1e-6), elementwise.rms_norm(x.cpu(), w.cpu(), 1e-6).to(DEVICE),
-          dtype)
+    want = elementwise.rms_norm(x.cpu(), w.cpu(), 1e-6, gemma).to(DEVICE)
+    close(fused.rms_norm(x, w, 1e-6, gemma), want, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_in_place_on_a_strided_view_of_the_fused_projection(dtype: torch.dtype) -> None:
-    tokens, q_heads, kv_heads, dim = 5, 6, 2, 32
+@pytest.mark.parametrize("dim,rotary", [(32, 32), (96, 96), (64, 32)], ids=["full", "half48", "partial"])
+def test_rope_in_place_on_a_strided_view_of_the_fused_projection(
+    dtype: torch.dtype, dim: int, rotary: int
+) -> None:
+    tokens, q_heads, kv_heads = 5, 6, 2
     g = torch.Generator().manual_seed(1)
     qkv = torch.randn(tokens, q_heads + 2 * kv_heads, dim, generator=g).to(dtype)
-    angles = torch.randn(tokens, 1, dim // 2, generator=g).double()
+    angles = torch.randn(tokens, 1, rotary // 2, generator=g).double()
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     want = qkv.clone()
     elementwise.rope_(want[:, : q_heads + kv_heads], cos, sin)
@@ -56,10 +60,10 @@ def test_rope_in_place_on_a_strided_view_of_the_fused_projection(dtype: torch.dt
         assert (got.cpu() - want).abs().max().item() <= 4e-6 * want.abs().max().item()
     assert torch.equal(got[:, q_heads + kv_heads :].cpu(), want[:, q_heads + kv_heads :]), "v untouched"
     exact = qkv.double().clone()
-    x1, x2 = exact[:, : q_heads + kv_heads].chunk(2, dim=-1)
+    x1, x2 = exact[:, : q_heads + kv_heads, :rotary].chunk(2, dim=-1)
     c, s = cos.double(), sin.double()
     r1, r2 = x1 * c - x2 * s, x2 * c + x1 * s
-    rotated = torch.cat([r1, r2], dim=-1)
+    rotated = torch.cat([r1, r2, exact[:, : q_heads + kv_heads, rotary:]], dim=-1)
     tol = 4 * torch.finfo(dtype).eps * rotated.abs().max().item()
     assert (got[:, : q_heads + kv_heads].cpu().double() - rotated).abs().max().item() <= tol
 
