@@ -123,17 +123,24 @@ def tokens(results: list[worker_pb2.StepResult]) -> list[tuple[int, list[int], l
     return [(r.step_id, list(r.seq_ids), list(r.token_ids)) for r in results]
 
 
-def test_launches_ahead_and_answers_in_step_order_with_sequential_tokens(
-    runners: tuple[ModelRunner, ModelRunner],
-) -> None:
+def run_both(
+    runners: tuple[ModelRunner, ModelRunner], steps: list[worker_pb2.Step]
+) -> tuple[Lagging, list[worker_pb2.StepResult]]:
+    """The steps through the lagging pipeline, its results checked against a sequential run."""
     sequential, overlapped = runners
-    steps = scheduled_steps(GREEDY, decodes=10)
     sequential.reset()
     expected = [sequential.execute(s) for s in steps]
     overlapped.reset()
     lagging = Lagging(overlapped)
     results = run_pipeline(lagging, steps)
     assert tokens(results) == tokens(expected)
+    return lagging, results
+
+
+def test_launches_ahead_and_answers_in_step_order_with_sequential_tokens(
+    runners: tuple[ModelRunner, ModelRunner],
+) -> None:
+    lagging, results = run_both(runners, scheduled_steps(GREEDY, decodes=10))
     assert [r.step_id for r in results] == list(range(1, 12))
     # Step N+1 went out before step N was answered, never more than two steps launched at once.
     assert lagging.calls[:4] == [("launch", 1), ("launch", 2), ("finish", 1), ("launch", 3)]
@@ -147,14 +154,8 @@ def test_launches_ahead_and_answers_in_step_order_with_sequential_tokens(
 def test_a_step_that_needs_the_host_history_waits_for_every_launched_step(
     runners: tuple[ModelRunner, ModelRunner],
 ) -> None:
-    sequential, overlapped = runners
     steps = scheduled_steps(PENALIZED, decodes=6)
-    sequential.reset()
-    expected = [sequential.execute(s) for s in steps]
-    overlapped.reset()
-    lagging = Lagging(overlapped)
-    results = run_pipeline(lagging, steps)
-    assert tokens(results) == tokens(expected)
+    lagging, _ = run_both(runners, steps)
     # Penalties read the previous token from the host: no launch ahead of an unfinished step.
     for i in range(1, len(steps)):
         assert lagging.calls.index(("finish", i)) < lagging.calls.index(("launch", i + 1))
