@@ -34,7 +34,8 @@ from worker_svc.models.llama import AttentionMetadata, LlamaForCausalLM
 from worker_svc.prompt_outputs import Chunk
 from worker_svc.sampler import SamplingBatch, sample
 from worker_svc.seq_table import NONE, SequenceTable, TokenHistory
-from worker_svc.step_inputs import FROM_DEVICE, Download, Uploader, pack, unpack
+from worker_svc.step_inputs import Download, Uploader, pack, unpack
+from worker_svc.step_layout import SampleRows, StepLayout, layout, sample_rows, token_columns
 
 SAMPLED = -2  # host last_token of a row whose last sample lives on the device (in last_tokens)
 
@@ -54,18 +55,6 @@ def kv_block_bytes(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype)
     cfg = model.cfg
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
     return per_token * block_size * torch.empty((), dtype=dtype).element_size()
-
-
-@dataclass
-class StepLayout:
-    """Where each sequence of a step sits in the forward pass (one slot per sequence)."""
-
-    ids: np.ndarray  # [T] input token ids, slot by slot; FROM_DEVICE: the row's last sample
-    rows: np.ndarray  # [N] table row of each slot
-    starts: np.ndarray  # [N] position of each slot's first token
-    lens: np.ndarray  # [N] tokens of each slot
-    slot: np.ndarray  # [len(step.seqs)] slot of each SequenceStep (packed decode i is slot i)
-    num_decode: int  # single-token slots, all at the front
 
 
 @dataclass
@@ -89,16 +78,6 @@ class PendingStep:
     def wait(self) -> None:
         if self.tokens is not None:
             self.tokens.wait()
-
-
-@dataclass
-class SampleRows:
-    """The rows that sample this step, in result order (decodes, then SequenceSteps)."""
-
-    rows: np.ndarray  # table rows
-    hidden_index: np.ndarray  # index into the step's hidden states
-    output_index: np.ndarray  # index of the token being sampled in its sequence's output
-    position: np.ndarray  # position the sampled token will take
 
 
 class ModelRunner:
@@ -165,11 +144,11 @@ class ModelRunner:
         self._grow_last_tokens()
         if len(d.new_block_ids):
             table.append_blocks(drows, np.asarray(d.new_block_ids, dtype=np.int64))
-        lay = self._layout(step, drows, srows)
+        lay = layout(step, drows, srows)
         cu = np.zeros(len(lay.lens) + 1, dtype=np.int64)
         np.cumsum(lay.lens, out=cu[1:])
         sampled = [i for i, s in enumerate(seqs) if s.sample and not table.is_embedding(srows[i])]
-        picks = self._picks(step, lay, cu, sampled)
+        picks = sample_rows(step, lay, cu, sampled)
         hidden, picks_dev = self._forward(lay, cu, picks, bool(seqs))
         self._prompt_outputs(seqs, srows, cu[lay.slot], hidden, result)
         if len(picks.rows):
@@ -205,44 +184,6 @@ class ModelRunner:
             grown = torch.zeros(need, dtype=torch.int32, device=self.device)
             grown[:have] = self.last_tokens
             self.last_tokens = grown
-
-    def _layout(self, step: worker_pb2.Step, drows: np.ndarray, srows: np.ndarray) -> StepLayout:
-        """Forward order: decodes (packed, then one-token SequenceSteps), then multi-token chunks;
-        the attention backend takes the single-token queries at the front apart."""
-        seqs, d, nd = step.seqs, step.decodes, len(drows)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids) > 1)
-        slot = np.empty(len(seqs), dtype=np.int64)
-        slot[order] = np.arange(nd, nd + len(seqs))
-        lens = np.ones(nd + len(seqs), dtype=np.int64)
-        lens[nd:] = [max(len(seqs[i].token_ids), 1) for i in order]
-        seq_ids: list[int] = []
-        for i in order:
-            seq_ids.extend(seqs[i].token_ids or [FROM_DEVICE])
-        return StepLayout(
-            ids=np.concatenate([np.full(nd, FROM_DEVICE, np.int64), np.asarray(seq_ids, np.int64)]),
-            rows=np.concatenate([drows, srows[order]]),
-            starts=np.concatenate([np.asarray(d.positions, dtype=np.int64),
-                                   np.fromiter((seqs[i].start_pos for i in order), np.int64)]),
-            lens=lens,
-            slot=slot,
-            num_decode=int((lens == 1).sum()),
-        )
-
-    @staticmethod
-    def _picks(
-        step: worker_pb2.Step, lay: StepLayout, cu: np.ndarray, sampled: list[int]
-    ) -> SampleRows:
-        nd = len(step.decodes.seq_ids)
-        at = np.concatenate([np.arange(nd), lay.slot[sampled]])  # forward slots, result order
-        seq_index = np.fromiter((step.seqs[i].output_index for i in sampled), np.int64, len(sampled))
-        return SampleRows(
-            rows=lay.rows[at],
-            hidden_index=cu[at + 1] - 1,
-            output_index=np.concatenate(
-                [np.asarray(step.decodes.output_indices, dtype=np.int64), seq_index]
-            ),
-            position=lay.starts[at] + lay.lens[at],
-        )
 
     def _unknown(self, step: worker_pb2.Step, drows: np.ndarray) -> list[int]:
         """Sequences this step names that the worker cannot run (never seen, or nothing to feed)."""
@@ -284,14 +225,9 @@ class ModelRunner:
         cu[i+1]) and, on the device, the sampling rows' table rows and hidden-state indices
         ([2, S], sent in the same copy). A decode-only batch that fits a captured graph replays
         it."""
-        bs, n = self.block_size, len(lay.lens)
-        starts, lens, rows, num_decode = lay.starts, lay.lens, lay.rows, lay.num_decode
-        owner = np.repeat(np.arange(n), lens)
-        positions = starts[owner] + np.arange(int(cu[-1])) - cu[:-1][owner]
-        width = int(self.table.num_blocks[rows].max())
-        block_tables = self.table.block_tables[rows, :width]
-        slots = block_tables[owner, positions // bs].astype(np.int64) * bs + positions % bs
-        ctx = starts + lens
+        n, rows, num_decode = len(lay.lens), lay.rows, lay.num_decode
+        owner, positions, slots, block_tables = token_columns(lay, cu, self.table, self.block_size)
+        width, ctx = block_tables.shape[1], lay.starts + lay.lens
         graphs = self.graphs
         if graphs is not None and num_decode == n and graphs.fits(n, width):
             cols = pad_columns(n, graphs.bucket(n), lay.ids, rows, positions, slots, ctx)
