@@ -176,7 +176,7 @@ def validate(
             f"must be in (0, {MAX_REPETITION_PENALTY:g}], got {msg.repetition_penalty}",
         )
     if msg.HasField("max_tokens") and msg.max_tokens < 1:
-        raise ValidationError("max_tokens", f"must be >= 1, got {msg.max_tokens}")
+        raise ValidationError("max_tokens", f"must be >= 1 (0 only with echo), got {msg.max_tokens}")
     if prompt_len < 1:
         raise ValidationError("prompt", "must not be empty")
     if prompt_len >= max_model_len:

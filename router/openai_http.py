@@ -29,9 +29,9 @@ from pagewire import auth, tracing
 from pagewire.config import RouterConfig
 from pagewire.tls import TLSFiles
 from pagewire.v1 import generation_pb2
-from router import embed
+from router import embed, fanout
 from router.errors import RequestError
-from router.generation import Generator
+from router.generation import Generator, Plan
 from router.model import ServedModel
 from router.openai_requests import (
     CompletionCall,
@@ -136,13 +136,16 @@ class OpenAIApi:
 
     # ---- generation ---------------------------------------------------------------------
     async def _generate(self, request: web.Request, call: CompletionCall) -> web.StreamResponse:
-        call.request.request_id = request.headers.get("X-Request-Id", "")
-        plan = await self.generator.prepare(call.request, fill_context=call.chat)
+        plans = await self._prepare(request, call)
+        n = plans[0].params.n
         answer = Answer(
-            plan.rid, self.model.name, plan.params.n, call.chat, call.logprobs, self.tokens
+            plans[0].rid, self.model.name, n * len(plans), call.chat, call.logprobs, self.tokens,
+            prompt_logprobs=call.prompt_logprobs, prompts=len(plans),
         )
+        parent = _trace_parent(request)
+        merged = fanout.merged([self.generator.stream(p, parent) for p in plans], n)
         if not call.stream:
-            async with contextlib.aclosing(self.generator.stream(plan, _trace_parent(request))) as responses:
+            async with contextlib.aclosing(merged) as responses:
                 async for response in responses:
                     answer.record(response)
             return _json(answer.body())
@@ -151,7 +154,7 @@ class OpenAIApi:
         )
         await stream.prepare(request)
         try:
-            async with contextlib.aclosing(self.generator.stream(plan, _trace_parent(request))) as responses:
+            async with contextlib.aclosing(merged) as responses:
                 async for response in responses:
                     await _send(stream, answer.chunk([answer.stream_choice(response)]))
             if call.include_usage:
@@ -161,6 +164,20 @@ class OpenAIApi:
         await stream.write(b"data: [DONE]\n\n")
         await stream.write_eof()
         return stream
+
+    async def _prepare(self, request: web.Request, call: CompletionCall) -> list[Plan]:
+        """Every prompt validated before any is submitted: a bad one fails the whole call."""
+        rid, many = request.headers.get("X-Request-Id", ""), len(call.requests) > 1
+        plans = []
+        for i, r in enumerate(call.requests):
+            r.request_id = f"{rid}-p{i}" if rid and many else rid
+            try:
+                plans.append(await self.generator.prepare(r, fill_context=call.chat))
+            except RequestError as e:
+                if e.field == "prompt" and many:  # say which prompt
+                    raise e.renamed(f"prompt[{i}]") from None
+                raise
+        return plans
 
     def _model_card(self) -> dict[str, Any]:
         return {
