@@ -202,11 +202,11 @@ class Answer:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     def _top_dict(self, entry: generation_pb2.Logprobs) -> dict[str, float]:
-        """Legacy completions: the top alternatives and the chosen token, by text."""
-        top = {
-            self.tokens(t): lp
-            for t, lp in zip(entry.top_token_ids, entry.top_logprobs, strict=True)
-        }
+        """Legacy completions: the top alternatives and the chosen token, by text. Two ids with
+        one text (byte pieces, spacing variants) keep the likelier one's logprob."""
+        top: dict[str, float] = {}
+        for t, lp in zip(entry.top_token_ids, entry.top_logprobs, strict=True):
+            top.setdefault(self.tokens(t), lp)
         top.setdefault(self.tokens(entry.token_id), entry.logprob)
         return top
 
