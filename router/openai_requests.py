@@ -107,7 +107,7 @@ def chat_call(body: dict[str, Any]) -> CompletionCall:
     for name in ("functions", "audio"):
         f.refuse(name)
     request = generation_pb2.GenerateRequest(model=f.string("model") or "")
-    _set_messages(request.chat, f)
+    set_messages(request.chat, f)
     _set_sampling(request.sampling, f, max_tokens=("max_completion_tokens", "max_tokens"))
     logprobs = bool(f.boolean("logprobs"))
     top = f.integer("top_logprobs")
@@ -168,7 +168,7 @@ def _prompts(f: Fields) -> list[tuple[str, str | list[int]]]:
     return [(f"prompt[{i}]", item) for i, item in enumerate(prompt)]
 
 
-def _set_messages(chat: generation_pb2.Chat, f: Fields) -> None:
+def set_messages(chat: generation_pb2.Chat, f: Fields) -> None:
     messages = f.get("messages")
     if not isinstance(messages, list):
         raise RequestError.invalid("messages", "must be a list of messages")
