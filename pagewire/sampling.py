@@ -22,6 +22,9 @@ MAX_PENALTY = 2.0  # presence and frequency, as OpenAI bounds them
 # CTRL's penalty divides positive logits; past ~100 every seen token is effectively banned, so a
 # larger value is more likely a unit mistake than intent.
 MAX_REPETITION_PENALTY = 100.0
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on each logit_bias value
+# Entries per request: the worker scatters them into the logits each step, so bound the work.
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 class ValidationError(ValueError):
@@ -55,6 +58,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     n: int = 1
     include_stop_str_in_output: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by id
+    best_of: int | None = None  # None: n (no selection)
 
     @property
     def penalized(self) -> bool:
@@ -94,6 +99,8 @@ class SamplingParams:
             prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
             n=msg.n if msg.HasField("n") else 1,
             include_stop_str_in_output=msg.include_stop_str_in_output,
+            logit_bias=tuple(sorted(msg.logit_bias.items())),
+            best_of=msg.best_of if msg.HasField("best_of") else None,
         )
 
     def to_proto(self) -> common_pb2.SamplingParams:
@@ -113,7 +120,10 @@ class SamplingParams:
             min_tokens=self.min_tokens,
             n=self.n,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=dict(self.logit_bias),
         )
+        if self.best_of is not None:
+            msg.best_of = self.best_of
         if self.seed is not None:
             msg.seed = self.seed
         if self.logprobs is not None:
@@ -166,7 +176,7 @@ def validate(
             f"must be in (0, {MAX_REPETITION_PENALTY:g}], got {msg.repetition_penalty}",
         )
     if msg.HasField("max_tokens") and msg.max_tokens < 1:
-        raise ValidationError("max_tokens", f"must be >= 1, got {msg.max_tokens}")
+        raise ValidationError("max_tokens", f"must be >= 1 (0 only with echo), got {msg.max_tokens}")
     if prompt_len < 1:
         raise ValidationError("prompt", "must not be empty")
     if prompt_len >= max_model_len:
@@ -206,7 +216,27 @@ def validate(
             )
     if msg.HasField("seed") and msg.seed > MAX_SEED:
         raise ValidationError("seed", f"must be <= {MAX_SEED}")
+    _check_logit_bias(msg, vocab_size)
+    _check_closed(msg, "best_of", params.n, limits.max_n, " (n and --max-n)")
     return params
+
+
+def _check_logit_bias(msg: common_pb2.SamplingParams, vocab_size: int) -> None:
+    if len(msg.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValidationError(
+            "logit_bias", f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(msg.logit_bias)}"
+        )
+    for token, bias in msg.logit_bias.items():
+        if not 0 <= token < vocab_size:
+            raise ValidationError(
+                "logit_bias", f"each token id must be in [0, {vocab_size}), got {token}"
+            )
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:  # NaN fails too
+            raise ValidationError(
+                "logit_bias",
+                f"each bias must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                f"got {bias} for token {token}",
+            )
 
 
 def _check_closed(

@@ -10,6 +10,10 @@ what was not forwarded yet: nothing is lost or repeated.
 Stop strings follow vLLM: they are looked for only once the output is longer than ``min_tokens``
 tokens (text released before that is passed through unsearched), and the token that completes a
 match is the last one counted; ids after it in the same event are dropped.
+
+With echo, the first message carries the prompt (ids and text). A prompt-only completion (echo
+with max_tokens 0, run downstream as max_tokens 1) drops its one generated token: no ids, no
+text, no logprobs, completion_tokens 0, finish_reason LENGTH.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from router.stop_strings import StopStringMatcher
 
 UNFINISHED = common_pb2.FINISH_REASON_UNSPECIFIED
 STOP = common_pb2.FINISH_REASON_STOP
+LENGTH = common_pb2.FINISH_REASON_LENGTH
 
 
 class CompletionStream:
@@ -33,10 +38,15 @@ class CompletionStream:
         prompt: list[int],
         params: SamplingParams,
         tokenizer: PreTrainedTokenizerBase,
+        echo_text: str | None = None,
+        prompt_only: bool = False,
     ) -> None:
         self.rid = rid
         self.index = index
+        self.prompt = prompt
         self.prompt_tokens = len(prompt)
+        self.echo_text = echo_text  # None: no echo, or already sent
+        self.prompt_only = prompt_only
         self.min_tokens = params.min_tokens
         self.detok = IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens)
         self.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
@@ -54,8 +64,11 @@ class CompletionStream:
         finished = event.finish_reason != UNFINISHED
         self.scheduler_done = self.scheduler_done or finished
         skip = max(self.completion - event.index, 0)
-        ids = list(event.token_ids[skip:])
+        ids = [] if self.prompt_only else list(event.token_ids[skip:])
         resp = generation_pb2.GenerateResponse(request_id=self.rid, index=self.index)
+        if self.echo_text is not None:
+            resp.prompt_token_ids.extend(self.prompt)
+            resp.prompt_text, self.echo_text = self.echo_text, None
         if event.prompt_logprobs and not self._prompt_logprobs_sent:
             resp.prompt_logprobs.extend(event.prompt_logprobs)
             self._prompt_logprobs_sent = True
@@ -79,10 +92,12 @@ class CompletionStream:
         resp.text = "".join(self._text)
         self._text.clear()
         if stop_string is None and not finished:
-            has_news = resp.text or resp.token_ids or resp.prompt_logprobs
+            has_news = resp.text or resp.token_ids or resp.prompt_logprobs or resp.prompt_token_ids
             return resp if has_news else None
         self.done = True
         resp.finish_reason = STOP if stop_string is not None else event.finish_reason
+        if self.prompt_only:
+            resp.finish_reason = LENGTH
         self.finish_reason = resp.finish_reason
         resp.stop_string = stop_string or ""
         self.cached_tokens = event.cached_tokens

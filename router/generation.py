@@ -9,11 +9,17 @@ seed is set (so completions differ but each is reproducible), streamed interleav
 each message tagged with its completion's ``index``. Leaving the stream early (client cancel, an
 error) aborts every completion still running; a completion ended by a stop string is aborted
 downstream at once, since only the router knows it is done.
+
+``best_of`` > n runs best_of candidates and keeps the n best (``router.best_of``). ``echo`` puts the
+prompt on each completion's first message; with ``max_tokens`` 0 it is all there is: one token is
+generated (the scheduler's requests always generate) and dropped, so the prompt's logprobs can
+be scored (lm-eval-harness's loglikelihood).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +32,7 @@ from pagewire import tracing
 from pagewire.metrics import RequestTimer, RouterMetrics
 from pagewire.sampling import MAX_SEED, Limits, SamplingParams, ValidationError, validate
 from pagewire.v1 import common_pb2, generation_pb2, scheduler_pb2
+from router import best_of
 from router.completion import CompletionStream
 from router.errors import RequestError
 from router.model import ServedModel
@@ -44,13 +51,23 @@ class Plan:
     prompt: list[int]
     params: SamplingParams
     priority: int
+    echo_text: str | None = None  # echo: the prompt's text, sent back with each completion
+    prompt_only: bool = False  # echo with max_tokens 0: the generated token is dropped
+
+    @property
+    def candidates(self) -> int:
+        """Completions run downstream: best_of of them when set, else n."""
+        return self.params.best_of or self.params.n
 
     def completion_id(self, i: int) -> str:
-        return self.rid if self.params.n == 1 else f"{self.rid}-{i}"
+        return self.rid if self.candidates == 1 else f"{self.rid}-{i}"
 
     def submit_request(self, i: int) -> scheduler_pb2.SubmitRequest:
         seed = None if self.params.seed is None else (self.params.seed + i) % (MAX_SEED + 1)
-        one = dataclasses.replace(self.params, n=1, seed=seed)
+        logprobs = self.params.logprobs
+        if self.candidates > self.params.n and logprobs is None:
+            logprobs = 0  # best_of ranks candidates by their sampled tokens' logprobs
+        one = dataclasses.replace(self.params, n=1, best_of=None, seed=seed, logprobs=logprobs)
         return scheduler_pb2.SubmitRequest(
             request_id=self.completion_id(i),
             prompt_token_ids=self.prompt,
@@ -90,10 +107,11 @@ class Generator:
         prompt = await self.model.prompt_ids(request, "prompt")
         sampling = request.sampling
         room = self.model.max_model_len - len(prompt)
-        if fill_context and not sampling.HasField("max_tokens") and prompt and room > 0:
+        prompt_only = request.echo and sampling.HasField("max_tokens") and sampling.max_tokens == 0
+        if prompt_only or (fill_context and not sampling.HasField("max_tokens") and prompt and room > 0):
             sampling = type(sampling)()
             sampling.CopyFrom(request.sampling)
-            sampling.max_tokens = room
+            sampling.max_tokens = 1 if prompt_only else room
         try:
             params = validate(
                 sampling,
@@ -104,23 +122,41 @@ class Generator:
             )
         except ValidationError as e:
             raise RequestError.from_validation(e) from None
-        return Plan(request.request_id or uuid.uuid4().hex, prompt, params, request.priority)
+        echo_text = None
+        if request.echo:
+            kind = request.WhichOneof("prompt")
+            echo_text = request.text if kind == "text" else self.model.tokenizer.decode(prompt)
+        rid = request.request_id or uuid.uuid4().hex
+        return Plan(rid, prompt, params, request.priority, echo_text, prompt_only)
 
     async def stream(
         self, plan: Plan, parent: Context | None = None
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        """Submit the plan's completions and yield their responses as they come.
+        """Submit the plan's completions and yield their responses as they come (with best_of,
+        the n best, once all candidates are done).
 
         Close the iterator (``contextlib.aclosing``) when leaving early: that aborts the rest.
         ``parent``: the client's trace context; the router's span (the root of the scheduler's
         and worker's spans for this request) is its child.
         """
-        n = plan.params.n
+        responses = self._stream(plan, parent)
+        if plan.candidates > plan.params.n:
+            keep_logprobs = plan.params.logprobs is not None
+            responses = best_of.select(responses, plan.params.n, keep_logprobs)
+        async with contextlib.aclosing(responses) as each:
+            async for response in each:
+                yield response
+
+    async def _stream(
+        self, plan: Plan, parent: Context | None
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        n = plan.candidates
         span = tracing.start_span(tracing.ROUTER_SPAN, parent, {
             tracing.REQUEST_ID: plan.rid, tracing.PROMPT_TOKENS: len(plan.prompt),
         }, kind=tracing.SpanKind.SERVER)
         completions = [
-            CompletionStream(plan.rid, i, plan.prompt, plan.params, self.model.tokenizer)
+            CompletionStream(plan.rid, i, plan.prompt, plan.params, self.model.tokenizer,
+                             echo_text=plan.echo_text, prompt_only=plan.prompt_only)
             for i in range(n)
         ]
         timers = [RequestTimer() for _ in range(n)]

@@ -4,7 +4,10 @@ A thin translation: JSON bodies become the same ``GenerateRequest`` / ``EmbedReq
 gRPC client sends (``router.openai_requests``) and go down the same path (validation, n, stop
 strings, detokenization); responses are shaped back (``router.openai_responses``). Errors use
 OpenAI's JSON shape: 400 for bad input (``param`` names the field), 401 for a missing or wrong
-bearer token, 404 for an unknown model (OpenAI's ``model_not_found``).
+bearer token (``invalid_api_key``), 404 for an unknown model (``model_not_found``) or an unknown
+path (``unknown_url``), 405, 409, 413, 429 and 5xx each with their own ``type`` and ``code``.
+vLLM's helper endpoints (``/tokenize``, ``/detokenize``, ``/version``, ``/ping``, ``/metrics``)
+live in ``router.http_helpers``.
 
 Streams are server-sent events, ``data: {chunk}`` then ``data: [DONE]``. Validation finishes
 before the stream starts, so a bad request still gets its status code. A client that disconnects
@@ -24,14 +27,16 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 from opentelemetry.context import Context
+from prometheus_client import CollectorRegistry
 
 from pagewire import auth, tracing
 from pagewire.config import RouterConfig
 from pagewire.tls import TLSFiles
 from pagewire.v1 import generation_pb2
-from router import embed
+from router import embed, fanout
 from router.errors import RequestError
-from router.generation import Generator
+from router.generation import Generator, Plan
+from router.http_helpers import OPEN_PATHS, HelperRoutes
 from router.model import ServedModel
 from router.openai_requests import (
     CompletionCall,
@@ -48,24 +53,29 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Core field names that OpenAI spells differently.
 _PARAMS = {"text": "prompt", "token_ids": "prompt", "chat": "messages"}
 _CHAT_PARAMS = {**_PARAMS, "logprobs": "top_logprobs"}
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    404: "invalid_request_error",
-    429: "rate_limit_error",
+_ERROR_CODES = {
+    401: "invalid_api_key",
+    404: "unknown_url",  # a RequestError's 404 is an unknown model: model_not_found
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+    503: "service_unavailable",
+    504: "timeout",
 }
-_ERROR_CODES = {401: "invalid_api_key", 404: "model_not_found"}
 
 
 class OpenAIApi:
     def __init__(
-        self, model: ServedModel, generator: Generator, placer: Placer, api_key: str
+        self, model: ServedModel, generator: Generator, placer: Placer, api_key: str,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.model = model
         self.generator = generator
         self.placer = placer
         self.api_key = api_key
         self.tokens = TokenTexts(model.tokenizer)
+        self.helpers = HelperRoutes(model, registry)
 
     def app(self, max_body_bytes: int) -> web.Application:
         app = web.Application(
@@ -77,6 +87,7 @@ class OpenAIApi:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        self.helpers.add_to(app)
         return app
 
     # ---- middlewares ----------------------------------------------------------------------
@@ -85,13 +96,17 @@ class OpenAIApi:
         try:
             return await handler(request)
         except RequestError as e:
-            return error_response(e.http_status, str(e), _param(request, e.field))
+            code = "model_not_found" if e.http_status == 404 else None
+            return error_response(e.http_status, str(e), _param(request, e.field), code)
         except web.HTTPException as e:  # no such route, method not allowed, body too large
-            return error_response(e.status, e.text or e.reason, None)
+            message = e.text or e.reason
+            if e.status in (404, 405):
+                message = f"{e.reason}: {request.method} {request.path}"
+            return error_response(e.status, message, None)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self.api_key and request.path != "/health":
+        if self.api_key and request.path not in OPEN_PATHS:
             if not auth.authorized(request.headers.get("Authorization"), self.api_key):
                 message = "missing or wrong API key (Authorization: Bearer ...)"
                 return error_response(401, message, None)
@@ -136,13 +151,16 @@ class OpenAIApi:
 
     # ---- generation ---------------------------------------------------------------------
     async def _generate(self, request: web.Request, call: CompletionCall) -> web.StreamResponse:
-        call.request.request_id = request.headers.get("X-Request-Id", "")
-        plan = await self.generator.prepare(call.request, fill_context=call.chat)
+        plans = await self._prepare(request, call)
+        n = plans[0].params.n
         answer = Answer(
-            plan.rid, self.model.name, plan.params.n, call.chat, call.logprobs, self.tokens
+            plans[0].rid, self.model.name, n * len(plans), call.chat, call.logprobs, self.tokens,
+            prompt_logprobs=call.prompt_logprobs, prompts=len(plans),
         )
+        parent = _trace_parent(request)
+        merged = fanout.merged([self.generator.stream(p, parent) for p in plans], n)
         if not call.stream:
-            async with contextlib.aclosing(self.generator.stream(plan, _trace_parent(request))) as responses:
+            async with contextlib.aclosing(merged) as responses:
                 async for response in responses:
                     answer.record(response)
             return _json(answer.body())
@@ -151,7 +169,7 @@ class OpenAIApi:
         )
         await stream.prepare(request)
         try:
-            async with contextlib.aclosing(self.generator.stream(plan, _trace_parent(request))) as responses:
+            async with contextlib.aclosing(merged) as responses:
                 async for response in responses:
                     await _send(stream, answer.chunk([answer.stream_choice(response)]))
             if call.include_usage:
@@ -161,6 +179,20 @@ class OpenAIApi:
         await stream.write(b"data: [DONE]\n\n")
         await stream.write_eof()
         return stream
+
+    async def _prepare(self, request: web.Request, call: CompletionCall) -> list[Plan]:
+        """Every prompt validated before any is submitted: a bad one fails the whole call."""
+        rid, many = request.headers.get("X-Request-Id", ""), len(call.requests) > 1
+        plans = []
+        for i, r in enumerate(call.requests):
+            r.request_id = f"{rid}-p{i}" if rid and many else rid
+            try:
+                plans.append(await self.generator.prepare(r, fill_context=call.chat))
+            except RequestError as e:
+                if e.field == "prompt" and many:  # say which prompt
+                    raise e.renamed(f"prompt[{i}]") from None
+                raise
+        return plans
 
     def _model_card(self) -> dict[str, Any]:
         return {
@@ -178,9 +210,11 @@ async def start(
     generator: Generator,
     placer: Placer,
     tls: TLSFiles | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> web.AppRunner:
-    """Serve the API on ``cfg.host:cfg.http_port``; the caller ``cleanup()``s the runner."""
-    api = OpenAIApi(model, generator, placer, cfg.api_key)
+    """Serve the API on ``cfg.host:cfg.http_port``; the caller ``cleanup()``s the runner.
+    ``registry``: the router's metrics, also served on this port at ``/metrics``."""
+    api = OpenAIApi(model, generator, placer, cfg.api_key, registry)
     # A body holds at most max_prompt_chars of text; JSON escapes take up to 12 bytes a character.
     runner = web.AppRunner(
         api.app(max_body_bytes=12 * cfg.max_prompt_chars + (1 << 20)),
@@ -208,19 +242,27 @@ def _param(request: web.Request, field: str) -> str | None:
     return names.get(field, field) or None
 
 
-def error_body(status: int, message: str, param: str | None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, param: str | None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error object: ``type`` by status class, ``code`` by status unless given."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    if status == 429:
+        kind = "rate_limit_error"
     return {
         "error": {
             "message": message,
-            "type": _ERROR_TYPES.get(status, "server_error"),
+            "type": kind,
             "param": param,
-            "code": _ERROR_CODES.get(status),
+            "code": code or _ERROR_CODES.get(status),
         }
     }
 
 
-def error_response(status: int, message: str, param: str | None) -> web.Response:
-    return _json(error_body(status, message, param), status)
+def error_response(
+    status: int, message: str, param: str | None, code: str | None = None
+) -> web.Response:
+    return _json(error_body(status, message, param, code), status)
 
 
 def _json(body: dict[str, Any], status: int = 200) -> web.Response:

@@ -6,21 +6,28 @@ Besides OpenAI's fields, vLLM's sampling extras are accepted (``top_k``, ``min_p
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
 ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``) so clients that
 send them through ``extra_body`` get vLLM's behaviour. Unknown fields are ignored; known fields
-pagewire cannot honour (``logit_bias``, ``echo``, ``suffix``, tools...) are refused rather than
-silently dropped.
+pagewire cannot honour (``suffix``, ``response_format`` other than text, tools, vLLM's
+``guided_*`` and ``structured_outputs``) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from pagewire.v1 import common_pb2, generation_pb2
 from router.errors import RequestError
+from router.openai_fields import Fields, is_int32, parse_body
 
-INT32 = (-(1 << 31), (1 << 31) - 1)
+__all__ = ["chat_call", "completion_call", "embedding_call", "parse_body"]
+
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
+MAX_PROMPTS = 2048  # prompts in one completions request, each its own request downstream
+# vLLM's structured-output extras, refused until pagewire constrains its output.
+_CONSTRAINTS = (
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+)
 _FLOATS = (
     "temperature",
     "top_p",
@@ -36,13 +43,21 @@ _POOLINGS = {"mean": common_pb2.POOLING_MEAN, "last": common_pb2.POOLING_LAST}
 
 @dataclass(frozen=True)
 class CompletionCall:
-    """A /v1/completions or /v1/chat/completions request, as the shared path takes it."""
+    """A /v1/completions or /v1/chat/completions request, as the shared path takes it: one
+    GenerateRequest per prompt (a completions list of prompts fans out; chat has one)."""
 
-    request: generation_pb2.GenerateRequest
+    requests: list[generation_pb2.GenerateRequest]
     chat: bool
     stream: bool
     include_usage: bool
     logprobs: bool  # render logprobs in the answer
+    prompt_logprobs: bool = False  # render vLLM's prompt_logprobs field (asked for by name)
+
+    @property
+    def request(self) -> generation_pb2.GenerateRequest:
+        """The only request: a chat's, or a completions call's with one prompt."""
+        assert len(self.requests) == 1, "a list of prompts has one request per prompt"
+        return self.requests[0]
 
 
 @dataclass(frozen=True)
@@ -51,145 +66,48 @@ class EmbeddingCall:
     base64: bool
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body; a 400 naming the field whose text is not UTF-8.
-
-    Invalid bytes are kept as lone surrogates (``surrogateescape``), as are ``\\ud800``-style
-    escapes, so the JSON still parses and the walk below can say which string held them.
-    """
-    try:
-        body = json.loads(raw.decode("utf-8", "surrogateescape"))
-    except ValueError as e:
-        raise RequestError.invalid("body", f"not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError.invalid("body", "must be a JSON object")
-    path = _invalid_text(body, "")
-    if path is not None:
-        raise RequestError.invalid(path or "body", "not valid UTF-8")
-    return body
-
-
-def _invalid_text(value: object, path: str) -> str | None:
-    """Path of the first string (value or key) that cannot be encoded as UTF-8."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _invalid_text(key, path)  # a bad key: blame the object holding it
-            if found is None:
-                found = _invalid_text(item, f"{path}.{key}" if path else key)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _invalid_text(item, f"{path}[{i}]")
-            if found is not None:
-                return found
-    return None
-
-
-class _Fields:
-    """Typed reads of a JSON object's fields; a wrong type is a 400 naming the field."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-
-    def get(self, name: str) -> Any:
-        return self.body.get(name)
-
-    def number(self, name: str) -> float | None:
-        value = self.body.get(name)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise RequestError.invalid(name, f"must be a number, got {value!r}")
-        try:
-            return float(value)
-        except OverflowError:
-            raise RequestError.invalid(name, "is out of range") from None
-
-    def integer(self, name: str, lo: int = INT32[0], hi: int = INT32[1]) -> int | None:
-        value = self.body.get(name)
-        if value is None:
-            return None
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RequestError.invalid(name, f"must be an integer, got {value!r}")
-        if not lo <= value <= hi:
-            raise RequestError.invalid(name, f"must be in [{lo}, {hi}], got {value}")
-        return value
-
-    def boolean(self, name: str) -> bool | None:
-        value = self.body.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise RequestError.invalid(name, f"must be true or false, got {value!r}")
-        return value
-
-    def string(self, name: str) -> str | None:
-        value = self.body.get(name)
-        if value is not None and not isinstance(value, str):
-            raise RequestError.invalid(name, f"must be a string, got {value!r}")
-        return value
-
-    def strings(self, name: str) -> list[str]:
-        """A string or a list of strings (``stop``)."""
-        value = self.body.get(name)
-        if value is None:
-            return []
-        if isinstance(value, str):
-            return [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise RequestError.invalid(name, "must be a string or a list of strings")
-        return value
-
-    def token_ids(self, name: str, value: Any = None) -> list[int]:
-        value = self.body.get(name) if value is None else value
-        if not isinstance(value, list) or not all(_is_int32(v) for v in value):
-            raise RequestError.invalid(name, "must be a list of 32-bit integer token ids")
-        return value
-
-    def refuse(self, name: str, allowed: object = None) -> None:
-        """A known field pagewire does not implement: present with another value is an error."""
-        value = self.body.get(name)
-        if value is not None and value != allowed and value != {} and value != []:
-            raise RequestError.invalid(name, "is not supported by this server")
-
-
-def _is_int32(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and INT32[0] <= value <= INT32[1]
-
-
 def completion_call(body: dict[str, Any]) -> CompletionCall:
-    f = _Fields(body)
-    for name in ("suffix", "logit_bias", "user_defined_tokens"):
-        f.refuse(name)
-    f.refuse("echo", allowed=False)
-    request = generation_pb2.GenerateRequest(model=f.string("model") or "")
-    _set_prompt(request, f)
-    _set_sampling(request.sampling, f)
-    best_of = f.integer("best_of")
-    if best_of is not None and best_of != (f.integer("n") or 1):
-        raise RequestError.invalid("best_of", "must equal n (no server-side best-of)")
+    f = Fields(body)
+    _refuse_unconstrained(f)
+    f.refuse("user_defined_tokens")
+    if f.get("suffix") not in (None, ""):
+        raise RequestError.invalid(
+            "suffix", "is not supported: the served model has no fill-in-the-middle (infill) mode"
+        )
+    base = generation_pb2.GenerateRequest(model=f.string("model") or "")
+    base.echo = bool(f.boolean("echo"))
+    _set_sampling(base.sampling, f)
     logprobs = f.integer("logprobs")
     if logprobs is not None:
-        request.sampling.logprobs = logprobs
-    return _call(request, f, chat=False, logprobs=logprobs is not None)
+        base.sampling.logprobs = logprobs
+        if base.echo:  # the echoed prompt's tokens carry logprobs too
+            asked = base.sampling.prompt_logprobs if base.sampling.HasField("prompt_logprobs") else 0
+            base.sampling.prompt_logprobs = max(asked, logprobs)
+    best_of = f.integer("best_of")
+    if best_of is not None:
+        base.sampling.best_of = best_of
+    call = _call(base, f, chat=False, logprobs=logprobs is not None)
+    if call.stream and best_of is not None and best_of != (f.integer("n") or 1):
+        raise RequestError.invalid("best_of", "cannot be streamed (candidates are ranked once done)")
+    requests = []
+    for path, prompt in _prompts(f):
+        request = generation_pb2.GenerateRequest()
+        request.CopyFrom(base)
+        if isinstance(prompt, str):
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(f.token_ids(path, prompt))
+        requests.append(request)
+    return dataclasses.replace(call, requests=requests)
 
 
 def chat_call(body: dict[str, Any]) -> CompletionCall:
-    f = _Fields(body)
-    for name in ("logit_bias", "tools", "functions", "audio"):
+    f = Fields(body)
+    _refuse_unconstrained(f)
+    for name in ("functions", "audio"):
         f.refuse(name)
-    fmt = f.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise RequestError.invalid("response_format", 'only {"type": "text"} is supported')
     request = generation_pb2.GenerateRequest(model=f.string("model") or "")
-    _set_messages(request.chat, f)
+    set_messages(request.chat, f)
     _set_sampling(request.sampling, f, max_tokens=("max_completion_tokens", "max_tokens"))
     logprobs = bool(f.boolean("logprobs"))
     top = f.integer("top_logprobs")
@@ -200,33 +118,57 @@ def chat_call(body: dict[str, Any]) -> CompletionCall:
     return _call(request, f, chat=True, logprobs=logprobs)
 
 
+def _refuse_unconstrained(f: Fields) -> None:
+    """Fields that constrain the output (structured outputs, tools) are refused, naming the
+    field, until a grammar engine serves them: unconstrained text would be served silently
+    wrong. The vLLM extras among them arrive through ``extra_body``."""
+    fmt = f.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise RequestError.invalid(
+            "response_format", 'only {"type": "text"} is supported (no structured outputs yet)'
+        )
+    for name in _CONSTRAINTS:
+        if f.get(name) is not None:
+            raise RequestError.invalid(name, "is not supported yet (no structured outputs)")
+    if f.get("tools") not in (None, []):
+        raise RequestError.invalid("tools", "is not supported yet (no tool calling)")
+    if f.get("tool_choice") not in (None, "none", "auto"):
+        raise RequestError.invalid("tool_choice", "is not supported yet (no tool calling)")
+
+
 def _call(
-    request: generation_pb2.GenerateRequest, f: _Fields, chat: bool, logprobs: bool
+    request: generation_pb2.GenerateRequest, f: Fields, chat: bool, logprobs: bool
 ) -> CompletionCall:
     options = f.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise RequestError.invalid("stream_options", "must be an object")
-    include_usage = _Fields(options or {}).boolean("include_usage")
-    return CompletionCall(request, chat, bool(f.boolean("stream")), bool(include_usage), logprobs)
+    include_usage = Fields(options or {}).boolean("include_usage")
+    return CompletionCall(
+        [request], chat, bool(f.boolean("stream")), bool(include_usage), logprobs,
+        prompt_logprobs=f.get("prompt_logprobs") is not None,
+    )
 
 
-def _set_prompt(request: generation_pb2.GenerateRequest, f: _Fields) -> None:
+def _prompts(f: Fields) -> list[tuple[str, str | list[int]]]:
+    """(field path, prompt) pairs: a string or a token list alone, or a list of either."""
     prompt = f.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        request.text = prompt
-    elif isinstance(prompt, list) and (not prompt or not isinstance(prompt[0], str | list)):
-        request.token_ids.ids.extend(f.token_ids("prompt", prompt))
-    elif isinstance(prompt, list):
-        raise RequestError.invalid(
-            "prompt", "a batch of several prompts is not supported; send one request per prompt"
-        )
-    else:
-        raise RequestError.invalid("prompt", "must be a string or a list of token ids")
+        return [("prompt", prompt)]
+    if not isinstance(prompt, list):
+        raise RequestError.invalid("prompt", "must be a string, a list of token ids, or a list of them")
+    if not prompt or not isinstance(prompt[0], str | list):
+        return [("prompt", prompt)]  # one token list (its type is checked by the caller)
+    if len(prompt) > MAX_PROMPTS:
+        raise RequestError.invalid("prompt", f"at most {MAX_PROMPTS} prompts per request")
+    if len(prompt) == 1:
+        return [("prompt", prompt[0])]  # a batch of one: errors name "prompt"
+    for i, item in enumerate(prompt):
+        if not isinstance(item, str | list):
+            raise RequestError.invalid(f"prompt[{i}]", "must be a string or a list of token ids")
+    return [(f"prompt[{i}]", item) for i, item in enumerate(prompt)]
 
 
-def _set_messages(chat: generation_pb2.Chat, f: _Fields) -> None:
+def set_messages(chat: generation_pb2.Chat, f: Fields) -> None:
     messages = f.get("messages")
     if not isinstance(messages, list):
         raise RequestError.invalid("messages", "must be a list of messages")
@@ -260,7 +202,7 @@ def _content(content: Any, path: str) -> str:
 
 
 def _set_sampling(
-    sampling: common_pb2.SamplingParams, f: _Fields, max_tokens: tuple[str, ...] = ("max_tokens",)
+    sampling: common_pb2.SamplingParams, f: Fields, max_tokens: tuple[str, ...] = ("max_tokens",)
 ) -> None:
     for name in _FLOATS:
         value = f.number(name)
@@ -280,10 +222,33 @@ def _set_sampling(
     seed = f.integer("seed", 0, (1 << 64) - 1)
     if seed is not None:
         sampling.seed = seed
+    _set_logit_bias(sampling, f)
+
+
+def _set_logit_bias(sampling: common_pb2.SamplingParams, f: Fields) -> None:
+    """OpenAI's ``{"token id": bias}``; ids and bounds are checked by the shared path."""
+    bias = f.get("logit_bias")
+    if bias is None:
+        return
+    if not isinstance(bias, dict):
+        raise RequestError.invalid("logit_bias", "must be an object of token id -> bias")
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise RequestError.invalid("logit_bias", f"keys must be token ids, got {key!r}") from None
+        if not is_int32(token):
+            raise RequestError.invalid("logit_bias", f"token id {key} is out of range")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RequestError.invalid("logit_bias", f"biases must be numbers, got {value!r}")
+        try:
+            sampling.logit_bias[token] = float(value)
+        except OverflowError:
+            raise RequestError.invalid("logit_bias", f"bias {value} is out of range") from None
 
 
 def embedding_call(body: dict[str, Any]) -> EmbeddingCall:
-    f = _Fields(body)
+    f = Fields(body)
     f.refuse("dimensions")
     fmt = f.string("encoding_format") or "float"
     if fmt not in ("float", "base64"):

@@ -4,6 +4,11 @@ An :class:`Answer` follows one request: each response is recorded under its comp
 (and, when streaming, shaped into a chunk at once); the final body and the usage chunk are built
 from what was recorded. Usage sums completions the way OpenAI does for ``n > 1``: the prompt is
 counted once; cached tokens are the fewest any completion had, so they never exceed the prompt.
+(With a list of prompts, each prompt is counted once: the prompt figure is their sum.)
+
+Completions with ``echo`` put the prompt before each choice's text; with logprobs, the prompt's
+tokens lead the choice's ``logprobs`` too, the first with ``null`` token_logprob and
+top_logprobs (nothing predicts it), as OpenAI's legacy API and lm-eval-harness read them.
 """
 
 from __future__ import annotations
@@ -48,11 +53,14 @@ class _Choice:
     stop_string: str | None = None
     usage: common_pb2.Usage | None = None
     text_offset: int = 0  # characters of token text before the next logprobs entry (streaming)
+    echo_text: str = ""  # echo: the prompt, before the text
+    echo_ids: list[int] = field(default_factory=list)
 
 
 class Answer:
     def __init__(
-        self, rid: str, model: str, n: int, chat: bool, logprobs: bool, tokens: TokenTexts
+        self, rid: str, model: str, n: int, chat: bool, logprobs: bool, tokens: TokenTexts,
+        prompt_logprobs: bool = True, prompts: int = 1,
     ) -> None:
         self.id = ("chatcmpl-" if chat else "cmpl-") + rid
         self.model = model
@@ -60,6 +68,8 @@ class Answer:
         self.chat = chat
         self.logprobs = logprobs
         self.tokens = tokens
+        self.show_prompt_logprobs = prompt_logprobs  # vLLM's field, when asked for by name
+        self.prompts = prompts  # choices are prompt-major: choice p * (n) + i
         self.choices = [_Choice() for _ in range(n)]
 
     def record(self, response: generation_pb2.GenerateResponse) -> _Choice:
@@ -68,6 +78,9 @@ class Answer:
         choice.text.append(response.text)
         choice.logprobs.extend(response.logprobs)
         choice.prompt_logprobs.extend(response.prompt_logprobs)
+        if response.prompt_token_ids:
+            choice.echo_ids = list(response.prompt_token_ids)
+            choice.echo_text = response.prompt_text
         if response.finish_reason:
             choice.finish_reason = FINISH_REASONS.get(response.finish_reason, "stop")
             choice.stop_string = response.stop_string or None
@@ -83,12 +96,15 @@ class Answer:
             delta: dict[str, Any] = {"content": response.text}
             shaped["delta"] = {"role": "assistant", **delta} if first else delta
         else:
-            shaped["text"] = response.text
-        shaped["logprobs"] = self._logprobs(choice, response.logprobs) if self.logprobs else None
+            shaped["text"] = response.prompt_text + response.text
+        shaped["logprobs"] = None
+        if self.logprobs:
+            echo = (response.prompt_token_ids, response.prompt_logprobs)
+            shaped["logprobs"] = self._logprobs(choice, response.logprobs, *echo)
         shaped["finish_reason"] = choice.finish_reason if response.finish_reason else None
         if response.finish_reason:
             shaped["stop_reason"] = choice.stop_string
-        if response.prompt_logprobs:
+        if response.prompt_logprobs and self.show_prompt_logprobs:
             shaped["prompt_logprobs"] = self._prompt_logprobs(response.prompt_logprobs)
         return shaped
 
@@ -115,12 +131,15 @@ class Answer:
             if self.chat:
                 shaped["message"] = {"role": "assistant", "content": text}
             else:
-                shaped["text"] = text
+                shaped["text"] = choice.echo_text + text
             choice.text_offset = 0  # the whole text: offsets count from its start
-            shaped["logprobs"] = self._logprobs(choice, choice.logprobs) if self.logprobs else None
+            shaped["logprobs"] = None
+            if self.logprobs:
+                echo = (choice.echo_ids, choice.prompt_logprobs)
+                shaped["logprobs"] = self._logprobs(choice, choice.logprobs, *echo)
             shaped["finish_reason"] = choice.finish_reason
             shaped["stop_reason"] = choice.stop_string
-            if choice.prompt_logprobs:
+            if choice.prompt_logprobs and self.show_prompt_logprobs:
                 shaped["prompt_logprobs"] = self._prompt_logprobs(choice.prompt_logprobs)
             choices.append(shaped)
         kind = "chat.completion" if self.chat else "text_completion"
@@ -135,7 +154,8 @@ class Answer:
 
     def usage(self) -> dict[str, Any]:
         usages = [c.usage for c in self.choices if c.usage is not None]
-        prompt = usages[0].prompt_tokens if usages else 0
+        firsts = self.choices[:: max(len(self.choices) // self.prompts, 1)]
+        prompt = sum(c.usage.prompt_tokens for c in firsts if c.usage is not None)
         completion = sum(u.completion_tokens for u in usages)
         cached = min((u.cached_tokens for u in usages), default=0)
         return {
@@ -145,18 +165,28 @@ class Answer:
             "prompt_tokens_details": {"cached_tokens": cached},
         }
 
-    def _logprobs(self, choice: _Choice, entries: Sequence[generation_pb2.Logprobs]) -> Any:
+    def _logprobs(
+        self,
+        choice: _Choice,
+        entries: Sequence[generation_pb2.Logprobs],
+        echo_ids: Sequence[int] = (),
+        prompt_entries: Sequence[generation_pb2.Logprobs] = (),
+    ) -> Any:
+        """Chat's shape, or the legacy one; with ``echo_ids``, the prompt's tokens lead, the
+        first unscored (``prompt_entries`` score each prompt token after the first)."""
         if self.chat:
             return {"content": [self._chat_entry(e) for e in entries], "refusal": None}
-        tokens = [self.tokens(e.token_id) for e in entries]
+        tokens = [self.tokens(t) for t in echo_ids] + [self.tokens(e.token_id) for e in entries]
+        scored = list(prompt_entries[: max(len(echo_ids) - 1, 0)]) if echo_ids else []
+        unscored: list[None] = [None] * (len(echo_ids) - len(scored))
         offsets = []
         for token in tokens:
             offsets.append(choice.text_offset)
             choice.text_offset += len(token)
         return {
             "tokens": tokens,
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [self._top_dict(e) for e in entries],
+            "token_logprobs": [*unscored, *(e.logprob for e in [*scored, *entries])],
+            "top_logprobs": [*unscored, *(self._top_dict(e) for e in [*scored, *entries])],
             "text_offset": offsets,
         }
 
@@ -172,11 +202,11 @@ class Answer:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     def _top_dict(self, entry: generation_pb2.Logprobs) -> dict[str, float]:
-        """Legacy completions: the top alternatives and the chosen token, by text."""
-        top = {
-            self.tokens(t): lp
-            for t, lp in zip(entry.top_token_ids, entry.top_logprobs, strict=True)
-        }
+        """Legacy completions: the top alternatives and the chosen token, by text. Two ids with
+        one text (byte pieces, spacing variants) keep the likelier one's logprob."""
+        top: dict[str, float] = {}
+        for t, lp in zip(entry.top_token_ids, entry.top_logprobs, strict=True):
+            top.setdefault(self.tokens(t), lp)
         top.setdefault(self.tokens(entry.token_id), entry.logprob)
         return top
 

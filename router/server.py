@@ -69,7 +69,7 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
     links_task = asyncio.create_task(schedulers.run())
     http = None
     if cfg.http_port >= 0:
-        http = await openai_http.start(cfg, model, generator, placer, tls)
+        http = await openai_http.start(cfg, model, generator, placer, tls, registry)
     await serving.set_serving(health_servicer, [SERVICE], True)
     log.info("router on %s:%d serving %s via %s", cfg.host, port, model.name,
              f"scheduler {cfg.scheduler}" if cfg.scheduler else "the scheduler groups in Redis")

@@ -1,7 +1,7 @@
 """Logits processing before the draw, and log-probabilities, batched over the sampling rows.
 
-vLLM's order: repetition, frequency and presence penalties, then min_tokens (stop tokens masked),
-then the sampler's temperature, top-k, top-p and min-p (worker_svc/sampler.py). Each stage runs on
+vLLM's order: repetition, frequency and presence penalties, then OpenAI's logit_bias (added), then
+min_tokens (stop tokens masked, so a bias cannot lift a masked token back), then the sampler's temperature, top-k, top-p and min-p (worker_svc/sampler.py). Each stage runs on
 the rows that need it and only when some row does, so a plain batch pays nothing for it.
 Log-probabilities are vLLM's default: the log-softmax of the raw model logits, taken before any of
 this.
@@ -97,6 +97,21 @@ def mask_tokens(logits: Tensor, rows: np.ndarray, ids: Sequence[np.ndarray]) -> 
     r = torch.from_numpy(np.repeat(rows.astype(np.int64), lens)).to(logits.device, non_blocking=True)
     c = torch.from_numpy(np.concatenate(ids)).to(logits.device, non_blocking=True)
     logits.index_put_((r, c), torch.full((), float("-inf"), device=logits.device))
+
+
+def bias_tokens(
+    logits: Tensor, rows: np.ndarray, ids: Sequence[np.ndarray], biases: Sequence[np.ndarray]
+) -> None:
+    """In place: logits[rows[i], ids[i][j]] += biases[i][j] (logit_bias), as one sparse
+    scatter over the whole batch: the work is the number of biased entries, never the vocabulary.
+    A row's ids are distinct (a map's keys), so no entry is added twice."""
+    lens = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
+    if not lens.any():
+        return
+    r = torch.from_numpy(np.repeat(rows.astype(np.int64), lens)).to(logits.device, non_blocking=True)
+    c = torch.from_numpy(np.concatenate(ids)).to(logits.device, non_blocking=True)
+    v = torch.from_numpy(np.concatenate(biases)).to(logits.device, non_blocking=True)
+    logits.index_put_((r, c), v.to(logits.dtype), accumulate=True)
 
 
 def logprob_protos(

@@ -29,7 +29,13 @@ from kernels import AttentionBackend
 from pagewire.v1 import common_pb2, worker_pb2
 from worker_svc import prompt_outputs
 from worker_svc.cuda_graphs import DecodeGraphs, pad_columns
-from worker_svc.logits import Penalties, apply_penalties, logprob_protos, mask_tokens
+from worker_svc.logits import (
+    Penalties,
+    apply_penalties,
+    bias_tokens,
+    logprob_protos,
+    mask_tokens,
+)
 from worker_svc.models.llama import AttentionMetadata, LlamaForCausalLM
 from worker_svc.prompt_outputs import Chunk
 from worker_svc.sampler import SamplingBatch, sample
@@ -298,6 +304,11 @@ class ModelRunner:
         penalized = np.flatnonzero(t.penalized[rows])
         if len(penalized):
             apply_penalties(logits, self._penalties(rows, penalized))
+        biased = np.flatnonzero(t.biased[rows])
+        if len(biased):
+            extras = [t.extra(r) for r in rows[biased]]
+            bias_tokens(logits, biased, [e.bias_ids for e in extras],
+                        [e.bias_values for e in extras])
         early = np.flatnonzero(picks.output_index < t.min_tokens[rows])
         if len(early):
             mask_tokens(logits, early, [t.extra(r).stop_ids for r in rows[early]])

@@ -60,6 +60,9 @@ class SeqExtras:
     prompt_len: int | None
     pooling: int
     stop_ids: np.ndarray  # masked while output_index < min_tokens: eos (unless ignore_eos) + stop ids
+    # logit_bias as two aligned arrays (token ids, biases), added to the logits at every sample.
+    bias_ids: np.ndarray
+    bias_values: np.ndarray
     history: TokenHistory | None = None  # penalized sequences only
     # Prompt logprobs: final hidden state of the last position fed, for the next chunk's first token.
     prompt_hidden: Tensor | None = None
@@ -73,7 +76,7 @@ class SequenceTable:
 
     _COLUMNS = (
         "num_blocks", "last_token", "temperature", "top_p", "top_k", "min_p", "presence",
-        "frequency", "repetition", "min_tokens", "logprobs", "seed", "penalized",
+        "frequency", "repetition", "min_tokens", "logprobs", "seed", "penalized", "biased",
     )
 
     def __init__(self, eos_token_ids: Sequence[int], capacity: int = 64, width: int = 16) -> None:
@@ -95,6 +98,7 @@ class SequenceTable:
         self.logprobs = np.full(capacity, NONE, dtype=np.int64)
         self.seed = np.full(capacity, NONE, dtype=np.int64)
         self.penalized = np.zeros(capacity, dtype=bool)
+        self.biased = np.zeros(capacity, dtype=bool)
 
     def clear(self) -> None:
         self.release(list(self.rows))
@@ -127,6 +131,8 @@ class SequenceTable:
             prompt_len=s.prompt_len or None,
             pooling=s.pooling,
             stop_ids=np.asarray(stop, dtype=np.int64),
+            bias_ids=np.asarray([t for t, _ in p.logit_bias], dtype=np.int64),
+            bias_values=np.asarray([b for _, b in p.logit_bias], dtype=np.float32),
             history=TokenHistory() if p.penalized else None,
         )
         self.num_blocks[row] = 0
@@ -136,6 +142,7 @@ class SequenceTable:
         self.min_p[row], self.min_tokens[row] = p.min_p, p.min_tokens
         self.presence[row], self.frequency[row] = p.presence_penalty, p.frequency_penalty
         self.repetition[row], self.penalized[row] = p.repetition_penalty, p.penalized
+        self.biased[row] = bool(p.logit_bias)
         self.logprobs[row] = NONE if p.logprobs is None else p.logprobs
         self.seed[row] = NONE if p.seed is None else p.seed
         return row

@@ -68,6 +68,14 @@ def test_explicit_zero_temperature_is_greedy_not_default() -> None:
         ({"prompt_logprobs": 6}, 5, "prompt_logprobs"),
         ({"n": 0}, 5, "n"),
         ({"n": 5}, 5, "n"),
+        ({"logit_bias": {50: 1.0}}, 5, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, 5, "logit_bias"),
+        ({"logit_bias": {3: 100.5}}, 5, "logit_bias"),
+        ({"logit_bias": {3: -101.0}}, 5, "logit_bias"),
+        ({"logit_bias": {3: float("nan")}}, 5, "logit_bias"),
+        ({"logit_bias": dict.fromkeys(range(1025), 1.0)}, 5, "logit_bias"),
+        ({"best_of": 1, "n": 2}, 5, "best_of"),
+        ({"best_of": 5}, 5, "best_of"),
     ],
 )
 def test_out_of_bounds_fields_are_named(fields: dict, prompt_len: int, field: str) -> None:
@@ -98,5 +106,7 @@ def test_unset_logprobs_differ_from_zero() -> None:
 def test_round_trip_through_proto() -> None:
     p = check(temperature=0.7, top_p=0.9, top_k=5, max_tokens=8, seed=3, stop=["a"], min_p=0.1,
               presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, min_tokens=2,
-              logprobs=2, prompt_logprobs=1, n=3, include_stop_str_in_output=True)
+              logprobs=2, prompt_logprobs=1, n=3, include_stop_str_in_output=True,
+              logit_bias={7: -100.0, 2: 100.0}, best_of=4)
+    assert p.logit_bias == ((2, 100.0), (7, -100.0)) and p.best_of == 4
     assert SamplingParams.from_proto(p.to_proto()) == p

@@ -106,12 +106,21 @@ def test_unset_fields_stay_unset_so_the_apis_defaults_apply() -> None:
         ({"prompt": "x", "stop_token_ids": [2**40]}, "stop_token_ids"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": "x", "stream_options": []}, "stream_options"),
-        ({"prompt": "x", "echo": True}, "echo"),
-        ({"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
-        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "echo": "yes"}, "echo"),
+        ({"prompt": "x", "logit_bias": [5]}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"five": 10}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": "10"}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": 10**400}}, "logit_bias"),
+        ({"prompt": "x", "best_of": 3, "stream": True}, "best_of"),
+        ({"prompt": "x", "best_of": "3"}, "best_of"),
+        ({"prompt": "x", "suffix": "end"}, "suffix"),
+        ({"prompt": "x", "guided_json": {"type": "object"}}, "guided_json"),
+        ({"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
+        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
         ({"prompt": 5}, "prompt"),
         ({}, "prompt"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ["a", 5]}, "prompt[1]"),
+        ({"prompt": ["a", [1, "b"]]}, "prompt[1]"),
         ({"prompt": [1, "b"]}, "prompt"),
         ({"prompt": [1, 2**40]}, "prompt"),
     ],
@@ -180,6 +189,17 @@ def test_chat_logprobs_without_top_logprobs_is_the_sampled_token_only() -> None:
             },
             "response_format",
         ),
+        *(
+            ({"messages": [{"role": "user", "content": "x"}], name: value}, name)
+            for name, value in [
+                ("guided_json", {"type": "object"}),
+                ("guided_regex", "[a-z]+"),
+                ("guided_choice", ["yes", "no"]),
+                ("guided_grammar", "root ::= 'a'"),
+                ("structured_outputs", {"json": {"type": "object"}}),
+                ("tool_choice", "required"),
+            ]
+        ),
     ],
 )
 def test_chat_type_errors_name_the_field(body: dict, field: str) -> None:
@@ -243,3 +263,27 @@ def test_valid_unicode_passes_through() -> None:
 
 def test_an_empty_message_list_is_still_a_chat_to_be_refused_as_such() -> None:
     assert chat_call({"messages": []}).request.WhichOneof("prompt") == "chat"
+
+
+def test_a_list_of_prompts_is_one_request_per_prompt_with_the_same_sampling() -> None:
+    call = completion_call({"prompt": ["one", "two", "three"], "max_tokens": 3, "n": 2})
+    assert [r.text for r in call.requests] == ["one", "two", "three"]
+    assert all(r.sampling.max_tokens == 3 and r.sampling.n == 2 for r in call.requests)
+    ids = completion_call({"prompt": [[1, 2], [3]]}).requests
+    assert [list(r.token_ids.ids) for r in ids] == [[1, 2], [3]]
+
+
+def test_echo_with_logprobs_asks_for_the_prompts_logprobs_too() -> None:
+    r = completion_call({"prompt": "x", "echo": True, "logprobs": 3, "max_tokens": 0}).request
+    assert r.echo and r.sampling.logprobs == 3 and r.sampling.prompt_logprobs == 3
+    assert r.sampling.HasField("max_tokens") and r.sampling.max_tokens == 0
+    plain = completion_call({"prompt": "x", "logprobs": 3}).request
+    assert not plain.echo and not plain.sampling.HasField("prompt_logprobs")
+
+
+def test_logit_bias_and_best_of_map_onto_sampling_params() -> None:
+    r = completion_call({"prompt": "x", "logit_bias": {"5": 10, "7": -100.0}, "best_of": 4}).request
+    assert dict(r.sampling.logit_bias) == {5: 10.0, 7: -100.0}
+    assert r.sampling.best_of == 4
+    chat = chat_call({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"3": 1}})
+    assert dict(chat.request.sampling.logit_bias) == {3: 1.0}

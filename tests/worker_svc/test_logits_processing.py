@@ -6,7 +6,13 @@ import numpy as np
 import torch
 from worker_steps import penalize
 
-from worker_svc.logits import Penalties, apply_penalties, logprob_protos, mask_tokens
+from worker_svc.logits import (
+    Penalties,
+    apply_penalties,
+    bias_tokens,
+    logprob_protos,
+    mask_tokens,
+)
 from worker_svc.seq_table import NONE, TokenHistory
 
 V = 50
@@ -62,3 +68,15 @@ def test_token_history_writes_by_position() -> None:
     assert h.n == 101 and h.ids[50] == NONE
     h.put(2, [9])  # a resend from an earlier position forgets what followed
     assert h.split(1)[1].tolist() == [2, 9]
+
+
+def test_bias_tokens_adds_each_rows_biases_to_exactly_its_ids() -> None:
+    logits = torch.randn(3, V)
+    biased = logits.clone()
+    bias_tokens(biased, np.array([0, 2]), [np.array([4, 49]), np.array([4])],
+                [np.array([100.0, -3.5], dtype=np.float32), np.array([-100.0], dtype=np.float32)])
+    expected = logits.clone()
+    expected[0, 4] += 100.0
+    expected[0, 49] -= 3.5
+    expected[2, 4] -= 100.0
+    assert torch.equal(biased, expected)

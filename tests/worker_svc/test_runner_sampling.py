@@ -138,3 +138,25 @@ def test_seeded_sampling_is_unchanged_by_batch_composition(runner: ModelRunner) 
     crowd.add(8, [0, 900, 1, 2, 3, 4, 5], params(temperature=1.3, min_tokens=5, top_k=5))
     crowd.add(9, [0, 44], params(temperature=0.0))
     assert crowd.run(12, chunk=3)[1] == expected
+
+
+def test_logit_bias_steers_the_draw_and_leaves_logprobs_raw(
+    runner: ModelRunner, hf: AutoModelForCausalLM
+) -> None:
+    """+100 on one token makes greedy pick it every step; -100 on the unbiased greedy token bans
+    it; logprobs stay the raw model's (vLLM's default), so the forced token's is not ~0."""
+    free = reference(hf, PROMPT, 4)
+    forced = 640 if free[0] != 640 else 641
+    driver = Driver(runner)
+    driver.add(1, PROMPT, params(temperature=0.0, logprobs=0))
+    driver.add(2, PROMPT, common_pb2.SamplingParams(temperature=0.0, logprobs=0,
+                                                   logit_bias={forced: 100.0}))
+    driver.add(3, PROMPT, common_pb2.SamplingParams(temperature=0.0,
+                                                   logit_bias={free[0]: -100.0}))
+    out = driver.run(4, chunk=4)
+    assert out[1] == free, "an unbiased row beside biased ones is untouched"
+    assert out[2] == [forced] * 4
+    assert out[3][0] != free[0]
+    raw = hf_logits(hf, PROMPT)[-1].log_softmax(-1)
+    first = driver.tracks[2].logprobs[0]
+    assert first.token_id == forced and abs(first.logprob - float(raw[forced])) < 1e-4
