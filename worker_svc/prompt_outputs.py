@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pagewire.v1 import common_pb2, worker_pb2
 from worker_svc.logits import logprob_protos
-from worker_svc.seq_table import SeqExtras
+from worker_svc.seq_table import SeqExtras, SequenceTable
 
 LOGITS_ELEMENTS = 1 << 25  # prompt logits are computed in slices of at most this many floats
 
@@ -101,3 +102,31 @@ def pool(chunks: Sequence[Chunk], hidden: Tensor) -> list[worker_pb2.Embedding]:
             out.append(worker_pb2.Embedding(seq_id=c.seq_id, values=values))
             e.pooled, e.pooled_count = None, 0
     return out
+
+
+def add_to_result(
+    table: SequenceTable,
+    seqs: Sequence[worker_pb2.SequenceStep],
+    rows: np.ndarray,
+    offsets: np.ndarray,
+    hidden: Tensor,
+    logits: Callable[[Tensor], Tensor],
+    vocab_size: int,
+    result: worker_pb2.StepResult,
+) -> None:
+    """Prompt logprobs and pooling of the step's chunks that ask (``rows``: their table rows,
+    ``offsets``: their first token's index in ``hidden``), added to ``result``."""
+    logprob_chunks, pool_chunks = [], []
+    for i, s in enumerate(seqs):
+        e = table.extra(rows[i])
+        wants_lp = e.params.prompt_logprobs is not None
+        if s.token_ids and (wants_lp or e.pooling != common_pb2.POOLING_NONE):
+            c = Chunk(s.seq_id, e, s.start_pos, int(offsets[i]), s.token_ids, s.sample)
+            if wants_lp and (e.prompt_len is None or s.start_pos < e.prompt_len):
+                logprob_chunks.append(c)
+            if e.pooling != common_pb2.POOLING_NONE:
+                pool_chunks.append(c)
+    if logprob_chunks:
+        result.prompt_logprobs.extend(prompt_logprobs(logprob_chunks, hidden, logits, vocab_size))
+    if pool_chunks:
+        result.embeddings.extend(pool(pool_chunks, hidden))

@@ -37,7 +37,6 @@ from worker_svc.logits import (
     mask_tokens,
 )
 from worker_svc.models.llama import AttentionMetadata, LlamaForCausalLM
-from worker_svc.prompt_outputs import Chunk
 from worker_svc.sampler import SamplingBatch, sample
 from worker_svc.seq_table import NONE, SequenceTable, TokenHistory
 from worker_svc.step_inputs import Download, Uploader, pack, unpack
@@ -156,7 +155,8 @@ class ModelRunner:
         sampled = [i for i, s in enumerate(seqs) if s.sample and not table.is_embedding(srows[i])]
         picks = sample_rows(step, lay, cu, sampled)
         hidden, picks_dev = self._forward(lay, cu, picks, bool(seqs))
-        self._prompt_outputs(seqs, srows, cu[lay.slot], hidden, result)
+        prompt_outputs.add_to_result(self.table, seqs, srows, cu[lay.slot], hidden,
+                                     self.model.logits, self.vocab_size, result)
         if len(picks.rows):
             pending.seq_ids = [*d.seq_ids, *(seqs[i].seq_id for i in sampled)]
             self._sample(hidden, picks, picks_dev, pending)
@@ -258,33 +258,6 @@ class ModelRunner:
         )
         hidden = self.model(t.token_ids(self.last_tokens), t.positions, self.kv_caches, meta)
         return hidden, t.sampling.view(2, -1)
-
-    def _prompt_outputs(
-        self,
-        seqs: Sequence[worker_pb2.SequenceStep],
-        srows: np.ndarray,
-        offsets: np.ndarray,
-        hidden: Tensor,
-        result: worker_pb2.StepResult,
-    ) -> None:
-        """Prompt logprobs and pooling of the chunks that ask."""
-        logprob_chunks, pool_chunks = [], []
-        for i, s in enumerate(seqs):
-            e = self.table.extra(srows[i])
-            wants_lp = e.params.prompt_logprobs is not None
-            if s.token_ids and (wants_lp or e.pooling != common_pb2.POOLING_NONE):
-                c = Chunk(s.seq_id, e, s.start_pos, int(offsets[i]), s.token_ids, s.sample)
-                if wants_lp and (e.prompt_len is None or s.start_pos < e.prompt_len):
-                    logprob_chunks.append(c)
-                if e.pooling != common_pb2.POOLING_NONE:
-                    pool_chunks.append(c)
-        if logprob_chunks:
-            result.prompt_logprobs.extend(
-                prompt_outputs.prompt_logprobs(logprob_chunks, hidden, self.model.logits,
-                                               self.vocab_size)
-            )
-        if pool_chunks:
-            result.embeddings.extend(prompt_outputs.pool(pool_chunks, hidden))
 
     def _sample(
         self, hidden: Tensor, picks: SampleRows, picks_dev: Tensor, pending: PendingStep
