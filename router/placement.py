@@ -16,6 +16,7 @@ import redis
 
 from pagewire.metrics import RouterMetrics
 from router.errors import RequestError
+from router.request_ids import InFlightIds
 from router.routing import NoWorkerAvailable, WorkerRouter
 from router.scheduler_link import SchedulerLink
 from router.schedulers import Schedulers
@@ -39,6 +40,7 @@ class Placer:
         self.schedulers = schedulers
         self.router = router
         self.metrics = metrics
+        self.ids = InFlightIds()  # ids of the requests submitted through this placer, not ended
 
     async def place(self, prompt: list[int]) -> Placement:
         """Raises RequestError(UNAVAILABLE) when no live worker or scheduler can take it."""

@@ -39,6 +39,9 @@ class SchedulerLink:
 
     # ---- used by request handlers ---------------------------------------------------------
     def submit(self, sub: scheduler_pb2.SubmitRequest) -> asyncio.Queue[scheduler_pb2.TokenEvent]:
+        """The queue of ``sub``'s events. Its id must not be in flight on this link: the caller
+        refuses duplicates (replacing the queue would orphan the first request's stream)."""
+        assert sub.request_id not in self.queues, f"request id {sub.request_id!r} is in flight"
         queue: asyncio.Queue[scheduler_pb2.TokenEvent] = asyncio.Queue()
         self.queues[sub.request_id] = queue
         self.submits[sub.request_id] = sub

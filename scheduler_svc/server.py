@@ -161,7 +161,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                         request_id=sub.request_id, error_code=code.value[0], error_message=text,
                     ))
             elif msg.HasField("abort"):
-                self._abort(msg.abort.request_id)
+                self._abort(msg.abort.request_id, conn)
 
     def _admit(self, sub: scheduler_pb2.SubmitRequest, conn: RouterConn) -> tuple[grpc.StatusCode, str] | None:
         rid = sub.request_id
@@ -243,9 +243,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         req.sent = req.queued = req.flushed = len(req.output)
         return req
 
-    def _abort(self, rid: str) -> bool:
+    def _abort(self, rid: str, conn: RouterConn | None = None) -> bool:
+        """Abort ``rid``. Over a Connect stream (``conn``), only the stream that owns the request
+        (or any, while a recovered request has no owner yet) may: a router that sent a duplicate
+        id and was refused aborts that id, and must not end the first request."""
         req, engine = self.requests.get(rid), self.placement.get(rid)
         if req is None or engine is None:
+            return False
+        if conn is not None and req.conn is not None and req.conn is not conn:
             return False
         req.conn = None  # the router no longer wants its events
         engine.abort(req)
