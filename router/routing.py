@@ -116,7 +116,13 @@ return out
 
 class NoWorkerAvailable(Exception):
     """No registered worker has a live heartbeat and takes new work (the caller answers
-    UNAVAILABLE)."""
+    UNAVAILABLE). ``registered``: how many workers the registry names at all -- none is what a
+    Redis that restarted empty looks like until the workers' next beats, which says nothing about
+    the workers themselves."""
+
+    def __init__(self, message: str, registered: int) -> None:
+        super().__init__(message)
+        self.registered = registered
 
 
 @dataclass(frozen=True)
@@ -192,15 +198,17 @@ class WorkerRouter:
             prompt_block_hashes(prompt_token_ids, self._block_size)
             if self.policy == "prefix" and self._block_size else []
         )
-        alive = await self._read(hashes, len(prompt_token_ids))
-        if eligible is not None:
-            alive = [w for w in alive if w.worker_id in eligible]
+        alive = await self._alive(hashes, len(prompt_token_ids), eligible)
+        if not alive:
+            await self._refresh()  # the membership cached may predate a Redis restart
+            alive = await self._alive(hashes, len(prompt_token_ids), eligible)
         live = [w for w in alive if not w.draining]
         if not live:
             where = "registered" if eligible is None else "driven by a live scheduler"
             draining = len(alive)
             why = f" ({draining} draining: shutting down; retry)" if draining else ""
-            raise NoWorkerAvailable(f"no live worker {where} for model {self.keys.model!r}{why}")
+            raise NoWorkerAvailable(f"no live worker {where} for model {self.keys.model!r}{why}",
+                                    len(self._members))
         if self.policy == "round-robin":
             chosen, reason = live[self._turn % len(live)], "round-robin"
             self._turn += 1
@@ -246,6 +254,12 @@ class WorkerRouter:
             w.steps, self._pending_tokens(w.worker_id, w.steps) + uncached_tokens)
 
     # ---- Redis -----------------------------------------------------------------------------
+    async def _alive(
+        self, hashes: list[bytes], prompt_len: int, eligible: Set[str] | None
+    ) -> list[WorkerView]:
+        alive = await self._read(hashes, prompt_len)
+        return alive if eligible is None else [w for w in alive if w.worker_id in eligible]
+
     async def _read(self, hashes: list[bytes], prompt_len: int) -> list[WorkerView]:
         """The one round trip of a decision: the live workers (draining ones flagged, their
         prefix unread), their cached run and load."""

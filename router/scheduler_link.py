@@ -36,6 +36,10 @@ class SchedulerLink:
         self.resuming: set[str] = set()
         self._outgoing: asyncio.Queue[scheduler_pb2.RouterMessage | None] = asyncio.Queue()
         self._down_since: float | None = None  # when the stream last broke; None while up
+        # The scheduler has accepted the current Connect stream (it answers with its headers at
+        # once) and the stream has not broken since: a new request may be submitted. While not,
+        # new requests are refused UNAVAILABLE (those in flight wait to resume).
+        self.connected = False
 
     # ---- used by request handlers ---------------------------------------------------------
     def submit(self, sub: scheduler_pb2.SubmitRequest) -> asyncio.Queue[scheduler_pb2.TokenEvent]:
@@ -89,6 +93,7 @@ class SchedulerLink:
                 outgoing.put_nowait(msg)
         self._outgoing = outgoing
         call = stub.Connect(_drain(outgoing))
+        opened = asyncio.ensure_future(self._opened(call))
         try:
             async for batch in call:
                 self._down_since = None
@@ -98,6 +103,8 @@ class SchedulerLink:
         except grpc.aio.AioRpcError as e:
             log.warning("scheduler %s stream broke: %s", self.address, e.code().name)
         finally:
+            opened.cancel()
+            self.connected = False
             call.cancel()
             # The broken stream's request reader may still wait on its queue: messages not
             # taken move to a fresh queue (so none is lost in the backoff), and a sentinel ends
@@ -109,6 +116,11 @@ class SchedulerLink:
             self._outgoing = fresh
         if self._down_since is None:
             self._down_since = asyncio.get_running_loop().time()
+
+    async def _opened(self, call: grpc.aio.StreamStreamCall) -> None:
+        await call.initial_metadata()
+        if not call.done():  # headers, not the end of a refused call
+            self.connected = True
 
     def _check_timeout(self) -> None:
         assert self._down_since is not None

@@ -65,8 +65,8 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
     add_to_server(GenerationService(model, generator, placer), server)
     port = serving.add_port(server, f"{cfg.host}:{cfg.port}", tls)
     await server.start()
-    await schedulers.wait_ready(timeout=300)
     links_task = asyncio.create_task(schedulers.run())
+    await schedulers.wait_ready(timeout=300)
     http = None
     if cfg.http_port >= 0:
         http = await openai_http.start(cfg, model, generator, placer, tls)

@@ -128,6 +128,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     ) -> AsyncIterator[scheduler_pb2.EventBatch]:
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler is starting")
+        await context.send_initial_metadata(())  # tells the router the stream is accepted
         conn = RouterConn()
         reader = asyncio.create_task(self._read_router(request_iterator, conn))
         reader.add_done_callback(lambda _: conn.ready.set())  # wakes the loop below to end
@@ -343,7 +344,7 @@ async def attach_worker(
         priority_aging_s=cfg.priority_aging_s,
     )
     engine = WorkerEngine(address, info, store, limits, service.on_worker_lost, service.on_done,
-                          tls=tls, metrics=sm.for_worker(info.worker_id),
+                          tls=tls, metrics=sm,
                           on_draining=service.on_draining)
     engine.check_invariants = cfg.check_invariants
     recovered = await engine.recover(await store.load())

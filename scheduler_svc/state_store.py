@@ -40,6 +40,13 @@ from scheduler_svc.request import Request
 
 FINISHED_TTL_S = 120  # a finished request's tokens stay this long, for a router to resume
 CHECKPOINT_LOG_BYTES = 1 << 20  # token log size that triggers a checkpoint (128k tokens)
+
+
+class StateLost(redis.exceptions.ConnectionError):
+    """Redis answers but no longer holds this worker's state (it restarted empty while no write
+    was in flight to notice): handled like a failed write, by a resync."""
+
+
 # What a Redis outage looks like to the client (a restart, a dropped connection).
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
@@ -168,6 +175,9 @@ class StateStore:
         self._conn: AbstractConnection | None = None  # for steps written by one script call
         # Bumped by resync(): writes queued before it are covered by it and must not also land.
         self.generation = 0
+        # Redis was found without this worker's state: every write fails (StateLost) until a
+        # resync has rewritten it.
+        self.lost = False
         self._log = array("i")  # this write's (handle, token) pairs
         self.log_bytes = 0  # the token log's size in Redis since the last checkpoint
         # List appends, written by one script call: key i gets the next counts[i] values.
@@ -431,6 +441,8 @@ class StateStore:
                 await w.previous  # its failure is its own caller's to handle
             if w.generation != self.generation:
                 return  # a resync since it was taken rewrote everything it holds
+            if self.lost:
+                raise StateLost(f"Redis holds no state for worker {self.worker_id}")
             if w.pipe is not None:
                 await w.pipe.execute()
             elif w.step is not None:
@@ -503,6 +515,7 @@ class StateStore:
         for req in reqs:
             req.queued = req.checkpointed = len(req.output)
         self.log_bytes = 0
+        self.lost = False
 
     async def flush(self) -> None:
         """Write everything queued and wait until Redis has it (and every earlier write)."""
