@@ -17,7 +17,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from pagewire import config as pwconfig
-from pagewire import logs, metrics, serving, tracing
+from pagewire import guarded_service, logs, metrics, serving, tracing
 from pagewire.group_directory import publish_group
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
@@ -366,7 +366,7 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     tls = TLSFiles.from_config(cfg)
     service = SchedulerService(cfg)
     server, health_servicer = serving.new_server([SERVICE])
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
+    guarded_service.add_service(server, scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"], service)
     port = serving.add_port(server, f"{cfg.host}:{cfg.port}", tls)
     await server.start()
     addresses = await discover_workers(cfg, r)

@@ -24,7 +24,7 @@ import torch
 
 import kernels
 from pagewire import config as pwconfig
-from pagewire import logs, metrics, serving, tracing
+from pagewire import guarded_service, logs, metrics, serving, tracing
 from pagewire.redis_keys import RedisKeys
 from pagewire.tls import TLSFiles
 from pagewire.v1 import worker_pb2, worker_pb2_grpc
@@ -180,7 +180,7 @@ async def serve(cfg: pwconfig.WorkerConfig) -> None:
     port = serving.add_port(server, f"{cfg.host}:{cfg.port}", tls)
     cfg.port = port
     service = WorkerService()
-    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    guarded_service.add_service(server, worker_pb2.DESCRIPTOR.services_by_name["Worker"], service)
     await serving.set_serving(health_servicer, [SERVICE], False)
     await server.start()
     log.info("loading %s", cfg.model)
