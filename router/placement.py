@@ -14,9 +14,9 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-import redis
 
 from pagewire.metrics import RouterMetrics
+from pagewire.redis_client import STORE_ERRORS
 from router.errors import RequestError
 from router.request_ids import InFlightIds
 from router.routing import NoWorkerAvailable, WorkerRouter
@@ -56,7 +56,7 @@ class Placer:
                 # An empty registry: Redis restarted empty, and the workers have not beaten
                 # since. Their schedulers know them: one of those places the request.
                 log.info("no worker registered in Redis: the scheduler places the request")
-            except redis.exceptions.RedisError as e:
+            except STORE_ERRORS as e:
                 log.warning("routing without Redis (%s): the scheduler places the request", e)
             else:
                 link = self.schedulers.link_for(decision.worker_id)

@@ -60,9 +60,9 @@ from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
 import numpy as np
-import redis.asyncio as aioredis
 
 from pagewire.block_hash import prompt_block_hashes
+from pagewire.redis_client import Client
 from pagewire.redis_keys import RedisKeys
 from router.packed_script import PackedScript
 
@@ -172,7 +172,7 @@ class WorkerRouter:
     """Chooses a worker per request; one per router process, shared by all its requests."""
 
     def __init__(
-        self, redis: aioredis.Redis, keys: RedisKeys, policy: str = "prefix", refresh_s: float = 1.0
+        self, redis: Client, keys: RedisKeys, policy: str = "prefix", refresh_s: float = 1.0
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"routing policy {policy!r}: expected one of {', '.join(POLICIES)}")

@@ -20,10 +20,8 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-import redis
-import redis.asyncio as aioredis
-
 from pagewire.group_directory import Group, read_live_groups
+from pagewire.redis_client import STORE_ERRORS, Client
 from pagewire.redis_keys import RedisKeys
 from pagewire.tls import TLSFiles
 from router.scheduler_link import SchedulerLink
@@ -85,7 +83,7 @@ class SchedulerGroups:
     """One link per live worker group, kept in step with the group directory in Redis."""
 
     def __init__(
-        self, r: aioredis.Redis, keys: RedisKeys, resume_timeout_s: float,
+        self, r: Client, keys: RedisKeys, resume_timeout_s: float,
         tls: TLSFiles | None = None, refresh_s: float = 1.0,
     ) -> None:
         self.redis, self.keys, self.tls = r, keys, tls
@@ -120,7 +118,7 @@ class SchedulerGroups:
             while True:
                 try:
                     await self.refresh()
-                except redis.exceptions.RedisError as e:  # keep the last view until Redis is back
+                except STORE_ERRORS as e:  # keep the last view until Redis is back
                     log.warning("reading the group directory failed: %s", e)
                 await asyncio.sleep(self.refresh_s)
         finally:

@@ -25,10 +25,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 import grpc
-import redis.asyncio as aioredis
 
 from pagewire import serving, tracing
 from pagewire.metrics import EngineMetrics, SchedulerMetrics
+from pagewire.redis_client import STORE_DOWN, Client
 from pagewire.tls import TLSFiles
 from pagewire.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler_svc.block_pool import BlockPool
@@ -37,7 +37,6 @@ from scheduler_svc.request import Request, Status, send_next_tokens
 from scheduler_svc.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from scheduler_svc.state_store import (
     CHECKPOINT_LOG_BYTES,
-    REDIS_DOWN,
     StateStore,
     StoredPool,
     Write,
@@ -151,7 +150,7 @@ class WorkerEngine:
         await self.store.flush()
 
     # ---- the loop ------------------------------------------------------------------------
-    async def run(self, redis_client: aioredis.Redis, heartbeat_s: float) -> None:
+    async def run(self, redis_client: Client, heartbeat_s: float) -> None:
         """Drive the worker until cancelled; on loss hand its requests back and reconnect."""
         while True:
             stream = asyncio.create_task(self._run_stream())
@@ -397,7 +396,7 @@ class WorkerEngine:
         emitting before this one was taken: see _complete)."""
         try:
             await self.store.send(write)
-        except REDIS_DOWN as e:
+        except STORE_DOWN as e:
             await self._resync(generation, e)
         send_next_tokens(plain)
         for req, event in events:
@@ -420,7 +419,7 @@ class WorkerEngine:
         generation = self.store.generation
         try:
             await self.store.flush()
-        except REDIS_DOWN as e:
+        except STORE_DOWN as e:
             await self._resync(generation, e)
 
     async def _resync(self, generation: int, error: BaseException) -> None:
@@ -439,7 +438,7 @@ class WorkerEngine:
                                             [*sched.running, *sched.waiting])
                     log.warning("Redis is back: worker %s state rewritten", self.worker_id)
                     return
-                except REDIS_DOWN:
+                except STORE_DOWN:
                     await asyncio.sleep(0.2)
 
     @staticmethod

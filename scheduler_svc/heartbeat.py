@@ -15,16 +15,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-import redis.asyncio as aioredis
-
+from pagewire.redis_client import STORE_DOWN, Client
 from pagewire.redis_keys import RedisKeys
-from scheduler_svc.state_store import REDIS_DOWN
 
 log = logging.getLogger("scheduler.heartbeat")
 
 
 async def watch_heartbeat(
-    r: aioredis.Redis, keys: RedisKeys, worker_id: str, interval: float,
+    r: Client, keys: RedisKeys, worker_id: str, interval: float,
     on_state_lost: Callable[[], Awaitable[None]],
 ) -> None:
     """Poll every ``interval`` s; return when the worker has stopped beating. The same read
@@ -41,7 +39,7 @@ async def watch_heartbeat(
         try:
             async with r.pipeline(transaction=False) as p:
                 pttl, has_state = await p.pttl(key).exists(state).execute()
-        except REDIS_DOWN:
+        except STORE_DOWN:
             if expires_at is not None:
                 expires_at = max(expires_at, loop.time() + ttl)
             continue

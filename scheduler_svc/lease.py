@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import redis
-import redis.asyncio as aioredis
+from pagewire.redis_client import STORE_DOWN, Client
 
 # Compare-and-act on the token, so a holder can never renew or drop a lease it no longer owns.
 _RENEW = """
@@ -34,7 +33,7 @@ class LeaseLost(Exception):
 
 
 class Lease:
-    def __init__(self, r: aioredis.Redis, key: str, ttl_s: float) -> None:
+    def __init__(self, r: Client, key: str, ttl_s: float) -> None:
         self.r = r
         self.key = key
         self.ttl_ms = max(int(ttl_s * 1000), 100)
@@ -60,7 +59,7 @@ class Lease:
                 renewed = await self.r.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)
                 if not renewed and not await self.r.set(self.key, self.token, nx=True, px=self.ttl_ms):
                     raise LeaseLost(self.key)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            except STORE_DOWN:
                 continue
 
     async def release(self) -> None:

@@ -14,11 +14,11 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import grpc
-import redis.asyncio as aioredis
 
 from pagewire import config as pwconfig
-from pagewire import guarded_service, logs, metrics, serving, tracing
+from pagewire import guarded_service, logs, metrics, redis_client, serving, tracing
 from pagewire.group_directory import publish_group
+from pagewire.redis_client import STORE_DOWN, Client
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.tls import TLSFiles
@@ -27,7 +27,7 @@ from scheduler_svc.engine import WorkerEngine
 from scheduler_svc.lease import Lease, LeaseLost
 from scheduler_svc.request import Request, RouterConn, Status
 from scheduler_svc.scheduler import SchedulerLimits
-from scheduler_svc.state_store import REDIS_DOWN, StateStore
+from scheduler_svc.state_store import StateStore
 from scheduler_svc.worker_health import WORKER_SERVICE, probe, watch_health
 
 log = logging.getLogger("scheduler")
@@ -271,7 +271,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 self._abort(req.request_id)
 
 
-async def discover_workers(cfg: pwconfig.SchedulerConfig, r: aioredis.Redis) -> list[str]:
+async def discover_workers(cfg: pwconfig.SchedulerConfig, r: Client) -> list[str]:
     """Worker addresses from --workers, else the live entries of the Redis registry that joined
     this scheduler's --group (a worker registered without a group is in ``default``)."""
     if cfg.workers:
@@ -323,7 +323,7 @@ async def model_of(probes: dict[str, Probe], tls: TLSFiles | None) -> str:
 async def attach_worker(
     service: SchedulerService,
     cfg: pwconfig.SchedulerConfig,
-    r: aioredis.Redis,
+    r: Client,
     address: str,
     tls: TLSFiles | None,
     sm: metrics.SchedulerMetrics,
@@ -361,8 +361,7 @@ async def attach_worker(
 async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     if not cfg.redis_url:
         raise SystemExit("--redis-url (or REDIS_URL) is required: Redis is the state of record")
-    r = aioredis.Redis.from_url(cfg.redis_url)
-    await r.ping()
+    r = await redis_client.connect_or_exit(cfg.redis_url, "scheduler")
     tls = TLSFiles.from_config(cfg)
     service = SchedulerService(cfg)
     server, health_servicer = serving.new_server([SERVICE])
@@ -421,7 +420,7 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
 async def _attach(
     service: SchedulerService,
     cfg: pwconfig.SchedulerConfig,
-    r: aioredis.Redis,
+    r: Client,
     tls: TLSFiles | None,
     sm: metrics.SchedulerMetrics,
     tasks: list[asyncio.Task],
@@ -473,7 +472,7 @@ async def _hold(lease: Lease) -> None:
 
 
 async def _publish(
-    r: aioredis.Redis, keys: RedisKeys, group: str, lease: Lease, address: str,
+    r: Client, keys: RedisKeys, group: str, lease: Lease, address: str,
     engines: dict[str, WorkerEngine],
 ) -> None:
     """Keep the group's directory entry in Redis at every lease renewal (so it is back soon
@@ -482,7 +481,7 @@ async def _publish(
     while True:
         try:
             await publish_group(r, keys, group, lease.token, address, list(engines))
-        except REDIS_DOWN:
+        except STORE_DOWN:
             pass  # Redis is away: the next round writes it
         await asyncio.sleep(lease.ttl_ms / 3000)
 

@@ -27,11 +27,11 @@ from array import array
 from dataclasses import dataclass, field
 
 import redis
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection
 
 from pagewire.block_hash import DIGEST_BYTES
+from pagewire.redis_client import Client, is_cluster
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import common_pb2
@@ -47,8 +47,6 @@ class StateLost(redis.exceptions.ConnectionError):
     was in flight to notice): handled like a failed write, by a resync."""
 
 
-# What a Redis outage looks like to the client (a restart, a dropped connection).
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 # The whole of a step's regular writes in one command, every integer list packed into one binary
 # argument (little-endian int32): redis-py's cost per argument, not Redis's, dominated at 256+
@@ -162,7 +160,7 @@ class StoredPool:
 
 
 class StateStore:
-    def __init__(self, client: aioredis.Redis, keys: RedisKeys, worker_id: str) -> None:
+    def __init__(self, client: Client, keys: RedisKeys, worker_id: str) -> None:
         self.r = client
         self.keys = keys
         self.worker_id = worker_id
@@ -454,7 +452,12 @@ class StateStore:
     async def _eval(self, args: list[bytes | float | int]) -> None:
         """The steady-state step write on a connection of the store's own: none of the client's
         per-command machinery (pool checkout, retry wrapper, event hooks) on the hot path. The
-        connection reconnects on its next use after an error; an error reply raises."""
+        connection reconnects on its next use after an error; an error reply raises. On a
+        cluster the client sends it: it knows which node owns the slot now and follows MOVED and
+        ASK while a slot moves."""
+        if is_cluster(self.r):
+            await self.r.execute_command("EVAL", *args)
+            return
         if self._conn is None:
             self._conn = await self.r.connection_pool.get_connection()
         await self._conn.send_command("EVAL", *args)

