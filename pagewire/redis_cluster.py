@@ -40,6 +40,7 @@ class RedisCluster:
     workdir: Path
     password: str = ""
     first_slots: list[int] = field(default_factory=list)  # the first slot of each node's range
+    moved: dict[int, int] = field(default_factory=dict)  # slot -> node, for slots migrated since
 
     def url(self, node: int = 0) -> str:
         """The cluster URL pagewire takes, naming one node (any node will do: it is only where
@@ -48,8 +49,35 @@ class RedisCluster:
         return f"redis+cluster://{auth}127.0.0.1:{self.nodes[node].port}"
 
     def owner(self, slot: int) -> int:
-        """Index of the node that was given ``slot`` at start."""
+        """Index of the node that owns ``slot``."""
+        if slot in self.moved:
+            return self.moved[slot]
         return max(i for i, first in enumerate(self.first_slots) if first <= slot)
+
+    def migrate_slot(self, slot: int, to: int) -> int:
+        """Move ``slot`` and its keys to node ``to`` while clients use it, the way an operator
+        resharding does (CLUSTER SETSLOT IMPORTING / MIGRATING, MIGRATE in batches until no key
+        is left, then SETSLOT NODE on every node). Returns how many keys moved."""
+        src, dst = self.nodes[self.owner(slot)], self.nodes[to]
+        clients = [n.client() for n in self.nodes]
+        source, target = src.client(), dst.client()
+        try:
+            src_id, dst_id = source.cluster("myid"), target.cluster("myid")
+            target.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+            source.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+            moved = 0
+            while keys := source.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                source.execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000,
+                                       *(["AUTH", self.password] if self.password else []),
+                                       "KEYS", *keys)
+                moved += len(keys)
+            for c in clients:
+                c.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+            self.moved[slot] = to
+            return moved
+        finally:
+            for c in [*clients, source, target]:
+                c.close()
 
     def stop(self, timeout: float = 5.0) -> None:
         for node in self.nodes:

@@ -51,7 +51,8 @@ class StateLost(redis.exceptions.ConnectionError):
 # The whole of a step's regular writes in one command, every integer list packed into one binary
 # argument (little-endian int32): redis-py's cost per argument, not Redis's, dominated at 256+
 # requests. One script call is atomic on its own, so a step with nothing else to write needs no
-# MULTI/EXEC around it. KEYS: the token log, free blocks, cached blocks, prefix index, load.
+# MULTI/EXEC around it. KEYS: the token log, free blocks, cached blocks, prefix index, load (on a
+# Redis Cluster, then the keys ARGV names, declared only for the cluster's routing).
 # ARGV[1..4]: integers to push onto lists (block tables) -- the list names concatenated, their
 # byte lengths, how many values each list gets, the values (the names travel as data: every key
 # shares the {deployment:model} hash tag, so they are in the slot KEYS route the call to).
@@ -165,6 +166,7 @@ class StateStore:
         self.keys = keys
         self.worker_id = worker_id
         k, w = keys, worker_id
+        self._cluster = is_cluster(client)
         self._step_keys = (k.token_log(w), k.free_blocks(w), k.cached_blocks(w), k.prefix_index(w),
                            k.worker_load(w))
         # Commands other than the step script, in order (None: none queued this write).
@@ -376,36 +378,46 @@ class StateStore:
         """Per-worker load figures (running, waiting, blocks, preemptions) that routers read."""
         self._load.update(figures)
 
-    def _take_appends(self) -> tuple[bytes, ...]:
-        """ARGV[1..4] and ARGV[6..9] of STEP_WRITE (the token log's ARGV[5] goes between)."""
+    def _take_appends(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        """ARGV[1..4] and ARGV[6..9] of STEP_WRITE (the token log's ARGV[5] goes between), and
+        the KEYS of the call: the step's five, and on a cluster every key the appends name."""
         lists = strings = _NO_APPENDS
+        touched: list[bytes] = []
         if self._keys:
             names = self._keys
             lists = (b"".join(names), array("i", map(len, names)).tobytes(),
                      array("i", self._counts).tobytes(), array("i", self._values).tobytes())
+            touched += names
             self._keys, self._counts, self._values = [], [], []
         if self._string_keys:
             names, chunks = self._string_keys, self._chunks
             strings = (b"".join(names), array("i", map(len, names)).tobytes(),
                        array("i", map(len, chunks)).tobytes(), b"".join(chunks))
+            touched += names
             self._string_keys, self._chunks = [], []
-        return lists + strings
+        # A cluster decides where a script runs -- and, while its slot migrates, whether it must
+        # wait (TRYAGAIN) or run on the new owner (ASK) -- from the keys it declares. A key the
+        # script touches undeclared could be written on a node that no longer holds it.
+        keys = (*self._step_keys, *dict.fromkeys(touched)) if self._cluster else self._step_keys
+        return lists + strings, keys
 
     def _queue_script(self, appends: tuple[bytes, ...] = _NO_APPENDS * 2, log: bytes = b"",
-                      blocks: tuple[bytes | float | int, ...] = _NO_BLOCKS) -> None:
+                      blocks: tuple[bytes | float | int, ...] = _NO_BLOCKS,
+                      keys: tuple[bytes | str, ...] | None = None) -> None:
         # EVAL with the body, not EVALSHA: nothing to reload after a Redis restart; Redis caches
         # the compiled script by its hash anyway.
-        self._commands().eval(STEP_WRITE, len(self._step_keys), *self._step_keys, *appends[:4], log,
-                              *appends[4:], *blocks)
+        keys = keys or self._step_keys
+        self._commands().eval(STEP_WRITE, len(keys), *keys, *appends[:4], log, *appends[4:], *blocks)
 
     def _flush_appends(self) -> None:
         """Queue the pending list and string appends as one script call, keeping command order."""
         if self._keys or self._string_keys:
-            self._queue_script(self._take_appends())
+            appends, keys = self._take_appends()
+            self._queue_script(appends, keys=keys)
 
     def _take_step(self) -> list[bytes | float | int] | None:
         """The arguments of the step's script call, or None when the step changed nothing."""
-        appends, log = self._take_appends(), b""
+        (appends, keys), log = self._take_appends(), b""
         if self._log:
             log = self._log.tobytes()
             self.log_bytes += len(log)
@@ -414,7 +426,7 @@ class StateStore:
         if not log and appends == _NO_APPENDS * 2 and blocks is _NO_BLOCKS and not load:
             return None
         self._blocks, self._load = _NO_BLOCKS, {}
-        args: list[bytes | float | int] = [STEP_WRITE, len(self._step_keys), *self._step_keys,
+        args: list[bytes | float | int] = [STEP_WRITE, len(keys), *keys,
                                             *appends[:4], log, *appends[4:], *blocks]
         for name, value in load.items():
             args += (name, value)

