@@ -28,6 +28,7 @@ from scheduler_svc.lease import Lease, LeaseLost
 from scheduler_svc.request import Request, RouterConn, Status
 from scheduler_svc.scheduler import SchedulerLimits
 from scheduler_svc.state_store import StateStore
+from scheduler_svc.store_health import watch_store
 from scheduler_svc.worker_health import WORKER_SERVICE, probe, watch_health
 
 log = logging.getLogger("scheduler")
@@ -401,6 +402,9 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     address = cfg.advertise or f"{cfg.host}:{port}"
     tasks.append(asyncio.create_task(_publish(r, keys, cfg.group, lease, address, service.engines)))
     await serving.set_serving(health_servicer, [SERVICE], True)
+    tasks.append(asyncio.create_task(watch_store(
+        r, cfg.store_timeout_s, functools.partial(serving.set_serving, health_servicer, [SERVICE]),
+        lambda: service.draining)))
     log.info("scheduler on %s:%d driving %d worker(s) of group %s", cfg.host, port,
              len(service.engines), cfg.group)
 
