@@ -445,7 +445,7 @@ class StateStore:
 
     async def send(self, w: Write) -> None:
         """Send a write taken by :meth:`take`, after the one taken before it has landed (writes
-        land in the order they were taken), in the caller's task. Raises REDIS_DOWN on failure."""
+        land in the order they were taken), in the caller's task. Raises STORE_DOWN on failure."""
         try:
             if w.previous is not None and not w.previous.done():
                 await w.previous  # its failure is its own caller's to handle
