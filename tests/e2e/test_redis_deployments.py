@@ -8,6 +8,7 @@
   that names the cluster URL to use (not a MovedError later, or a heartbeat that dies silently).
 - Redis with a password: the right one in the URL serves; a wrong or missing one stops every
   service at start-up, workers included, with a line that says so.
+- ``rediss://`` with a CA: serves; an untrusted certificate stops a service at start-up.
 (A unix socket is what every other e2e test runs on.)
 """
 
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from certs import TestCA
 from e2e_util import (
     HFReference,
     assert_block_invariants,
@@ -31,6 +33,7 @@ from e2e_util import (
     stream_into,
 )
 from redis.crc import key_slot
+from tls_proxy import TLSProxy, unix_path
 
 from pagewire import serving
 from pagewire.launcher import free_port
@@ -182,3 +185,30 @@ def test_model_slot_migrated_mid_stream_loses_nothing(
     finally:
         stack.stop()
         cluster.stop()
+
+
+def test_rediss_with_a_ca_serves_and_an_untrusted_certificate_stops_the_service(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """``rediss://`` verified against ``ssl_ca_certs`` (a TLS proxy in front of the bundled
+    server, which has no TLS): generation works; a CA that did not sign the server's certificate
+    stops a service at start-up with a line that says why."""
+    ca, stranger = TestCA.create(tmp_path / "ca"), TestCA.create(tmp_path / "other", "other CA")
+    server = start_redis()
+    proxy = TLSProxy(ca.issue("redis"), unix_path(server.url))
+    url = f"rediss://127.0.0.1:{proxy.port}/0?ssl_ca_certs={ca.cert}"
+    try:
+        done = start_alone("scheduler", url.replace(str(ca.cert), str(stranger.cert)), tiny_model)
+        assert done.returncode == 1 and "cannot reach Redis at rediss://" in done.stderr
+        assert "certificate verify failed" in done.stderr, done.stderr[-2000:]
+        stack = launch(tiny_model, tmp_path / "logs", worker_args=["--num-blocks", "64"],
+                       redis_url=url)
+        try:
+            [(ids, _, _)] = asyncio.run(run_concurrently(stack.router, [greedy_request("tls", 4)]))
+            assert ids
+            assert_block_invariants(url, tiny_model, "worker-0", 64)
+        finally:
+            stack.stop()
+    finally:
+        proxy.stop()
+        server.stop()
