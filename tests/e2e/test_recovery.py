@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import time
 import urllib.request
 from pathlib import Path
 
@@ -139,4 +140,31 @@ def test_hung_worker_is_declared_lost_when_its_heartbeat_expires(
         assert "worker worker-1 lost: heartbeat expired" in log
     finally:
         hung.send_signal(signal.SIGCONT)
+        stack.stop()
+
+
+def test_scheduler_restarted_right_after_sigkill_takes_its_lease_at_once(
+    tiny_model: Path, hf_reference: HFReference, tmp_path: Path
+) -> None:
+    """With a 20 s lease, a scheduler restarted on the same machine right after a SIGKILL does not
+    wait for the dead holder's lease to expire: it proves the holder gone and takes it over, so
+    streams stall for the restart (a few seconds), not the TTL."""
+    stack = launch(tiny_model, tmp_path, worker_args=["--num-blocks", "256"],
+                   scheduler_args=["--check-invariants", "--lease-ttl-s", "20"])
+    took: list[float] = []
+    try:
+        async def kill_and_restart() -> None:
+            start = time.monotonic()
+            stack.service("scheduler").process.kill()
+            stack.service("scheduler").process.wait()
+            await stack.restart("scheduler")
+            took.append(time.monotonic() - start)
+
+        outputs, finals = asyncio.run(generate_through_fault(stack, kill_and_restart))
+        check_outputs(outputs, finals, hf_reference)
+        print(f"scheduler SIGKILL -> restarted and serving: {took[0]:.2f} s (lease TTL 20 s)")
+        assert took[0] < 10, f"{took[0]:.1f} s: the new scheduler waited for the old lease"
+        assert "took over lease" in (tmp_path / "scheduler.log").read_text()
+        assert_block_invariants(stack.redis_url, tiny_model, "worker-0", 256)
+    finally:
         stack.stop()
