@@ -63,11 +63,12 @@ class RedisServer:
         stop_process(self.process, timeout)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def restart(self, timeout: float = 10.0) -> None:
-        """SIGKILL and start again on the same socket, empty (it persists nothing): a fault test's
-        Redis outage."""
+    def restart(self, timeout: float = 10.0, down_s: float = 0.0) -> None:
+        """SIGKILL and start again on the same socket, empty (it persists nothing), after
+        ``down_s`` seconds: a fault test's Redis outage."""
         self.process.kill()
         self.process.wait()
+        time.sleep(down_s)
         self.process = _spawn(self.workdir, self.password)
         _wait_ready(self, timeout)
 
