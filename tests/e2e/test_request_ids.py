@@ -25,7 +25,7 @@ from pagewire.v1 import (
     scheduler_pb2_grpc,
 )
 
-MAX_TOKENS = 200
+MAX_TOKENS = 600
 PROMPT = "The one request whose id a retrying gateway reused"
 
 
@@ -68,7 +68,7 @@ async def duplicate_at_scheduler(address: str, rid: str) -> scheduler_pb2.TokenE
         batch = await asyncio.wait_for(call.read(), 30)
         refusal = batch.events[0]
         outgoing.put_nowait(scheduler_pb2.RouterMessage(abort=scheduler_pb2.AbortRequest(request_id=rid)))
-        await asyncio.sleep(0.5)  # let the abort arrive before this "router" goes away
+        await asyncio.sleep(0.3)  # let the abort arrive before this "router" goes away
         call.cancel()
     return refusal
 
@@ -90,14 +90,14 @@ def test_reused_in_flight_request_id_is_refused_and_first_stream_completes(
             while len(got) < 3:
                 assert not task.done(), "the first stream ended before the duplicate was sent"
                 await asyncio.sleep(0.01)
+            refusal = await duplicate_at_scheduler(stack.service("scheduler").address, rid)
+            assert refusal.error_code == grpc.StatusCode.ALREADY_EXISTS.value[0]
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.Generate(first).read()
             assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
             assert "request_id" in refused.value.details()
             status, body = await asyncio.to_thread(post_completion, http_port, rid)
             assert status == 409, body
-            refusal = await duplicate_at_scheduler(stack.service("scheduler").address, rid)
-            assert refusal.error_code == grpc.StatusCode.ALREADY_EXISTS.value[0]
             assert len(got) < MAX_TOKENS, "the duplicates must come mid-stream"
             last = await asyncio.wait_for(task, 120)
         return got, last
