@@ -6,7 +6,8 @@ is missing after its TTL ran out means the worker stopped beating: it is lost. A
 says nothing of the worker, which registers again at its next beat, so it gets one whole TTL
 from then to show up; so does a worker whose key could not be read while Redis was away.
 Declaring it lost instead would throw away its KV and prefix caches and recompute every request
-it holds.
+it holds. (A worker that exits deletes its key but not its registry entry, written with every
+beat and never expiring: a key gone early beside an entry still there is a worker that left.)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ async def watch_heartbeat(
     notices a Redis that no longer holds the worker's state (``worker_state``, which the
     scheduler keeps while it drives the worker) and awaits ``on_state_lost``."""
     key, state = keys.worker_alive(worker_id), keys.worker_state(worker_id)
+    info = keys.worker_info(worker_id)  # written with every beat, no TTL: gone only with Redis
     loop = asyncio.get_running_loop()
     ttl = 0.0  # the longest TTL seen on the key
     expires_at: float | None = None  # None until the key is first seen
@@ -38,7 +40,7 @@ async def watch_heartbeat(
         asked = loop.time()  # before the read: the key expires no earlier than this + its TTL
         try:
             async with r.pipeline(transaction=False) as p:
-                pttl, has_state = await p.pttl(key).exists(state).execute()
+                pttl, has_state, has_info = await p.pttl(key).exists(state).exists(info).execute()
         except STORE_DOWN:
             if expires_at is not None:
                 expires_at = max(expires_at, loop.time() + ttl)
@@ -50,7 +52,7 @@ async def watch_heartbeat(
             expires_at, vanished = asked + max(pttl / 1000, interval), False
         elif expires_at is None:
             continue
-        elif asked >= expires_at:
+        elif asked >= expires_at or has_info:  # expired, or the worker took itself out
             return
         elif not vanished:
             log.warning("worker %s: heartbeat key gone before its TTL ran out (Redis restarted?);"
