@@ -96,7 +96,7 @@ async def connect(url: str) -> Client:
         raise RedisSetupError(f"Redis URL {where} is not usable: {e}") from None
     try:
         await r.ping()
-        if not is_cluster(r) and (await r.info("cluster")).get("cluster_enabled"):
+        if not is_cluster(r) and await _cluster_enabled(r):
             raise RedisSetupError(
                 f"Redis at {where} is a Redis Cluster node: a plain client would fail on every "
                 f"key another node owns (MOVED). Use a cluster URL: {_cluster_url(where)}")
@@ -107,6 +107,13 @@ async def connect(url: str) -> Client:
         await r.aclose()
         raise RedisSetupError(_explain(where, e)) from None
     return r
+
+
+async def _cluster_enabled(r: aioredis.Redis) -> bool:
+    try:
+        return bool((await r.info("cluster")).get("cluster_enabled"))
+    except redis.exceptions.ResponseError:  # INFO refused (some managed services): no verdict
+        return False
 
 
 def _cluster_url(url: str) -> str:
