@@ -101,7 +101,10 @@ class SchedulerLink:
                     self._dispatch(event)
                 self._dispatch_tokens(batch)
         except grpc.aio.AioRpcError as e:
-            log.warning("scheduler %s stream broke: %s", self.address, e.code().name)
+            # Once per outage: a stream that was up broke. The attempts to reconnect that fail
+            # (every 0.2 s while the scheduler is away) are debug lines.
+            (log.warning if self.connected else log.debug)(
+                "scheduler %s stream broke: %s %s", self.address, e.code().name, e.details())
         finally:
             opened.cancel()
             self.connected = False
