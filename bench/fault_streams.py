@@ -61,15 +61,12 @@ async def stream_all(router: str, prompts: list[str], max_tokens: int, hang_s: f
     return streams, began
 
 
-def recovery_s(streams: list[Stream], began: float) -> float:
-    """Seconds from the fault until every stream still going then had a token again (0 when no
-    stream needed to)."""
-    worst = 0.0
-    for s in streams:
-        after = [t for t in s.times if t > began]
-        if s.times and s.times[-1] > began and after:
-            worst = max(worst, after[0] - began)
-    return worst
+def stall_s(streams: list[Stream], began: float) -> float:
+    """The longest pause between two tokens of one stream, from the fault on: how long the
+    fault held the streams up (0 when no stream was still going)."""
+    gaps = [after - before for s in streams
+            for before, after in zip(s.times, s.times[1:], strict=False) if after > began]
+    return max(gaps, default=0.0)
 
 
 def blocks_back(redis_url: str, keys: RedisKeys, workers: dict[str, int], timeout: float = 15) -> bool:

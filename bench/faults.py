@@ -10,8 +10,8 @@ back identical to the fault-free run of the same prompts (itself identical to tr
 e2e tests check that), wrong (complete but different), failed (with their gRPC status; for a
 router kill, whether what they got was a correct prefix), hung (not done ``--hang-s`` after the
 fault); whether every KV block is back (free or cached, in Redis) and the scheduler's gauges
-back (nothing running, no series of a lost worker); and the seconds from the fault until every
-stream still going had a token again.
+back (nothing running, no series of a lost worker); and the longest pause between two tokens of
+a stream from the fault on (how long the fault held the streams up).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from fault_streams import Stream, blocks_back, gauges_back, recovery_s, stream_all
+from fault_streams import Stream, blocks_back, gauges_back, stall_s, stream_all
 
 from pagewire.launcher import Stack, free_port, start_stack
 from pagewire.redis_keys import RedisKeys
@@ -116,7 +116,7 @@ def run_scenario(name: str, args: argparse.Namespace, prompts: list[str],
         workers = {w: NUM_BLOCKS for w in ("worker-0", "worker-1") if w not in lost}
         keys = RedisKeys("default", Path(args.model).resolve().name)
         row = tally(name, streams, reference or [s.tokens for s in streams])
-        row["recover_s"] = round(recovery_s(streams, began), 2)
+        row["stall_s"] = round(stall_s(streams, began), 2)
         row["blocks_back"] = blocks_back(stack.redis_url, keys, workers)
         row["gauges_back"] = gauges_back(metrics_port, lost)
         return row, [s.tokens for s in streams]
@@ -159,7 +159,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
     print(f"{args.streams} streams x {args.tokens} tokens, fault at {args.fault_at:.0%}, "
           f"pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     header = ("scenario", "identical", "wrong", "failed", "hung", "failed_with_correct_prefix",
-              "errors", "blocks_back", "gauges_back", "recover_s")
+              "errors", "blocks_back", "gauges_back", "stall_s")
     print(" | ".join(header), flush=True)
     reference, rows = None, []
     for name in ["none", *[n for n in args.scenarios.split(",") if n and n != "none"]]:
