@@ -40,7 +40,7 @@ def cmd_make_model(args: argparse.Namespace) -> None:
     print(f"wrote {args.size} {args.arch} test model (seed {args.seed}) to {path}")
 
 
-async def _up(args: argparse.Namespace) -> None:
+async def _up(args: argparse.Namespace) -> int:
     from pagewire.launcher import start_stack
 
     model = args.model
@@ -53,13 +53,17 @@ async def _up(args: argparse.Namespace) -> None:
     router_args = ["--http-port", str(args.http_port)]
     if args.api_key:
         router_args += ["--api-key", args.api_key]
-    stack = await start_stack(
-        model,
-        router_port=args.port,
-        worker_args=worker_args,
-        router_args=router_args,
-        log_dir=Path(args.log_dir) if args.log_dir else None,
-    )
+    try:
+        stack = await start_stack(
+            model,
+            router_port=args.port,
+            worker_args=worker_args,
+            router_args=router_args,
+            log_dir=Path(args.log_dir) if args.log_dir else None,
+        )
+    except RuntimeError as e:  # a service died while starting: its reason, not a traceback
+        print(f"pagewire up: {e}", file=sys.stderr)
+        return 1
     try:
         print(f"pagewire up: router listening on {stack.router}", flush=True)
         if args.http_port >= 0:
@@ -73,14 +77,17 @@ async def _up(args: argparse.Namespace) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         while not stop.is_set():
-            dead = [s.name for s in stack.services if s.process.poll() is not None]
+            dead = [s for s in stack.services if s.process.poll() is not None]
+            for svc in dead:
+                print(f"pagewire up: {svc.exited('while serving')}", file=sys.stderr)
             if dead:
-                print(f"pagewire up: {', '.join(dead)} exited; stopping", file=sys.stderr)
-                break
+                print("pagewire up: stopping the rest", file=sys.stderr)
+                return 1
             try:
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
             except TimeoutError:
                 pass
+        return 0
     finally:
         print("pagewire up: stopping", flush=True)
         stack.stop()
@@ -171,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd_make_model(args)
     elif args.command == "up":
         try:
-            asyncio.run(_up(args))
+            return asyncio.run(_up(args))
         except KeyboardInterrupt:
             pass
     elif args.command == "generate":

@@ -24,7 +24,7 @@ def opt(default: Any, help: str, env: str | None = None) -> Any:
 
 @dataclass
 class CommonConfig:
-    redis_url: str = opt("", "Redis URL (redis://host:port/db or unix:///path). Empty: none.", "REDIS_URL")
+    redis_url: str = opt("", "Redis URL: redis://[:password@]host:port/db, rediss:// (TLS), unix:///path, or redis+cluster://host:port for a Redis Cluster. Empty: none.", "REDIS_URL")
     deployment: str = opt("default", "Deployment name: namespaces every Redis key.")
     log_level: str = opt("INFO", "Python log level.")
     log_format: str = opt("text", "text, or json (one object per line with request_id and trace_id).")
@@ -75,6 +75,7 @@ class SchedulerConfig(CommonConfig):
     check_invariants: bool = opt(False, "Assert block invariants after every step (tests).")
     group: str = opt("default", "Worker group this scheduler drives; one scheduler per group holds its lease in Redis.")
     lease_ttl_s: float = opt(10.0, "Scheduler lease TTL; a standby replica takes over this long after the holder dies.")
+    store_timeout_s: float = opt(10.0, "Redis silent for longer than this: health NOT_SERVING until it answers (streams wait meanwhile).")
     advertise: str = opt("", "Address routers should dial, published in Redis. Empty: host:port.")
 
 

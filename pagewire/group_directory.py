@@ -19,8 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
+from pagewire.redis_client import Client
 from pagewire.redis_keys import RedisKeys
 
 # KEYS: the group's lease, the schedulers hash, the group's worker set.
@@ -44,7 +43,7 @@ class Group:
 
 
 async def publish_group(
-    r: aioredis.Redis, keys: RedisKeys, group: str, lease_token: str, address: str,
+    r: Client, keys: RedisKeys, group: str, lease_token: str, address: str,
     worker_ids: Iterable[str],
 ) -> bool:
     """Write the group's entry if ``lease_token`` still holds its lease; False if it does not."""
@@ -55,7 +54,7 @@ async def publish_group(
     return bool(written)
 
 
-async def read_live_groups(r: aioredis.Redis, keys: RedisKeys) -> list[Group]:
+async def read_live_groups(r: Client, keys: RedisKeys) -> list[Group]:
     """Every group whose lease is held, sorted by name (two round trips)."""
     entries = {g.decode(): a.decode() for g, a in (await r.hgetall(keys.schedulers())).items()}
     names = sorted(entries)

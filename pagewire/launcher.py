@@ -13,8 +13,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from pagewire import serving
 from pagewire.redis_server import RedisServer, start_redis, stop_process
@@ -27,15 +30,57 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+TAIL_LINES = 20  # of a service's output, shown when it dies while starting
+
+
+class Output:
+    """Where a service's output goes -- its log file, else our own stderr -- and its last lines,
+    so that a service that dies while starting can be reported with its reason, not only its
+    exit code."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.recent: deque[str] = deque(maxlen=TAIL_LINES)  # without a file: kept as copied
+
+    def attach(self, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        if self.path is not None:
+            out = open(self.path, "ab")  # noqa: SIM115 (owned by the child)
+            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        threading.Thread(target=self._copy, args=(proc.stdout,), daemon=True).start()
+        return proc
+
+    def _copy(self, pipe: IO[bytes]) -> None:
+        for line in pipe:
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
+            self.recent.append(line.decode(errors="replace").rstrip("\n"))
+
+    def last_lines(self) -> list[str]:
+        if self.path is None:
+            return list(self.recent)
+        with open(self.path, "rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - 16384, 0))
+            return f.read().decode(errors="replace").splitlines()[-TAIL_LINES:]
+
+
 @dataclass
 class Service:
     name: str
     address: str
     process: subprocess.Popen[bytes]
     command: list[str] = field(default_factory=list)
+    output: Output = field(default_factory=lambda: Output(None))
 
     def stop(self, timeout: float = 10.0) -> None:
         stop_process(self.process, timeout)
+
+    def exited(self, what: str) -> str:
+        """``<name> exited with code N <what>``, and the last lines it wrote."""
+        lines = self.output.last_lines()
+        tail = "".join(f"\n  | {line}" for line in lines)
+        return (f"{self.name} exited with code {self.process.returncode} {what}"
+                + (f"; its last {len(lines)} lines of output:{tail}" if lines else ""))
 
 
 @dataclass
@@ -71,28 +116,26 @@ class Stack:
     ) -> Service:
         """Run ``python -m module args`` listening on ``port``; return once it reports healthy."""
         command = [sys.executable, "-m", module, *args, *self.tls_args()]
-        svc = Service(name, f"127.0.0.1:{port}", self._popen(name, command), command)
+        output = self._output(name)
+        svc = Service(name, f"127.0.0.1:{port}", self._popen(output, command), command, output)
         self.services.append(svc)
         await self._wait(svc, timeout)
         return svc
 
-    def _popen(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        out = None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
-        return subprocess.Popen(
-            command,
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-            env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
-        )
+    def _output(self, name: str) -> Output:
+        if self.log_dir is None:
+            return Output(None)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return Output(self.log_dir / f"{name}.log")
+
+    def _popen(self, output: Output, command: list[str]) -> subprocess.Popen[bytes]:
+        return output.attach(command, {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"})
 
     async def restart(self, name: str, timeout: float = 120) -> Service:
         """Start a stopped (or killed) service again, same flags, same address."""
         svc = self.service(name)
         svc.stop()
-        svc.process = self._popen(name, svc.command)
+        svc.process = self._popen(svc.output, svc.command)
         await self._wait(svc, timeout)
         return svc
 
@@ -104,8 +147,8 @@ class Stack:
             while not health.done():
                 await asyncio.wait([health], timeout=0.2)
                 if not health.done() and svc.process.poll() is not None:
-                    raise RuntimeError(f"{svc.name} exited with code {svc.process.returncode} "
-                                       "before it became healthy")
+                    await asyncio.sleep(0.1)  # the copy of its last output, when it is piped
+                    raise RuntimeError(svc.exited("before it became healthy"))
             health.result()
         except TimeoutError:
             code = svc.process.poll()
@@ -157,11 +200,13 @@ async def start_stack(
     log_dir: Path | None = None,
     tls: TLSFiles | None = None,
     env: dict[str, str] | None = None,
+    redis_url: str = "",
 ) -> Stack:
-    """Redis (REDIS_URL, else a private redis-server), then workers, scheduler, router."""
+    """Redis (``redis_url``, else REDIS_URL, else a private redis-server), then workers,
+    scheduler, router."""
     stack = Stack(model=str(model), log_dir=log_dir, tls=tls, env=dict(env or {}))
     try:
-        stack.redis_url = os.environ.get("REDIS_URL", "")
+        stack.redis_url = redis_url or os.environ.get("REDIS_URL", "")
         if not stack.redis_url:
             stack.redis = start_redis()
             stack.redis_url = stack.redis.url

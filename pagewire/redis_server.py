@@ -53,6 +53,7 @@ class RedisServer:
     url: str
     process: subprocess.Popen[bytes]
     workdir: Path
+    password: str = ""  # required of clients (the URL carries it) when set
 
     @property
     def pid(self) -> int:
@@ -62,16 +63,17 @@ class RedisServer:
         stop_process(self.process, timeout)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def restart(self, timeout: float = 10.0) -> None:
-        """SIGKILL and start again on the same socket, empty (it persists nothing): a fault test's
-        Redis outage."""
+    def restart(self, timeout: float = 10.0, down_s: float = 0.0) -> None:
+        """SIGKILL and start again on the same socket, empty (it persists nothing), after
+        ``down_s`` seconds: a fault test's Redis outage."""
         self.process.kill()
         self.process.wait()
-        self.process = _spawn(self.workdir)
+        time.sleep(down_s)
+        self.process = _spawn(self.workdir, self.password)
         _wait_ready(self, timeout)
 
 
-def _spawn(workdir: Path) -> subprocess.Popen[bytes]:
+def _spawn(workdir: Path, password: str = "") -> subprocess.Popen[bytes]:
     args = [
         redis_server_binary(),
         "--port", "0",
@@ -82,6 +84,7 @@ def _spawn(workdir: Path) -> subprocess.Popen[bytes]:
         "--appendonly", "no",
         "--daemonize", "no",
         "--loglevel", "warning",
+        *(["--requirepass", password] if password else []),
     ]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -105,9 +108,12 @@ def _wait_ready(server: RedisServer, timeout: float) -> None:
     raise RuntimeError("redis-server did not start in time")
 
 
-def start_redis(timeout: float = 10.0) -> RedisServer:
-    """Start redis-server on a unix socket in a fresh temporary folder; wait until it answers."""
+def start_redis(timeout: float = 10.0, password: str = "") -> RedisServer:
+    """Start redis-server on a unix socket in a fresh temporary folder; wait until it answers.
+    With ``password``, clients must present it (the URL's ``?password=``)."""
     workdir = Path(tempfile.mkdtemp(prefix="pagewire-redis-"))
-    server = RedisServer(url=f"unix://{workdir / 'redis.sock'}", process=_spawn(workdir), workdir=workdir)
+    url = f"unix://{workdir / 'redis.sock'}" + (f"?password={password}" if password else "")
+    server = RedisServer(url=url, process=_spawn(workdir, password), workdir=workdir,
+                         password=password)
     _wait_ready(server, timeout)
     return server

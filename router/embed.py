@@ -53,7 +53,12 @@ async def embed(
 ) -> generation_pb2.EmbedResponse:
     """Run a prepared embedding request; wait for the event that carries the vector."""
     rid = submit.request_id
-    placement = await placer.place(list(submit.prompt_token_ids))
+    placer.ids.claim([rid], rid)
+    try:
+        placement = await placer.place(list(submit.prompt_token_ids))
+    except BaseException:
+        placer.ids.release([rid])
+        raise
     submit.worker_id, link = placement.worker_id, placement.link
     queue = link.submit(submit)
     finished = False
@@ -65,6 +70,7 @@ async def embed(
             finished = event.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
     finally:
         link.finish(rid, abort=not finished)
+        placer.ids.release([rid])
     if not event.embedding:
         raise RequestError(
             grpc.StatusCode.INTERNAL, "embedding", "the worker returned none (does it pool?)"

@@ -160,13 +160,19 @@ class Generator:
             for i in range(n)
         ]
         timers = [RequestTimer() for _ in range(n)]
+        submits = [plan.submit_request(i) for i in range(n)]
+        ids = [sub.request_id for sub in submits]
         try:
-            placement = await self.placer.place(plan.prompt)
+            self.placer.ids.claim(ids, plan.rid)
+            try:
+                placement = await self.placer.place(plan.prompt)
+            except RequestError:
+                self.placer.ids.release(ids)
+                raise
         except RequestError as e:
             tracing.end_span(span, {}, error=e)
             raise
         link, worker_id = placement.link, placement.worker_id
-        submits = [plan.submit_request(i) for i in range(n)]
         for sub in submits:
             sub.worker_id = worker_id
             sub.trace_context.update(tracing.inject(span))
@@ -194,6 +200,7 @@ class Generator:
             events.close()
             for completion in completions:
                 _release(link, plan, completion)
+            self.placer.ids.release(ids)
             self._record(plan, span, completions, timers, error, worker_id)
 
     def _record(

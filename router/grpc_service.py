@@ -2,23 +2,20 @@
 
 Each method turns its request into the shared path's calls (generation, embeddings, the served
 model) and a :class:`RequestError` into a gRPC status. The service is registered by
-:func:`add_to_server` rather than by the generated helper, so that a request whose string fields
-are not UTF-8 is answered INVALID_ARGUMENT naming the field (protobuf would fail the parse and
-gRPC answer UNKNOWN).
+:func:`add_to_server` (``pagewire.guarded_service``) rather than by the generated helper, so that a
+request whose string fields are not UTF-8 is answered INVALID_ARGUMENT naming the field (protobuf
+would fail the parse and gRPC answer UNKNOWN).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import message_factory
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
-from pagewire import tracing
+from pagewire import guarded_service, tracing
 from pagewire.v1 import generation_pb2, generation_pb2_grpc
 from router import embed
 from router.errors import RequestError
@@ -91,61 +88,15 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         return generation_pb2.ListModelsResponse(models=[info])
 
 
-@dataclass(frozen=True)
-class _Unparsable:
-    """What the deserializer hands the handler in place of a request that did not parse."""
-
-    message: str
+def _explain(cls: type[Message], data: bytes) -> str:
+    """The string field that holds invalid UTF-8, when that is why the request did not parse."""
+    path = find_invalid_utf8(cls.DESCRIPTOR, data)
+    if path is None:  # not a message of this type at all: still the client's fault
+        return guarded_service.not_a_message(cls, data)
+    return f"{path}: not valid UTF-8"
 
 
 def add_to_server(service: GenerationService, server: grpc.aio.Server) -> None:
     """Register every method of the service, each behind a UTF-8-checking deserializer."""
-    handlers = {}
     descriptor = generation_pb2.DESCRIPTOR.services_by_name["Generation"]
-    for method in descriptor.methods:
-        request_cls = message_factory.GetMessageClass(method.input_type)
-        response_cls = message_factory.GetMessageClass(method.output_type)
-        behavior = getattr(service, method.name)
-        make = grpc.unary_unary_rpc_method_handler
-        guarded: Callable[..., Any] = _guard_unary(behavior)
-        if method.server_streaming:
-            make, guarded = grpc.unary_stream_rpc_method_handler, _guard_stream(behavior)
-        handlers[method.name] = make(
-            guarded,
-            request_deserializer=_deserializer(request_cls),
-            response_serializer=response_cls.SerializeToString,
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
-
-
-def _deserializer(cls: type[Message]) -> Callable[[bytes], Message | _Unparsable]:
-    def parse(data: bytes) -> Message | _Unparsable:
-        try:
-            return cls.FromString(data)
-        except DecodeError:
-            path = find_invalid_utf8(cls.DESCRIPTOR, data)
-            if path is None:  # not a message of this type at all: still the client's fault
-                return _Unparsable(f"request: not a valid {cls.DESCRIPTOR.full_name} message")
-            return _Unparsable(f"{path}: not valid UTF-8")
-
-    return parse
-
-
-def _guard_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def call(request: Message | _Unparsable, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, _Unparsable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return await behavior(request, context)
-
-    return call
-
-
-def _guard_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def call(request: Message | _Unparsable, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, _Unparsable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        async for response in behavior(request, context):
-            yield response
-
-    return call
+    guarded_service.add_service(server, descriptor, service, _explain)

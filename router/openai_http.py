@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry.context import Context
 from prometheus_client import CollectorRegistry
 
@@ -221,6 +222,7 @@ async def start(
         handler_cancellation=True,
         shutdown_timeout=5.0,
         access_log=None,
+        logger=_ServerLog(logging.getLogger("router.http")),
     )
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.http_port,
@@ -229,6 +231,25 @@ async def start(
     for address in runner.addresses:
         log.info("router HTTP (OpenAI API) on %s://%s:%d", "https" if tls else "http", address[0], address[1])
     return runner
+
+
+class _ServerLog:
+    """The logger aiohttp's server reports to. A request that is not valid HTTP is answered 400
+    and is the client's fault: one DEBUG line, where aiohttp would log an ERROR with a traceback
+    for each (anyone who can reach the port could fill the logs). Everything else is logged as
+    aiohttp logs it."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def exception(self, msg: str, *args: Any, exc_info: Any = None, **kw: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self.logger.debug(msg + ": %s", *args, exc_info)
+        else:
+            self.logger.exception(msg, *args, exc_info=exc_info or True, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.logger, name)
 
 
 def _trace_parent(request: web.Request) -> Context | None:

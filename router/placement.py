@@ -2,8 +2,10 @@
 
 The policy (``router.routing``) scores the workers the router's schedulers can reach -- with
 several groups, the workers of every live group -- and the request is submitted on the link of
-the chosen worker's group. Without Redis, or when Redis does not answer, there is no decision:
-the request goes to a live scheduler (the least busy link) and that scheduler picks its worker.
+the chosen worker's group. Without Redis, when Redis does not answer, or when its registry is
+empty (it restarted empty), there is no decision: the request goes to a live scheduler (the least
+busy connected link) and that scheduler picks its worker. With no scheduler connected, the request
+is refused UNAVAILABLE at once.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-import redis
 
 from pagewire.metrics import RouterMetrics
+from pagewire.redis_client import STORE_ERRORS
 from router.errors import RequestError
+from router.request_ids import InFlightIds
 from router.routing import NoWorkerAvailable, WorkerRouter
 from router.scheduler_link import SchedulerLink
 from router.schedulers import Schedulers
@@ -39,23 +42,32 @@ class Placer:
         self.schedulers = schedulers
         self.router = router
         self.metrics = metrics
+        self.ids = InFlightIds()  # ids of the requests submitted through this placer, not ended
 
     async def place(self, prompt: list[int]) -> Placement:
-        """Raises RequestError(UNAVAILABLE) when no live worker or scheduler can take it."""
+        """Raises RequestError(UNAVAILABLE) when no live worker or connected scheduler can take
+        it: a request is refused at once, never held for a scheduler that is away."""
         if self.router is not None:
             try:
                 decision = await self.router.choose(prompt, self.schedulers.eligible)
             except NoWorkerAvailable as e:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "", str(e)) from None
-            except redis.exceptions.RedisError as e:
+                if e.registered:  # workers are registered, and none is alive and serving
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "", str(e)) from None
+                # An empty registry: Redis restarted empty, and the workers have not beaten
+                # since. Their schedulers know them: one of those places the request.
+                log.info("no worker registered in Redis: the scheduler places the request")
+            except STORE_ERRORS as e:
                 log.warning("routing without Redis (%s): the scheduler places the request", e)
             else:
                 link = self.schedulers.link_for(decision.worker_id)
-                if link is not None:  # None: its group left since the decision began
+                # None: its group left since the decision began; not connected: its scheduler
+                # is away (restarting), and another group's may take the request.
+                if link is not None and link.connected:
                     if self.metrics is not None:
                         self.metrics.observe_routed(self.router.policy)
                     return Placement(decision.worker_id, link)
         link = self.schedulers.fallback()
         if link is None:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "", "no live scheduler")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "",
+                               "no scheduler is reachable (down or restarting); retry")
         return Placement("", link)

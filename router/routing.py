@@ -60,9 +60,9 @@ from collections.abc import Sequence, Set
 from dataclasses import dataclass
 
 import numpy as np
-import redis.asyncio as aioredis
 
 from pagewire.block_hash import prompt_block_hashes
+from pagewire.redis_client import Client
 from pagewire.redis_keys import RedisKeys
 from router.packed_script import PackedScript
 
@@ -116,7 +116,13 @@ return out
 
 class NoWorkerAvailable(Exception):
     """No registered worker has a live heartbeat and takes new work (the caller answers
-    UNAVAILABLE)."""
+    UNAVAILABLE). ``registered``: how many workers the registry names at all -- none is what a
+    Redis that restarted empty looks like until the workers' next beats, which says nothing about
+    the workers themselves."""
+
+    def __init__(self, message: str, registered: int) -> None:
+        super().__init__(message)
+        self.registered = registered
 
 
 @dataclass(frozen=True)
@@ -166,7 +172,7 @@ class WorkerRouter:
     """Chooses a worker per request; one per router process, shared by all its requests."""
 
     def __init__(
-        self, redis: aioredis.Redis, keys: RedisKeys, policy: str = "prefix", refresh_s: float = 1.0
+        self, redis: Client, keys: RedisKeys, policy: str = "prefix", refresh_s: float = 1.0
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"routing policy {policy!r}: expected one of {', '.join(POLICIES)}")
@@ -192,15 +198,17 @@ class WorkerRouter:
             prompt_block_hashes(prompt_token_ids, self._block_size)
             if self.policy == "prefix" and self._block_size else []
         )
-        alive = await self._read(hashes, len(prompt_token_ids))
-        if eligible is not None:
-            alive = [w for w in alive if w.worker_id in eligible]
+        alive = await self._alive(hashes, len(prompt_token_ids), eligible)
+        if not alive:
+            await self._refresh()  # the membership cached may predate a Redis restart
+            alive = await self._alive(hashes, len(prompt_token_ids), eligible)
         live = [w for w in alive if not w.draining]
         if not live:
             where = "registered" if eligible is None else "driven by a live scheduler"
             draining = len(alive)
             why = f" ({draining} draining: shutting down; retry)" if draining else ""
-            raise NoWorkerAvailable(f"no live worker {where} for model {self.keys.model!r}{why}")
+            raise NoWorkerAvailable(f"no live worker {where} for model {self.keys.model!r}{why}",
+                                    len(self._members))
         if self.policy == "round-robin":
             chosen, reason = live[self._turn % len(live)], "round-robin"
             self._turn += 1
@@ -246,6 +254,12 @@ class WorkerRouter:
             w.steps, self._pending_tokens(w.worker_id, w.steps) + uncached_tokens)
 
     # ---- Redis -----------------------------------------------------------------------------
+    async def _alive(
+        self, hashes: list[bytes], prompt_len: int, eligible: Set[str] | None
+    ) -> list[WorkerView]:
+        alive = await self._read(hashes, prompt_len)
+        return alive if eligible is None else [w for w in alive if w.worker_id in eligible]
+
     async def _read(self, hashes: list[bytes], prompt_len: int) -> list[WorkerView]:
         """The one round trip of a decision: the live workers (draining ones flagged, their
         prefix unread), their cached run and load."""

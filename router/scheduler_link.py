@@ -36,9 +36,16 @@ class SchedulerLink:
         self.resuming: set[str] = set()
         self._outgoing: asyncio.Queue[scheduler_pb2.RouterMessage | None] = asyncio.Queue()
         self._down_since: float | None = None  # when the stream last broke; None while up
+        # The scheduler has accepted the current Connect stream (it answers with its headers at
+        # once) and the stream has not broken since: a new request may be submitted. While not,
+        # new requests are refused UNAVAILABLE (those in flight wait to resume).
+        self.connected = False
 
     # ---- used by request handlers ---------------------------------------------------------
     def submit(self, sub: scheduler_pb2.SubmitRequest) -> asyncio.Queue[scheduler_pb2.TokenEvent]:
+        """The queue of ``sub``'s events. Its id must not be in flight on this link: the caller
+        refuses duplicates (replacing the queue would orphan the first request's stream)."""
+        assert sub.request_id not in self.queues, f"request id {sub.request_id!r} is in flight"
         queue: asyncio.Queue[scheduler_pb2.TokenEvent] = asyncio.Queue()
         self.queues[sub.request_id] = queue
         self.submits[sub.request_id] = sub
@@ -86,6 +93,7 @@ class SchedulerLink:
                 outgoing.put_nowait(msg)
         self._outgoing = outgoing
         call = stub.Connect(_drain(outgoing))
+        opened = asyncio.ensure_future(self._opened(call))
         try:
             async for batch in call:
                 self._down_since = None
@@ -93,8 +101,13 @@ class SchedulerLink:
                     self._dispatch(event)
                 self._dispatch_tokens(batch)
         except grpc.aio.AioRpcError as e:
-            log.warning("scheduler %s stream broke: %s", self.address, e.code().name)
+            # Once per outage: a stream that was up broke. The attempts to reconnect that fail
+            # (every 0.2 s while the scheduler is away) are debug lines.
+            (log.warning if self.connected else log.debug)(
+                "scheduler %s stream broke: %s %s", self.address, e.code().name, e.details())
         finally:
+            opened.cancel()
+            self.connected = False
             call.cancel()
             # The broken stream's request reader may still wait on its queue: messages not
             # taken move to a fresh queue (so none is lost in the backoff), and a sentinel ends
@@ -106,6 +119,11 @@ class SchedulerLink:
             self._outgoing = fresh
         if self._down_since is None:
             self._down_since = asyncio.get_running_loop().time()
+
+    async def _opened(self, call: grpc.aio.StreamStreamCall) -> None:
+        await call.initial_metadata()
+        if not call.done():  # headers, not the end of a refused call
+            self.connected = True
 
     def _check_timeout(self) -> None:
         assert self._down_since is not None

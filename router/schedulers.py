@@ -16,15 +16,12 @@ no longer live is closed; the group's link is made again when it comes back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
-import redis
-import redis.asyncio as aioredis
-
-from pagewire import serving
 from pagewire.group_directory import Group, read_live_groups
+from pagewire.redis_client import STORE_ERRORS, Client
 from pagewire.redis_keys import RedisKeys
 from pagewire.tls import TLSFiles
 from router.scheduler_link import SchedulerLink
@@ -43,13 +40,15 @@ class Schedulers(Protocol):
         """The link of the scheduler that drives ``worker_id``; None if no live one does."""
 
     def fallback(self) -> SchedulerLink | None:
-        """A link to use when routing cannot choose a worker (Redis away): its scheduler picks."""
+        """A connected link to use when routing cannot choose a worker (Redis away or empty): its
+        scheduler picks. None when no scheduler is connected."""
 
     @property
     def in_flight(self) -> int: ...
 
     async def wait_ready(self, timeout: float) -> None:
-        """Return once a scheduler is reachable; raise TimeoutError after ``timeout`` s."""
+        """Return once a scheduler's link is connected (``run`` is running); raise TimeoutError
+        after ``timeout`` s."""
 
     async def run(self) -> None:
         """Keep the links connected (and, for groups, up to date) until cancelled."""
@@ -66,15 +65,15 @@ class FixedScheduler:
     def link_for(self, worker_id: str) -> SchedulerLink:
         return self.link
 
-    def fallback(self) -> SchedulerLink:
-        return self.link
+    def fallback(self) -> SchedulerLink | None:
+        return self.link if self.link.connected else None
 
     @property
     def in_flight(self) -> int:
         return self.link.in_flight
 
     async def wait_ready(self, timeout: float) -> None:
-        await serving.wait_healthy(self.link.address, timeout, tls=self.link.tls)
+        await _until(lambda: self.link.connected, timeout, f"scheduler {self.link.address}")
 
     async def run(self) -> None:
         await self.link.run()
@@ -84,7 +83,7 @@ class SchedulerGroups:
     """One link per live worker group, kept in step with the group directory in Redis."""
 
     def __init__(
-        self, r: aioredis.Redis, keys: RedisKeys, resume_timeout_s: float,
+        self, r: Client, keys: RedisKeys, resume_timeout_s: float,
         tls: TLSFiles | None = None, refresh_s: float = 1.0,
     ) -> None:
         self.redis, self.keys, self.tls = r, keys, tls
@@ -104,30 +103,22 @@ class SchedulerGroups:
 
     def fallback(self) -> SchedulerLink | None:
         links = [self.links[g.name] for g in self.live if g.name in self.links]
-        return min(links, key=lambda link: link.in_flight, default=None)
+        connected = [link for link in links if link.connected]
+        return min(connected, key=lambda link: link.in_flight, default=None)
 
     @property
     def in_flight(self) -> int:
         return sum(link.in_flight for link in self.links.values())
 
     async def wait_ready(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self.live:
-            if loop.time() > deadline:
-                raise TimeoutError(f"no live scheduler group in Redis after {timeout}s")
-            with contextlib.suppress(redis.exceptions.RedisError):
-                await self.refresh()
-            if not self.live:
-                await asyncio.sleep(min(self.refresh_s, 0.2))
-        await serving.wait_healthy(self.live[0].address, deadline - loop.time(), tls=self.tls)
+        await _until(lambda: self.fallback() is not None, timeout, "a live scheduler group")
 
     async def run(self) -> None:
         try:
             while True:
                 try:
                     await self.refresh()
-                except redis.exceptions.RedisError as e:  # keep the last view until Redis is back
+                except STORE_ERRORS as e:  # keep the last view until Redis is back
                     log.warning("reading the group directory failed: %s", e)
                 await asyncio.sleep(self.refresh_s)
         finally:
@@ -147,6 +138,13 @@ class SchedulerGroups:
         self.apply(await read_live_groups(self.redis, self.keys))
 
     def apply(self, groups: list[Group]) -> None:
+        """Follow the directory. A group it no longer lists whose link is still connected stays
+        live as last seen: its scheduler runs (one that loses its lease exits, breaking the
+        stream), and a Redis that restarted empty lists nothing until the next publish."""
+        listed = {g.name for g in groups}
+        kept = [g for g in self.live if g.name not in listed and g.name in self.links
+                and self.links[g.name].connected and self.links[g.name].address == g.address]
+        groups = sorted([*groups, *kept], key=lambda g: g.name)
         live = {g.name for g in groups}
         for g in groups:
             link = self.links.get(g.name)
@@ -170,3 +168,13 @@ class SchedulerGroups:
         link = SchedulerLink(g.address, self.resume_timeout_s, self.tls)
         self.links[g.name] = link
         self._tasks[g.name] = asyncio.create_task(link.run(), name=f"scheduler-link-{g.name}")
+
+
+async def _until(ready: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``ready`` until it holds; TimeoutError naming ``what`` after ``timeout`` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not ready():
+        if loop.time() > deadline:
+            raise TimeoutError(f"{what} not connected after {timeout}s")
+        await asyncio.sleep(0.05)

@@ -14,9 +14,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-import redis.asyncio as aioredis
-
-from pagewire import auth, logs, metrics, serving, tracing
+from pagewire import auth, logs, metrics, redis_client, serving, tracing
 from pagewire import config as pwconfig
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import Limits
@@ -39,13 +37,13 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
     tls = TLSFiles.from_config(cfg)  # bad flags fail here, before the model loads
     model = ServedModel.load(cfg)
     keys = RedisKeys(cfg.deployment, model.name)
-    redis_client = aioredis.Redis.from_url(cfg.redis_url) if cfg.redis_url else None
+    store = await redis_client.connect_or_exit(cfg.redis_url, "router") if cfg.redis_url else None
     schedulers: Schedulers
     if cfg.scheduler:
         schedulers = FixedScheduler(SchedulerLink(cfg.scheduler, cfg.resume_timeout_s, tls))
     else:
-        assert redis_client is not None
-        schedulers = SchedulerGroups(redis_client, keys, cfg.resume_timeout_s, tls)
+        assert store is not None
+        schedulers = SchedulerGroups(store, keys, cfg.resume_timeout_s, tls)
     limits = Limits(
         max_n=cfg.max_n, max_logprobs=cfg.max_logprobs, max_stop_strings=cfg.max_stop_strings
     )
@@ -54,7 +52,7 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
     metrics_server = metrics.serve_metrics(cfg.metrics_port, registry, cfg.host)
     if metrics_server.port >= 0:
         log.info("metrics on http://%s:%d/metrics", cfg.host, metrics_server.port)
-    router = None if redis_client is None else WorkerRouter(redis_client, keys, cfg.routing_policy)
+    router = None if store is None else WorkerRouter(store, keys, cfg.routing_policy)
     placer = Placer(schedulers, router, rm)
     generator = Generator(model, placer, limits, rm)
     server, health_servicer = serving.new_server(
@@ -65,8 +63,8 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
     add_to_server(GenerationService(model, generator, placer), server)
     port = serving.add_port(server, f"{cfg.host}:{cfg.port}", tls)
     await server.start()
-    await schedulers.wait_ready(timeout=300)
     links_task = asyncio.create_task(schedulers.run())
+    await schedulers.wait_ready(timeout=300)
     http = None
     if cfg.http_port >= 0:
         http = await openai_http.start(cfg, model, generator, placer, tls, registry)
@@ -90,8 +88,8 @@ async def serve(cfg: pwconfig.RouterConfig) -> None:
         links_task.cancel()
         await asyncio.gather(links_task, return_exceptions=True)
         metrics_server.stop()
-        if redis_client is not None:
-            await redis_client.aclose()
+        if store is not None:
+            await store.aclose()
         tracing.shutdown_tracing()
 
 

@@ -25,18 +25,18 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 import grpc
-import redis.asyncio as aioredis
 
 from pagewire import serving, tracing
-from pagewire.metrics import EngineMetrics
+from pagewire.metrics import EngineMetrics, SchedulerMetrics
+from pagewire.redis_client import STORE_DOWN, Client
 from pagewire.tls import TLSFiles
 from pagewire.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from scheduler_svc.block_pool import BlockPool
+from scheduler_svc.heartbeat import watch_heartbeat
 from scheduler_svc.request import Request, Status, send_next_tokens
 from scheduler_svc.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from scheduler_svc.state_store import (
     CHECKPOINT_LOG_BYTES,
-    REDIS_DOWN,
     StateStore,
     StoredPool,
     Write,
@@ -62,7 +62,7 @@ class WorkerEngine:
         on_lost: Callable[[WorkerEngine, list[Request]], None],
         on_done: Callable[[Request], None],
         tls: TLSFiles | None = None,
-        metrics: EngineMetrics | None = None,
+        metrics: SchedulerMetrics | None = None,
         on_draining: Callable[[WorkerEngine], Awaitable[None] | None] | None = None,
     ) -> None:
         self.address = address
@@ -73,7 +73,9 @@ class WorkerEngine:
         self.on_done = on_done
         self.on_draining = on_draining
         self.tls = tls
-        self.metrics = metrics
+        self.metrics_family = metrics  # this worker's series are dropped while it is lost
+        self.metrics: EngineMetrics | None = (
+            metrics.for_worker(info.worker_id) if metrics is not None else None)
         self.wakeup = asyncio.Event()
         self.step_id = 0
         self.steps = 0
@@ -148,11 +150,12 @@ class WorkerEngine:
         await self.store.flush()
 
     # ---- the loop ------------------------------------------------------------------------
-    async def run(self, redis_client: aioredis.Redis, heartbeat_s: float) -> None:
+    async def run(self, redis_client: Client, heartbeat_s: float) -> None:
         """Drive the worker until cancelled; on loss hand its requests back and reconnect."""
         while True:
             stream = asyncio.create_task(self._run_stream())
-            watchdog = asyncio.create_task(self._watch_heartbeat(redis_client, heartbeat_s))
+            watchdog = asyncio.create_task(watch_heartbeat(
+                redis_client, self.store.keys, self.worker_id, heartbeat_s, self._state_lost))
             done, _ = await asyncio.wait({stream, watchdog}, return_when=asyncio.FIRST_COMPLETED)
             for t in (stream, watchdog):
                 t.cancel()
@@ -167,27 +170,24 @@ class WorkerEngine:
             await self._lose_worker()
             await self._reconnect()
 
-    async def _watch_heartbeat(self, r: aioredis.Redis, interval: float) -> None:
-        """Return when the worker's heartbeat key, once seen, has expired."""
-        key = self.store.keys.worker_alive(self.worker_id)
-        seen = False
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                alive = await r.exists(key)
-            except REDIS_DOWN:
-                seen = False  # Redis is away: no verdict; after it returns, wait for a heartbeat
-                continue
-            if alive:
-                seen = True
-            elif seen:
-                return
+    async def _state_lost(self) -> None:
+        """Redis restarted empty while no write of this worker was in flight to notice (an idle
+        worker): rewrite its state now, the way a failed write would, and not on top of nothing
+        with the next step's deltas."""
+        if self.store.lost:
+            return  # a resync is under way
+        log.warning("Redis holds no state for worker %s (restarted empty?)", self.worker_id)
+        self.store.lost = True
+        await self.settle()
 
     async def _lose_worker(self) -> None:
         self.connected = False
         self._draining_published = None  # forget_worker drops the load figures
         reqs = await self._take_all()
         await self.store.forget_worker()
+        if self.metrics_family is not None:  # its gauges would go on showing what it held
+            self.metrics_family.remove_worker(self.worker_id)
+            self.metrics = None
         self.on_lost(self, reqs)
 
     async def evacuate(self) -> None:
@@ -217,6 +217,8 @@ class WorkerEngine:
                 self.info = info
                 self.scheduler.pool = BlockPool(info.num_blocks)
                 await self.store.reset(info.instance_id, info.num_blocks)
+                if self.metrics_family is not None:
+                    self.metrics = self.metrics_family.for_worker(self.worker_id)
                 log.info("worker %s is back (instance %s)", self.worker_id, info.instance_id[:8])
                 return
             except grpc.aio.AioRpcError:
@@ -394,7 +396,7 @@ class WorkerEngine:
         emitting before this one was taken: see _complete)."""
         try:
             await self.store.send(write)
-        except REDIS_DOWN as e:
+        except STORE_DOWN as e:
             await self._resync(generation, e)
         send_next_tokens(plain)
         for req, event in events:
@@ -417,7 +419,7 @@ class WorkerEngine:
         generation = self.store.generation
         try:
             await self.store.flush()
-        except REDIS_DOWN as e:
+        except STORE_DOWN as e:
             await self._resync(generation, e)
 
     async def _resync(self, generation: int, error: BaseException) -> None:
@@ -436,7 +438,7 @@ class WorkerEngine:
                                             [*sched.running, *sched.waiting])
                     log.warning("Redis is back: worker %s state rewritten", self.worker_id)
                     return
-                except REDIS_DOWN:
+                except STORE_DOWN:
                     await asyncio.sleep(0.2)
 
     @staticmethod

@@ -14,11 +14,11 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import grpc
-import redis.asyncio as aioredis
 
 from pagewire import config as pwconfig
-from pagewire import logs, metrics, serving, tracing
+from pagewire import guarded_service, logs, metrics, redis_client, serving, tracing
 from pagewire.group_directory import publish_group
+from pagewire.redis_client import STORE_DOWN, Client
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.tls import TLSFiles
@@ -27,7 +27,8 @@ from scheduler_svc.engine import WorkerEngine
 from scheduler_svc.lease import Lease, LeaseLost
 from scheduler_svc.request import Request, RouterConn, Status
 from scheduler_svc.scheduler import SchedulerLimits
-from scheduler_svc.state_store import REDIS_DOWN, StateStore
+from scheduler_svc.state_store import StateStore
+from scheduler_svc.store_health import watch_store
 from scheduler_svc.worker_health import WORKER_SERVICE, probe, watch_health
 
 log = logging.getLogger("scheduler")
@@ -128,6 +129,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     ) -> AsyncIterator[scheduler_pb2.EventBatch]:
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "scheduler is starting")
+        await context.send_initial_metadata(())  # tells the router the stream is accepted
         conn = RouterConn()
         reader = asyncio.create_task(self._read_router(request_iterator, conn))
         reader.add_done_callback(lambda _: conn.ready.set())  # wakes the loop below to end
@@ -161,7 +163,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                         request_id=sub.request_id, error_code=code.value[0], error_message=text,
                     ))
             elif msg.HasField("abort"):
-                self._abort(msg.abort.request_id)
+                self._abort(msg.abort.request_id, conn)
 
     def _admit(self, sub: scheduler_pb2.SubmitRequest, conn: RouterConn) -> tuple[grpc.StatusCode, str] | None:
         rid = sub.request_id
@@ -243,9 +245,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         req.sent = req.queued = req.flushed = len(req.output)
         return req
 
-    def _abort(self, rid: str) -> bool:
+    def _abort(self, rid: str, conn: RouterConn | None = None) -> bool:
+        """Abort ``rid``. Over a Connect stream (``conn``), only the stream that owns the request
+        (or any, while a recovered request has no owner yet) may: a router that sent a duplicate
+        id and was refused aborts that id, and must not end the first request."""
         req, engine = self.requests.get(rid), self.placement.get(rid)
         if req is None or engine is None:
+            return False
+        if conn is not None and req.conn is not None and req.conn is not conn:
             return False
         req.conn = None  # the router no longer wants its events
         engine.abort(req)
@@ -265,7 +272,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 self._abort(req.request_id)
 
 
-async def discover_workers(cfg: pwconfig.SchedulerConfig, r: aioredis.Redis) -> list[str]:
+async def discover_workers(cfg: pwconfig.SchedulerConfig, r: Client) -> list[str]:
     """Worker addresses from --workers, else the live entries of the Redis registry that joined
     this scheduler's --group (a worker registered without a group is in ``default``)."""
     if cfg.workers:
@@ -317,7 +324,7 @@ async def model_of(probes: dict[str, Probe], tls: TLSFiles | None) -> str:
 async def attach_worker(
     service: SchedulerService,
     cfg: pwconfig.SchedulerConfig,
-    r: aioredis.Redis,
+    r: Client,
     address: str,
     tls: TLSFiles | None,
     sm: metrics.SchedulerMetrics,
@@ -338,7 +345,7 @@ async def attach_worker(
         priority_aging_s=cfg.priority_aging_s,
     )
     engine = WorkerEngine(address, info, store, limits, service.on_worker_lost, service.on_done,
-                          tls=tls, metrics=sm.for_worker(info.worker_id),
+                          tls=tls, metrics=sm,
                           on_draining=service.on_draining)
     engine.check_invariants = cfg.check_invariants
     recovered = await engine.recover(await store.load())
@@ -355,12 +362,11 @@ async def attach_worker(
 async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     if not cfg.redis_url:
         raise SystemExit("--redis-url (or REDIS_URL) is required: Redis is the state of record")
-    r = aioredis.Redis.from_url(cfg.redis_url)
-    await r.ping()
+    r = await redis_client.connect_or_exit(cfg.redis_url, "scheduler")
     tls = TLSFiles.from_config(cfg)
     service = SchedulerService(cfg)
     server, health_servicer = serving.new_server([SERVICE])
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
+    guarded_service.add_service(server, scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"], service)
     port = serving.add_port(server, f"{cfg.host}:{cfg.port}", tls)
     await server.start()
     addresses = await discover_workers(cfg, r)
@@ -396,6 +402,9 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     address = cfg.advertise or f"{cfg.host}:{port}"
     tasks.append(asyncio.create_task(_publish(r, keys, cfg.group, lease, address, service.engines)))
     await serving.set_serving(health_servicer, [SERVICE], True)
+    tasks.append(asyncio.create_task(watch_store(
+        r, cfg.store_timeout_s, functools.partial(serving.set_serving, health_servicer, [SERVICE]),
+        lambda: service.draining)))
     log.info("scheduler on %s:%d driving %d worker(s) of group %s", cfg.host, port,
              len(service.engines), cfg.group)
 
@@ -415,7 +424,7 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
 async def _attach(
     service: SchedulerService,
     cfg: pwconfig.SchedulerConfig,
-    r: aioredis.Redis,
+    r: Client,
     tls: TLSFiles | None,
     sm: metrics.SchedulerMetrics,
     tasks: list[asyncio.Task],
@@ -467,7 +476,7 @@ async def _hold(lease: Lease) -> None:
 
 
 async def _publish(
-    r: aioredis.Redis, keys: RedisKeys, group: str, lease: Lease, address: str,
+    r: Client, keys: RedisKeys, group: str, lease: Lease, address: str,
     engines: dict[str, WorkerEngine],
 ) -> None:
     """Keep the group's directory entry in Redis at every lease renewal (so it is back soon
@@ -476,7 +485,7 @@ async def _publish(
     while True:
         try:
             await publish_group(r, keys, group, lease.token, address, list(engines))
-        except REDIS_DOWN:
+        except STORE_DOWN:
             pass  # Redis is away: the next round writes it
         await asyncio.sleep(lease.ttl_ms / 3000)
 

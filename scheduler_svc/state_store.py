@@ -27,11 +27,11 @@ from array import array
 from dataclasses import dataclass, field
 
 import redis
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection
 
 from pagewire.block_hash import DIGEST_BYTES
+from pagewire.redis_client import Client, is_cluster
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import common_pb2
@@ -40,13 +40,19 @@ from scheduler_svc.request import Request
 
 FINISHED_TTL_S = 120  # a finished request's tokens stay this long, for a router to resume
 CHECKPOINT_LOG_BYTES = 1 << 20  # token log size that triggers a checkpoint (128k tokens)
-# What a Redis outage looks like to the client (a restart, a dropped connection).
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class StateLost(redis.exceptions.ConnectionError):
+    """Redis answers but no longer holds this worker's state (it restarted empty while no write
+    was in flight to notice): handled like a failed write, by a resync."""
+
+
 
 # The whole of a step's regular writes in one command, every integer list packed into one binary
 # argument (little-endian int32): redis-py's cost per argument, not Redis's, dominated at 256+
 # requests. One script call is atomic on its own, so a step with nothing else to write needs no
-# MULTI/EXEC around it. KEYS: the token log, free blocks, cached blocks, prefix index, load.
+# MULTI/EXEC around it. KEYS: the token log, free blocks, cached blocks, prefix index, load (on a
+# Redis Cluster, then the keys ARGV names, declared only for the cluster's routing).
 # ARGV[1..4]: integers to push onto lists (block tables) -- the list names concatenated, their
 # byte lengths, how many values each list gets, the values (the names travel as data: every key
 # shares the {deployment:model} hash tag, so they are in the slot KEYS route the call to).
@@ -155,11 +161,12 @@ class StoredPool:
 
 
 class StateStore:
-    def __init__(self, client: aioredis.Redis, keys: RedisKeys, worker_id: str) -> None:
+    def __init__(self, client: Client, keys: RedisKeys, worker_id: str) -> None:
         self.r = client
         self.keys = keys
         self.worker_id = worker_id
         k, w = keys, worker_id
+        self._cluster = is_cluster(client)
         self._step_keys = (k.token_log(w), k.free_blocks(w), k.cached_blocks(w), k.prefix_index(w),
                            k.worker_load(w))
         # Commands other than the step script, in order (None: none queued this write).
@@ -168,6 +175,9 @@ class StateStore:
         self._conn: AbstractConnection | None = None  # for steps written by one script call
         # Bumped by resync(): writes queued before it are covered by it and must not also land.
         self.generation = 0
+        # Redis was found without this worker's state: every write fails (StateLost) until a
+        # resync has rewritten it.
+        self.lost = False
         self._log = array("i")  # this write's (handle, token) pairs
         self.log_bytes = 0  # the token log's size in Redis since the last checkpoint
         # List appends, written by one script call: key i gets the next counts[i] values.
@@ -368,36 +378,46 @@ class StateStore:
         """Per-worker load figures (running, waiting, blocks, preemptions) that routers read."""
         self._load.update(figures)
 
-    def _take_appends(self) -> tuple[bytes, ...]:
-        """ARGV[1..4] and ARGV[6..9] of STEP_WRITE (the token log's ARGV[5] goes between)."""
+    def _take_appends(self) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        """ARGV[1..4] and ARGV[6..9] of STEP_WRITE (the token log's ARGV[5] goes between), and
+        the KEYS of the call: the step's five, and on a cluster every key the appends name."""
         lists = strings = _NO_APPENDS
+        touched: list[bytes] = []
         if self._keys:
             names = self._keys
             lists = (b"".join(names), array("i", map(len, names)).tobytes(),
                      array("i", self._counts).tobytes(), array("i", self._values).tobytes())
+            touched += names
             self._keys, self._counts, self._values = [], [], []
         if self._string_keys:
             names, chunks = self._string_keys, self._chunks
             strings = (b"".join(names), array("i", map(len, names)).tobytes(),
                        array("i", map(len, chunks)).tobytes(), b"".join(chunks))
+            touched += names
             self._string_keys, self._chunks = [], []
-        return lists + strings
+        # A cluster decides where a script runs -- and, while its slot migrates, whether it must
+        # wait (TRYAGAIN) or run on the new owner (ASK) -- from the keys it declares. A key the
+        # script touches undeclared could be written on a node that no longer holds it.
+        keys = (*self._step_keys, *dict.fromkeys(touched)) if self._cluster else self._step_keys
+        return lists + strings, keys
 
     def _queue_script(self, appends: tuple[bytes, ...] = _NO_APPENDS * 2, log: bytes = b"",
-                      blocks: tuple[bytes | float | int, ...] = _NO_BLOCKS) -> None:
+                      blocks: tuple[bytes | float | int, ...] = _NO_BLOCKS,
+                      keys: tuple[bytes | str, ...] | None = None) -> None:
         # EVAL with the body, not EVALSHA: nothing to reload after a Redis restart; Redis caches
         # the compiled script by its hash anyway.
-        self._commands().eval(STEP_WRITE, len(self._step_keys), *self._step_keys, *appends[:4], log,
-                              *appends[4:], *blocks)
+        keys = keys or self._step_keys
+        self._commands().eval(STEP_WRITE, len(keys), *keys, *appends[:4], log, *appends[4:], *blocks)
 
     def _flush_appends(self) -> None:
         """Queue the pending list and string appends as one script call, keeping command order."""
         if self._keys or self._string_keys:
-            self._queue_script(self._take_appends())
+            appends, keys = self._take_appends()
+            self._queue_script(appends, keys=keys)
 
     def _take_step(self) -> list[bytes | float | int] | None:
         """The arguments of the step's script call, or None when the step changed nothing."""
-        appends, log = self._take_appends(), b""
+        (appends, keys), log = self._take_appends(), b""
         if self._log:
             log = self._log.tobytes()
             self.log_bytes += len(log)
@@ -406,7 +426,7 @@ class StateStore:
         if not log and appends == _NO_APPENDS * 2 and blocks is _NO_BLOCKS and not load:
             return None
         self._blocks, self._load = _NO_BLOCKS, {}
-        args: list[bytes | float | int] = [STEP_WRITE, len(self._step_keys), *self._step_keys,
+        args: list[bytes | float | int] = [STEP_WRITE, len(keys), *keys,
                                             *appends[:4], log, *appends[4:], *blocks]
         for name, value in load.items():
             args += (name, value)
@@ -425,12 +445,14 @@ class StateStore:
 
     async def send(self, w: Write) -> None:
         """Send a write taken by :meth:`take`, after the one taken before it has landed (writes
-        land in the order they were taken), in the caller's task. Raises REDIS_DOWN on failure."""
+        land in the order they were taken), in the caller's task. Raises STORE_DOWN on failure."""
         try:
             if w.previous is not None and not w.previous.done():
                 await w.previous  # its failure is its own caller's to handle
             if w.generation != self.generation:
                 return  # a resync since it was taken rewrote everything it holds
+            if self.lost:
+                raise StateLost(f"Redis holds no state for worker {self.worker_id}")
             if w.pipe is not None:
                 await w.pipe.execute()
             elif w.step is not None:
@@ -442,7 +464,12 @@ class StateStore:
     async def _eval(self, args: list[bytes | float | int]) -> None:
         """The steady-state step write on a connection of the store's own: none of the client's
         per-command machinery (pool checkout, retry wrapper, event hooks) on the hot path. The
-        connection reconnects on its next use after an error; an error reply raises."""
+        connection reconnects on its next use after an error; an error reply raises. On a
+        cluster the client sends it: it knows which node owns the slot now and follows MOVED and
+        ASK while a slot moves."""
+        if is_cluster(self.r):
+            await self.r.execute_command("EVAL", *args)
+            return
         if self._conn is None:
             self._conn = await self.r.connection_pool.get_connection()
         await self._conn.send_command("EVAL", *args)
@@ -503,6 +530,7 @@ class StateStore:
         for req in reqs:
             req.queued = req.checkpointed = len(req.output)
         self.log_bytes = 0
+        self.lost = False
 
     async def flush(self) -> None:
         """Write everything queued and wait until Redis has it (and every earlier write)."""

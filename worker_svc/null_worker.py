@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from pagewire import serving
+from pagewire import guarded_service, serving
 from pagewire.v1 import worker_pb2, worker_pb2_grpc
 
 SERVICE = "pagewire.v1.Worker"
@@ -73,7 +73,7 @@ async def serve(args: argparse.Namespace) -> None:
         device="none",
         instance_id=uuid.uuid4().hex,
     )
-    worker_pb2_grpc.add_WorkerServicer_to_server(NullWorker(info), server)
+    guarded_service.add_service(server, worker_pb2.DESCRIPTOR.services_by_name["Worker"], NullWorker(info))
     await server.start()
     await serving.set_serving(health_servicer, [SERVICE], True)
     await serving.run_until_signalled(server, health_servicer, [SERVICE])

@@ -18,13 +18,11 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
-import redis
-import redis.asyncio as aioredis
 import torch
 
 import kernels
 from pagewire import config as pwconfig
-from pagewire import logs, metrics, serving, tracing
+from pagewire import guarded_service, logs, metrics, redis_client, serving, tracing
 from pagewire.redis_keys import RedisKeys
 from pagewire.tls import TLSFiles
 from pagewire.v1 import worker_pb2, worker_pb2_grpc
@@ -153,9 +151,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._trace(pending.step, end_ns - int(seconds * 1e9), end_ns)
 
 
-async def register(cfg: pwconfig.WorkerConfig, info: worker_pb2.WorkerInfo, address: str) -> None:
-    """Register in Redis and keep the heartbeat alive until cancelled."""
-    r = aioredis.Redis.from_url(cfg.redis_url)
+async def register(
+    cfg: pwconfig.WorkerConfig, r: redis_client.Client, info: worker_pb2.WorkerInfo, address: str
+) -> None:
+    """Register in Redis and keep the heartbeat alive until cancelled. Nothing Redis answers
+    ends the heartbeat: an error is logged, and the next beat tries again."""
     keys = RedisKeys(cfg.deployment, info.model)
     ttl_ms = int(cfg.heartbeat_s * 3000)
     fields = {
@@ -175,9 +175,12 @@ async def register(cfg: pwconfig.WorkerConfig, info: worker_pb2.WorkerInfo, addr
                     p.hset(keys.worker_info(info.worker_id), mapping=fields)
                     p.set(keys.worker_alive(info.worker_id), address, px=ttl_ms)
                     await p.execute()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
-                # Redis is away (restarting): keep serving; the next beat registers again.
+            except redis_client.STORE_DOWN as e:
+                # Redis is away (restarting, failing over): keep serving; the next beat
+                # registers again.
                 log.warning("heartbeat failed: %s", e)
+            except redis_client.STORE_ERRORS as e:  # not an outage: say so at every beat
+                log.error("heartbeat refused by Redis: %s: %s", type(e).__name__, e)
             await asyncio.sleep(cfg.heartbeat_s)
     finally:
         with contextlib.suppress(Exception):
@@ -187,11 +190,13 @@ async def register(cfg: pwconfig.WorkerConfig, info: worker_pb2.WorkerInfo, addr
 
 async def serve(cfg: pwconfig.WorkerConfig) -> None:
     tls = TLSFiles.from_config(cfg)  # bad flags fail here, before the model loads
+    # Redis too: a wrong URL or password is said now, not after the model has loaded.
+    r = await redis_client.connect_or_exit(cfg.redis_url, "worker") if cfg.redis_url else None
     server, health_servicer = serving.new_server([SERVICE])
     port = serving.add_port(server, f"{cfg.host}:{cfg.port}", tls)
     cfg.port = port
     service = WorkerService()
-    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    guarded_service.add_service(server, worker_pb2.DESCRIPTOR.services_by_name["Worker"], service)
     await serving.set_serving(health_servicer, [SERVICE], False)
     await server.start()
     log.info("loading %s", cfg.model)
@@ -203,7 +208,7 @@ async def serve(cfg: pwconfig.WorkerConfig) -> None:
     if metrics_server.port >= 0:
         log.info("metrics on http://%s:%d/metrics", cfg.host, metrics_server.port)
     address = cfg.advertise or f"{cfg.host}:{port}"
-    heartbeat = asyncio.create_task(register(cfg, info, address)) if cfg.redis_url else None
+    heartbeat = asyncio.create_task(register(cfg, r, info, address)) if r is not None else None
     await serving.set_serving(health_servicer, [SERVICE], True)
     log.info(
         "worker %s serving %s on %s: %d KV blocks of %d tokens, %s, %s attention",

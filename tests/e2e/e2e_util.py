@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagewire import serving
 from pagewire.launcher import Stack, start_stack
+from pagewire.redis_client import sync_client
 from pagewire.redis_keys import RedisKeys
 from pagewire.redis_server import start_redis
 from pagewire.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -23,15 +24,17 @@ def launch(model: Path, log_dir: Path, **kwargs: object) -> Stack:
 
 
 def launch_groups(
-    model: Path, log_dir: Path, groups: list[str], worker_args: list[str], scheduler_args: list[str]
+    model: Path, log_dir: Path, groups: list[str], worker_args: list[str], scheduler_args: list[str],
+    redis_url: str = "",
 ) -> Stack:
-    """Redis, then per group a worker ``worker-<g>`` and its scheduler ``scheduler-<g>``
-    (``--group g``), then one router with no fixed scheduler: it finds the groups in Redis."""
+    """Redis (``redis_url``, else REDIS_URL, else a private one), then per group a worker
+    ``worker-<g>`` and its scheduler ``scheduler-<g>`` (``--group g``), then one router with no
+    fixed scheduler: it finds the groups in Redis."""
 
     async def start() -> Stack:
         stack = Stack(model=str(model), log_dir=log_dir)
         try:
-            stack.redis_url = os.environ.get("REDIS_URL", "")
+            stack.redis_url = redis_url or os.environ.get("REDIS_URL", "")
             if not stack.redis_url:
                 stack.redis = start_redis()
                 stack.redis_url = stack.redis.url
@@ -82,7 +85,7 @@ def assert_block_invariants(
     cached blocks are all in the prefix index; when ``idle``, no request holds anything.
     """
     keys = redis_keys(model)
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)  # a cluster URL too
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -97,7 +100,7 @@ def assert_block_invariants(
         client.close()
 
 
-def _check_blocks(client: redis.Redis, keys: RedisKeys, worker_id: str, num_blocks: int, idle: bool) -> None:
+def _check_blocks(client: redis.Redis | redis.RedisCluster, keys: RedisKeys, worker_id: str, num_blocks: int, idle: bool) -> None:
     free = {int(b) for b in client.smembers(keys.free_blocks(worker_id))}
     cached = {int(b) for b in client.zrange(keys.cached_blocks(worker_id), 0, -1)}
     index = {h: int(b) for h, b in client.hgetall(keys.prefix_index(worker_id)).items()}

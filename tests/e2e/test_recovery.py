@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import time
+import urllib.request
 from pathlib import Path
 
 from e2e_util import HFReference, assert_block_invariants, launch
+from prometheus_client.parser import text_string_to_metric_families
 
 from pagewire import serving
-from pagewire.launcher import Stack
+from pagewire.launcher import Stack, free_port
 from pagewire.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 PROMPTS = [f"Request number {i}: " + "tell me more " * i for i in range(8)]
@@ -83,11 +86,24 @@ def test_scheduler_sigkill_mid_generation_streams_continue(
         stack.stop()
 
 
+def scheduler_gauges(port: int, name: str) -> dict[str, float]:
+    """A scheduler gauge's value per worker id, as Prometheus would scrape it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        s.labels["worker_id"]: s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+        if s.name == name
+    }
+
+
 def test_worker_sigkill_moves_its_requests_to_the_other_worker(
     tiny_model: Path, hf_reference: HFReference, tmp_path: Path
 ) -> None:
+    metrics_port = free_port()
     stack = launch(tiny_model, tmp_path, num_workers=2, worker_args=["--num-blocks", "256"],
-                   scheduler_args=["--check-invariants", "--lease-ttl-s", "2"])
+                   scheduler_args=["--check-invariants", "--lease-ttl-s", "2",
+                                   "--metrics-port", str(metrics_port)])
     try:
         async def kill_worker() -> None:
             stack.service("worker-1").process.kill()
@@ -97,6 +113,10 @@ def test_worker_sigkill_moves_its_requests_to_the_other_worker(
         assert_block_invariants(stack.redis_url, tiny_model, "worker-0", 256)
         log = (tmp_path / "scheduler.log").read_text()
         assert "moved" in log and "off worker worker-1" in log
+        # The lost worker's gauges are gone, not frozen at what it held when it died.
+        for gauge in ("pagewire:num_requests_running", "pagewire:kv_blocks_used"):
+            assert set(scheduler_gauges(metrics_port, gauge)) == {"worker-0"}, gauge
+        assert scheduler_gauges(metrics_port, "pagewire:num_requests_running")["worker-0"] == 0
     finally:
         stack.stop()
 
@@ -120,4 +140,31 @@ def test_hung_worker_is_declared_lost_when_its_heartbeat_expires(
         assert "worker worker-1 lost: heartbeat expired" in log
     finally:
         hung.send_signal(signal.SIGCONT)
+        stack.stop()
+
+
+def test_scheduler_restarted_right_after_sigkill_takes_its_lease_at_once(
+    tiny_model: Path, hf_reference: HFReference, tmp_path: Path
+) -> None:
+    """With a 20 s lease, a scheduler restarted on the same machine right after a SIGKILL does not
+    wait for the dead holder's lease to expire: it proves the holder gone and takes it over, so
+    streams stall for the restart (a few seconds), not the TTL."""
+    stack = launch(tiny_model, tmp_path, worker_args=["--num-blocks", "256"],
+                   scheduler_args=["--check-invariants", "--lease-ttl-s", "20"])
+    took: list[float] = []
+    try:
+        async def kill_and_restart() -> None:
+            start = time.monotonic()
+            stack.service("scheduler").process.kill()
+            stack.service("scheduler").process.wait()
+            await stack.restart("scheduler")
+            took.append(time.monotonic() - start)
+
+        outputs, finals = asyncio.run(generate_through_fault(stack, kill_and_restart))
+        check_outputs(outputs, finals, hf_reference)
+        print(f"scheduler SIGKILL -> restarted and serving: {took[0]:.2f} s (lease TTL 20 s)")
+        assert took[0] < 10, f"{took[0]:.1f} s: the new scheduler waited for the old lease"
+        assert "took over lease" in (tmp_path / "scheduler.log").read_text()
+        assert_block_invariants(stack.redis_url, tiny_model, "worker-0", 256)
+    finally:
         stack.stop()

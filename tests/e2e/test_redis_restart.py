@@ -1,5 +1,6 @@
 """Redis restarts (empty) mid-generation: the scheduler holds its events, rewrites its state from
-memory when Redis is back, and every stream completes with no token lost or repeated.
+memory when Redis is back, and every stream completes with no token lost or repeated. Redis
+silent for longer than the scheduler's bound: its health says NOT_SERVING until Redis answers.
 
 Runs against the null worker (the real Worker service without a model), which keeps hundreds of
 steps per second going so the outage lands mid-stream; the model path is covered by the other
@@ -9,10 +10,14 @@ fault tests.
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 from e2e_util import assert_block_invariants
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagewire import serving
 from pagewire.launcher import Stack, free_port
@@ -87,4 +92,56 @@ def test_redis_restart_mid_generation_loses_and_repeats_nothing(tmp_path: Path) 
         assert_block_invariants(rs.url, Path("null"), "null-0", NUM_BLOCKS)
     finally:
         stack.stop()
+        rs.stop()
+
+
+def scheduler_health(address: str) -> int:
+    with grpc.insecure_channel(address) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def test_redis_silent_past_the_bound_turns_scheduler_not_serving_until_it_answers(
+    tmp_path: Path,
+) -> None:
+    """Redis frozen (SIGSTOP: connections open, no answers) for longer than --store-timeout-s:
+    the scheduler's health says NOT_SERVING while its streams wait, SERVING once Redis answers,
+    and the streams then finish with nothing lost or repeated."""
+    rs = start_redis()
+    stack = Stack(model="null", redis_url=rs.url, log_dir=tmp_path)
+    try:
+        async def start() -> str:
+            port = free_port()
+            worker = await stack.start_service(
+                "worker", "worker_svc.null_worker",
+                ["--port", str(port), "--worker-id", "null-0", "--num-blocks", str(NUM_BLOCKS)], port)
+            sched = await stack.start_scheduler(
+                [worker], ["--model-name", "null", "--check-invariants", "--store-timeout-s", "1"])
+            return sched.address
+
+        address = asyncio.run(start())
+        seen: list[int] = []
+
+        def freeze() -> None:
+            rs.process.send_signal(signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 10
+                while scheduler_health(address) == health_pb2.HealthCheckResponse.SERVING:
+                    assert time.monotonic() < deadline, "still SERVING with Redis silent"
+                    time.sleep(0.1)
+                seen.append(scheduler_health(address))
+            finally:
+                rs.process.send_signal(signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while scheduler_health(address) != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "not SERVING again with Redis back"
+                time.sleep(0.1)
+
+        indices = asyncio.run(stream_through_restart(address, freeze))
+        assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING]
+        for rid, got in indices.items():
+            assert got == list(range(MAX_TOKENS)), f"{rid}: tokens lost or repeated"
+        assert_block_invariants(rs.url, Path("null"), "null-0", NUM_BLOCKS)
+    finally:
+        stack.stop()
+        rs.process.send_signal(signal.SIGCONT)
         rs.stop()

@@ -66,7 +66,9 @@ def test_scheduler_restarted_while_a_worker_drains_starts_at_once_and_loses_noth
                 streaming = [asyncio.create_task(stream_into(stub, request(f"old-{i}", p, MAX_TOKENS), o))
                              for i, (p, o) in enumerate(zip(IN_FLIGHT, old, strict=True))]
                 while not all(len(o) >= 2 for o in old):
-                    assert not any(t.done() for t in streaming), "a stream ended before the fault"
+                    ended = [(len(o), t.exception()) for t, o in zip(streaming, old, strict=True)
+                             if t.done()]
+                    assert not ended, f"a stream ended before the fault: (tokens, error) {ended}"
                     await asyncio.sleep(0.01)
                 on_1 = [i for i in range(len(IN_FLIGHT))
                         if worker_of(client, tiny_model, f"old-{i}") == "worker-1"]

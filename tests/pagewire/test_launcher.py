@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from pagewire.launcher import Stack
+from pagewire.launcher import Stack, free_port
 
 
 def test_a_service_that_exits_while_starting_fails_fast_with_its_exit_code() -> None:
@@ -19,3 +22,30 @@ def test_a_service_that_exits_while_starting_fails_fast_with_its_exit_code() -> 
                                         timeout=120))
     assert time.monotonic() - start < 30  # not the 120 s health timeout
     stack.stop()
+
+
+@pytest.mark.parametrize("to_file", [True, False], ids=["log-dir", "terminal"])
+def test_a_service_that_dies_while_starting_is_reported_with_its_last_output(
+    tmp_path: Path, to_file: bool
+) -> None:
+    stack = Stack(model="unused", log_dir=tmp_path if to_file else None)
+    with pytest.raises(RuntimeError) as e:
+        asyncio.run(stack.start_service("broken", "pagewire.no_such_module", [], port=1))
+    stack.stop()
+    assert "broken exited with code 1 before it became healthy" in str(e.value)
+    assert "No module named pagewire.no_such_module" in str(e.value)  # python's own reason
+
+
+def test_pagewire_up_prints_why_a_service_failed_to_start(tmp_path: Path) -> None:
+    """A real ``pagewire up`` whose worker cannot load its model: exit 1 and the worker's own
+    error, not a traceback of the launcher."""
+    missing = tmp_path / "no-model-here"
+    done = subprocess.run(
+        [sys.executable, "-m", "pagewire.cli", "up", "--model", str(missing), "--port",
+         str(free_port()), "--http-port", "-1", "--log-dir", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "worker-0 exited with code 1 before it became healthy" in done.stderr
+    assert str(missing) in done.stderr.split("before it became healthy", 1)[1], done.stderr
+    assert "Traceback" not in done.stderr.split("lines of output:", 1)[0]
