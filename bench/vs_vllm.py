@@ -200,13 +200,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"logs and client results: {work}", flush=True)
     report: dict = {"environment": environment(args, venv), "config": vars(args) | {"model": args.model},
                     "results": {}, "parity": {}}
+    out = Path(args.out)
     for dtype in args.dtypes:
         results, par = bench_dtype(args, dtype, venv, work)
         report["results"][dtype] = results
         report["parity"][dtype] = par | {"summary": parity.describe(par, dtype)}
-    report["environment"]["load_average_end"] = os.getloadavg()
+        report["environment"]["load_average_end"] = os.getloadavg()
+        out.write_text(json.dumps(report, indent=2, default=str))  # each dtype as it finishes
     print_report(report)
-    out = Path(args.out)
     from vs_vllm_plot import plot
 
     report["plot"] = str(plot(report, out.with_suffix(".png")))

@@ -24,7 +24,7 @@ def _ratio_panel(ax, report: dict) -> None:
         for name, record in results.items():
             if record["workload"]["group"] == "sweep":
                 continue
-            labels.append(f"{name[:28]} [{dtype[:4]}]")
+            labels.append(f"{dtype}: {name}")
             s = summarize(record)
             for m, _ in RATIO_METRICS:
                 r = s[m]["ratio"]
@@ -66,12 +66,12 @@ def _sweep_panels(ax_tps, ax_cpu, report: dict) -> None:
 def plot(report: dict, path: Path) -> Path:
     has_sweep = any(r["workload"]["group"] == "sweep"
                     for results in report["results"].values() for r in results.values())
-    fig, axes = plt.subplots(1, 3 if has_sweep else 1, figsize=(18 if has_sweep else 8, 6),
+    fig, axes = plt.subplots(1, 3 if has_sweep else 1, figsize=(20 if has_sweep else 10, 6),
                              squeeze=False)
     _ratio_panel(axes[0][0], report)
     if has_sweep:
         _sweep_panels(axes[0][1], axes[0][2], report)
-    fig.suptitle(f"pagewire vs vLLM {report['environment']['vllm']} (CPU), "
+    fig.suptitle(f"pagewire vs {report['environment']['vllm']} (CPU backend), "
                  f"{report['environment']['date']}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
