@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "0..threads-1; 'auto' is vLLM's own default, which keeps a core for its front end)")
     p.add_argument("--log-dir", default="", help="server and client logs (default: a temp dir)")
     p.add_argument("--out", default="bench_vs_vllm.json", help="JSON; the PNG goes beside it")
+    p.add_argument("--report", default="", metavar="JSON",
+                   help="run nothing: print the tables and redraw the plot of a saved JSON")
     return p
 
 
@@ -191,8 +193,20 @@ def print_report(report: dict) -> None:
         print(report_mod.machine_note(results))
 
 
+def write_plot(report: dict, out: Path) -> None:
+    from vs_vllm_plot import plot
+
+    report["plot"] = str(plot(report, out.with_suffix(".png")))
+    print(f"\njson: {out}\nplot: {report['plot']}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = resolve(build_parser().parse_args(argv))
+    if args.report:
+        report = json.loads(Path(args.report).read_text())
+        print_report(report)
+        write_plot(report, Path(args.report))
+        return report
     venv = vllm_env.ensure_venv()
     args.model = ensure_model(args.model)
     work = Path(args.log_dir or tempfile.mkdtemp(prefix="vs-vllm-"))
@@ -208,11 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["environment"]["load_average_end"] = os.getloadavg()
         out.write_text(json.dumps(report, indent=2, default=str))  # each dtype as it finishes
     print_report(report)
-    from vs_vllm_plot import plot
-
-    report["plot"] = str(plot(report, out.with_suffix(".png")))
+    write_plot(report, out)
     out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"\njson: {out}\nplot: {report['plot']}")
     return report
 
 

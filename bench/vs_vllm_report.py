@@ -10,6 +10,7 @@ better): throughputs are pagewire / vLLM, latencies vLLM / pagewire.
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Sequence
 
@@ -61,13 +62,22 @@ def fmt_spread(s: dict, digits: str = "") -> str:
     return f"{f(s['median'])} ({f(s['min'])}–{f(s['max'])})"
 
 
-def ratio_table(results: dict[str, dict]) -> str:
-    """One row per workload: the per-round ratio of every metric, median (min–max)."""
-    head = "| workload | rounds | " + " | ".join(t for _, t in COLUMNS) + " |"
-    lines = [head, "|---|---:|" + "---:|" * len(COLUMNS)]
+def other_jobs_share(record: dict, cores: int) -> dict:
+    """Spread over all runs of the CPU other jobs used, in % of the machine, while a run went."""
+    return spread([100 * r["other_jobs_cpu_s"][s] / (max(r[s]["client_wall_s"], 1e-9) * cores)
+                   for r in record["rounds"] for s in SERVERS])
+
+
+def ratio_table(results: dict[str, dict], cores: int = 0) -> str:
+    """One row per workload: the per-round ratio of every metric, median (min–max); the last
+    column is how busy other jobs kept the machine meanwhile (% of all cores)."""
+    cores = cores or os.cpu_count() or 1
+    head = "| workload | rounds | " + " | ".join(t for _, t in COLUMNS) + " | other jobs % |"
+    lines = [head, "|---|---:|" + "---:|" * (len(COLUMNS) + 1)]
     for name, record in results.items():
         s = summarize(record)
         cells = [fmt_spread(s[k]["ratio"], ".2f") for k, _ in COLUMNS]
+        cells.append(fmt_spread(other_jobs_share(record, cores), ".0f"))
         lines.append(f"| {name} | {len(record['rounds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -117,10 +127,9 @@ def cpu_table(results: dict[str, dict], names: Sequence[str]) -> str:
 
 def machine_note(results: dict[str, dict], cores: int = 0) -> str:
     """What else used the cores during the runs: the idle server, the client, other jobs."""
-    import os
-
     cores = cores or os.cpu_count() or 1
-    idle, client, others = {s: [] for s in SERVERS}, [], []
+    idle: dict[str, list[float]] = {s: [] for s in SERVERS}
+    client: list[float] = []
     for rec in results.values():
         for r in rec["rounds"]:
             for server in SERVERS:
@@ -129,10 +138,8 @@ def machine_note(results: dict[str, dict], cores: int = 0) -> str:
                 idle[server].append(100 * sum(r["idle_cpu"][server].values())
                                     / max(r[other]["client_wall_s"], 1e-9))
                 client.append(r["client_cpu_s"][server])
-                others.append(100 * r["other_jobs_cpu_s"][server]
-                              / (max(r[server]["client_wall_s"], 1e-9) * cores))
-    o = spread(others)
+    o = spread([v for rec in results.values() for v in [other_jobs_share(rec, cores)["median"]]])
     return (f"idle server while the other ran: pagewire {fmt(spread(idle['pagewire'])['median'])} %,"
             f" vLLM {fmt(spread(idle['vllm'])['median'])} % of a core; client (vllm bench serve) "
             f"{fmt(spread(client)['median'])} CPU-s per run; other jobs on the machine: median "
-            f"{fmt(o['median'])} % of all {cores} cores (max {fmt(o['max'])} %)")
+            f"{fmt(o['median'])} % of all {cores} cores (workload medians {fmt(o['min'])}–{fmt(o['max'])} %)")
