@@ -41,6 +41,7 @@ from vs_vllm_servers import RunningServer, ServerSettings, start_pagewire, start
 
 DEFAULT_MODEL = Path(os.environ.get("PAGEWIRE_CACHE", Path.home() / ".cache/pagewire")) / \
     "models/small-seed0"
+QUIET_PCT = 5.0  # a round is "quiet" when other jobs used less than this share of the machine
 CPU_TABLE_WORKLOADS = (wl.SINGLE.name, wl.BURST.name)  # 1 and 64 streams (issue 12, part 2)
 
 
@@ -185,6 +186,11 @@ def print_report(report: dict) -> None:
         print(f"\n## {dtype}: pagewire relative to vLLM, per-round ratio, median (min–max); "
               "> 1 means pagewire is better\n")
         print(report_mod.ratio_table(results))
+        quiet = report_mod.quiet_rounds(results, QUIET_PCT)
+        print(f"\n{dtype}: the same, quiet rounds only (other jobs < {QUIET_PCT:g} % of the machine"
+              f" in both runs): {sum(len(r['rounds']) for r in quiet.values())} of "
+              f"{sum(len(r['rounds']) for r in results.values())} rounds\n")
+        print(report_mod.ratio_table(quiet) if quiet else "(none)")
         print(f"\n{dtype}: medians (output tok/s with its range; latencies in ms)\n")
         print(report_mod.absolute_table(results))
         print(f"\n{dtype}: CPU per output token, every process (median over rounds)\n")

@@ -68,6 +68,25 @@ def other_jobs_share(record: dict, cores: int) -> dict:
                    for r in record["rounds"] for s in SERVERS])
 
 
+def quiet_rounds(results: dict[str, dict], below_pct: float, cores: int = 0) -> dict[str, dict]:
+    """Only the rounds in which other jobs used under ``below_pct`` % of the machine during both
+    servers' runs; workloads left with none are dropped. On a shared machine the servers do not
+    suffer contention alike (vLLM's threads, bound to every core, lose more), so a ratio from a
+    contended round says more about the neighbours than about either server."""
+    cores = cores or os.cpu_count() or 1
+
+    def quiet(r: dict) -> bool:
+        return all(100 * r["other_jobs_cpu_s"][s] / (max(r[s]["client_wall_s"], 1e-9) * cores)
+                   < below_pct for s in SERVERS)
+
+    out = {}
+    for name, rec in results.items():
+        kept = [r for r in rec["rounds"] if quiet(r)]
+        if kept:
+            out[name] = rec | {"rounds": kept}
+    return out
+
+
 def ratio_table(results: dict[str, dict], cores: int = 0) -> str:
     """One row per workload: the per-round ratio of every metric, median (min–max); the last
     column is how busy other jobs kept the machine meanwhile (% of all cores)."""

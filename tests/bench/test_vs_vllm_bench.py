@@ -113,3 +113,11 @@ def test_venv_key_follows_the_pinned_versions(monkeypatch: pytest.MonkeyPatch) -
     assert key == vllm_env.venv_key("3.11") and key != vllm_env.venv_key("3.12")
     monkeypatch.setattr(vllm_env, "VLLM_VERSION", "0.0.1")
     assert vllm_env.venv_key("3.11") != key
+
+
+def test_quiet_rounds_keep_only_rounds_without_other_jobs() -> None:
+    rec = record([(80, 100), (90, 100), (40, 50)])
+    rec["rounds"][1]["other_jobs_cpu_s"] = {"pagewire": 0.0, "vllm": 0.01}
+    quiet = rep.quiet_rounds({"burst": rec, "busy": record([(1, 1)])}, below_pct=5, cores=2)
+    assert list(quiet) == ["burst"] and len(quiet["burst"]["rounds"]) == 1
+    assert rep.summarize(quiet["burst"])["output_throughput"]["ratio"]["median"] == 0.9
