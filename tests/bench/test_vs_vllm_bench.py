@@ -34,7 +34,7 @@ def record(pairs: list[tuple[float, float]], cpu_s: dict[str, dict[str, float]] 
     rounds = [{"pagewire": metrics(p, 1e3 / p), "vllm": metrics(v, 1e3 / v), "cpu": cpu_s,
                "idle_cpu": {"pagewire": {"worker": 0.1}, "vllm": {"Worker": 0.1}},
                "client_cpu_s": {"pagewire": 6.0, "vllm": 6.0},
-               "other_jobs_cpu_s": {"pagewire": 1.0, "vllm": 1.0}} for p, v in pairs]
+               "other_jobs_cpu_s": {"pagewire": 10.0, "vllm": 10.0}} for p, v in pairs]
     return {"workload": vars(wl.BURST) | {"request_rate": "inf"}, "rounds": rounds}
 
 
