@@ -97,7 +97,9 @@ def test_loading_the_kernel_leaves_the_process_float_environment_alone() -> None
 def test_flat_and_sharply_peaked_softmax_match_the_reference(scale: float) -> None:
     """Scores from near-equal to hundreds apart: the kernel's own exp must hold over the range."""
     case = make_paged_case([300, 77, 129], 16, 2, 64, dtype=torch.float32, device=CPU)
-    q = torch.randn(3, 4, 64)
+    q = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(1))
     args = (q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, scale)
     out = cpu_decode.paged_decode_attention(*args)
-    assert rel_err(out, reference.paged_decode_attention(*args)) < 1e-5
+    # At scale 40 scores reach ~10^3: their float32 rounding alone (different summation orders in
+    # kernel and reference) moves each probability by ~1e-4 relative, whatever exp is used.
+    assert rel_err(out, reference.paged_decode_attention(*args)) < (1e-5 if scale <= 4 else 1e-4)
