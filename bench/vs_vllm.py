@@ -42,7 +42,9 @@ from vs_vllm_servers import RunningServer, ServerSettings, start_pagewire, start
 DEFAULT_MODEL = Path(os.environ.get("PAGEWIRE_CACHE", Path.home() / ".cache/pagewire")) / \
     "models/small-seed0"
 QUIET_PCT = 5.0  # a round is "quiet" when other jobs used less than this share of the machine
-CPU_TABLE_WORKLOADS = (wl.SINGLE.name, wl.BURST.name)  # 1 and 64 streams (issue 12, part 2)
+# 1 and 64 streams (issue 12, part 2), as the issue's rows and as sweep points; and 128
+CPU_TABLE_WORKLOADS = (wl.SINGLE.name, wl.sweep(1).name, wl.BURST.name, wl.sweep(64).name,
+                       wl.sweep(128).name)
 
 
 def parse_list(text: str, kind: type) -> list:
@@ -195,6 +197,9 @@ def print_report(report: dict) -> None:
         print(report_mod.absolute_table(results))
         print(f"\n{dtype}: CPU per output token, every process (median over rounds)\n")
         print(report_mod.cpu_table(results, CPU_TABLE_WORKLOADS))
+        if quiet:
+            print(f"\n{dtype}: CPU per output token, quiet rounds only\n")
+            print(report_mod.cpu_table(quiet, CPU_TABLE_WORKLOADS))
         print(f"\n{report['parity'][dtype]['summary']}")
         print(report_mod.machine_note(results))
 

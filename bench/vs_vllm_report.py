@@ -124,21 +124,23 @@ def cpu_per_token(record: dict, server: str) -> dict[str, dict]:
         for role in roles:
             per[role].append(1e3 * cpu.get(role, 0.0) / tokens)
         per["total"].append(1e3 * sum(cpu.values()) / tokens)
+        per.setdefault("cores", []).append(sum(cpu.values()) / r[server]["duration_s"])
     return {role: spread(v) for role, v in per.items()}
 
 
 def cpu_table(results: dict[str, dict], names: Sequence[str]) -> str:
     """CPU-ms per output token of every process, for the named workloads (both servers)."""
-    lines = ["| workload | server | process | CPU ms / output token | share |",
+    lines = ["| workload | server | process | CPU ms / output token | share (total: CPU-s / s) |",
              "|---|---|---|---:|---:|"]
     for name in names:
         if name not in results:
             continue
         for server in SERVERS:
             per = cpu_per_token(results[name], server)
-            total = per["total"]["median"]
+            total, cores = per["total"]["median"], per.pop("cores")
             for role, s in sorted(per.items(), key=lambda kv: (kv[0] == "total", -kv[1]["median"])):
-                share = "" if role == "total" else f"{100 * s['median'] / total:.0f} %"
+                share = (f"{fmt_spread(cores, '.2f')} cores busy" if role == "total"
+                         else f"{100 * s['median'] / total:.0f} %")
                 label = f"**{role}**" if role == "total" else role
                 lines.append(f"| {name} | {server} | {label} | {fmt_spread(s, '.3f')} | {share} |")
     return "\n".join(lines)

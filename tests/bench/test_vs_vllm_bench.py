@@ -90,7 +90,7 @@ def test_cpu_table_is_ms_per_output_token_per_process() -> None:
     assert per["worker"]["median"] == 3.0 and per["total"]["median"] == 4.0  # 1000 tokens
     table = rep.cpu_table({"burst": record([(100, 100)], cpu_s)}, ["burst", "absent"])
     assert "| burst | pagewire | worker | 3.000 | 75 % |" in table
-    assert "| burst | vllm | **total** | 2.000 |  |" in table
+    assert "| burst | vllm | **total** | 2.000 | 0.20 cores busy |" in table
     assert "other jobs" in rep.machine_note({"burst": record([(100, 100)])}, cores=2)
 
 
