@@ -89,16 +89,7 @@ def completion_call(body: dict[str, Any]) -> CompletionCall:
     call = _call(base, f, chat=False, logprobs=logprobs is not None)
     if call.stream and best_of is not None and best_of != (f.integer("n") or 1):
         raise RequestError.invalid("best_of", "cannot be streamed (candidates are ranked once done)")
-    requests = []
-    for path, prompt in _prompts(f):
-        request = generation_pb2.GenerateRequest()
-        request.CopyFrom(base)
-        if isinstance(prompt, str):
-            request.text = prompt
-        else:
-            request.token_ids.ids.extend(f.token_ids(path, prompt))
-        requests.append(request)
-    return dataclasses.replace(call, requests=requests)
+    return dataclasses.replace(call, requests=_fan_out(base, _prompts(f), f))
 
 
 def chat_call(body: dict[str, Any]) -> CompletionCall:
@@ -147,6 +138,20 @@ def _call(
         [request], chat, bool(f.boolean("stream")), bool(include_usage), logprobs,
         prompt_logprobs=f.get("prompt_logprobs") is not None,
     )
+
+
+def _fan_out(base: Any, items: list[tuple[str, str | list[int]]], f: Fields) -> list[Any]:
+    """One copy of ``base`` (a GenerateRequest or EmbedRequest) per input: text or token ids."""
+    requests = []
+    for path, item in items:
+        request = type(base)()
+        request.CopyFrom(base)
+        if isinstance(item, str):
+            request.text = item
+        else:
+            request.token_ids.ids.extend(f.token_ids(path, item))
+        requests.append(request)
+    return requests
 
 
 def _prompts(f: Fields) -> list[tuple[str, str | list[int]]]:
@@ -262,16 +267,7 @@ def embedding_call(body: dict[str, Any]) -> EmbeddingCall:
         pooling=_POOLINGS[pooling],
         normalize=True if normalize is None else normalize,  # OpenAI's vectors have unit length
     )
-    requests = []
-    for path, item in _embedding_inputs(f.get("input")):
-        request = generation_pb2.EmbedRequest()
-        request.CopyFrom(base)
-        if isinstance(item, str):
-            request.text = item
-        else:
-            request.token_ids.ids.extend(f.token_ids(path, item))
-        requests.append(request)
-    return EmbeddingCall(requests, fmt == "base64")
+    return EmbeddingCall(_fan_out(base, _embedding_inputs(f.get("input")), f), fmt == "base64")
 
 
 def _embedding_inputs(value: Any) -> list[tuple[str, str | list[int]]]:

@@ -71,19 +71,22 @@ async def stream_through_restart(address: str, restart: object) -> dict[str, lis
     return indices
 
 
+async def start_null_stack(stack: Stack, *scheduler_args: str) -> str:
+    """A null worker and a scheduler over it; the scheduler's address."""
+    port = free_port()
+    worker = await stack.start_service(
+        "worker", "worker_svc.null_worker",
+        ["--port", str(port), "--worker-id", "null-0", "--num-blocks", str(NUM_BLOCKS)], port)
+    sched = await stack.start_scheduler(
+        [worker], ["--model-name", "null", "--check-invariants", *scheduler_args])
+    return sched.address
+
+
 def test_redis_restart_mid_generation_loses_and_repeats_nothing(tmp_path: Path) -> None:
     rs = start_redis()
     stack = Stack(model="null", redis_url=rs.url, log_dir=tmp_path)
     try:
-        async def start() -> str:
-            port = free_port()
-            worker = await stack.start_service(
-                "worker", "worker_svc.null_worker",
-                ["--port", str(port), "--worker-id", "null-0", "--num-blocks", str(NUM_BLOCKS)], port)
-            sched = await stack.start_scheduler([worker], ["--model-name", "null", "--check-invariants"])
-            return sched.address
-
-        address = asyncio.run(start())
+        address = asyncio.run(start_null_stack(stack))
         indices = asyncio.run(stream_through_restart(address, rs.restart))
         for rid, seen in indices.items():
             assert seen == list(range(MAX_TOKENS)), f"{rid}: tokens lost or repeated"
@@ -109,16 +112,7 @@ def test_redis_silent_past_the_bound_turns_scheduler_not_serving_until_it_answer
     rs = start_redis()
     stack = Stack(model="null", redis_url=rs.url, log_dir=tmp_path)
     try:
-        async def start() -> str:
-            port = free_port()
-            worker = await stack.start_service(
-                "worker", "worker_svc.null_worker",
-                ["--port", str(port), "--worker-id", "null-0", "--num-blocks", str(NUM_BLOCKS)], port)
-            sched = await stack.start_scheduler(
-                [worker], ["--model-name", "null", "--check-invariants", "--store-timeout-s", "1"])
-            return sched.address
-
-        address = asyncio.run(start())
+        address = asyncio.run(start_null_stack(stack, "--store-timeout-s", "1"))
         seen: list[int] = []
 
         def freeze() -> None:
