@@ -172,7 +172,7 @@ def check_identical(hf: HFReference, prompts: list[str], got: list[list[int]], m
 def test_model_slot_migrated_mid_stream_loses_nothing(
     tiny_model: Path, hf_reference: HFReference, tmp_path: Path
 ) -> None:
-    """The model's slot moves to another master (SETSLOT / MIGRATE) while 6 streams run: writes
+    """The model's slot moves to another master (SETSLOT / MIGRATE) while 32 streams run: writes
     wait or follow the keys (TRYAGAIN, ASK, MOVED), no worker is declared lost, every stream is
     identical to transformers, every block is back, on the new owner."""
     cluster = start_redis_cluster()
@@ -181,7 +181,7 @@ def test_model_slot_migrated_mid_stream_loses_nothing(
     target = (source + 1) % len(cluster.nodes)
     stack = launch_groups(tiny_model, tmp_path, ["a"], ["--num-blocks", str(NUM_BLOCKS * 4)],
                           ["--check-invariants"], redis_url=cluster.url(target))
-    prompts = [f"Migrating stream {i}: " + "the slot moves " * i for i in range(6)]
+    prompts = [f"Migrating stream {i}: " + "the slot moves " * (i % 8) for i in range(32)]
     moved: list[int] = []
     try:
         got = stream_through(stack, prompts, 300,
