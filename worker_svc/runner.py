@@ -121,6 +121,8 @@ class ModelRunner:
         """Whether ``step`` reads host state that a launched, unfinished step writes: the token
         histories of penalized sequences (their penalties need the last token on the host)."""
         t = self.table
+        if not t.penalized.any():  # no penalized sequence held (released rows only err towards True)
+            return False
         rows = t.lookup(step.decodes.seq_ids)
         if len(rows) and t.penalized[rows[rows != NONE]].any():
             return True

@@ -144,6 +144,18 @@ def greedy_request(prompt: str, max_tokens: int, **sampling: object) -> generati
     )
 
 
+def greedy_ids_request(ids: list[int], max_tokens: int) -> generation_pb2.GenerateRequest:
+    """Greedy over token ids, exactly ``max_tokens`` out (EOS ignored)."""
+    return generation_pb2.GenerateRequest(
+        token_ids=generation_pb2.TokenIds(ids=ids),
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+
+
+def synthetic_prompts(lengths: list[int], mul: int, add: int) -> list[list[int]]:
+    """Deterministic token-id prompts of the given lengths, each starting with id 0."""
+    return [[0, *((i * mul + n * add) % 900 + 20 for i in range(n - 1))] for n in lengths]
+
+
 async def run_concurrently(address: str, requests: list[generation_pb2.GenerateRequest]) -> list:
     async with serving.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)

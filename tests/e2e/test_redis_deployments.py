@@ -47,15 +47,6 @@ MAX_TOKENS = 24
 NUM_BLOCKS = 128
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    c = start_redis_cluster()
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
 def non_owner(cluster: RedisCluster, model: Path) -> int:
     slot = key_slot(redis_keys(model).workers().encode())
     return next(i for i in range(len(cluster.nodes)) if i != cluster.owner(slot))

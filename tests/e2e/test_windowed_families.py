@@ -12,10 +12,16 @@ from pathlib import Path
 
 import pytest
 import redis
-from e2e_util import HFReference, launch, redis_keys, run_concurrently
+from e2e_util import (
+    HFReference,
+    greedy_ids_request,
+    launch,
+    redis_keys,
+    run_concurrently,
+    synthetic_prompts,
+)
 
 from pagewire.testmodel_arch import make_arch_model
-from pagewire.v1 import common_pb2, generation_pb2
 
 WINDOW = 24
 FAMILIES = {
@@ -26,23 +32,18 @@ LENGTHS = [1, 9, 25, 40, 57, 70, 88, 120]
 N_OUT = 12
 
 
-def request(ids: list[int]) -> generation_pb2.GenerateRequest:
-    return generation_pb2.GenerateRequest(
-        token_ids=generation_pb2.TokenIds(ids=ids),
-        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=N_OUT, ignore_eos=True))
-
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_windowed_family_streams_match_transformers(arch: str, tmp_path: Path) -> None:
     model = make_arch_model(tmp_path / arch, arch, **FAMILIES[arch])
     hf = HFReference(model)
-    prompts = [[0, *((i * 37 + n * 11) % 900 + 20 for i in range(n - 1))] for n in LENGTHS]
+    prompts = synthetic_prompts(LENGTHS, 37, 11)
     expected = [hf.greedy(p, N_OUT, stop_at_eos=False) for p in prompts]
     stack = launch(model, tmp_path / "logs",
                    worker_args=["--num-blocks", "40", "--block-size", "8"],
                    scheduler_args=["--max-num-batched-tokens", "48", "--check-invariants"])
     try:
-        results = asyncio.run(run_concurrently(stack.router, [request(p) for p in prompts]))
+        results = asyncio.run(run_concurrently(stack.router, [greedy_ids_request(p, N_OUT) for p in prompts]))
         assert [ids for ids, _, _ in results] == expected
         load = redis.Redis.from_url(stack.redis_url).hgetall(
             redis_keys(model).worker_load("worker-0"))
@@ -51,7 +52,7 @@ def test_windowed_family_streams_match_transformers(arch: str, tmp_path: Path) -
         # prompt served alone is the most recently used, so its repeat must hit the cache.
         for _ in range(2):
             [(ids, _, final)] = asyncio.run(
-                run_concurrently(stack.router, [request(prompts[-1])]))
+                run_concurrently(stack.router, [greedy_ids_request(prompts[-1], N_OUT)]))
             assert ids == expected[-1]
         assert final.usage.cached_tokens > WINDOW
     finally:

@@ -4,22 +4,12 @@ each way a store can be misconfigured -- never the password."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from pagewire import redis_client
-from pagewire.redis_cluster import RedisCluster, start_redis_cluster
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    c = start_redis_cluster()
-    try:
-        yield c
-    finally:
-        c.stop()
+from pagewire.redis_cluster import RedisCluster
 
 
 def connect(url: str) -> redis_client.Client:
