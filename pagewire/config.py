@@ -92,6 +92,8 @@ class RouterConfig(CommonConfig):
     api_key: str = opt("", "Bearer token the public API requires (gRPC 'authorization' metadata, HTTP header). Empty: none.", "PAGEWIRE_API_KEY")
     routing_policy: str = opt("prefix", "prefix (cached tokens vs load), least-load, or round-robin.")
     chat_template: str = opt("", "Jinja chat template file. Empty: the tokenizer's own.")
+    tool_call_parser: str = opt("", "Parse tool calls out of chat output for tool_choice auto: hermes, llama3_json or mistral (vLLM's --tool-call-parser). Empty: auto is refused.")
+    reasoning_parser: str = opt("", "Split chat output into reasoning_content and content: deepseek_r1 or qwen3. Empty: off.")
     max_n: int = opt(16, "Most completions per request (n).")
     max_stop_strings: int = opt(16, "Most stop strings per request.")
     max_logprobs: int = opt(20, "Most top logprobs per token.")

@@ -32,7 +32,8 @@ from pagewire import tracing
 from pagewire.metrics import RequestTimer, RouterMetrics
 from pagewire.sampling import MAX_SEED, Limits, SamplingParams, ValidationError, validate
 from pagewire.v1 import common_pb2, generation_pb2, scheduler_pb2
-from router import best_of
+from router import best_of, tools
+from router.chat_output import OutputSpec
 from router.completion import CompletionStream
 from router.errors import RequestError
 from router.model import ServedModel
@@ -53,6 +54,7 @@ class Plan:
     priority: int
     echo_text: str | None = None  # echo: the prompt's text, sent back with each completion
     prompt_only: bool = False  # echo with max_tokens 0: the generated token is dropped
+    output: OutputSpec | None = None  # chat: reasoning and tool calls parsed out of the text
 
     @property
     def candidates(self) -> int:
@@ -104,7 +106,10 @@ class Generator:
             raise RequestError.invalid(
                 "priority", f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {request.priority}"
             )
-        prompt = await self.model.prompt_ids(request, "prompt")
+        chat_tools = tools.check_tools(request.chat) if request.HasField("chat") else None
+        template_tools = chat_tools.template_tools if chat_tools is not None else None
+        prompt = await self.model.prompt_ids(request, "prompt", template_tools)
+        output = None if chat_tools is None else self._output_spec(chat_tools, prompt)
         sampling = request.sampling
         room = self.model.max_model_len - len(prompt)
         prompt_only = request.echo and sampling.HasField("max_tokens") and sampling.max_tokens == 0
@@ -122,12 +127,28 @@ class Generator:
             )
         except ValidationError as e:
             raise RequestError.from_validation(e) from None
+        if output is not None and output.tool_parser == "mistral":
+            # [TOOL_CALLS] is a control token: skipping special tokens would hide the calls.
+            params = dataclasses.replace(params, skip_special_tokens=False)
         echo_text = None
         if request.echo:
             kind = request.WhichOneof("prompt")
             echo_text = request.text if kind == "text" else self.model.tokenizer.decode(prompt)
         rid = request.request_id or uuid.uuid4().hex
-        return Plan(rid, prompt, params, request.priority, echo_text, prompt_only)
+        return Plan(rid, prompt, params, request.priority, echo_text, prompt_only, output)
+
+    def _output_spec(self, chat_tools: tools.ChatTools, prompt: list[int]) -> OutputSpec | None:
+        tail = self.model.tokenizer.decode(prompt[-4:]) if self.model.reasoning_parser else ""
+        spec = tools.output_spec(
+            chat_tools, self.model.tool_call_parser, self.model.reasoning_parser, tail
+        )
+        if spec is not None and spec.tool_parser in ("required", "named"):
+            raise RequestError.invalid(
+                "tool_choice",
+                '"required" and a named function need structured outputs, not served yet; '
+                'use "auto" or "none"',
+            )
+        return spec
 
     async def stream(
         self, plan: Plan, parent: Context | None = None
@@ -156,7 +177,8 @@ class Generator:
         }, kind=tracing.SpanKind.SERVER)
         completions = [
             CompletionStream(plan.rid, i, plan.prompt, plan.params, self.model.tokenizer,
-                             echo_text=plan.echo_text, prompt_only=plan.prompt_only)
+                             echo_text=plan.echo_text, prompt_only=plan.prompt_only,
+                             output=plan.output)
             for i in range(n)
         ]
         timers = [RequestTimer() for _ in range(n)]

@@ -11,13 +11,14 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagewire.config import RouterConfig
+from router import reasoning_parsers, tool_parsers
 from router.chat import check_messages, render_chat
 from router.errors import RequestError
 
@@ -33,6 +34,8 @@ class ServedModel:
     vocab_size: int
     max_prompt_chars: int
     chat_template: str | None = None  # None: the tokenizer's own
+    tool_call_parser: str = ""  # --tool-call-parser: tool_choice auto parses calls with it
+    reasoning_parser: str = ""  # --reasoning-parser: chat output split into reasoning, content
 
     @classmethod
     def load(cls, cfg: RouterConfig) -> ServedModel:
@@ -43,6 +46,12 @@ class ServedModel:
             if not path.is_file():
                 raise SystemExit(f"--chat-template: no such file {path}")
             template = path.read_text()
+        for flag, name, known in (
+            ("--tool-call-parser", cfg.tool_call_parser, tool_parsers.PARSERS),
+            ("--reasoning-parser", cfg.reasoning_parser, reasoning_parsers.PARSERS),
+        ):
+            if name and name not in known:
+                raise SystemExit(f"{flag}: unknown parser {name!r}; known: {', '.join(known)}")
         return cls(
             name=cfg.served_model_name or Path(cfg.model).resolve().name,
             tokenizer=AutoTokenizer.from_pretrained(cfg.model),
@@ -50,6 +59,8 @@ class ServedModel:
             vocab_size=int(hf_config["vocab_size"]),
             max_prompt_chars=cfg.max_prompt_chars,
             chat_template=template,
+            tool_call_parser=cfg.tool_call_parser,
+            reasoning_parser=cfg.reasoning_parser,
         )
 
     def check_name(self, model: str) -> None:
@@ -68,10 +79,13 @@ class ServedModel:
                 field, f"each id must be in [0, {self.vocab_size}), got {bad}"
             )
 
-    async def prompt_ids(self, request: Message, oneof: str) -> list[int]:
+    async def prompt_ids(
+        self, request: Message, oneof: str, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         """Token ids of the request's ``oneof`` prompt (text, token_ids or chat); [] if unset.
 
         Text is tokenized as the tokenizer does for a prompt (BOS added); ids are used as given.
+        A chat is rendered with ``tools`` (checked by router.tools) when it has any.
         """
         kind = request.WhichOneof(oneof)
         if kind == "token_ids":
@@ -83,7 +97,7 @@ class ServedModel:
             check_messages(chat, self.max_prompt_chars)
             size = sum(len(m.content) for m in chat.messages)
             return await _maybe_in_thread(
-                size, lambda: render_chat(self.tokenizer, chat, self.chat_template)
+                size, lambda: render_chat(self.tokenizer, chat, self.chat_template, tools)
             )
         text: str = request.text if kind == "text" else ""  # type: ignore[attr-defined]
         return await self.encode(text, field=oneof)

@@ -6,8 +6,9 @@ Besides OpenAI's fields, vLLM's sampling extras are accepted (``top_k``, ``min_p
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
 ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``) so clients that
 send them through ``extra_body`` get vLLM's behaviour. Unknown fields are ignored; known fields
-pagewire cannot honour (``suffix``, ``response_format`` other than text, tools, vLLM's
-``guided_*`` and ``structured_outputs``) are refused rather than silently dropped.
+pagewire cannot honour (``suffix``, ``response_format`` other than text, vLLM's ``guided_*`` and
+``structured_outputs``) are refused rather than silently dropped. Chat's tool fields are
+translated by ``router.openai_tools``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from pagewire.v1 import common_pb2, generation_pb2
 from router.errors import RequestError
 from router.openai_fields import Fields, is_int32, parse_body
+from router.openai_tools import set_message_tools, set_tools
 
 __all__ = ["chat_call", "completion_call", "embedding_call", "parse_body"]
 
@@ -69,6 +71,8 @@ class EmbeddingCall:
 def completion_call(body: dict[str, Any]) -> CompletionCall:
     f = Fields(body)
     _refuse_unconstrained(f)
+    for name in ("tools", "tool_choice"):
+        f.refuse(name)  # a chat field
     f.refuse("user_defined_tokens")
     if f.get("suffix") not in (None, ""):
         raise RequestError.invalid(
@@ -95,10 +99,11 @@ def completion_call(body: dict[str, Any]) -> CompletionCall:
 def chat_call(body: dict[str, Any]) -> CompletionCall:
     f = Fields(body)
     _refuse_unconstrained(f)
-    for name in ("functions", "audio"):
+    for name in ("functions", "function_call", "audio"):
         f.refuse(name)
     request = generation_pb2.GenerateRequest(model=f.string("model") or "")
     set_messages(request.chat, f)
+    set_tools(request.chat, f)
     _set_sampling(request.sampling, f, max_tokens=("max_completion_tokens", "max_tokens"))
     logprobs = bool(f.boolean("logprobs"))
     top = f.integer("top_logprobs")
@@ -110,9 +115,9 @@ def chat_call(body: dict[str, Any]) -> CompletionCall:
 
 
 def _refuse_unconstrained(f: Fields) -> None:
-    """Fields that constrain the output (structured outputs, tools) are refused, naming the
-    field, until a grammar engine serves them: unconstrained text would be served silently
-    wrong. The vLLM extras among them arrive through ``extra_body``."""
+    """Fields that constrain the output (structured outputs) are refused, naming the field,
+    until a grammar engine serves them: unconstrained text would be served silently wrong.
+    The vLLM extras among them arrive through ``extra_body``."""
     fmt = f.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise RequestError.invalid(
@@ -121,10 +126,6 @@ def _refuse_unconstrained(f: Fields) -> None:
     for name in _CONSTRAINTS:
         if f.get(name) is not None:
             raise RequestError.invalid(name, "is not supported yet (no structured outputs)")
-    if f.get("tools") not in (None, []):
-        raise RequestError.invalid("tools", "is not supported yet (no tool calling)")
-    if f.get("tool_choice") not in (None, "none", "auto"):
-        raise RequestError.invalid("tool_choice", "is not supported yet (no tool calling)")
 
 
 def _call(
@@ -184,7 +185,8 @@ def set_messages(chat: generation_pb2.Chat, f: Fields) -> None:
         role = message.get("role")
         if not isinstance(role, str):
             raise RequestError.invalid(f"messages[{i}].role", "must be a string")
-        chat.messages.add(role=role, content=_content(message.get("content"), f"messages[{i}]"))
+        added = chat.messages.add(role=role, content=_content(message.get("content"), f"messages[{i}]"))
+        set_message_tools(added, message, f"messages[{i}]")
     add = f.boolean("add_generation_prompt")
     if add is not None:
         chat.add_generation_prompt = add

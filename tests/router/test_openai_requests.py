@@ -7,7 +7,7 @@ import json
 import grpc
 import pytest
 
-from pagewire.v1 import common_pb2
+from pagewire.v1 import common_pb2, generation_pb2
 from router.errors import RequestError
 from router.openai_requests import chat_call, completion_call, embedding_call, parse_body
 
@@ -178,10 +178,42 @@ def test_chat_logprobs_without_top_logprobs_is_the_sampled_token_only() -> None:
             "messages[0].content[0]",
         ),
         ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-        (
-            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-            "tools",
+        *(
+            ({"messages": [{"role": "user", "content": "x"}], "tools": tools}, field)
+            for tools, field in [
+                ({"type": "function"}, "tools"),
+                ([{"type": "function"}], "tools[0].function"),
+                ([{"type": "retrieval", "function": {"name": "f"}}], "tools[0].type"),
+                ([{"type": "function", "function": {"name": 3}}], "tools[0].function.name"),
+                (
+                    [{"type": "function", "function": {"name": "f", "parameters": "{}"}}],
+                    "tools[0].function.parameters",
+                ),
+                (
+                    [{"type": "function", "function": {"name": "f", "strict": True}}],
+                    "tools[0].function.strict",
+                ),
+            ]
         ),
+        *(
+            ({"messages": [{"role": "user", "content": "x"}], "tool_choice": value}, "tool_choice")
+            for value in ["any", 5, {"type": "function"}, {"function": {"name": "f"}}]
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "parallel_tool_calls": "yes"},
+            "parallel_tool_calls",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+            "messages[0].tool_calls[0].function",
+        ),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": {}}}
+            ]}]},
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        ({"messages": [{"role": "tool", "content": "42"}]}, "messages[0].tool_call_id"),
         (
             {
                 "messages": [{"role": "user", "content": "x"}],
@@ -197,7 +229,7 @@ def test_chat_logprobs_without_top_logprobs_is_the_sampled_token_only() -> None:
                 ("guided_choice", ["yes", "no"]),
                 ("guided_grammar", "root ::= 'a'"),
                 ("structured_outputs", {"json": {"type": "object"}}),
-                ("tool_choice", "required"),
+                ("functions", [{"name": "f"}]),
             ]
         ),
     ],
@@ -287,3 +319,44 @@ def test_logit_bias_and_best_of_map_onto_sampling_params() -> None:
     assert r.sampling.best_of == 4
     chat = chat_call({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"3": 1}})
     assert dict(chat.request.sampling.logit_bias) == {3: 1.0}
+
+
+def test_chat_tools_and_tool_turns_map_onto_the_chat() -> None:
+    weather = {"type": "object", "properties": {"city": {"type": "string"}}}
+    body = {
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+            }]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ],
+        "tools": [{"type": "function", "function": {
+            "name": "get_weather", "description": "Weather now", "parameters": weather,
+        }}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False,
+    }
+    chat = chat_call(body).request.chat
+    tool = chat.tools[0]
+    assert (tool.name, tool.description, json.loads(tool.parameters)) == (
+        "get_weather", "Weather now", weather
+    )
+    assert chat.tool_choice.mode == generation_pb2.ToolChoice.MODE_FUNCTION
+    assert chat.tool_choice.function == "get_weather"
+    assert chat.parallel_tool_calls is False
+    call = chat.messages[1].tool_calls[0]
+    assert (call.id, call.name, call.arguments) == ("call_1", "get_weather", '{"city": "Oslo"}')
+    assert chat.messages[1].content == ""
+    assert chat.messages[2].tool_call_id == "call_1"
+    modes = {v: chat_call({**body, "tool_choice": v}).request.chat.tool_choice.mode
+             for v in ("none", "auto", "required")}
+    assert modes == {"none": generation_pb2.ToolChoice.MODE_NONE,
+                     "auto": generation_pb2.ToolChoice.MODE_AUTO,
+                     "required": generation_pb2.ToolChoice.MODE_REQUIRED}
+
+
+def test_completions_refuse_chat_tool_fields() -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert refused(completion_call, {"prompt": "x", "tools": tools}).field == "tools"
