@@ -53,6 +53,9 @@ async def _up(args: argparse.Namespace) -> int:
     router_args = ["--http-port", str(args.http_port)]
     if args.api_key:
         router_args += ["--api-key", args.api_key]
+    for flag in ("chat_template", "tool_call_parser", "reasoning_parser"):
+        if getattr(args, flag):
+            router_args += ["--" + flag.replace("_", "-"), getattr(args, flag)]
     try:
         stack = await start_stack(
             model,
@@ -139,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", default=os.environ.get("PAGEWIRE_API_KEY", ""),
                     help="bearer token the public API requires (env PAGEWIRE_API_KEY)")
     up.add_argument("--log-dir", default="", help="write each service's log here")
+    up.add_argument("--chat-template", default="", help="Jinja chat template file for the router")
+    up.add_argument("--tool-call-parser", default="",
+                    help="parse tool calls for tool_choice auto: hermes, llama3_json, mistral")
+    up.add_argument("--reasoning-parser", default="",
+                    help="split chat output into reasoning_content: deepseek_r1, qwen3")
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")
     gen.add_argument("prompt")

@@ -72,6 +72,17 @@ def ids(*values: int) -> generation_pb2.TokenIds:
 
 
 USER = [{"role": "user", "content": "hi"}]
+Mode = generation_pb2.ToolChoice.Mode
+TOOL = generation_pb2.Tool(name="f", parameters='{"type": "object", "properties": {}}')
+F_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def tool_chat(*tools: generation_pb2.Tool, mode: int = 0, function: str = "") -> generation_pb2.Chat:
+    c = chat(("user", "hi"))
+    c.tools.extend(tools)
+    c.tool_choice.mode, c.tool_choice.function = mode, function
+    return c
+
 LONG = "x" * (MAX_CHARS + 1)
 BAD_UTF8_GRPC = gen().SerializeToString().replace(b"hi", b"\xff\xfe")
 BAD_UTF8_PROMPT = b'{"prompt": "caf\xe9"}'  # Latin-1
@@ -134,9 +145,45 @@ TABLE = [
                           ("structured_outputs", {"choice": ["a"]})]),
     *(Row(f"{name} (chat)", name, None, chatc(USER, **{name: value}))
       for name, value in [("guided_json", {"type": "object"}), ("guided_choice", ["yes"]),
-                          ("response_format", {"type": "json_schema", "json_schema": {}}),
-                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
-                          ("tool_choice", "required")]),
+                          ("response_format", {"type": "json_schema", "json_schema": {}})]),
+    Row("tools without --tool-call-parser (auto)", "tool_choice",
+        gen(chat=tool_chat(TOOL)), chatc(USER, tools=[F_TOOL])),
+    Row("tool_choice required (no structured outputs)", "tool_choice",
+        gen(chat=tool_chat(TOOL, mode=Mode.MODE_REQUIRED)),
+        chatc(USER, tools=[F_TOOL], tool_choice="required")),
+    Row("tool_choice naming a missing tool", "tool_choice",
+        gen(chat=tool_chat(TOOL, mode=Mode.MODE_FUNCTION, function="g")),
+        chatc(USER, tools=[F_TOOL], tool_choice={"type": "function", "function": {"name": "g"}})),
+    Row("tool_choice required without tools", "tool_choice",
+        gen(chat=tool_chat(mode=Mode.MODE_REQUIRED)), chatc(USER, tool_choice="required")),
+    Row("tool_choice not a choice", "tool_choice", None, chatc(USER, tool_choice="always")),
+    Row("unknown tool type", "tools[0].type", None,
+        chatc(USER, tools=[{"type": "retrieval", "function": {"name": "f"}}])),
+    Row("tool without a function", "tools[0].function", None,
+        chatc(USER, tools=[{"type": "function"}])),
+    Row("bad tool name", "tools[0].function.name",
+        gen(chat=tool_chat(generation_pb2.Tool(name="get weather"))),
+        chatc(USER, tools=[{"type": "function", "function": {"name": "get weather"}}])),
+    Row("tool name twice", "tools[1].function.name", gen(chat=tool_chat(TOOL, TOOL)),
+        chatc(USER, tools=[F_TOOL, F_TOOL], tool_choice="none")),
+    Row("tool parameters not a JSON schema", "tools[0].function.parameters",
+        gen(chat=tool_chat(generation_pb2.Tool(name="f", parameters='{"type": 7}'))),
+        chatc(USER, tools=[{"type": "function",
+                            "function": {"name": "f", "parameters": {"type": 7}}}])),
+    Row("tool parameters not an object", "tools[0].function.parameters", None,
+        chatc(USER, tools=[{"type": "function", "function": {"name": "f", "parameters": []}}])),
+    Row("parallel_tool_calls not a boolean", "parallel_tool_calls", None,
+        chatc(USER, tools=[F_TOOL], parallel_tool_calls="no")),
+    Row("tool turn without tool_call_id", "messages[1].tool_call_id", None,
+        chatc([*USER, {"role": "tool", "content": "42"}])),
+    Row("tool call arguments not a JSON object", "messages[1].tool_calls[0].function.arguments",
+        gen(chat=generation_pb2.Chat(messages=[
+            generation_pb2.ChatMessage(role="user", content="hi"),
+            generation_pb2.ChatMessage(role="assistant", tool_calls=[
+                generation_pb2.ToolCall(id="c", name="f", arguments="not json")])])),
+        chatc([*USER, {"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}]}])),
+    Row("tools in completions", "tools", None, cmpl(tools=[F_TOOL])),
     Row("echo not a boolean", "echo", None, cmpl(echo="yes")),
     Row("tokenize without a prompt", "prompt", None, ("/tokenize", {})),
     Row("tokenize of an unknown model", "model", None,

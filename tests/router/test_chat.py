@@ -6,12 +6,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tool_chat import HERMES_TEMPLATE, TIME_TOOL, WEATHER_TOOL
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagewire.v1 import generation_pb2
 from router.chat import check_messages, render_chat
 from router.errors import RequestError
-from tests.tool_chat import HERMES_TEMPLATE, TIME_TOOL, WEATHER_TOOL
 
 MESSAGES = [("system", "Answer briefly."), ("user", "What is a paged KV cache?")]
 

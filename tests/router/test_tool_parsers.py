@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from parsed_util import run, same_for_every_split
 
 from router.tool_parsers import (
     HermesParser,
@@ -13,7 +14,6 @@ from router.tool_parsers import (
     NamedParser,
     required_parser,
 )
-from tests.router.parsed_util import run, same_for_every_split
 
 WEATHER = '{"city": "Paris", "days": [1, 2], "note": "a \\"quoted\\" } brace"}'
 
