@@ -479,6 +479,8 @@ class WorkerEngine:
                 seq.prompt_len = len(req.prompt)
                 seq.pooling = req.pooling  # type: ignore[assignment]
                 seq.trace_context.update(req.trace_context)
+                if req.params.structured is not None:  # the worker replays them into a matcher
+                    seq.output_ids.extend(req.output)
             else:
                 seq.block_ids.extend(s.new_blocks)
         await call.write(step)

@@ -28,6 +28,7 @@ from torch import Tensor
 from kernels import AttentionBackend
 from pagewire.v1 import common_pb2, worker_pb2
 from worker_svc import prompt_outputs
+from worker_svc.constraints import Constraints, GrammarState, apply_bitmask
 from worker_svc.cuda_graphs import DecodeGraphs, pad_columns
 from worker_svc.logits import (
     Penalties,
@@ -75,6 +76,8 @@ class PendingStep:
     logprobs: tuple[Tensor, Tensor, list[int], np.ndarray] | None = None  # raw, chosen, k, rows
     # Penalized rows: their token histories (captured at launch) and the sampled positions.
     histories: list[tuple[int, TokenHistory | None, int]] | None = None
+    # Constrained rows: (row in the result, matcher) to advance by the sampled token.
+    grammars: list[tuple[int, GrammarState]] | None = None
 
     def ready(self) -> bool:
         """The sampled tokens are on the host (finish() will not block)."""
@@ -95,6 +98,7 @@ class ModelRunner:
         device: torch.device,
         eos_token_ids: Sequence[int] = (),
         graphs: DecodeGraphs | None = None,
+        constraints: Constraints | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -104,6 +108,7 @@ class ModelRunner:
         self.vocab_size = model.cfg.vocab_size
         self.table = SequenceTable(eos_token_ids)
         self.graphs = graphs
+        self.constraints = constraints  # None: structured output is not served (no tokenizer)
         self.uploader = Uploader(device)
         # Each row's last sampled token, on the device: what a decode feeds when the host has not
         # seen that token yet (the step that sampled it may still be running).
@@ -119,16 +124,17 @@ class ModelRunner:
 
     def depends_on_pending(self, step: worker_pb2.Step) -> bool:
         """Whether ``step`` reads host state that a launched, unfinished step writes: the token
-        histories of penalized sequences (their penalties need the last token on the host)."""
+        histories of penalized sequences (their penalties need the last token on the host) and the
+        matchers of constrained ones (their next mask depends on the token just drawn)."""
         t = self.table
-        if not t.penalized.any():  # no penalized sequence held (released rows only err towards True)
+        if not (t.penalized.any() or t.constrained.any()):  # none held: the common case
             return False
+        waits = t.penalized | t.constrained
         rows = t.lookup(step.decodes.seq_ids)
-        if len(rows) and t.penalized[rows[rows != NONE]].any():
+        if len(rows) and waits[rows[rows != NONE]].any():
             return True
         return any(
-            (row := t.rows.get(s.seq_id)) is not None and bool(t.penalized[row])
-            for s in step.seqs
+            (row := t.rows.get(s.seq_id)) is not None and bool(waits[row]) for s in step.seqs
         )
 
     @torch.inference_mode()
@@ -173,6 +179,8 @@ class ModelRunner:
             for at, history, position in pending.histories or ():
                 assert history is not None
                 history.put(position, tokens[at : at + 1])
+            for at, grammar in pending.grammars or ():
+                grammar.accept(int(tokens[at]))
             result.seq_ids.extend(pending.seq_ids)
             result.token_ids.extend(tokens.tolist())
             if pending.logprobs is not None:
@@ -219,6 +227,10 @@ class ModelRunner:
             if not s.new:
                 table.extend_blocks(row, s.block_ids)
             e = table.extra(row)
+            if s.new and e.params.structured is not None:
+                if self.constraints is None:
+                    raise ValueError("structured output needs the worker's Constraints")
+                e.grammar = self.constraints.start(e.params.structured, s.output_ids)
             if e.history is not None and s.token_ids:
                 e.history.put(s.start_pos, s.token_ids)
             if s.sample and e.prompt_len is None:
@@ -284,6 +296,9 @@ class ModelRunner:
             extras = [t.extra(r) for r in rows[biased]]
             bias_tokens(logits, biased, [e.bias_ids for e in extras],
                         [e.bias_values for e in extras])
+        constrained = np.flatnonzero(t.constrained[rows])
+        if len(constrained):
+            pending.grammars = self._constrain(logits, rows, constrained)
         early = np.flatnonzero(picks.output_index < t.min_tokens[rows])
         if len(early):
             mask_tokens(logits, early, [t.extra(r).stop_ids for r in rows[early]])
@@ -301,6 +316,20 @@ class ModelRunner:
         if raw is not None:
             chosen = tokens[torch.from_numpy(want).to(dev, non_blocking=True)]
             pending.logprobs = (raw, chosen, t.logprobs[rows[want]].tolist(), want)
+
+    def _constrain(
+        self, logits: Tensor, rows: np.ndarray, constrained: np.ndarray
+    ) -> list[tuple[int, GrammarState]]:
+        """Mask the constrained rows' logits with their matchers' next-token bitmask (one fill,
+        one upload, one batched masked fill); the matchers to advance once the tokens are in."""
+        assert self.constraints is not None  # a constrained row exists only with constraints
+        states = [t.grammar for t in (self.table.extra(r) for r in rows[constrained])]
+        assert all(s is not None for s in states)
+        mask = self.constraints.fill(states, constrained.tolist(), len(rows))  # type: ignore[arg-type]
+        if self.device.type != "cpu":
+            mask = mask.pin_memory().to(self.device, non_blocking=True)
+        apply_bitmask(logits, mask, constrained.tolist())
+        return list(zip(constrained.tolist(), states, strict=True))  # type: ignore[arg-type]
 
     def _penalties(self, rows: np.ndarray, penalized: np.ndarray) -> Penalties:
         t = self.table

@@ -26,6 +26,7 @@ from pagewire import guarded_service, logs, metrics, redis_client, serving, trac
 from pagewire.redis_keys import RedisKeys
 from pagewire.tls import TLSFiles
 from pagewire.v1 import worker_pb2, worker_pb2_grpc
+from worker_svc.constraints import Constraints
 from worker_svc.cuda_graphs import DecodeGraphs
 from worker_svc.loader import load_model, read_model_dir, resolve_dtype
 from worker_svc.runner import ModelRunner, PendingStep, allocate_kv_cache, kv_block_bytes
@@ -68,8 +69,9 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
     if cfg.cuda_graphs and device.type == "cuda":
         graphs = DecodeGraphs(model, caches, backend, device, cfg.block_size, max_len,
                               cfg.max_num_seqs)
+    constraints = Constraints(cfg.model, model.cfg.vocab_size, files.eos_token_ids)
     runner = ModelRunner(model, caches, cfg.block_size, backend, device, files.eos_token_ids,
-                         graphs)
+                         graphs, constraints)
     info = worker_pb2.WorkerInfo(
         worker_id=cfg.worker_id or f"{cfg.host}:{cfg.port}",
         model=cfg.served_model_name or Path(cfg.model).resolve().name,

@@ -85,6 +85,8 @@ class Driver:
                     s.sampling.CopyFrom(t.sampling)
                     s.pooling = t.pooling  # type: ignore[assignment]
                     s.prompt_len = len(t.prompt) if t.tell_prompt_len else 0
+                    if t.sampling.HasField("structured"):  # as the scheduler sends them
+                        s.output_ids.extend(t.output)
                 t.fed, t.prefilling = end, end < len(t.known)
             else:
                 new = self._grow(t, t.fed + 1)
