@@ -4,7 +4,8 @@ The router's parsers (``--reasoning-parser``, ``--tool-call-parser``) run here, 
 stop strings have let through, in order: reasoning first, then tool calls out of the content part
 only. Each GenerateResponse leaves with ``text`` = new content, ``reasoning_text`` and
 ``tool_calls`` deltas, so the gRPC and HTTP fronts both get parsed output. A completion that made
-calls and ended naturally finishes with FINISH_REASON_TOOL_CALLS, as OpenAI's "tool_calls".
+calls and ended naturally finishes with FINISH_REASON_TOOL_CALLS, as OpenAI's "tool_calls"
+(except a function named by tool_choice: OpenAI ends those "stop").
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ChatOutput:
         if spec.reasoning_parser is not None:
             self.think = reasoning_parsers.PARSERS[spec.reasoning_parser](spec.prompt_tail)
         self.tools: ToolParser | None = None
+        self.named = spec.tool_parser == "named"  # a forced function ends "stop", as OpenAI's
         if spec.tool_parser == "named":
             self.tools = tool_parsers.NamedParser(spec.function)
         elif spec.tool_parser == "required":
@@ -55,7 +57,7 @@ class ChatOutput:
             response.tool_calls.add(
                 index=call.index, id=call.id, name=call.name, arguments=call.arguments
             )
-        made_calls = self.tools is not None and self.tools.calls > 0
+        made_calls = self.tools is not None and self.tools.calls > 0 and not self.named
         if final and made_calls and response.finish_reason == common_pb2.FINISH_REASON_STOP:
             response.finish_reason = common_pb2.FINISH_REASON_TOOL_CALLS
 

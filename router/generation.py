@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,9 +29,10 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry.context import Context
 
-from pagewire import tracing
+from pagewire import structured, tracing
 from pagewire.metrics import RequestTimer, RouterMetrics
 from pagewire.sampling import MAX_SEED, Limits, SamplingParams, ValidationError, validate
+from pagewire.structured import StructuredOutput
 from pagewire.v1 import common_pb2, generation_pb2, scheduler_pb2
 from router import best_of, tools
 from router.chat_output import OutputSpec
@@ -129,6 +131,8 @@ class Generator:
             raise RequestError.from_validation(e) from None
         if params.structured is not None:  # the worker's matcher lands in the next commits
             raise RequestError.invalid("structured", "not served yet")
+        if chat_tools is not None:
+            params = _constrain_to_tools(params, chat_tools)
         if output is not None and output.tool_parser == "mistral":
             # [TOOL_CALLS] is a control token: skipping special tokens would hide the calls.
             params = dataclasses.replace(params, skip_special_tokens=False)
@@ -141,16 +145,9 @@ class Generator:
 
     def _output_spec(self, chat_tools: tools.ChatTools, prompt: list[int]) -> OutputSpec | None:
         tail = self.model.tokenizer.decode(prompt[-4:]) if self.model.reasoning_parser else ""
-        spec = tools.output_spec(
+        return tools.output_spec(
             chat_tools, self.model.tool_call_parser, self.model.reasoning_parser, tail
         )
-        if spec is not None and spec.tool_parser in ("required", "named"):
-            raise RequestError.invalid(
-                "tool_choice",
-                '"required" and a named function need structured outputs, not served yet; '
-                'use "auto" or "none"',
-            )
-        return spec
 
     async def stream(
         self, plan: Plan, parent: Context | None = None
@@ -252,6 +249,20 @@ class Generator:
             tracing.WORKER_ID: worker_id,
         }, error=error)
 
+
+
+def _constrain_to_tools(params: SamplingParams, chat_tools: tools.ChatTools) -> SamplingParams:
+    """tool_choice required or a named function: the output must parse as the calls, so the
+    structured-output engine holds it to their JSON schema (as vLLM does)."""
+    schema = tools.constraint_schema(chat_tools)
+    if schema is None:
+        return params
+    if params.structured is not None:
+        raise RequestError.invalid(
+            "tool_choice", "required or a named function cannot be combined with structured outputs"
+        )
+    spec = StructuredOutput(structured.JSON_SCHEMA, json.dumps(schema, ensure_ascii=False))
+    return dataclasses.replace(params, structured=spec)
 
 
 def _release(link: SchedulerLink, plan: Plan, completion: CompletionStream) -> None:

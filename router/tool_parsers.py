@@ -77,6 +77,8 @@ class ToolParser:
     text to decide.
     """
 
+    gives_back = True  # the text of a block that is not a call is content
+
     def __init__(self, parallel: bool = True, new_id: Callable[[], str] = new_call_id) -> None:
         self.parallel = parallel
         self.new_id = new_id
@@ -166,7 +168,10 @@ class ToolParser:
         return "done" if self._announced else "failed"
 
     def _give_back(self, out: Parsed | None = None) -> None:
-        """The text of a call that was not one, as content (with the whitespace before it)."""
+        """The text of a call that was not one, as content (with the whitespace before it).
+        Constrained output (required, named) is calls only: a cut-off one is dropped."""
+        if not self.gives_back:
+            return
         self._ws = self._ws_before + self._ws
         self._content(self._call_text, out)
 
@@ -309,6 +314,8 @@ class MistralParser(ToolParser):
 class NamedParser(ToolParser):
     """tool_choice naming a function: the whole output is that function's arguments."""
 
+    gives_back = False
+
     def __init__(self, name: str, new_id: Callable[[], str] = new_call_id) -> None:
         super().__init__(True, new_id)
         self._start_call(name)
@@ -322,7 +329,9 @@ class NamedParser(ToolParser):
 
 def required_parser(parallel: bool, new_id: Callable[[], str] = new_call_id) -> ToolParser:
     """tool_choice required: the output is a JSON array of {"name", "parameters"} objects."""
-    return MistralParser(parallel, new_id, array_only=True)
+    parser = MistralParser(parallel, new_id, array_only=True)
+    parser.gives_back = False
+    return parser
 
 
 PARSERS: dict[str, type[ToolParser]] = {

@@ -119,3 +119,8 @@ def test_required_output_is_an_array_of_calls(parallel):
     got = same_for_every_split(lambda: required_parser(parallel), text)
     expected = [call("a", '{"x": 1}'), call("b", "{}")]
     assert got["calls"] == (expected if parallel else expected[:1])
+
+
+def test_required_output_cut_inside_an_unnamed_call_has_no_content():
+    got = run(lambda: required_parser(True), ['[{"name": "a", "parameters": {}}, {"name": "b'])
+    assert got == {"content": "", "reasoning": "", "calls": [call("a", "{}")]}
