@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pagewire.v1 import common_pb2, generation_pb2
 from router import reasoning_parsers, tool_parsers
 from router.reasoning_parsers import ThinkParser
-from router.tool_parsers import Parsed, ToolParser
+from router.tool_parser import Parsed, ToolParser
 
 
 @dataclass(frozen=True)

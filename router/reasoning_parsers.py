@@ -17,7 +17,7 @@ between ``</think>`` and the answer is dropped.
 
 from __future__ import annotations
 
-from router.tool_parsers import Parsed, held_prefix
+from router.tool_parser import Parsed, held_prefix
 
 OPEN, CLOSE = "<think>", "</think>"
 

@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from router.tool_parsers import Parsed
+from router.tool_parser import Parsed
 
 
 def reassemble(parts: list[Parsed]) -> dict[str, Any]:

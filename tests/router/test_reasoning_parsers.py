@@ -6,7 +6,7 @@ from parsed_util import same_for_every_split
 
 from router.chat_output import ChatOutput, OutputSpec
 from router.reasoning_parsers import deepseek_r1, qwen3
-from router.tool_parsers import Parsed
+from router.tool_parser import Parsed
 
 
 def test_deepseek_r1_with_and_without_the_opening_tag():
