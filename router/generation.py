@@ -122,8 +122,8 @@ class Generator:
             )
         except ValidationError as e:
             raise RequestError.from_validation(e) from None
-        if params.structured is not None:  # the worker's matcher lands in the next commits
-            raise RequestError.invalid("structured", "not served yet")
+        if params.structured is not None:  # a spec the engine cannot compile: refused here
+            await self.model.check_structured(params.structured)
         echo_text = None
         if request.echo:
             kind = request.WhichOneof("prompt")
