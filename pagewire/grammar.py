@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
@@ -39,6 +40,7 @@ class Compiler:
         vocab_size: int,
         stop_token_ids: Sequence[int] = (),
         threads: int = 1,
+        cache_bytes: int = CACHE_BYTES,
     ) -> None:
         stops = list(stop_token_ids) or None  # None: the tokenizer's own EOS
         self.info = xgr.TokenizerInfo.from_huggingface(
@@ -46,7 +48,7 @@ class Compiler:
         )
         self.vocab_size = vocab_size
         self._xgr = xgr.GrammarCompiler(
-            self.info, max_threads=threads, cache_enabled=True, cache_limit_bytes=CACHE_BYTES
+            self.info, max_threads=threads, cache_enabled=True, cache_limit_bytes=cache_bytes
         )
 
     def compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
@@ -60,7 +62,8 @@ class Compiler:
     def _compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
         c = self._xgr
         if spec.kind == so.JSON_SCHEMA:
-            return c.compile_json_schema(spec.spec, any_whitespace=False)
+            schema = json.dumps(bounded_strings_as_patterns(json.loads(spec.spec)))
+            return c.compile_json_schema(schema, any_whitespace=False)
         if spec.kind == so.JSON_OBJECT:
             return c.compile_json_schema(_ANY_OBJECT, any_whitespace=False, strict_mode=False)
         if spec.kind == so.REGEX:
@@ -70,6 +73,27 @@ class Compiler:
             alts = " | ".join(json.dumps(c, ensure_ascii=False) for c in so.choice_list(spec.spec))
             return c.compile_grammar("root ::= " + alts)
         return c.compile_grammar(spec.spec)
+
+
+def bounded_strings_as_patterns(schema: Any) -> Any:
+    """The schema with every length-bounded string (minLength / maxLength, no pattern or format)
+    rewritten as the same bounds on a pattern of characters that need no escape.
+
+    xgrammar 0.2.9 compiles a length-bounded string to a rule that admits raw control characters
+    (U+0000-U+001F), which JSON forbids inside strings (json.loads refuses the output). The pattern
+    admits only what JSON allows unescaped, minus the quote and the backslash: the output is valid
+    JSON of the same length bounds, its strings just never use escapes.
+    """
+    if isinstance(schema, list):
+        return [bounded_strings_as_patterns(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded_strings_as_patterns(v) for k, v in schema.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and not {"pattern", "format"} & out.keys():
+        lo, hi = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{{lo},{hi}}}$'
+    return out
 
 
 def matcher(compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:

@@ -227,11 +227,22 @@ def validate(
     _check_logit_bias(msg, vocab_size)
     _check_closed(msg, "best_of", params.n, limits.max_n, " (n and --max-n)")
     if params.structured is not None:
-        try:
-            so.check(params.structured)
-        except so.SpecError as e:
-            raise ValidationError("structured", str(e)) from None
+        _check_structured(params)
     return params
+
+
+def _check_structured(params: SamplingParams) -> None:
+    assert params.structured is not None
+    try:
+        so.check(params.structured)
+    except so.SpecError as e:
+        raise ValidationError("structured", str(e)) from None
+    # The constraint decides where the output may end (EOS is allowed only where it is complete):
+    # these would leave a position where no token at all may be drawn.
+    if params.ignore_eos:
+        raise ValidationError("ignore_eos", "cannot be combined with a structured-output constraint")
+    if params.min_tokens:
+        raise ValidationError("min_tokens", "cannot be combined with a structured-output constraint")
 
 
 def _check_logit_bias(msg: common_pb2.SamplingParams, vocab_size: int) -> None:

@@ -129,10 +129,10 @@ class Generator:
             )
         except ValidationError as e:
             raise RequestError.from_validation(e) from None
-        if params.structured is not None:  # the worker's matcher lands in the next commits
-            raise RequestError.invalid("structured", "not served yet")
+        if params.structured is not None:  # a spec the engine cannot compile: refused here
+            await self.model.check_structured(params.structured)
         if chat_tools is not None:
-            params = _constrain_to_tools(params, chat_tools)
+            params = await self._constrain_to_tools(params, chat_tools)
         if output is not None and output.tool_parser == "mistral":
             # [TOOL_CALLS] is a control token: skipping special tokens would hide the calls.
             params = dataclasses.replace(params, skip_special_tokens=False)
@@ -142,6 +142,26 @@ class Generator:
             echo_text = request.text if kind == "text" else self.model.tokenizer.decode(prompt)
         rid = request.request_id or uuid.uuid4().hex
         return Plan(rid, prompt, params, request.priority, echo_text, prompt_only, output)
+
+    async def _constrain_to_tools(
+        self, params: SamplingParams, chat_tools: tools.ChatTools
+    ) -> SamplingParams:
+        """tool_choice required or a named function: the output must parse as the calls, so
+        the structured-output engine holds it to their JSON schema (as vLLM does)."""
+        schema = tools.constraint_schema(chat_tools)
+        if schema is None:
+            return params
+        if params.structured is not None:
+            raise RequestError.invalid(
+                "tool_choice", "required or a named function cannot be combined with structured "
+                "outputs (response_format, structured_outputs, guided_*)",
+            )
+        spec = StructuredOutput(structured.JSON_SCHEMA, json.dumps(schema, ensure_ascii=False))
+        try:
+            await self.model.check_structured(spec)
+        except RequestError as e:  # a tool's schema the engine cannot serve
+            raise e.renamed("tool_choice") from None
+        return dataclasses.replace(params, structured=spec)
 
     def _output_spec(self, chat_tools: tools.ChatTools, prompt: list[int]) -> OutputSpec | None:
         tail = self.model.tokenizer.decode(prompt[-4:]) if self.model.reasoning_parser else ""
@@ -249,20 +269,6 @@ class Generator:
             tracing.WORKER_ID: worker_id,
         }, error=error)
 
-
-
-def _constrain_to_tools(params: SamplingParams, chat_tools: tools.ChatTools) -> SamplingParams:
-    """tool_choice required or a named function: the output must parse as the calls, so the
-    structured-output engine holds it to their JSON schema (as vLLM does)."""
-    schema = tools.constraint_schema(chat_tools)
-    if schema is None:
-        return params
-    if params.structured is not None:
-        raise RequestError.invalid(
-            "tool_choice", "required or a named function cannot be combined with structured outputs"
-        )
-    spec = StructuredOutput(structured.JSON_SCHEMA, json.dumps(schema, ensure_ascii=False))
-    return dataclasses.replace(params, structured=spec)
 
 
 def _release(link: SchedulerLink, plan: Plan, completion: CompletionStream) -> None:

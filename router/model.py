@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,11 +18,15 @@ from google.protobuf.message import Message
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagewire.config import RouterConfig
+from pagewire.grammar import Compiler
+from pagewire.structured import SpecError, StructuredOutput
 from router import reasoning_parsers, tool_parsers
 from router.chat import check_messages, render_chat
 from router.errors import RequestError
 
 TOKENIZE_IN_THREAD_CHARS = 16_384  # longer prompts are tokenized off the event loop
+# The router compiles specs only to refuse malformed ones; repeats hit xgrammar's cache.
+SPEC_CACHE_BYTES = 64 << 20
 T = TypeVar("T")
 
 
@@ -36,6 +40,8 @@ class ServedModel:
     chat_template: str | None = None  # None: the tokenizer's own
     tool_call_parser: str = ""  # --tool-call-parser: tool_choice auto parses calls with it
     reasoning_parser: str = ""  # --reasoning-parser: chat output split into reasoning, content
+    _compiler: Compiler | None = field(default=None, repr=False)
+    _compiler_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @classmethod
     def load(cls, cfg: RouterConfig) -> ServedModel:
@@ -101,6 +107,20 @@ class ServedModel:
             )
         text: str = request.text if kind == "text" else ""  # type: ignore[attr-defined]
         return await self.encode(text, field=oneof)
+
+    async def check_structured(self, spec: StructuredOutput) -> None:
+        """Compile ``spec`` for this tokenizer (off the event loop, cached per spec): a spec the
+        engine refuses is an INVALID_ARGUMENT naming ``structured``, before anything is submitted.
+        The worker compiles it again for generation; this copy only validates."""
+        async with self._compiler_lock:
+            if self._compiler is None:
+                self._compiler = await asyncio.to_thread(
+                    Compiler, self.tokenizer, self.vocab_size, cache_bytes=SPEC_CACHE_BYTES
+                )
+        try:
+            await asyncio.to_thread(self._compiler.compile, spec)
+        except SpecError as e:
+            raise RequestError.invalid("structured", str(e)) from None
 
     async def encode(self, text: str, field: str, add_special_tokens: bool = True) -> list[int]:
         if len(text) > self.max_prompt_chars:

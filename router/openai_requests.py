@@ -5,10 +5,11 @@ copied into the proto; bounds are checked once, by the shared path, for gRPC and
 Besides OpenAI's fields, vLLM's sampling extras are accepted (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
 ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``) so clients that
-send them through ``extra_body`` get vLLM's behaviour. Unknown fields are ignored; known fields
-pagewire cannot honour (``suffix``, ``response_format`` other than text, vLLM's ``guided_*`` and
-``structured_outputs``) are refused rather than silently dropped. Chat's tool fields are
-translated by ``router.openai_tools``.
+send them through ``extra_body`` get vLLM's behaviour, and the structured-output fields
+(``response_format``, vLLM's ``guided_*`` and ``structured_outputs``: router/openai_structured.py).
+Chat's tool fields are translated by ``router.openai_tools``. Unknown fields are ignored; known
+fields pagewire cannot honour (``suffix``, tools in completions) are refused rather than
+silently dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagewire.v1 import common_pb2, generation_pb2
+from router import openai_structured
 from router.errors import RequestError
 from router.openai_fields import Fields, is_int32, parse_body
 from router.openai_tools import set_message_tools, set_tools
@@ -26,10 +28,6 @@ __all__ = ["chat_call", "completion_call", "embedding_call", "parse_body"]
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
 MAX_PROMPTS = 2048  # prompts in one completions request, each its own request downstream
-# vLLM's structured-output extras, refused until pagewire constrains its output.
-_CONSTRAINTS = (
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-)
 _FLOATS = (
     "temperature",
     "top_p",
@@ -54,6 +52,7 @@ class CompletionCall:
     include_usage: bool
     logprobs: bool  # render logprobs in the answer
     prompt_logprobs: bool = False  # render vLLM's prompt_logprobs field (asked for by name)
+    structured_field: str = ""  # the JSON field sampling.structured came from (named in errors)
 
     @property
     def request(self) -> generation_pb2.GenerateRequest:
@@ -70,7 +69,6 @@ class EmbeddingCall:
 
 def completion_call(body: dict[str, Any]) -> CompletionCall:
     f = Fields(body)
-    _refuse_unconstrained(f)
     for name in ("tools", "tool_choice"):
         f.refuse(name)  # a chat field
     f.refuse("user_defined_tokens")
@@ -98,7 +96,6 @@ def completion_call(body: dict[str, Any]) -> CompletionCall:
 
 def chat_call(body: dict[str, Any]) -> CompletionCall:
     f = Fields(body)
-    _refuse_unconstrained(f)
     for name in ("functions", "function_call", "audio"):
         f.refuse(name)
     request = generation_pb2.GenerateRequest(model=f.string("model") or "")
@@ -114,20 +111,6 @@ def chat_call(body: dict[str, Any]) -> CompletionCall:
     return _call(request, f, chat=True, logprobs=logprobs)
 
 
-def _refuse_unconstrained(f: Fields) -> None:
-    """Fields that constrain the output (structured outputs) are refused, naming the field,
-    until a grammar engine serves them: unconstrained text would be served silently wrong.
-    The vLLM extras among them arrive through ``extra_body``."""
-    fmt = f.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise RequestError.invalid(
-            "response_format", 'only {"type": "text"} is supported (no structured outputs yet)'
-        )
-    for name in _CONSTRAINTS:
-        if f.get(name) is not None:
-            raise RequestError.invalid(name, "is not supported yet (no structured outputs)")
-
-
 def _call(
     request: generation_pb2.GenerateRequest, f: Fields, chat: bool, logprobs: bool
 ) -> CompletionCall:
@@ -135,9 +118,13 @@ def _call(
     if options is not None and not isinstance(options, dict):
         raise RequestError.invalid("stream_options", "must be an object")
     include_usage = Fields(options or {}).boolean("include_usage")
+    constraint = openai_structured.read(f.body)
+    if constraint is not None:
+        request.sampling.structured.CopyFrom(constraint.output.to_proto())
     return CompletionCall(
         [request], chat, bool(f.boolean("stream")), bool(include_usage), logprobs,
         prompt_logprobs=f.get("prompt_logprobs") is not None,
+        structured_field=constraint.field if constraint else "",
     )
 
 

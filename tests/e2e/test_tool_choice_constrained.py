@@ -3,7 +3,8 @@ structured-output engine, so every sampled answer parses into calls whose argume
 
 The random test model at temperature 1 is the hardest client there is: left alone it never
 writes JSON. Twenty samples of each must all parse; a seeded request streamed and whole must
-reassemble into the same calls.
+reassemble into the same calls. With ``auto``, a regex (vLLM's ``guided_regex``) makes the same
+model write a Hermes ``<tool_call>`` block, which the router's hermes parser reads back.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def client(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     http_port = free_port()
     stack: Stack = launch(tiny_model, tmp_path_factory.mktemp("logs"),
                           worker_args=["--num-blocks", "512"],
-                          router_args=["--http-port", str(http_port)])
+                          router_args=["--http-port", str(http_port),
+                                       "--tool-call-parser", "hermes"])
     try:
         with openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="x",
                            max_retries=0, timeout=300) as c:
@@ -112,3 +114,28 @@ def test_streamed_constrained_calls_reassemble_into_the_whole_answer(client: ope
     assert finish == whole.finish_reason == "tool_calls"
     expected = [[c.function.name, c.function.arguments] for c in whole.message.tool_calls]
     assert list(calls.values()) == expected
+
+
+HERMES_CALL = (
+    r'Sure\.\n<tool_call>\n\{"name": "forecast", "arguments": '
+    r'\{"city": "(Paris|Oslo|Lima)", "days": [1-7]\}\}\n</tool_call>'
+)
+
+
+def test_auto_parses_a_call_the_model_was_made_to_write(client: openai.OpenAI) -> None:
+    answers = sample(client, tool_choice="auto", n=8, seed=11, extra_body={"guided_regex": HERMES_CALL})
+    for c in answers.choices:
+        assert c.finish_reason == "tool_calls" and c.message.content == "Sure."
+        [(name, args)] = assert_valid_calls(c.message)
+        assert name == "forecast" and set(args) == {"city", "days"}
+    streamed: dict[int, list[str]] = {}
+    for chunk in sample(client, tool_choice="auto", seed=11, stream=True,
+                        extra_body={"guided_regex": HERMES_CALL}):
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                if call.id:
+                    streamed[call.index] = [call.function.name, ""]
+                streamed[call.index][1] += call.function.arguments or ""
+    whole = sample(client, tool_choice="auto", seed=11, extra_body={"guided_regex": HERMES_CALL})
+    calls = [[c.function.name, c.function.arguments] for c in whole.choices[0].message.tool_calls]
+    assert list(streamed.values()) == calls

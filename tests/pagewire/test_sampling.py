@@ -87,6 +87,8 @@ def test_explicit_zero_temperature_is_greedy_not_default() -> None:
         ({"structured": {"kind": 4, "spec": '["a", ""]'}}, 5, "structured"),
         ({"structured": {"kind": 4, "spec": "[]"}}, 5, "structured"),
         ({"structured": {"kind": 5, "spec": "x" * 65537}}, 5, "structured"),
+        ({"structured": {"kind": 3, "spec": "a+"}, "ignore_eos": True}, 5, "ignore_eos"),
+        ({"structured": {"kind": 3, "spec": "a+"}, "min_tokens": 1}, 5, "min_tokens"),
     ],
 )
 def test_out_of_bounds_fields_are_named(fields: dict, prompt_len: int, field: str) -> None:
@@ -119,15 +121,14 @@ def test_every_structured_kind_round_trips_and_unset_means_unconstrained() -> No
     for kind, spec in [("json_schema", '{"type": "object"}'), ("json_object", ""),
                        ("regex", "[a-z]+"), ("choice", '["a"]'), ("grammar", 'root ::= "a"')]:
         so = StructuredOutput(kind, spec)
-        assert check(structured=so.to_proto()).structured == so
+        p = check(structured=so.to_proto(), temperature=0.5, seed=3)
+        assert p.structured == so and SamplingParams.from_proto(p.to_proto()) == p
 
 
 def test_round_trip_through_proto() -> None:
     p = check(temperature=0.7, top_p=0.9, top_k=5, max_tokens=8, seed=3, stop=["a"], min_p=0.1,
               presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, min_tokens=2,
               logprobs=2, prompt_logprobs=1, n=3, include_stop_str_in_output=True,
-              logit_bias={7: -100.0, 2: 100.0}, best_of=4,
-              structured={"kind": common_pb2.STRUCTURED_KIND_CHOICE, "spec": '["yes", "no"]'})
+              logit_bias={7: -100.0, 2: 100.0}, best_of=4)
     assert p.logit_bias == ((2, 100.0), (7, -100.0)) and p.best_of == 4
-    assert p.structured == StructuredOutput("choice", '["yes", "no"]')
     assert SamplingParams.from_proto(p.to_proto()) == p

@@ -7,6 +7,7 @@ import json
 import grpc
 import pytest
 
+from pagewire.structured import StructuredOutput
 from pagewire.v1 import common_pb2, generation_pb2
 from router.errors import RequestError
 from router.openai_requests import chat_call, completion_call, embedding_call, parse_body
@@ -114,9 +115,17 @@ def test_unset_fields_stay_unset_so_the_apis_defaults_apply() -> None:
         ({"prompt": "x", "best_of": 3, "stream": True}, "best_of"),
         ({"prompt": "x", "best_of": "3"}, "best_of"),
         ({"prompt": "x", "suffix": "end"}, "suffix"),
-        ({"prompt": "x", "guided_json": {"type": "object"}}, "guided_json"),
-        ({"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
-        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"prompt": "x", "guided_json": [1]}, "guided_json"),
+        ({"prompt": "x", "guided_json": "{not json"}, "guided_json"),
+        ({"prompt": "x", "guided_choice": "a"}, "guided_choice"),
+        ({"prompt": "x", "guided_choice": []}, "guided_choice"),
+        ({"prompt": "x", "guided_regex": ""}, "guided_regex"),
+        ({"prompt": "x", "guided_grammar": 5}, "guided_grammar"),
+        ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format.type"),
+        ({"prompt": "x", "response_format": "json"}, "response_format"),
+        ({"prompt": "x", "structured_outputs": {"regex": 5}}, "structured_outputs.regex"),
+        ({"prompt": "x", "structured_outputs": {"json_object": 1}}, "structured_outputs.json_object"),
+        ({"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
         ({"prompt": 5}, "prompt"),
         ({}, "prompt"),
         ({"prompt": ["a", 5]}, "prompt[1]"),
@@ -217,18 +226,15 @@ def test_chat_logprobs_without_top_logprobs_is_the_sampled_token_only() -> None:
         (
             {
                 "messages": [{"role": "user", "content": "x"}],
-                "response_format": {"type": "json_object"},
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
             },
-            "response_format",
+            "response_format.json_schema.schema",
         ),
         *(
             ({"messages": [{"role": "user", "content": "x"}], name: value}, name)
             for name, value in [
-                ("guided_json", {"type": "object"}),
-                ("guided_regex", "[a-z]+"),
-                ("guided_choice", ["yes", "no"]),
-                ("guided_grammar", "root ::= 'a'"),
-                ("structured_outputs", {"json": {"type": "object"}}),
+                ("guided_choice", [""]),
+                ("structured_outputs", ["json"]),
                 ("functions", [{"name": "f"}]),
             ]
         ),
@@ -360,3 +366,39 @@ def test_chat_tools_and_tool_turns_map_onto_the_chat() -> None:
 def test_completions_refuse_chat_tool_fields() -> None:
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert refused(completion_call, {"prompt": "x", "tools": tools}).field == "tools"
+
+
+@pytest.mark.parametrize(
+    ("fields", "kind", "spec", "field"),
+    [
+        ({"response_format": {"type": "json_object"}}, "json_object", "", "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "p", "strict": True, "schema": {"type": "object"}}}},
+         "json_schema", '{"type": "object"}', "response_format.json_schema.schema"),
+        ({"response_format": {"type": "text"}, "guided_json": '{"type": "integer"}'},
+         "json_schema", '{"type": "integer"}', "guided_json"),
+        ({"guided_regex": "[a-z]+"}, "regex", "[a-z]+", "guided_regex"),
+        ({"guided_choice": ["yes", "no"]}, "choice", '["yes", "no"]', "guided_choice"),
+        ({"guided_grammar": 'root ::= "a"'}, "grammar", 'root ::= "a"', "guided_grammar"),
+        ({"structured_outputs": {"json": {"type": "array"}}}, "json_schema",
+         '{"type": "array"}', "structured_outputs.json"),
+        ({"structured_outputs": {"regex": "x"}}, "regex", "x", "structured_outputs.regex"),
+        ({"structured_outputs": {"choice": ["a"]}}, "choice", '["a"]',
+         "structured_outputs.choice"),
+        ({"structured_outputs": {"grammar": "g"}}, "grammar", "g", "structured_outputs.grammar"),
+        ({"structured_outputs": {"json_object": True}}, "json_object", "",
+         "structured_outputs.json_object"),
+    ],
+)
+def test_structured_output_fields_become_one_constraint(
+    fields: dict, kind: str, spec: str, field: str
+) -> None:
+    for call in (completion_call({"prompt": "x", **fields}),
+                 chat_call({"messages": [{"role": "user", "content": "x"}], **fields})):
+        got = StructuredOutput.from_proto(call.request.sampling.structured)
+        assert got == StructuredOutput(kind, spec) and call.structured_field == field
+
+
+def test_text_response_format_is_unconstrained() -> None:
+    call = completion_call({"prompt": "x", "response_format": {"type": "text"}})
+    assert not call.request.sampling.HasField("structured") and call.structured_field == ""
