@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,10 +28,9 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry.context import Context
 
-from pagewire import structured, tracing
+from pagewire import tracing
 from pagewire.metrics import RequestTimer, RouterMetrics
 from pagewire.sampling import MAX_SEED, Limits, SamplingParams, ValidationError, validate
-from pagewire.structured import StructuredOutput
 from pagewire.v1 import common_pb2, generation_pb2, scheduler_pb2
 from router import best_of, tools
 from router.chat_output import OutputSpec
@@ -111,7 +109,12 @@ class Generator:
         chat_tools = tools.check_tools(request.chat) if request.HasField("chat") else None
         template_tools = chat_tools.template_tools if chat_tools is not None else None
         prompt = await self.model.prompt_ids(request, "prompt", template_tools)
-        output = None if chat_tools is None else self._output_spec(chat_tools, prompt)
+        output = None
+        if chat_tools is not None:
+            tail = self.model.tokenizer.decode(prompt[-4:]) if self.model.reasoning_parser else ""
+            output = tools.output_spec(
+                chat_tools, self.model.tool_call_parser, self.model.reasoning_parser, tail
+            )
         sampling = request.sampling
         room = self.model.max_model_len - len(prompt)
         prompt_only = request.echo and sampling.HasField("max_tokens") and sampling.max_tokens == 0
@@ -132,7 +135,7 @@ class Generator:
         if params.structured is not None:  # a spec the engine cannot compile: refused here
             await self.model.check_structured(params.structured)
         if chat_tools is not None:
-            params = await self._constrain_to_tools(params, chat_tools)
+            params = await tools.constrain(params, chat_tools, self.model.check_structured)
         if output is not None and output.tool_parser == "mistral":
             # [TOOL_CALLS] is a control token: skipping special tokens would hide the calls.
             params = dataclasses.replace(params, skip_special_tokens=False)
@@ -142,32 +145,6 @@ class Generator:
             echo_text = request.text if kind == "text" else self.model.tokenizer.decode(prompt)
         rid = request.request_id or uuid.uuid4().hex
         return Plan(rid, prompt, params, request.priority, echo_text, prompt_only, output)
-
-    async def _constrain_to_tools(
-        self, params: SamplingParams, chat_tools: tools.ChatTools
-    ) -> SamplingParams:
-        """tool_choice required or a named function: the output must parse as the calls, so
-        the structured-output engine holds it to their JSON schema (as vLLM does)."""
-        schema = tools.constraint_schema(chat_tools)
-        if schema is None:
-            return params
-        if params.structured is not None:
-            raise RequestError.invalid(
-                "tool_choice", "required or a named function cannot be combined with structured "
-                "outputs (response_format, structured_outputs, guided_*)",
-            )
-        spec = StructuredOutput(structured.JSON_SCHEMA, json.dumps(schema, ensure_ascii=False))
-        try:
-            await self.model.check_structured(spec)
-        except RequestError as e:  # a tool's schema the engine cannot serve
-            raise e.renamed("tool_choice") from None
-        return dataclasses.replace(params, structured=spec)
-
-    def _output_spec(self, chat_tools: tools.ChatTools, prompt: list[int]) -> OutputSpec | None:
-        tail = self.model.tokenizer.decode(prompt[-4:]) if self.model.reasoning_parser else ""
-        return tools.output_spec(
-            chat_tools, self.model.tool_call_parser, self.model.reasoning_parser, tail
-        )
 
     async def stream(
         self, plan: Plan, parent: Context | None = None

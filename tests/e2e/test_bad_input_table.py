@@ -179,6 +179,8 @@ TABLE = [
         chatc([*USER, {"role": "assistant", "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}]}])),
     Row("tools in completions", "tools", None, cmpl(tools=[F_TOOL])),
+    Row("tool_choice required with a structured output too", "tool_choice", None,
+        chatc(USER, tools=[F_TOOL], tool_choice="required", guided_json={"type": "object"})),
     # Structured outputs: a spec the grammar engine refuses is named by the field it came in.
     Row("schema with an unknown type", "structured", structured(1, '{"type": "nope"}'),
         cmpl(guided_json={"type": "nope"}), param="guided_json"),
