@@ -16,6 +16,7 @@ fill (C++, threaded over the rows; no Python over the vocabulary), and after the
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -25,9 +26,11 @@ import xgrammar as xgr
 from torch import Tensor
 
 from pagewire.grammar import Compiler, matcher
-from pagewire.structured import SpecError, StructuredOutput
+from pagewire.structured import StructuredOutput
 
 log = logging.getLogger(__name__)
+# Threads for the batched mask fill: a few rows each; more than 8 buys nothing at 64 rows.
+FILL_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 class GrammarState:
@@ -44,7 +47,7 @@ class GrammarState:
         if self._matcher is None and not self.broken:
             try:
                 m = matcher(self._compiled.result())
-            except SpecError as e:  # the router compiled it; a worker-side failure is a bug
+            except Exception as e:  # the router compiled it: a bad spec here, or no tokenizer
                 log.error("structured output failed to compile on the worker: %s", e)
                 self.broken = True
                 return None
@@ -77,9 +80,11 @@ class Constraints:
     def __init__(self, model_dir: str | Path, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
         self.model_dir, self.vocab_size = str(model_dir), vocab_size
         self.eos = list(eos_token_ids)
-        self._compiler: Compiler | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
-        self._batch = xgr.BatchGrammarMatcher(max_threads=2)
+        # Loading the tokenizer and the engine's vocabulary table takes up to a second on a
+        # 128k vocabulary: started now, in the background, so the first request finds it done.
+        self._compiler: Future[Compiler] = self._pool.submit(self._build)
+        self._batch = xgr.BatchGrammarMatcher(max_threads=FILL_THREADS)
         self._width = (vocab_size + 31) // 32
         self._eos_only = torch.zeros(self._width, dtype=torch.int32)
         for t in self.eos:
@@ -109,13 +114,13 @@ class Constraints:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
-        if self._compiler is None:
-            from transformers import AutoTokenizer
+    def _build(self) -> Compiler:
+        from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(self.model_dir)
-            self._compiler = Compiler(tok, self.vocab_size, self.eos)
-        return self._compiler.compile(spec)
+        return Compiler(AutoTokenizer.from_pretrained(self.model_dir), self.vocab_size, self.eos)
+
+    def _compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
+        return self._compiler.result().compile(spec)
 
 
 def _bit(i: int) -> int:
