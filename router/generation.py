@@ -116,11 +116,13 @@ class Generator:
                 chat_tools, self.model.tool_call_parser, self.model.reasoning_parser, tail
             )
         sampling = request.sampling
+        constrained = tools.constrain(sampling, chat_tools) if chat_tools is not None else None
+        if constrained is not None:  # validated below as a client's constraint is
+            sampling = constrained
         room = self.model.max_model_len - len(prompt)
         prompt_only = request.echo and sampling.HasField("max_tokens") and sampling.max_tokens == 0
         if prompt_only or (fill_context and not sampling.HasField("max_tokens") and prompt and room > 0):
-            sampling = type(sampling)()
-            sampling.CopyFrom(request.sampling)
+            sampling = _copy(sampling)
             sampling.max_tokens = 1 if prompt_only else room
         try:
             params = validate(
@@ -133,9 +135,10 @@ class Generator:
         except ValidationError as e:
             raise RequestError.from_validation(e) from None
         if params.structured is not None:  # a spec the engine cannot compile: refused here
-            await self.model.check_structured(params.structured)
-        if chat_tools is not None:
-            params = await tools.constrain(params, chat_tools, self.model.check_structured)
+            try:
+                await self.model.check_structured(params.structured)
+            except RequestError as e:  # a tool's schema the engine cannot serve
+                raise (e if constrained is None else e.renamed("tool_choice")) from None
         if output is not None and output.tool_parser == "mistral":
             # [TOOL_CALLS] is a control token: skipping special tokens would hide the calls.
             params = dataclasses.replace(params, skip_special_tokens=False)
@@ -246,6 +249,12 @@ class Generator:
             tracing.WORKER_ID: worker_id,
         }, error=error)
 
+
+
+def _copy(sampling: common_pb2.SamplingParams) -> common_pb2.SamplingParams:
+    copy = common_pb2.SamplingParams()
+    copy.CopyFrom(sampling)
+    return copy
 
 
 def _release(link: SchedulerLink, plan: Plan, completion: CompletionStream) -> None:

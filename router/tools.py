@@ -10,19 +10,16 @@ constrain the output with the structured-output engine (the schemas here), so no
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
 
 from pagewire import structured
-from pagewire.sampling import SamplingParams
 from pagewire.structured import StructuredOutput
-from pagewire.v1 import generation_pb2
+from pagewire.v1 import common_pb2, generation_pb2
 from router.chat_output import OutputSpec
 from router.errors import RequestError
 from router.tool_parsers import PARSERS as TOOL_PARSERS
@@ -129,27 +126,24 @@ def constraint_schema(tools: ChatTools) -> dict[str, Any] | None:
     return None
 
 
-async def constrain(
-    params: SamplingParams,
-    tools: ChatTools,
-    check: Callable[[StructuredOutput], Awaitable[None]],
-) -> SamplingParams:
-    """``params`` held to the calls' JSON schema for required or a named function (as vLLM
-    does), the spec compiled by ``check`` at validation like any other; else unchanged."""
+def constrain(
+    sampling: common_pb2.SamplingParams, tools: ChatTools
+) -> common_pb2.SamplingParams | None:
+    """For required or a named function, a copy of ``sampling`` held to the calls' JSON schema
+    (as vLLM does), to be validated and compiled like any constraint; else None."""
     schema = constraint_schema(tools)
     if schema is None:
-        return params
-    if params.structured is not None:
+        return None
+    if sampling.HasField("structured"):
         raise RequestError.invalid(
             "tool_choice", "required or a named function cannot be combined with structured "
             "outputs (response_format, structured_outputs, guided_*)",
         )
     spec = StructuredOutput(structured.JSON_SCHEMA, json.dumps(schema, ensure_ascii=False))
-    try:
-        await check(spec)
-    except RequestError as e:  # a tool's schema the engine cannot serve
-        raise e.renamed("tool_choice") from None
-    return dataclasses.replace(params, structured=spec)
+    constrained = common_pb2.SamplingParams()
+    constrained.CopyFrom(sampling)
+    constrained.structured.CopyFrom(spec.to_proto())
+    return constrained
 
 
 def _schema(text: str, path: str) -> dict[str, Any]:

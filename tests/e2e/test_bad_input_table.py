@@ -179,6 +179,9 @@ TABLE = [
         chatc([*USER, {"role": "assistant", "tool_calls": [
             {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}]}])),
     Row("tools in completions", "tools", None, cmpl(tools=[F_TOOL])),
+    Row("tool_choice required with ignore_eos", "ignore_eos",
+        gen({"ignore_eos": True}, chat=tool_chat(TOOL, mode=Mode.MODE_REQUIRED)),
+        chatc(USER, tools=[F_TOOL], tool_choice="required", ignore_eos=True)),
     Row("tool_choice required with a structured output too", "tool_choice", None,
         chatc(USER, tools=[F_TOOL], tool_choice="required", guided_json={"type": "object"})),
     # Structured outputs: a spec the grammar engine refuses is named by the field it came in.
