@@ -102,7 +102,10 @@ class JsonCall:
         elif ch == "\\":
             self._escape = True
         elif ch == '"':
-            self._key = json.loads("".join(self._raw))
+            try:
+                self._key = json.loads("".join(self._raw))
+            except ValueError:  # a raw control character: not JSON
+                self.failed = True
             self._slot = "colon"
 
     def _start_value(self, ch: str) -> None:

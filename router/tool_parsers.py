@@ -83,11 +83,12 @@ class Llama3JsonParser(ToolParser):
             head = self._buf.lstrip()
             if self.TAG.startswith(head) and not self._ended:
                 return False  # whitespace, or the start of the tag
-            if head.startswith(self.TAG):
-                head = head[len(self.TAG):]
-            self._state = "calls" if head.lstrip().startswith("{") or not head.strip() else "text"
+            rest = head[len(self.TAG):] if head.startswith(self.TAG) else head
+            if not rest.strip() and not self._ended:
+                return False  # the tag, then whitespace so far: what follows decides
+            self._state = "calls" if rest.lstrip().startswith("{") else "text"
             if self._state == "calls":
-                self._buf = head
+                self._buf = rest
             return True
         if self._state == "calls":
             if not self._skip_space(";"):
@@ -158,6 +159,11 @@ class MistralParser(ToolParser):
             return False
         cut, skip = (end, len(self.ARGS)) if end >= 0 and (brace < 0 or end < brace) else (brace, 0)
         name = self._buf[:cut].strip()
+        if not name:  # "[TOOL_CALLS]{": not a call after all
+            self._content(self.MARK + self._buf[:cut + skip])
+            self._buf = self._buf[cut + skip:]
+            self._state = "text"
+            return True
         self._buf = self._buf[cut + skip:]
         self._start_call(name)
         self._call_name_given = True

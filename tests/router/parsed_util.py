@@ -33,6 +33,8 @@ def splits(text: str, seed: int = 0) -> Iterator[list[str]]:
     """Whole, one character at a time, every single cut, and random chunkings."""
     yield [text]
     yield list(text)
+    if len(text) < 2:
+        return
     for cut in range(1, len(text)):
         yield [text[:cut], text[cut:]]
     rng = random.Random(seed)

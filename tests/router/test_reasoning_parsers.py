@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from parsed_util import same_for_every_split
 
 from router.chat_output import ChatOutput, OutputSpec
@@ -53,3 +55,11 @@ def test_tool_calls_come_from_the_content_only():
     assert got["reasoning"] == 'I could write <tool_call>{"name": "no", "arguments": {}}</tool_call>'
     assert got["content"] == "On it."
     assert got["calls"] == [{"name": "yes", "arguments": '{"a": 1}'}]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["<think>", "</think>", "<th", "ink>", "</", " ", "\n", "a"]),
+                max_size=16), st.booleans())
+def test_any_text_splits_the_same_however_it_is_split(pieces: list[str], r1: bool) -> None:
+    tail = "assistant\n<think>\n" if len(pieces) % 2 else ""
+    same_for_every_split(lambda: deepseek_r1(tail) if r1 else qwen3(tail), "".join(pieces))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from parsed_util import run, same_for_every_split
 
 from router.tool_parsers import (
@@ -124,3 +126,24 @@ def test_required_output_is_an_array_of_calls(parallel):
 def test_required_output_cut_inside_an_unnamed_call_has_no_content():
     got = run(lambda: required_parser(True), ['[{"name": "a", "parameters": {}}, {"name": "b'])
     assert got == {"content": "", "reasoning": "", "calls": [call("a", "{}")]}
+
+
+# Any text, built from the pieces parsers key on: no parser fails, and every split of it gives
+# the answer the whole text gives.
+_PIECES = ['<tool_call>', '</tool_call>', '[TOOL_CALLS]', '[ARGS]', '<|python_tag|>', '{"name": ',
+           '"f"', '"arguments": ', '"parameters": ', '{', '}', '[', ']', '"', '\\', ',', ':', ';',
+           " ", "\n", "x", "1", "<", "tool", '"name": "h"', '{"name": "g", "arguments": {}}']
+_MAKERS = [HermesParser, Llama3JsonParser, MistralParser, lambda: required_parser(True),
+           lambda: required_parser(False), lambda: HermesParser(parallel=False),
+           lambda: NamedParser("f")]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=24), st.integers(0, len(_MAKERS) - 1))
+def test_any_text_parses_the_same_however_it_is_split(pieces: list[str], which: int) -> None:
+    make = _MAKERS[which]
+    text = "".join(pieces)
+    whole = run(make, [text])
+    assert run(make, list(text)) == whole
+    for cut in range(1, len(text)):
+        assert run(make, [text[:cut], text[cut:]]) == whole
