@@ -49,6 +49,9 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
     device = pick_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, files.hf_config, device)
     max_len = cfg.max_model_len or files.max_position_embeddings
+    if max_len > files.max_position_embeddings:  # positions the model was never trained on
+        raise SystemExit(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "
+                         f"{files.max_position_embeddings} (config.json)")
     model = load_model(files, device, dtype, max_len, cfg.load_format)
     block_bytes = kv_block_bytes(model, cfg.block_size, dtype)
     num_blocks = cfg.num_blocks

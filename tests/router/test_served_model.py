@@ -68,3 +68,10 @@ def test_only_the_served_name_or_empty_is_known(tiny_model: Path) -> None:
     with pytest.raises(RequestError) as e:
         model.check_name("gpt-4")
     assert e.value.code == grpc.StatusCode.NOT_FOUND and e.value.http_status == 404
+
+
+def test_the_context_length_is_the_flag_else_the_models_and_never_past_it(tiny_model: Path) -> None:
+    assert load(tiny_model).max_model_len == 4096  # the test model's max_position_embeddings
+    assert load(tiny_model, max_model_len=2048).max_model_len == 2048
+    with pytest.raises(SystemExit, match="--max-model-len 8192 exceeds the model's"):
+        load(tiny_model, max_model_len=8192)
