@@ -56,6 +56,7 @@ class WorkerConfig(CommonConfig):
     heartbeat_s: float = opt(2.0, "Seconds between registry heartbeats (TTL is 3x).")
     load_format: str = opt("auto", "auto (safetensors from --model), or dummy (random weights from config.json).")
     group: str = opt("default", "Worker group to join: a scheduler without --workers drives the registered workers of its --group.")
+    packed_weights: bool = opt(True, "On a CPU in bfloat16: pack the projection weights once at start-up for oneDNN's AMX kernels (--no-packed-weights: plain F.linear, which re-lays the weight on every call).")
     cuda_graphs: bool = opt(True, "On CUDA: capture decode steps as CUDA graphs at start-up and replay them (--no-cuda-graphs: launch every kernel eagerly).")
     max_num_seqs: int = opt(256, "Largest decode batch captured as a CUDA graph (match the scheduler's --max-num-seqs); larger batches run eagerly.")
 
