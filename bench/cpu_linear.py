@@ -3,16 +3,20 @@
 
     python bench/cpu_linear.py                       # the small test model's and Qwen2.5-0.5B's shapes
     python bench/cpu_linear.py --threads 2 --rows 1,8,64,256
+    python bench/cpu_linear.py --step-batches 1,16      # also whole decode steps of the small model
 
 Each cell is the fastest of ``--repeats`` timed calls (after a warm-up), the variants of a cell
 timed in alternation: the minimum is what the kernel costs when nothing else takes the core,
-which a shared machine's medians do not show. Prints a table, writes JSON and a PNG plot.
+which a shared machine's medians do not show. ``--step-batches`` adds whole worker decode steps
+(``ModelRunner.execute``) of the small test model at 256-token contexts in float32, bfloat16
+plain and bfloat16 packed, fastest of 64 each. Prints tables, writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +61,53 @@ def measure(k: int, n: int, rows: int, repeats: int) -> dict[str, float]:
     return {name: t * 1e6 for name, t in times.items()}
 
 
+STEP_VARIANTS = {"fp32": {"dtype": "float32"},
+                 "bf16_plain": {"dtype": "bfloat16", "packed_weights": False},
+                 "bf16_packed": {"dtype": "bfloat16"}}
+
+
+def decode_steps(batches: list[int], threads: int) -> list[dict]:
+    """Fastest whole decode step per variant and batch (the variants alternate in rounds of 8)."""
+    from pagewire.config import WorkerConfig
+    from pagewire.testmodel import ensure_model
+    from pagewire.v1 import common_pb2, worker_pb2
+    from worker_svc.server import build_runner
+
+    model = ensure_model(Path(tempfile.gettempdir()) / "pagewire-small-seed0", seed=0, size="small")
+    runners = {name: build_runner(WorkerConfig(model=str(model), num_blocks=64 * max(batches) + 64,
+                                               threads=threads, **kw))[0]
+               for name, kw in STEP_VARIANTS.items()}
+    out = []
+    for batch in batches:
+        last: dict[str, list[int]] = {}
+        for name, r in runners.items():  # prefill 256 tokens per sequence, 17 blocks each
+            r.reset()
+            step = worker_pb2.Step(step_id=1)
+            for i in range(batch):
+                step.seqs.add(seq_id=i + 1, token_ids=list(range(3, 259)), sample=True, new=True,
+                              block_ids=list(range(i * 40, i * 40 + 40)),
+                              sampling=common_pb2.SamplingParams(temperature=0.0))
+            last[name] = list(r.execute(step).token_ids)
+        best = dict.fromkeys(runners, float("inf"))
+        step_id = 1
+        for _ in range(8):
+            for name, r in runners.items():
+                for _ in range(8):
+                    step_id += 1
+                    step = worker_pb2.Step(step_id=step_id)
+                    for i, tok in enumerate(last[name]):
+                        step.seqs.add(seq_id=i + 1, token_ids=[tok], sample=True)
+                    t0 = time.perf_counter()
+                    last[name] = list(r.execute(step).token_ids)
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        row = {"batch": batch, **{n: t * 1e3 for n, t in best.items()}}
+        print(f"decode step | batch {batch} | fp32 {row['fp32']:.2f} ms | bf16 plain "
+              f"{row['bf16_plain']:.2f} ms | bf16 packed {row['bf16_packed']:.2f} ms | plain/packed "
+              f"{row['bf16_plain'] / row['bf16_packed']:.2f}", flush=True)
+        out.append(row)
+    return out
+
+
 def plot(rows: list[dict], out: Path) -> Path:
     import matplotlib
 
@@ -89,6 +140,7 @@ def main() -> None:
     p.add_argument("--rows", default="1,8,64,256")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--step-batches", default="", help="also whole decode steps at these batches")
     p.add_argument("--out", default="bench_cpu_linear.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,9 +154,11 @@ def main() -> None:
                 results.append(row)
                 print(f"{shape} | {proj} | {rows} | {t['bf16_plain']:.1f} | {t['bf16_packed']:.1f} | "
                       f"{t['fp32']:.1f} | {t['bf16_plain'] / t['bf16_packed']:.2f}", flush=True)
+    steps = decode_steps([int(b) for b in args.step_batches.split(",")], args.threads) \
+        if args.step_batches else []
     out = Path(args.out)
-    out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": results},
-                              indent=2))
+    out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": results,
+                               "decode_steps": steps}, indent=2))
     print(f"json: {out}\nplot: {plot(results, out)}")
 
 
