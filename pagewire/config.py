@@ -56,6 +56,7 @@ class WorkerConfig(CommonConfig):
     heartbeat_s: float = opt(2.0, "Seconds between registry heartbeats (TTL is 3x).")
     load_format: str = opt("auto", "auto (safetensors from --model), or dummy (random weights from config.json).")
     group: str = opt("default", "Worker group to join: a scheduler without --workers drives the registered workers of its --group.")
+    packed_weights: bool = opt(True, "On a CPU in bfloat16: pack the projection weights once at start-up for oneDNN's AMX kernels (--no-packed-weights: plain F.linear, which re-lays the weight on every call).")
     cuda_graphs: bool = opt(True, "On CUDA: capture decode steps as CUDA graphs at start-up and replay them (--no-cuda-graphs: launch every kernel eagerly).")
     max_num_seqs: int = opt(256, "Largest decode batch captured as a CUDA graph (match the scheduler's --max-num-seqs); larger batches run eagerly.")
 
@@ -97,6 +98,7 @@ class RouterConfig(CommonConfig):
     max_n: int = opt(16, "Most completions per request (n).")
     max_stop_strings: int = opt(16, "Most stop strings per request.")
     max_logprobs: int = opt(20, "Most top logprobs per token.")
+    max_model_len: int = opt(0, "Longest sequence the workers run (match the workers' --max-model-len). 0: the model's max_position_embeddings.")
 
 
 def flag_name(name: str) -> str:
@@ -116,9 +118,18 @@ def _env_default(f: dataclasses.Field[Any]) -> Any:
     return f.default
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of the config dataclass ``cls``."""
-    for f in dataclasses.fields(cls):
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, only: Sequence[str] | None = None
+) -> None:
+    """Add one flag per field of the config dataclass ``cls`` (``only``: just these fields, as
+    ``pagewire up`` offers a chosen few of each service's, named and documented the same)."""
+    fields = dataclasses.fields(cls)
+    if only is not None:
+        unknown = set(only) - {f.name for f in fields}
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
+        fields = tuple(f for f in fields if f.name in only)
+    for f in fields:
         env = env_name(f.name) + (f" or {f.metadata['env']}" if f.metadata.get("env") else "")
         kind: dict[str, Any] = (
             {"action": argparse.BooleanOptionalAction}
@@ -132,6 +143,21 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             help=f"{f.metadata.get('help', '')} (env {env}; default %(default)r)",
             **kind,
         )
+
+
+def flag_args(cls: type, values: dict[str, Any]) -> list[str]:
+    """``values`` of fields of ``cls`` as that service's flags; a value the service would take by
+    itself (its default, or what the shared environment already says) is left out."""
+    args: list[str] = []
+    for f in dataclasses.fields(cls):
+        if f.name not in values or values[f.name] == _env_default(f):
+            continue
+        v = values[f.name]
+        if isinstance(f.default, bool):
+            args.append(flag_name(f.name) if v else "--no-" + f.name.replace("_", "-"))
+        else:
+            args += [flag_name(f.name), str(v)]
+    return args
 
 
 def parse(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:

@@ -30,6 +30,16 @@ SPEC_CACHE_BYTES = 64 << 20
 T = TypeVar("T")
 
 
+def max_model_len(cfg: RouterConfig, hf_config: dict) -> int:
+    """``--max-model-len`` (which must match the workers'), else the model's own context; the
+    workers refuse a longer one, so the router does too."""
+    trained = int(hf_config.get("max_position_embeddings", 4096))
+    if cfg.max_model_len > trained:
+        raise SystemExit(f"--max-model-len {cfg.max_model_len} exceeds the model's "
+                         f"max_position_embeddings {trained} (config.json)")
+    return cfg.max_model_len or trained
+
+
 @dataclass
 class ServedModel:
     name: str
@@ -61,7 +71,7 @@ class ServedModel:
         return cls(
             name=cfg.served_model_name or Path(cfg.model).resolve().name,
             tokenizer=AutoTokenizer.from_pretrained(cfg.model),
-            max_model_len=int(hf_config.get("max_position_embeddings", 4096)),
+            max_model_len=max_model_len(cfg, hf_config),
             vocab_size=int(hf_config["vocab_size"]),
             max_prompt_chars=cfg.max_prompt_chars,
             chat_template=template,

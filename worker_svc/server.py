@@ -29,6 +29,7 @@ from pagewire.v1 import worker_pb2, worker_pb2_grpc
 from worker_svc.constraints import Constraints
 from worker_svc.cuda_graphs import DecodeGraphs
 from worker_svc.loader import load_model, read_model_dir, resolve_dtype
+from worker_svc.models.packed_linear import can_pack, pack_linears
 from worker_svc.runner import ModelRunner, PendingStep, allocate_kv_cache, kv_block_bytes
 from worker_svc.step_pipeline import StepPipeline
 
@@ -50,7 +51,12 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
     device = pick_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, files.hf_config, device)
     max_len = cfg.max_model_len or files.max_position_embeddings
+    if max_len > files.max_position_embeddings:  # positions the model was never trained on
+        raise SystemExit(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "
+                         f"{files.max_position_embeddings} (config.json)")
     model = load_model(files, device, dtype, max_len, cfg.load_format)
+    if cfg.packed_weights and can_pack(device, dtype):
+        log.info("packed %d projection weights for oneDNN", pack_linears(model))
     block_bytes = kv_block_bytes(model, cfg.block_size, dtype)
     num_blocks = cfg.num_blocks
     if num_blocks <= 0:

@@ -78,3 +78,10 @@ def test_structured_specs_are_compiled_at_validation(tiny_model: Path) -> None:
         with pytest.raises(RequestError) as e:
             asyncio.run(model.check_structured(StructuredOutput("regex", "(a")))
         assert e.value.field == "structured" and e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_context_length_is_the_flag_else_the_models_and_never_past_it(tiny_model: Path) -> None:
+    assert load(tiny_model).max_model_len == 4096  # the test model's max_position_embeddings
+    assert load(tiny_model, max_model_len=2048).max_model_len == 2048
+    with pytest.raises(SystemExit, match="--max-model-len 8192 exceeds the model's"):
+        load(tiny_model, max_model_len=8192)
