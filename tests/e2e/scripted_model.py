@@ -34,12 +34,17 @@ SCRIPT = (
 SCALE = 0.25  # logits = SCALE * e.e' with |e|^2 ~ 128: a winning margin of ~25
 
 
-def build(base: Path, out: Path, script: tuple[str, ...] = SCRIPT, seed: int = 0) -> Path:
+def build(
+    base: Path, out: Path, script: tuple[str, ...] = SCRIPT, seed: int = 0,
+    special: tuple[str, ...] = (),
+) -> Path:
     """Write the scripted model into ``out`` from the test model at ``base`` (its tokenizer,
-    with the script's pieces added, and its config, with one layer)."""
+    with the script's pieces added, and its config, with one layer). Pieces in ``special`` are
+    special tokens (as Mistral's ``[TOOL_CALLS]`` is): skipped when decoding skips them."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.add_tokens(list(script))
+    tokenizer.add_tokens([p for p in script if p not in special])
+    tokenizer.add_tokens(list(special), special_tokens=True)
     tokenizer.chat_template = HERMES_TEMPLATE
     tokenizer.save_pretrained(out)
     config = json.loads((base / "config.json").read_text())
