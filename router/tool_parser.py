@@ -134,7 +134,8 @@ class ToolParser:
         call = self._call
         assert call is not None
         used = call.feed(self._buf)
-        self._call_text += self._buf[:used]
+        if not self._announced:  # kept only while it may have to be given back
+            self._call_text += self._buf[:used]
         self._buf = self._buf[used:]
         if call.name is not None and not self._announced:
             self._announced = True
