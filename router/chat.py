@@ -5,6 +5,9 @@ was started with ``--chat-template FILE``. Templates that need a BOS write it th
 (``{{ bos_token }}``), which is why transformers encodes a rendered chat with
 ``add_special_tokens=False``; doing the same here keeps the ids identical to
 ``tokenizer.apply_chat_template(messages, tokenize=True)`` and never puts BOS in twice.
+
+A message given as parts renders as transformers' list-of-parts content: ``{"type": "text"}``
+and ``{"type": "image"}`` items, which a vision model's template turns into its placeholder.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from router.errors import RequestError
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def check_messages(chat: generation_pb2.Chat, max_chars: int) -> None:
-    """Refuse an empty conversation, unknown roles and content over ``max_chars`` in total."""
+def check_messages(chat: generation_pb2.Chat, max_chars: int, takes_images: bool = False) -> None:
+    """Refuse an empty conversation, unknown roles, content over ``max_chars`` in total, a
+    message with both content and parts, and image parts to a model that takes no images."""
     if not chat.messages:
         raise RequestError.invalid("messages", "must not be empty")
     total = 0
@@ -32,6 +36,17 @@ def check_messages(chat: generation_pb2.Chat, max_chars: int) -> None:
                 f"messages[{i}].role", f"must be one of {', '.join(ROLES)}; got {message.role!r}"
             )
         total += len(message.content)
+        if message.parts and message.content:
+            raise RequestError.invalid(f"messages[{i}].content",
+                                       "set either content or parts, not both")
+        for j, part in enumerate(message.parts):
+            kind = part.WhichOneof("part")
+            if kind is None:
+                raise RequestError.invalid(f"messages[{i}].content[{j}]", "an empty part")
+            if kind == "image" and not takes_images:
+                raise RequestError.invalid(f"messages[{i}].content[{j}]",
+                                           "this model takes no images (it is text-only)")
+            total += len(part.text)
     if total > max_chars:
         raise RequestError.invalid(
             "messages", f"content is {total} characters in all; the limit is {max_chars}"
@@ -49,7 +64,7 @@ def render_chat(
             "the model has no chat template; start the router with --chat-template FILE",
         )
     add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-    messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+    messages = [{"role": m.role, "content": _content(m)} for m in chat.messages]
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_prompt, chat_template=template
@@ -58,3 +73,17 @@ def render_chat(
         raise RequestError.invalid("messages", f"the chat template refused them: {e}") from None
     assert isinstance(text, str)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def image_parts(chat: generation_pb2.Chat) -> list[tuple[str, generation_pb2.ImagePart]]:
+    """The conversation's image parts in prompt order, each with the field that names it."""
+    return [(f"messages[{i}].content[{j}]", part.image)
+            for i, m in enumerate(chat.messages) for j, part in enumerate(m.parts)
+            if part.WhichOneof("part") == "image"]
+
+
+def _content(message: generation_pb2.ChatMessage) -> str | list[dict[str, str]]:
+    if not message.parts:
+        return message.content
+    return [{"type": "text", "text": p.text} if p.WhichOneof("part") == "text" else
+            {"type": "image"} for p in message.parts]

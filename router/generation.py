@@ -53,6 +53,7 @@ class Plan:
     priority: int
     echo_text: str | None = None  # echo: the prompt's text, sent back with each completion
     prompt_only: bool = False  # echo with max_tokens 0: the generated token is dropped
+    images: tuple[common_pb2.ImageInput, ...] = ()  # the prompt's, by placeholder run
 
     @property
     def candidates(self) -> int:
@@ -73,6 +74,7 @@ class Plan:
             prompt_token_ids=self.prompt,
             sampling=one.to_proto(),
             priority=self.priority,
+            images=self.images,
         )
 
 
@@ -104,7 +106,7 @@ class Generator:
             raise RequestError.invalid(
                 "priority", f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {request.priority}"
             )
-        prompt = await self.model.prompt_ids(request, "prompt")
+        prompt, images = await self.model.prompt(request, "prompt")
         sampling = request.sampling
         room = self.model.max_model_len - len(prompt)
         prompt_only = request.echo and sampling.HasField("max_tokens") and sampling.max_tokens == 0
@@ -127,7 +129,7 @@ class Generator:
             kind = request.WhichOneof("prompt")
             echo_text = request.text if kind == "text" else self.model.tokenizer.decode(prompt)
         rid = request.request_id or uuid.uuid4().hex
-        return Plan(rid, prompt, params, request.priority, echo_text, prompt_only)
+        return Plan(rid, prompt, params, request.priority, echo_text, prompt_only, tuple(images))
 
     async def stream(
         self, plan: Plan, parent: Context | None = None
@@ -165,7 +167,7 @@ class Generator:
         try:
             self.placer.ids.claim(ids, plan.rid)
             try:
-                placement = await self.placer.place(plan.prompt)
+                placement = await self.placer.place(plan.prompt, plan.images)
             except RequestError:
                 self.placer.ids.release(ids)
                 raise

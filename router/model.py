@@ -18,8 +18,12 @@ from google.protobuf.message import Message
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagewire.config import RouterConfig
-from router.chat import check_messages, render_chat
+from pagewire.model_dir import is_vision, text_config
+from pagewire.v1 import common_pb2
+from router.chat import check_messages, image_parts, render_chat
 from router.errors import RequestError
+from router.image_sources import ImageLimits
+from router.images import ModelImages
 
 TOKENIZE_IN_THREAD_CHARS = 16_384  # longer prompts are tokenized off the event loop
 T = TypeVar("T")
@@ -33,10 +37,12 @@ class ServedModel:
     vocab_size: int
     max_prompt_chars: int
     chat_template: str | None = None  # None: the tokenizer's own
+    images: ModelImages | None = None  # a vision-language model's image side
 
     @classmethod
     def load(cls, cfg: RouterConfig) -> ServedModel:
-        hf_config = json.loads((Path(cfg.model) / "config.json").read_text())
+        full_config = json.loads((Path(cfg.model) / "config.json").read_text())
+        hf_config = text_config(full_config)
         template = None
         if cfg.chat_template:
             path = Path(cfg.chat_template)
@@ -50,6 +56,7 @@ class ServedModel:
             vocab_size=int(hf_config["vocab_size"]),
             max_prompt_chars=cfg.max_prompt_chars,
             chat_template=template,
+            images=ModelImages(cfg.model, image_limits(cfg)) if is_vision(full_config) else None,
         )
 
     def check_name(self, model: str) -> None:
@@ -68,10 +75,23 @@ class ServedModel:
                 field, f"each id must be in [0, {self.vocab_size}), got {bad}"
             )
 
-    async def prompt_ids(self, request: Message, oneof: str) -> list[int]:
+    async def prompt(
+        self, request: Message, oneof: str
+    ) -> tuple[list[int], list[common_pb2.ImageInput]]:
+        """Token ids and images of a generation prompt: a chat's image parts fetched, decoded
+        and preprocessed, each one's placeholder expanded to its run."""
+        parts = image_parts(request.chat) if request.WhichOneof(oneof) == "chat" else []
+        if not parts or self.images is None:  # a text-only model refuses them in prompt_ids
+            return await self.prompt_ids(request, oneof, images_ok=True), []
+        pixels = await self.images.pixels(parts)
+        ids = await self.prompt_ids(request, oneof, images_ok=True)
+        return self.images.expand(ids, pixels)
+
+    async def prompt_ids(self, request: Message, oneof: str, images_ok: bool = False) -> list[int]:
         """Token ids of the request's ``oneof`` prompt (text, token_ids or chat); [] if unset.
 
         Text is tokenized as the tokenizer does for a prompt (BOS added); ids are used as given.
+        A chat's image parts are refused unless ``images_ok`` (:meth:`prompt` handles them).
         """
         kind = request.WhichOneof(oneof)
         if kind == "token_ids":
@@ -80,7 +100,10 @@ class ServedModel:
             return ids
         if kind == "chat":
             chat = request.chat  # type: ignore[attr-defined]
-            check_messages(chat, self.max_prompt_chars)
+            check_messages(chat, self.max_prompt_chars, takes_images=self.images is not None)
+            if not images_ok and image_parts(chat):
+                raise RequestError.invalid(image_parts(chat)[0][0], "images are accepted by "
+                                           "generation only (Generate, chat completions)")
             size = sum(len(m.content) for m in chat.messages)
             return await _maybe_in_thread(
                 size, lambda: render_chat(self.tokenizer, chat, self.chat_template)
@@ -105,3 +128,11 @@ async def _maybe_in_thread(size: int, work: Callable[[], T]) -> T:
     if size > TOKENIZE_IN_THREAD_CHARS:
         return await asyncio.to_thread(work)
     return work()
+
+
+def image_limits(cfg: RouterConfig) -> ImageLimits:
+    return ImageLimits(
+        max_images=cfg.max_images, max_pixels=cfg.max_image_pixels,
+        max_bytes=cfg.max_image_bytes, url_hosts=ImageLimits.parse_hosts(cfg.image_url_hosts),
+        fetch_timeout_s=cfg.image_fetch_timeout_s,
+    )
