@@ -57,17 +57,18 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def clip_chunk(images: Sequence[common_pb2.ImageInput], start: int, n: int, left: int,
-               first: bool) -> tuple[int, int]:
+               budget: int, first: bool) -> tuple[int, int]:
     """(tokens of the chunk [start, start + n) to run, encoder tokens they cost) given ``left``
-    encoder tokens in this step. ``first``: the chunk is the first the worker gets of this
-    sequence (since it was last sent whole), so it also encodes an image it starts inside of."""
+    of the step's ``budget`` encoder tokens. ``first``: the chunk is the first the worker gets
+    of this sequence (since it was last sent whole), so it also encodes an image it starts
+    inside of. An image over what is left runs only as the step's first."""
     cost = 0
     for im in images:
         if im.offset + im.length <= start or im.offset >= start + n:
             continue
         if im.offset < start and not first:
             continue  # encoded by an earlier chunk, cached on the worker
-        if cost + im.length > left and (cost or left <= 0):
+        if cost + im.length > left and (cost or left < budget):
             return max(im.offset - start, 0), cost
         cost += im.length
     return n, cost

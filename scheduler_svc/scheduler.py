@@ -235,7 +235,8 @@ class Scheduler:
                 continue
             n = min(n, budget)
             if req.images:
-                n, cost = images.clip_chunk(req.images, computed, n, encoder, not req.on_worker)
+                n, cost = images.clip_chunk(req.images, computed, n, encoder,
+                                            self.limits.max_encoder_tokens, not req.on_worker)
                 encoder -= cost
                 if n == 0:
                     i += 1
@@ -268,7 +269,8 @@ class Scheduler:
             self._admit(req, hits)
             n = min(req.num_tokens - req.num_computed, budget)
             if req.images:
-                n, cost = images.clip_chunk(req.images, req.num_computed, n, encoder, True)
+                n, cost = images.clip_chunk(req.images, req.num_computed, n, encoder,
+                                            self.limits.max_encoder_tokens, True)
                 encoder -= cost
                 if n == 0:
                     break  # admitted; its chunk runs from the running list next step
