@@ -83,6 +83,7 @@ class ServedModel:
         parts = image_parts(request.chat) if request.WhichOneof(oneof) == "chat" else []
         if not parts or self.images is None:  # a text-only model refuses them in prompt_ids
             return await self.prompt_ids(request, oneof, images_ok=True), []
+        check_messages(request.chat, self.max_prompt_chars, takes_images=True)  # before fetching
         pixels = await self.images.pixels(parts)
         ids = await self.prompt_ids(request, oneof, images_ok=True)
         return self.images.expand(ids, pixels)

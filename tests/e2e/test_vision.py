@@ -118,3 +118,30 @@ def test_openai_client_sends_an_image_chat(
     want = expected(llava_model, TEXTS[0], [7])
     assert reply.choices[0].message.content == proc.tokenizer.decode(want, skip_special_tokens=True)
     assert reply.usage.completion_tokens == N_OUT
+
+
+def test_repeated_image_chat_routes_to_the_worker_holding_its_blocks(
+    llava_model: Path, tmp_path: Path
+) -> None:
+    from e2e_util import worker_of
+
+    from pagewire.redis_client import sync_client
+
+    stack = launch(llava_model, tmp_path, num_workers=2, worker_args=["--num-blocks", "256"])
+    client = sync_client(stack.redis_url)
+    try:
+        first, again = {}, {}
+        for rnd, into in (("a", first), ("b", again)):
+            for i in range(4):
+                request = chat_request(TEXTS[i], [vlm_cases.png(vlm_cases.image(300 + i))])
+                request.request_id = f"route-{rnd}-{i}"
+                ((ids, _, last),) = asyncio.run(run_concurrently(stack.router, [request]))
+                into[i] = (worker_of(client, llava_model, request.request_id),
+                           last.usage.cached_tokens, ids)
+        for i in range(4):
+            assert again[i][0] == first[i][0], f"chat {i} went to another worker"
+            assert first[i][1] == 0 and again[i][1] > 36  # past its image's placeholders
+            assert again[i][2] == first[i][2]
+    finally:
+        client.close()
+        stack.stop()

@@ -80,3 +80,43 @@ def test_same_prompt_with_another_image_misses_the_prefix_cache() -> None:
     run(1.0)
     assert run(1.0).num_cached == 16  # all full blocks but the one whose logits are needed
     assert run(2.0).num_cached == 4  # only the block before the image
+
+
+def test_images_are_kept_in_redis_with_a_ttl_and_a_request_without_them_is_not_resumed(
+    redis_client, redis_url: str
+) -> None:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from pagewire.redis_keys import RedisKeys
+    from scheduler_svc.state_store import StateStore
+
+    keys = RedisKeys("test-images", "model")
+    with_images = Request("img", list(range(1, 20)), SamplingParams(), images=[im(2, 4, 1.0)])
+    plain = Request("txt", [1, 2, 3], SamplingParams())
+
+    async def body() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            store = StateStore(client, keys, "w0")
+            await store.reset("inst", 8)
+            for r in (with_images, plain):
+                store.admitted(r)
+            await store.flush()
+            ttl = await client.ttl(keys.request_images("img"))
+            assert 0 < ttl <= images.IMAGES_TTL_S
+            pool = await store.load()
+            assert pool is not None
+            loaded = {r.request_id: r for r in pool.requests}
+            assert loaded["img"].images == with_images.images and loaded["txt"].images == []
+            await client.delete(keys.request_images("img"))  # expired
+            pool = await store.load()
+            assert pool is not None and [r.request_id for r in pool.requests] == ["txt"]
+            with_images.finish_reason = common_pb2.FINISH_REASON_STOP
+            store.finished(with_images)
+            await store.flush()
+        finally:
+            await client.aclose()
+
+    asyncio.run(body())
