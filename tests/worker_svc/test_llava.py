@@ -88,3 +88,37 @@ def test_pixels_round_trip_through_the_message(llava_model: Path) -> None:
     (im,) = vlm_cases.image_inputs(llava_model, inputs)
     assert (pixels(im) == inputs["pixel_values"][0].numpy()).all()
     assert im.length == 36 and len(im.hash) == 16
+
+
+def test_a_sparse_llava_hf_config_reads_as_transformers_reads_it() -> None:
+    """llava-hf's config.json leaves most of the decoder to LlamaConfig's defaults."""
+    from transformers import LlavaConfig
+
+    from pagewire.model_dir import text_config
+    from worker_svc.models.config import ModelConfig
+    from worker_svc.models.vision import VisionConfig
+
+    hf = {
+        "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100,
+        "image_token_index": 32000, "model_type": "llava", "pad_token_id": 32001,
+        "projector_hidden_act": "gelu", "tie_word_embeddings": False, "torch_dtype": "float16",
+        "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures":
+                        ["LlamaForCausalLM"], "max_position_embeddings": 4096,
+                        "model_type": "llama", "rms_norm_eps": 1e-05, "torch_dtype": "float16",
+                        "vocab_size": 32064},
+        "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                          "model_type": "clip_vision_model", "num_attention_heads": 16,
+                          "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+                          "vocab_size": 32000},
+        "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    }
+    ours = ModelConfig.from_hf(text_config(hf))
+    ref = LlavaConfig(**{k: v for k, v in hf.items() if k != "architectures"}).text_config
+    assert (ours.hidden_size, ours.intermediate_size, ours.num_hidden_layers,
+            ours.num_attention_heads, ours.num_key_value_heads, ours.head_dim,
+            ours.vocab_size) == (ref.hidden_size, ref.intermediate_size, ref.num_hidden_layers,
+                                 ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim,
+                                 ref.vocab_size) == (4096, 11008, 32, 32, 32, 128, 32064)
+    assert not ours.tie_word_embeddings and ours.activation == "silu"
+    vision = VisionConfig.from_hf(hf)
+    assert vision.tokens_per_image == 576 and vision.num_layers == 23 and vision.act == "quick_gelu"

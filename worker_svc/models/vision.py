@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pagewire.model_dir import text_config
 from worker_svc.models.refusal import Unsupported, check_keys, require
 
 ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
@@ -25,6 +26,7 @@ _LLAVA_KEYS = frozenset({
     "text_config", "vision_config", "image_token_index", "image_token_id", "image_seq_length",
     "projector_hidden_act", "vision_feature_select_strategy", "vision_feature_layer",
     "multimodal_projector_bias", "tie_word_embeddings",
+    "ignore_index",  # the training loss's label to skip
 })
 _CLIP_KEYS = frozenset({
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
@@ -91,7 +93,7 @@ class VisionConfig:
             projector_act=require("projector_hidden_act", hf.get("projector_hidden_act", "gelu"),
                                   tuple(ACTS)),
             projector_bias=bool(hf.get("multimodal_projector_bias", True)),
-            text_hidden_size=hf["text_config"]["hidden_size"], image_token_id=int(token),
+            text_hidden_size=text_config(hf)["hidden_size"], image_token_id=int(token),
         )
 
 
