@@ -80,9 +80,17 @@ class ServedModel:
     ) -> tuple[list[int], list[common_pb2.ImageInput]]:
         """Token ids and images of a generation prompt: a chat's image parts fetched, decoded
         and preprocessed, each one's placeholder expanded to its run."""
-        parts = image_parts(request.chat) if request.WhichOneof(oneof) == "chat" else []
+        kind = request.WhichOneof(oneof)
+        parts = image_parts(request.chat) if kind == "chat" else []
         if not parts or self.images is None:  # a text-only model refuses them in prompt_ids
-            return await self.prompt_ids(request, oneof, images_ok=True), []
+            ids = await self.prompt_ids(request, oneof, images_ok=True)
+            if self.images is not None and self.images.token_id in ids:
+                # Placeholders with no image: transformers refuses the mismatch too.
+                raise RequestError.invalid(
+                    "messages" if kind == "chat" else kind or oneof,
+                    f"contains the image placeholder {self.images.token!r} but no image; send "
+                    "images as chat image parts")
+            return ids, []
         check_messages(request.chat, self.max_prompt_chars, takes_images=True)  # before fetching
         pixels = await self.images.pixels(parts)
         ids = await self.prompt_ids(request, oneof, images_ok=True)

@@ -127,3 +127,14 @@ def test_openai_parts_become_content_parts() -> None:
             {"type": "image_url", "image_url": {"url": "data:x", "detail": "high"}}]}]})
     with pytest.raises(RequestError, match=r"messages\[0\]\.content\[0\]: only text and image"):
         chat_call({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]})
+
+
+@pytest.mark.parametrize("request_", [
+    generation_pb2.GenerateRequest(text="look: <image> here"),
+    generation_pb2.GenerateRequest(token_ids=generation_pb2.TokenIds(ids=[0, 5, 9])),
+    generation_pb2.GenerateRequest(chat=generation_pb2.Chat(messages=[
+        generation_pb2.ChatMessage(role="user", content="see <image>")])),
+])
+def test_placeholders_without_images_are_refused(llava_model: Path, request_) -> None:
+    with pytest.raises(RequestError, match="contains the image placeholder '<image>' but no image"):
+        asyncio.run(load(llava_model).prompt(request_, "prompt"))
