@@ -21,7 +21,7 @@ from pagewire.config import add_arguments, flag_args
 DEFAULT_ADDR = "127.0.0.1:50051"
 # make-model --arch: pagewire.testmodel_arch.ARCHS (kept here so --help needs no torch import).
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "mixtral",
-         "qwen3_moe")
+         "qwen3_moe", "llava")
 # The service settings ``pagewire up`` offers, as ``vllm serve`` does: each flag named, typed and
 # documented as the service's own (pagewire/config.py) and handed to every service that has it
 # (``--served-model-name`` and ``--max-model-len`` reach worker and router, ``--max-num-seqs``
@@ -47,6 +47,10 @@ def cmd_make_model(args: argparse.Namespace) -> None:
         from pagewire.testmodel import make_model
 
         path = make_model(args.dir, seed=args.seed, size=args.size)
+    elif args.arch == "llava":  # vision-language: CLIP tower + projector + the Llama decoder
+        from pagewire.testmodel_vlm import make_llava_model
+
+        path = make_llava_model(args.dir, seed=args.seed, size=args.size)
     else:
         from pagewire.testmodel_arch import make_arch_model
 

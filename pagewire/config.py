@@ -69,6 +69,7 @@ class SchedulerConfig(CommonConfig):
     model_name: str = opt("", "Model name for Redis keys. Empty: the workers' served model name.")
     max_num_seqs: int = opt(256, "Most sequences in one step.")
     max_num_batched_tokens: int = opt(2048, "Most tokens (decodes + prefill chunks) in one step.")
+    max_encoder_tokens: int = opt(4096, "Most image placeholder tokens whose vision encoding may start in one step (the first image of a step always runs).")
     max_queue: int = opt(4096, "Most waiting requests; past it a submit is refused with RESOURCE_EXHAUSTED.")
     prefix_caching: bool = opt(True, "Reuse cached KV blocks of shared prefixes.")
     priority_aging_s: float = opt(10.0, "A waiting request gains one priority level per this many seconds.")
@@ -99,6 +100,11 @@ class RouterConfig(CommonConfig):
     max_stop_strings: int = opt(16, "Most stop strings per request.")
     max_logprobs: int = opt(20, "Most top logprobs per token.")
     max_model_len: int = opt(0, "Longest sequence the workers run (match the workers' --max-model-len). 0: the model's max_position_embeddings.")
+    max_images: int = opt(8, "Most images per request (vision-language models).")
+    max_image_pixels: int = opt(4096 * 4096, "Largest image accepted, in decoded pixels (width x height).")
+    max_image_bytes: int = opt(6 << 20, "Most encoded image bytes per request (inline, data: URLs and fetched, in all).")
+    image_url_hosts: str = opt("", "Comma-separated hosts whose http(s) image URLs the router fetches (* any). Empty: fetching off.")
+    image_fetch_timeout_s: float = opt(10.0, "Time limit of one image URL fetch, in seconds.")
 
 
 def flag_name(name: str) -> str:

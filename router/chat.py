@@ -5,6 +5,9 @@ was started with ``--chat-template FILE``. Templates that need a BOS write it th
 (``{{ bos_token }}``), which is why transformers encodes a rendered chat with
 ``add_special_tokens=False``; doing the same here keeps the ids identical to
 ``tokenizer.apply_chat_template(messages, tokenize=True)`` and never puts BOS in twice.
+
+A message given as parts renders as transformers' list-of-parts content: ``{"type": "text"}``
+and ``{"type": "image"}`` items, which a vision model's template turns into its placeholder.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from router.errors import RequestError
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def check_messages(chat: generation_pb2.Chat, max_chars: int) -> None:
-    """Refuse an empty conversation, unknown roles and content over ``max_chars`` in total."""
+def check_messages(chat: generation_pb2.Chat, max_chars: int, takes_images: bool = False) -> None:
+    """Refuse an empty conversation, unknown roles, content over ``max_chars`` in total, a
+    message with both content and parts, and image parts to a model that takes no images."""
     if not chat.messages:
         raise RequestError.invalid("messages", "must not be empty")
     total = 0
@@ -35,6 +39,17 @@ def check_messages(chat: generation_pb2.Chat, max_chars: int) -> None:
                 f"messages[{i}].role", f"must be one of {', '.join(ROLES)}; got {message.role!r}"
             )
         total += len(message.content) + sum(len(c.arguments) for c in message.tool_calls)
+        if message.parts and message.content:
+            raise RequestError.invalid(f"messages[{i}].content",
+                                       "set either content or parts, not both")
+        for j, part in enumerate(message.parts):
+            kind = part.WhichOneof("part")
+            if kind is None:
+                raise RequestError.invalid(f"messages[{i}].content[{j}]", "an empty part")
+            if kind == "image" and not takes_images:
+                raise RequestError.invalid(f"messages[{i}].content[{j}]",
+                                           "this model takes no images (it is text-only)")
+            total += len(part.text)
     if total > max_chars:
         raise RequestError.invalid(
             "messages", f"content is {total} characters in all; the limit is {max_chars}"
@@ -71,7 +86,7 @@ def render_chat(
 def _message(message: generation_pb2.ChatMessage, i: int) -> dict[str, Any]:
     """One message as chat templates read it. Calls' arguments are given as objects, as
     templates (Qwen's, Llama's, Hermes') expect: they serialise them with ``tojson``."""
-    shaped: dict[str, Any] = {"role": message.role, "content": message.content}
+    shaped: dict[str, Any] = {"role": message.role, "content": _content(message)}
     if message.tool_calls:
         shaped["tool_calls"] = [
             {"id": c.id, "type": "function",
@@ -94,3 +109,17 @@ def _arguments(text: str, i: int, j: int) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RequestError.invalid(path, "must be a JSON object")
     return value
+
+
+def image_parts(chat: generation_pb2.Chat) -> list[tuple[str, generation_pb2.ImagePart]]:
+    """The conversation's image parts in prompt order, each with the field that names it."""
+    return [(f"messages[{i}].content[{j}]", part.image)
+            for i, m in enumerate(chat.messages) for j, part in enumerate(m.parts)
+            if part.WhichOneof("part") == "image"]
+
+
+def _content(message: generation_pb2.ChatMessage) -> str | list[dict[str, str]]:
+    if not message.parts:
+        return message.content
+    return [{"type": "text", "text": p.text} if p.WhichOneof("part") == "text" else
+            {"type": "image"} for p in message.parts]

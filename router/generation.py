@@ -55,6 +55,7 @@ class Plan:
     echo_text: str | None = None  # echo: the prompt's text, sent back with each completion
     prompt_only: bool = False  # echo with max_tokens 0: the generated token is dropped
     output: OutputSpec | None = None  # chat: reasoning and tool calls parsed out of the text
+    images: tuple[common_pb2.ImageInput, ...] = ()  # the prompt's, by placeholder run
 
     @property
     def candidates(self) -> int:
@@ -75,6 +76,7 @@ class Plan:
             prompt_token_ids=self.prompt,
             sampling=one.to_proto(),
             priority=self.priority,
+            images=self.images,
         )
 
 
@@ -108,7 +110,7 @@ class Generator:
             )
         chat_tools = tools.check_tools(request.chat) if request.HasField("chat") else None
         template_tools = chat_tools.template_tools if chat_tools is not None else None
-        prompt = await self.model.prompt_ids(request, "prompt", template_tools)
+        prompt, images = await self.model.prompt(request, "prompt", template_tools)
         output = None
         if chat_tools is not None:
             tail = self.model.tokenizer.decode(prompt[-4:]) if self.model.reasoning_parser else ""
@@ -147,7 +149,8 @@ class Generator:
             kind = request.WhichOneof("prompt")
             echo_text = request.text if kind == "text" else self.model.tokenizer.decode(prompt)
         rid = request.request_id or uuid.uuid4().hex
-        return Plan(rid, prompt, params, request.priority, echo_text, prompt_only, output)
+        return Plan(rid, prompt, params, request.priority, echo_text, prompt_only, output,
+                    tuple(images))
 
     async def stream(
         self, plan: Plan, parent: Context | None = None
@@ -186,7 +189,7 @@ class Generator:
         try:
             self.placer.ids.claim(ids, plan.rid)
             try:
-                placement = await self.placer.place(plan.prompt)
+                placement = await self.placer.place(plan.prompt, plan.images)
             except RequestError:
                 self.placer.ids.release(ids)
                 raise

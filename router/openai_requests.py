@@ -172,27 +172,48 @@ def set_messages(chat: generation_pb2.Chat, f: Fields) -> None:
         role = message.get("role")
         if not isinstance(role, str):
             raise RequestError.invalid(f"messages[{i}].role", "must be a string")
-        added = chat.messages.add(role=role, content=_content(message.get("content"), f"messages[{i}]"))
+        content = _content(message.get("content"), f"messages[{i}]")
+        if isinstance(content, str):
+            added = chat.messages.add(role=role, content=content)
+        else:
+            added = chat.messages.add(role=role, parts=content)
         set_message_tools(added, message, f"messages[{i}]")
     add = f.boolean("add_generation_prompt")
     if add is not None:
         chat.add_generation_prompt = add
 
 
-def _content(content: Any, path: str) -> str:
-    """A message's text: a string, null (an assistant turn with tool calls) or text parts."""
+def _content(content: Any, path: str) -> str | list[generation_pb2.ContentPart]:
+    """A message's text (a string, null for an assistant turn with tool calls, or text parts
+    joined), or its parts when it has an image."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
         raise RequestError.invalid(f"{path}.content", "must be a string or a list of parts")
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text":
-            raise RequestError.invalid(f"{path}.content[{j}]", "only text parts are supported")
+    parts = [_part(part, f"{path}.content[{j}]") for j, part in enumerate(content)]
+    if all(p.WhichOneof("part") == "text" for p in parts):
+        return "".join(p.text for p in parts)
+    return parts
+
+
+def _part(part: Any, path: str) -> generation_pb2.ContentPart:
+    """One OpenAI content part: ``{"type": "text", "text"}`` or ``{"type": "image_url",
+    "image_url": {"url"}}`` (a data: URL, or http(s) when the router fetches)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
         if not isinstance(part.get("text"), str):
-            raise RequestError.invalid(f"{path}.content[{j}].text", "must be a string")
-        texts.append(part["text"])
-    return "".join(texts)
+            raise RequestError.invalid(f"{path}.text", "must be a string")
+        return generation_pb2.ContentPart(text=part["text"])
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str):
+            raise RequestError.invalid(f"{path}.image_url.url", "must be a string")
+        if isinstance(image, dict) and image.get("detail", "auto") != "auto":
+            raise RequestError.invalid(f"{path}.image_url.detail",
+                                       "only auto is supported (the model's processor decides)")
+        return generation_pb2.ContentPart(image=generation_pb2.ImagePart(url=url))
+    raise RequestError.invalid(path, "only text and image_url parts are supported")
 
 
 def _set_sampling(
@@ -244,6 +265,9 @@ def _set_logit_bias(sampling: common_pb2.SamplingParams, f: Fields) -> None:
 def embedding_call(body: dict[str, Any]) -> EmbeddingCall:
     f = Fields(body)
     f.refuse("dimensions")
+    if body.get("messages") is not None:
+        raise RequestError.invalid("messages", "chat (and image) embeddings are not supported: "
+                                   "pagewire embeds text and token ids only")
     fmt = f.string("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise RequestError.invalid("encoding_format", f"must be float or base64, got {fmt!r}")
@@ -261,6 +285,9 @@ def embedding_call(body: dict[str, Any]) -> EmbeddingCall:
 
 def _embedding_inputs(value: Any) -> list[tuple[str, str | list[int]]]:
     """(field path, input) pairs: a string, a token list, or a list of either."""
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        raise RequestError.invalid("input", "embeddings of images (or other parts) are not "
+                                   "supported: pagewire embeds text and token ids only")
     if isinstance(value, str):
         return [("input", value)]
     if not isinstance(value, list) or not value:

@@ -104,7 +104,8 @@ class WorkerEngine:
         reqs = []
         for s in stored.requests if stored else []:
             req = Request(s.request_id, s.prompt, s.params, priority=s.priority, output=s.output,
-                          block_table=s.block_table, num_cached=s.num_cached, pooling=s.pooling)
+                          block_table=s.block_table, num_cached=s.num_cached, pooling=s.pooling,
+                          images=s.images)
             req.sent = req.queued = req.flushed = len(req.output)
             req.checkpointed = s.checkpointed
             reqs.append(req)
@@ -481,6 +482,7 @@ class WorkerEngine:
                 seq.trace_context.update(req.trace_context)
                 if req.params.structured is not None:  # the worker replays them into a matcher
                     seq.output_ids.extend(req.output)
+                seq.images.extend(req.images)
             else:
                 seq.block_ids.extend(s.new_blocks)
         await call.write(step)

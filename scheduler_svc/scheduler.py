@@ -16,8 +16,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pagewire.block_hash import block_hash, prompt_block_hashes
+from pagewire.block_hash import block_hash, image_extra, prompt_block_hashes
 from pagewire.v1 import common_pb2
+from scheduler_svc import images
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.request import Request, Status
 
@@ -32,6 +33,8 @@ class SchedulerLimits:
     prefix_caching: bool = True
     # A waiting request gains one priority level per this many seconds (0: no aging).
     priority_aging_s: float = 10.0
+    # Image placeholder tokens whose encoding may start in one step (see scheduler_svc.images).
+    max_encoder_tokens: int = 4096
 
 
 @dataclass
@@ -193,6 +196,7 @@ class Scheduler:
             running.sort(key=_priority_key)
             self._running_sorted = True
         i = nseqs = 0
+        encoder = self.limits.max_encoder_tokens  # left this step
         # The decode columns' appends, bound once: the loop below runs once per running request.
         add_decode, add_position = batch.decodes.append, batch.decode_positions.append
         add_block, add_index, add_epoch = (batch.decode_blocks.append, batch.decode_indices.append,
@@ -230,6 +234,13 @@ class Scheduler:
                 i += 1
                 continue
             n = min(n, budget)
+            if req.images:
+                n, cost = images.clip_chunk(req.images, computed, n, encoder,
+                                            self.limits.max_encoder_tokens, not req.on_worker)
+                encoder -= cost
+                if n == 0:
+                    i += 1
+                    continue
             while self._blocks_needed(req, n) > pool.num_free:
                 victim = running[-1]
                 self._preempt(victim, batch)
@@ -257,6 +268,12 @@ class Scheduler:
             self.waiting.pop(0)
             self._admit(req, hits)
             n = min(req.num_tokens - req.num_computed, budget)
+            if req.images:
+                n, cost = images.clip_chunk(req.images, req.num_computed, n, encoder,
+                                            self.limits.max_encoder_tokens, True)
+                encoder -= cost
+                if n == 0:
+                    break  # admitted; its chunk runs from the running list next step
             self._take(req, n, batch)
             budget -= n
             nseqs += 1
@@ -266,7 +283,8 @@ class Scheduler:
         """Cached blocks for the request's leading full blocks (none with caching off)."""
         if not self.limits.prefix_caching or not req.uses_prefix_cache:
             return []
-        hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), self.limits.block_size)
+        hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), self.limits.block_size,
+                                     req.images)
         req.block_hashes = hashes  # provisional: trimmed to what is really in the table below
         return self.pool.lookup(hashes)
 
@@ -291,7 +309,8 @@ class Scheduler:
         full = min(min(computed, req.num_known) // bs, len(req.block_table))
         parent = req.block_hashes[-1] if req.block_hashes else None
         for i in range(len(req.block_hashes), full):
-            parent = block_hash(parent, req.tokens(i * bs, (i + 1) * bs))
+            extra = image_extra(req.images, i * bs, (i + 1) * bs) if req.images else b""
+            parent = block_hash(parent, req.tokens(i * bs, (i + 1) * bs), extra)
             req.block_hashes.append(parent)
             self.pool.register(req.block_table[i], parent)
 
@@ -401,7 +420,7 @@ class Scheduler:
             if req.output:
                 req.num_computed = req.num_tokens - 1
             else:
-                hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), bs)
+                hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), bs, req.images)
                 proven = 0
                 for h, b in zip(hashes, req.block_table, strict=False):
                     if self.pool.index.get(h) != b:

@@ -23,6 +23,7 @@ from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.tls import TLSFiles
 from pagewire.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from scheduler_svc import images
 from scheduler_svc.engine import WorkerEngine
 from scheduler_svc.lease import Lease, LeaseLost
 from scheduler_svc.request import Request, RouterConn, Status
@@ -197,8 +198,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                     f"worker {engine.worker_id} has {engine.info.num_blocks}")
         if sub.pooling != common_pb2.POOLING_NONE:
             params = dataclasses.replace(params, max_tokens=1)  # runs its prompt, samples nothing
+        if bad := images.check(sub.images, len(sub.prompt_token_ids)):
+            return grpc.StatusCode.INVALID_ARGUMENT, bad
         req = Request(rid, list(sub.prompt_token_ids), params, priority=sub.priority, conn=conn,
-                      pooling=sub.pooling, trace_context=dict(sub.trace_context))
+                      pooling=sub.pooling, trace_context=dict(sub.trace_context),
+                      images=list(sub.images))
         self.requests[rid] = req
         conn.requests[rid] = req
         self.place(req, engine)
@@ -343,6 +347,7 @@ async def attach_worker(
         eos_token_ids=tuple(info.eos_token_ids),
         prefix_caching=cfg.prefix_caching,
         priority_aging_s=cfg.priority_aging_s,
+        max_encoder_tokens=cfg.max_encoder_tokens,
     )
     engine = WorkerEngine(address, info, store, limits, service.on_worker_lost, service.on_done,
                           tls=tls, metrics=sm,

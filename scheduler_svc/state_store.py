@@ -35,6 +35,7 @@ from pagewire.redis_client import Client, is_cluster
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import common_pb2
+from scheduler_svc import images
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.request import Request
 
@@ -149,6 +150,8 @@ class StoredRequest:
     pooling: int = common_pb2.POOLING_NONE
     handle: int = 0  # its id in the worker's token log
     checkpointed: int = 0  # output tokens that were in its own list (the rest came from the log)
+    images: list[common_pb2.ImageInput] = field(default_factory=list)
+    images_lost: bool = False  # it had images and Redis no longer has them (TTL): not resumable
 
 
 @dataclass
@@ -212,7 +215,7 @@ class StateStore:
         self.log_bytes = len(pairs) * 4
         for rid in sorted(r.decode() for r in await self.r.smembers(k.requests())):
             stored = await self.load_request(rid)
-            if stored is not None and stored[1] == w:
+            if stored is not None and stored[1] == w and not stored[0].images_lost:
                 req = stored[0]
                 req.checkpointed = len(req.output)
                 req.output += logged.get(req.handle, [])
@@ -226,7 +229,8 @@ class StateStore:
             p.hgetall(k.request(rid))
             p.get(k.request_tokens(rid))
             p.lrange(k.request_blocks(rid), 0, -1)
-            info, tokens, blocks = await p.execute()
+            p.get(k.request_images(rid))
+            info, tokens, blocks, image_data = await p.execute()
         if not info:
             return None
         params = SamplingParams.from_proto(common_pb2.SamplingParams.FromString(info[b"params"]))
@@ -241,7 +245,9 @@ class StateStore:
             num_cached=int(info.get(b"num_cached", 0)),
             pooling=int(info.get(b"pooling", 0)),
             handle=int(info.get(b"handle", 0)),
+            images=images.unpack(image_data),
         )
+        stored.images_lost = len(stored.images) != int(info.get(b"images", 0))
         return stored, info[b"worker"].decode()
 
     async def reset(self, instance_id: str, num_blocks: int) -> None:
@@ -280,8 +286,11 @@ class StateStore:
                 "params": req.params.to_proto().SerializeToString(),
                 "pooling": req.pooling,
                 "handle": req.seq_id,
+                "images": len(req.images),
             },
         )
+        if req.images:
+            p.set(k.request_images(req.request_id), images.pack(req.images), ex=images.IMAGES_TTL_S)
         p.sadd(k.requests(), req.request_id)
         req.tokens_key = k.request_tokens(req.request_id)
 
@@ -372,6 +381,8 @@ class StateStore:
         p.hset(k.request(rid), "finish_reason", req.finish_reason)
         p.expire(k.request(rid), FINISHED_TTL_S)
         p.expire(k.request_tokens(rid), FINISHED_TTL_S)
+        if req.images:
+            p.delete(k.request_images(rid))
         p.srem(k.requests(), rid)
 
     def publish_load(self, **figures: int) -> None:
@@ -519,7 +530,10 @@ class StateStore:
                     "worker": w, "priority": req.priority, "prompt": _pack(req.prompt),
                     "params": req.params.to_proto().SerializeToString(), "pooling": req.pooling,
                     "handle": req.seq_id, "num_cached": max(req.num_cached, 0),
+                    "images": len(req.images),
                 })
+                if req.images:
+                    p.set(k.request_images(rid), images.pack(req.images), ex=images.IMAGES_TTL_S)
                 p.sadd(k.requests(), rid)
                 p.delete(k.request_blocks(rid), k.request_tokens(rid))
                 if req.block_table:

@@ -30,6 +30,7 @@ from pagewire.v1 import common_pb2, worker_pb2
 from worker_svc import prompt_outputs
 from worker_svc.constraints import Constraints, GrammarState, apply_bitmask
 from worker_svc.cuda_graphs import DecodeGraphs, pad_columns
+from worker_svc.encoder_cache import EncoderCache
 from worker_svc.logits import (
     Penalties,
     apply_penalties,
@@ -110,6 +111,7 @@ class ModelRunner:
         self.graphs = graphs
         self.constraints = constraints  # None: structured output is not served (no tokenizer)
         self.uploader = Uploader(device)
+        self.encoder = EncoderCache(model.vision, device)
         # Each row's last sampled token, on the device: what a decode feeds when the host has not
         # seen that token yet (the step that sampled it may still be running).
         self.last_tokens = torch.zeros(len(self.table.last_token), dtype=torch.int32,
@@ -118,6 +120,7 @@ class ModelRunner:
     def reset(self) -> None:
         """Forget every sequence (a new scheduler stream starts from scratch)."""
         self.table.clear()
+        self.encoder.clear()
 
     def execute(self, step: worker_pb2.Step) -> worker_pb2.StepResult:
         return self.finish(self.launch(step))
@@ -143,6 +146,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         table, seqs, d = self.table, step.seqs, step.decodes
         table.release(step.release_seq_ids)
+        self.encoder.release(step.release_seq_ids)
         drows = table.lookup(d.seq_ids)
         result = worker_pb2.StepResult(step_id=step.step_id)
         pending = PendingStep(step, result, t0, [])
@@ -162,7 +166,8 @@ class ModelRunner:
         np.cumsum(lay.lens, out=cu[1:])
         sampled = [i for i, s in enumerate(seqs) if s.sample and not table.is_embedding(srows[i])]
         picks = sample_rows(step, lay, cu, sampled)
-        hidden, picks_dev = self._forward(lay, cu, picks, bool(seqs))
+        embeds = self.encoder.step_embeds(seqs, cu[lay.slot]) if seqs else None
+        hidden, picks_dev = self._forward(lay, cu, picks, bool(seqs), embeds)
         prompt_outputs.add_to_result(self.table, seqs, srows, cu[lay.slot], hidden,
                                      self.model.logits, self.vocab_size, result)
         if len(picks.rows):
@@ -224,7 +229,9 @@ class ModelRunner:
         rows = np.empty(len(seqs), dtype=np.int64)
         for i, s in enumerate(seqs):
             row = table.add(s) if s.new else table.rows[s.seq_id]
-            if not s.new:
+            if s.new:
+                self.encoder.put(s.seq_id, s.images)
+            else:
                 table.extend_blocks(row, s.block_ids)
             e = table.extra(row)
             if s.new and e.params.structured is not None:
@@ -239,17 +246,18 @@ class ModelRunner:
         return rows
 
     def _forward(
-        self, lay: StepLayout, cu: np.ndarray, picks: SampleRows, has_seqs: bool
+        self, lay: StepLayout, cu: np.ndarray, picks: SampleRows, has_seqs: bool,
+        embeds: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run the model; every token's final hidden state [T, H] (slot i is tokens cu[i] ..
         cu[i+1]) and, on the device, the sampling rows' table rows and hidden-state indices
         ([2, S], sent in the same copy). A decode-only batch that fits a captured graph replays
-        it."""
+        it. ``embeds``: image features that replace placeholder tokens' embeddings."""
         n, rows, num_decode = len(lay.lens), lay.rows, lay.num_decode
         owner, positions, slots, block_tables = token_columns(lay, cu, self.table, self.block_size)
         width, ctx = block_tables.shape[1], lay.starts + lay.lens
         graphs = self.graphs
-        if graphs is not None and num_decode == n and graphs.fits(n, width):
+        if graphs is not None and embeds is None and num_decode == n and graphs.fits(n, width):
             cols = pad_columns(n, graphs.bucket(n), lay.ids, rows, positions, slots, ctx)
             packed, _ = pack(*cols, np.empty(0), block_tables, picks.rows, picks.hidden_index)
             buf = self.uploader.put(packed)
@@ -270,7 +278,8 @@ class ModelRunner:
             num_decode=num_decode,
             backend=self.backend,
         )
-        hidden = self.model(t.token_ids(self.last_tokens), t.positions, self.kv_caches, meta)
+        hidden = self.model(t.token_ids(self.last_tokens), t.positions, self.kv_caches, meta,
+                            embeds)
         return hidden, t.sampling.view(2, -1)
 
     def _sample(

@@ -139,6 +139,13 @@ TABLE = [
         chatc([*USER, {"role": "robot", "content": "beep"}])),
     Row("chat over the character limit", "messages", gen(chat=chat(("user", LONG))),
         chatc([{"role": "user", "content": LONG}])),
+    Row("image part to a text-only model", "messages[0].content[0]",
+        gen(chat=generation_pb2.Chat(messages=[generation_pb2.ChatMessage(role="user", parts=[
+            generation_pb2.ContentPart(image=generation_pb2.ImagePart(data=b"\x89PNG")),
+            generation_pb2.ContentPart(text="hi")])])),
+        chatc([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "text", "text": "hi"}]}])),
     Row("logit_bias key not a token id", "logit_bias", None, cmpl(logit_bias={"a": 1})),
     Row("best_of streamed", "best_of", None, cmpl(best_of=2, stream=True)),
     Row("suffix (no infill)", "suffix", None, cmpl(suffix="end")),
