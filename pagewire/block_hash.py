@@ -9,6 +9,11 @@ Image placeholders are the same token id whatever the image, so a block that hol
 placeholder of an image also hashes that image's content hash (as vLLM mixes in ``mm_hash``):
 the same text with another image never shares that block, and, the hash being chained, none
 after it. Blocks without images hash exactly as before.
+
+A request's cache salt (vLLM's ``cache_salt``) is mixed into its first block's hash, and so, the
+hash being chained, into every block's: requests share cached blocks only when they have the
+same salt, so one tenant cannot learn by timing whether another's prompt is cached. Unsalted
+requests hash exactly as before.
 """
 
 from __future__ import annotations
@@ -36,14 +41,17 @@ def image_extra(images: Sequence[ImageSpan], start: int, end: int) -> bytes:
     return b"".join(im.hash for im in images if im.offset < end and im.offset + im.length > start)
 
 
-def block_hash(parent: bytes | None, tokens: Sequence[int], extra: bytes = b"") -> bytes:
+def block_hash(
+    parent: bytes | None, tokens: Sequence[int], extra: bytes = b"", salt: bytes = b""
+) -> bytes:
     """Hash of one full block given its parent's hash (None for the first block); ``extra``:
-    its :func:`image_extra`."""
-    return _chain(parent, array("i", tokens).tobytes(), extra)
+    its :func:`image_extra`; ``salt``: the request's cache salt (read for the first block only:
+    the others inherit it through their parent)."""
+    return _chain(parent if parent is not None else _root(salt), array("i", tokens).tobytes(), extra)
 
 
 def prompt_block_hashes(
-    tokens: Sequence[int], block_size: int, images: Sequence[ImageSpan] = ()
+    tokens: Sequence[int], block_size: int, images: Sequence[ImageSpan] = (), salt: bytes = b""
 ) -> list[bytes]:
     """Hashes of every full block of ``tokens`` (a trailing partial block has none)."""
     # The prompt is packed once and sliced (a block per array was a third of the cost), giving
@@ -51,7 +59,7 @@ def prompt_block_hashes(
     data = memoryview(array("i", tokens).tobytes())
     step = block_size * TOKEN_BYTES
     hashes: list[bytes] = []
-    parent: bytes | None = None
+    parent = _root(salt)
     for start in range(0, len(data) - step + 1, step):
         extra = b""
         if images:
@@ -62,8 +70,16 @@ def prompt_block_hashes(
     return hashes
 
 
-def _chain(parent: bytes | None, block: bytes | memoryview, extra: bytes = b"") -> bytes:
-    h = hashlib.blake2b(parent if parent is not None else ROOT, digest_size=DIGEST_BYTES)
+def _root(salt: bytes) -> bytes:
+    """The first block's parent: ROOT, or for a salted request ROOT's hash with the salt (a
+    digest, so no salt's root is another's, nor ROOT itself)."""
+    if not salt:
+        return ROOT
+    return hashlib.blake2b(ROOT + b"\x00salt\x00" + salt, digest_size=DIGEST_BYTES).digest()
+
+
+def _chain(parent: bytes, block: bytes | memoryview, extra: bytes = b"") -> bytes:
+    h = hashlib.blake2b(parent, digest_size=DIGEST_BYTES)
     h.update(block)
     if extra:
         h.update(extra)

@@ -24,6 +24,7 @@ MAX_PENALTY = 2.0  # presence and frequency, as OpenAI bounds them
 # CTRL's penalty divides positive logits; past ~100 every seen token is effectively banned, so a
 # larger value is more likely a unit mistake than intent.
 MAX_REPETITION_PENALTY = 100.0
+MAX_ALLOWED_TOKEN_IDS = 65536  # allowed_token_ids entries (a mask is built per step from them)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on each logit_bias value
 # Entries per request: the worker scatters them into the logits each step, so bound the work.
 MAX_LOGIT_BIAS_ENTRIES = 1024
@@ -61,6 +62,7 @@ class SamplingParams:
     n: int = 1
     include_stop_str_in_output: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by id
+    allowed_token_ids: tuple[int, ...] = ()  # empty: every token may be drawn
     best_of: int | None = None  # None: n (no selection)
     structured: StructuredOutput | None = None  # None: unconstrained
 
@@ -103,6 +105,7 @@ class SamplingParams:
             n=msg.n if msg.HasField("n") else 1,
             include_stop_str_in_output=msg.include_stop_str_in_output,
             logit_bias=tuple(sorted(msg.logit_bias.items())),
+            allowed_token_ids=tuple(msg.allowed_token_ids),
             best_of=msg.best_of if msg.HasField("best_of") else None,
             structured=(
                 StructuredOutput.from_proto(msg.structured) if msg.HasField("structured") else None
@@ -127,6 +130,7 @@ class SamplingParams:
             n=self.n,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=dict(self.logit_bias),
+            allowed_token_ids=list(self.allowed_token_ids),
         )
         if self.best_of is not None:
             msg.best_of = self.best_of
@@ -225,6 +229,7 @@ def validate(
     if msg.HasField("seed") and msg.seed > MAX_SEED:
         raise ValidationError("seed", f"must be <= {MAX_SEED}")
     _check_logit_bias(msg, vocab_size)
+    _check_allowed(msg, vocab_size)
     _check_closed(msg, "best_of", params.n, limits.max_n, " (n and --max-n)")
     if params.structured is not None:
         _check_structured(params)
@@ -243,6 +248,23 @@ def _check_structured(params: SamplingParams) -> None:
         raise ValidationError("ignore_eos", "cannot be combined with a structured-output constraint")
     if params.min_tokens:
         raise ValidationError("min_tokens", "cannot be combined with a structured-output constraint")
+    if params.allowed_token_ids:
+        raise ValidationError(
+            "allowed_token_ids", "cannot be combined with a structured-output constraint"
+        )
+
+
+def _check_allowed(msg: common_pb2.SamplingParams, vocab_size: int) -> None:
+    ids = msg.allowed_token_ids
+    if len(ids) > MAX_ALLOWED_TOKEN_IDS:
+        raise ValidationError(
+            "allowed_token_ids", f"at most {MAX_ALLOWED_TOKEN_IDS} entries, got {len(ids)}"
+        )
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValidationError(
+            "allowed_token_ids", f"each token id must be in [0, {vocab_size}), got {bad}"
+        )
 
 
 def _check_logit_bias(msg: common_pb2.SamplingParams, vocab_size: int) -> None:

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagewire.v1 import generation_pb2
 from router.errors import RequestError
+from router.vllm_extras import template_kwargs
 
 # OpenAI's roles. A template renders any string, but an unknown role is almost always a client
 # bug (a typo, a provider-specific role) that would otherwise pass silently into the prompt.
@@ -61,26 +62,43 @@ def render_chat(
     chat: generation_pb2.Chat,
     template: str | None,
     tools: list[dict[str, Any]] | None = None,
+    add_special_tokens: bool = False,
 ) -> list[int]:
     """The conversation's prompt token ids. Call :func:`check_messages` first. ``tools``: as
-    transformers' ``apply_chat_template(tools=...)`` takes them (router.tools checks them)."""
+    transformers' ``apply_chat_template(tools=...)`` takes them (router.tools checks them).
+    ``add_special_tokens``: BOS on top of what the template writes (vLLM's chat field)."""
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise RequestError(
             grpc.StatusCode.FAILED_PRECONDITION,
             "chat",
             "the model has no chat template; start the router with --chat-template FILE",
         )
-    add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    add_prompt = _add_generation_prompt(chat)
+    kwargs = template_kwargs(chat)
     messages = [_message(m, i) for i, m in enumerate(chat.messages)]
     try:
         text = tokenizer.apply_chat_template(
             messages, tools=tools or None, tokenize=False, add_generation_prompt=add_prompt,
-            chat_template=template,
+            continue_final_message=chat.continue_final_message, chat_template=template, **kwargs,
         )
     except jinja2.TemplateError as e:  # the template's raise_exception(): roles must alternate...
         raise RequestError.invalid("messages", f"the chat template refused them: {e}") from None
+    except ValueError as e:  # continue_final_message: the template does not render it verbatim
+        if not chat.continue_final_message:
+            raise
+        raise RequestError.invalid("continue_final_message", str(e)) from None
     assert isinstance(text, str)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _add_generation_prompt(chat: generation_pb2.Chat) -> bool:
+    """Unset: true, unless the last message is continued (vLLM: the two are exclusive)."""
+    if not chat.continue_final_message:
+        return chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    if chat.add_generation_prompt:
+        raise RequestError.invalid("continue_final_message",
+                                   "cannot be combined with add_generation_prompt: true")
+    return False
 
 
 def _message(message: generation_pb2.ChatMessage, i: int) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class CompletionStream:
         echo_text: str | None = None,
         prompt_only: bool = False,
         output: OutputSpec | None = None,
+        send_prompt_ids: bool = False,
     ) -> None:
         self.rid = rid
         self.index = index
@@ -52,6 +53,7 @@ class CompletionStream:
         self.prompt_tokens = len(prompt)
         self.echo_text = echo_text  # None: no echo, or already sent
         self.prompt_only = prompt_only
+        self.send_prompt_ids = send_prompt_ids  # return_prompt_token_ids, until sent
         self.min_tokens = params.min_tokens
         self.detok = IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens)
         self.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
@@ -75,6 +77,9 @@ class CompletionStream:
         if self.echo_text is not None:
             resp.prompt_token_ids.extend(self.prompt)
             resp.prompt_text, self.echo_text = self.echo_text, None
+        elif self.send_prompt_ids:
+            resp.prompt_token_ids.extend(self.prompt)
+        self.send_prompt_ids = False
         if event.prompt_logprobs and not self._prompt_logprobs_sent:
             resp.prompt_logprobs.extend(event.prompt_logprobs)
             self._prompt_logprobs_sent = True

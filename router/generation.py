@@ -42,6 +42,7 @@ from router.scheduler_link import SchedulerLink
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_PRIORITY = 1000
+MAX_CACHE_SALT_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Plan:
     prompt_only: bool = False  # echo with max_tokens 0: the generated token is dropped
     output: OutputSpec | None = None  # chat: reasoning and tool calls parsed out of the text
     images: tuple[common_pb2.ImageInput, ...] = ()  # the prompt's, by placeholder run
+    cache_salt: bytes = b""  # mixed into the prompt's block hashes (pagewire.block_hash)
+    return_prompt_ids: bool = False  # the prompt's ids on each completion's first message
 
     @property
     def candidates(self) -> int:
@@ -77,6 +80,7 @@ class Plan:
             sampling=one.to_proto(),
             priority=self.priority,
             images=self.images,
+            cache_salt=self.cache_salt,
         )
 
 
@@ -111,6 +115,11 @@ class Generator:
         chat_tools = tools.check_tools(request.chat) if request.HasField("chat") else None
         template_tools = chat_tools.template_tools if chat_tools is not None else None
         prompt, images = await self.model.prompt(request, "prompt", template_tools)
+        truncated = request.HasField("truncate_prompt_tokens")
+        if truncated:
+            prompt = _truncate(prompt, request.truncate_prompt_tokens, bool(images))
+        if len(request.cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise RequestError.invalid("cache_salt", f"at most {MAX_CACHE_SALT_CHARS} characters")
         output = None
         if chat_tools is not None:
             tail = self.model.tokenizer.decode(prompt[-4:]) if self.model.reasoning_parser else ""
@@ -147,10 +156,11 @@ class Generator:
         echo_text = None
         if request.echo:
             kind = request.WhichOneof("prompt")
-            echo_text = request.text if kind == "text" else self.model.tokenizer.decode(prompt)
+            echo_text = (request.text if kind == "text" and not truncated
+                         else self.model.tokenizer.decode(prompt))
         rid = request.request_id or uuid.uuid4().hex
         return Plan(rid, prompt, params, request.priority, echo_text, prompt_only, output,
-                    tuple(images))
+                    tuple(images), request.cache_salt.encode(), request.return_prompt_token_ids)
 
     async def stream(
         self, plan: Plan, parent: Context | None = None
@@ -180,7 +190,7 @@ class Generator:
         completions = [
             CompletionStream(plan.rid, i, plan.prompt, plan.params, self.model.tokenizer,
                              echo_text=plan.echo_text, prompt_only=plan.prompt_only,
-                             output=plan.output)
+                             output=plan.output, send_prompt_ids=plan.return_prompt_ids)
             for i in range(n)
         ]
         timers = [RequestTimer() for _ in range(n)]
@@ -189,7 +199,7 @@ class Generator:
         try:
             self.placer.ids.claim(ids, plan.rid)
             try:
-                placement = await self.placer.place(plan.prompt, plan.images)
+                placement = await self.placer.place(plan.prompt, plan.images, plan.cache_salt)
             except RequestError:
                 self.placer.ids.release(ids)
                 raise
@@ -252,6 +262,16 @@ class Generator:
             tracing.WORKER_ID: worker_id,
         }, error=error)
 
+
+
+def _truncate(prompt: list[int], keep: int, images: bool) -> list[int]:
+    """The last ``keep`` prompt tokens (vLLM's truncate_prompt_tokens)."""
+    if keep < 1:
+        raise RequestError.invalid("truncate_prompt_tokens", f"must be >= 1, got {keep}")
+    if images and keep < len(prompt):
+        raise RequestError.invalid("truncate_prompt_tokens",
+                                   "cannot cut a prompt with images (a placeholder run would split)")
+    return prompt[-keep:]
 
 
 def _copy(sampling: common_pb2.SamplingParams) -> common_pb2.SamplingParams:

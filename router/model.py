@@ -145,11 +145,13 @@ class ServedModel:
                 raise RequestError.invalid(image_parts(chat)[0][0], "images are accepted by "
                                            "generation only (Generate, chat completions)")
             size = sum(len(m.content) for m in chat.messages)
+            add = bool(getattr(request, "add_special_tokens", False))
             return await _maybe_in_thread(
-                size, lambda: render_chat(self.tokenizer, chat, self.chat_template, tools)
+                size, lambda: render_chat(self.tokenizer, chat, self.chat_template, tools, add)
             )
         text: str = request.text if kind == "text" else ""  # type: ignore[attr-defined]
-        return await self.encode(text, field=oneof)
+        add = request.add_special_tokens if _has(request, "add_special_tokens") else True
+        return await self.encode(text, field=oneof, add_special_tokens=add)
 
     async def check_structured(self, spec: StructuredOutput) -> None:
         """Compile ``spec`` for this tokenizer (off the event loop, cached per spec): a spec the
@@ -175,6 +177,11 @@ class ServedModel:
         return await _maybe_in_thread(
             len(text), lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         )
+
+
+def _has(request: Message, name: str) -> bool:
+    """Whether ``request`` (any prompt-carrying message) has the optional field set."""
+    return name in request.DESCRIPTOR.fields_by_name and request.HasField(name)
 
 
 async def _maybe_in_thread(size: int, work: Callable[[], T]) -> T:

@@ -7,9 +7,11 @@ Besides OpenAI's fields, vLLM's sampling extras are accepted (``top_k``, ``min_p
 ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``) so clients that
 send them through ``extra_body`` get vLLM's behaviour, and the structured-output fields
 (``response_format``, vLLM's ``guided_*`` and ``structured_outputs``: router/openai_structured.py).
-Chat's tool fields are translated by ``router.openai_tools``. Unknown fields are ignored; known
-fields pagewire cannot honour (``suffix``, tools in completions) are refused rather than
-silently dropped.
+Chat's tool fields are translated by ``router.openai_tools``; vLLM's other extras
+(``chat_template_kwargs``, ``cache_salt``, ``truncate_prompt_tokens``, ...) by
+``router.vllm_extras``, which also holds the list of those refused by name. Unknown fields are
+ignored; known fields pagewire cannot honour (``suffix``, tools in completions, beam search...)
+are refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagewire.v1 import common_pb2, generation_pb2
-from router import openai_structured
+from router import openai_structured, vllm_extras
 from router.errors import RequestError
 from router.openai_fields import Fields, is_int32, parse_body
 from router.openai_tools import set_message_tools, set_tools
@@ -78,6 +80,7 @@ def completion_call(body: dict[str, Any]) -> CompletionCall:
         )
     base = generation_pb2.GenerateRequest(model=f.string("model") or "")
     base.echo = bool(f.boolean("echo"))
+    vllm_extras.set_extras(base, f, chat=False)
     _set_sampling(base.sampling, f)
     logprobs = f.integer("logprobs")
     if logprobs is not None:
@@ -101,6 +104,7 @@ def chat_call(body: dict[str, Any]) -> CompletionCall:
     request = generation_pb2.GenerateRequest(model=f.string("model") or "")
     set_messages(request.chat, f)
     set_tools(request.chat, f)
+    vllm_extras.set_extras(request, f, chat=True)
     _set_sampling(request.sampling, f, max_tokens=("max_completion_tokens", "max_tokens"))
     logprobs = bool(f.boolean("logprobs"))
     top = f.integer("top_logprobs")

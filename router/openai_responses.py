@@ -56,6 +56,8 @@ class _Choice:
     text_offset: int = 0  # characters of token text before the next logprobs entry (streaming)
     echo_text: str = ""  # echo: the prompt, before the text
     echo_ids: list[int] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)  # return_token_ids
+    token_ids: list[int] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's shape, in order
 
@@ -70,7 +72,8 @@ class _Choice:
 class Answer:
     def __init__(
         self, rid: str, model: str, n: int, chat: bool, logprobs: bool, tokens: TokenTexts,
-        prompt_logprobs: bool = True, prompts: int = 1,
+        prompt_logprobs: bool = True, prompts: int = 1, echo: bool = False,
+        token_ids: bool = False,
     ) -> None:
         self.id = ("chatcmpl-" if chat else "cmpl-") + rid
         self.model = model
@@ -81,6 +84,9 @@ class Answer:
         self.show_prompt_logprobs = prompt_logprobs  # vLLM's field, when asked for by name
         self.prompts = prompts  # choices are prompt-major: choice p * (n) + i
         self.choices = [_Choice() for _ in range(n)]
+        self.echo = echo  # completions' echo: the prompt leads the text (and logprobs)
+        self.token_ids = token_ids  # vLLM's return_token_ids: prompt and output ids shown
+        self._prompt_ids_sent = False  # chat streams them once, at the top of a chunk
 
     def record(self, response: generation_pb2.GenerateResponse) -> _Choice:
         """Keep a response for the whole answer (:meth:`body`)."""
@@ -90,7 +96,10 @@ class Answer:
         choice.add_calls(response.tool_calls)
         choice.logprobs.extend(response.logprobs)
         choice.prompt_logprobs.extend(response.prompt_logprobs)
+        choice.token_ids.extend(response.token_ids)
         if response.prompt_token_ids:
+            choice.prompt_ids = list(response.prompt_token_ids)
+        if response.prompt_token_ids and self.echo:
             choice.echo_ids = list(response.prompt_token_ids)
             choice.echo_text = response.prompt_text
         if response.finish_reason:
@@ -111,13 +120,17 @@ class Answer:
             shaped["text"] = response.prompt_text + response.text
         shaped["logprobs"] = None
         if self.logprobs:
-            echo = (response.prompt_token_ids, response.prompt_logprobs)
+            echo = (response.prompt_token_ids if self.echo else [], response.prompt_logprobs)
             shaped["logprobs"] = self._logprobs(choice, response.logprobs, *echo)
         shaped["finish_reason"] = choice.finish_reason if response.finish_reason else None
         if response.finish_reason:
             shaped["stop_reason"] = choice.stop_string
         if response.prompt_logprobs and self.show_prompt_logprobs:
             shaped["prompt_logprobs"] = self._prompt_logprobs(response.prompt_logprobs)
+        if self.token_ids:
+            shaped["token_ids"] = list(response.token_ids)
+            if response.prompt_token_ids and not self.chat:
+                shaped["prompt_token_ids"] = list(response.prompt_token_ids)
         return shaped
 
     def chunk(self, choices: list[dict[str, Any]], usage: bool = False) -> dict[str, Any]:
@@ -132,6 +145,9 @@ class Answer:
         }
         if usage:
             body["usage"] = self.usage()
+        if self.token_ids and self.chat and not self._prompt_ids_sent and self.choices[0].prompt_ids:
+            body["prompt_token_ids"] = self.choices[0].prompt_ids
+            self._prompt_ids_sent = True
         return body
 
     def body(self) -> dict[str, Any]:
@@ -153,9 +169,13 @@ class Answer:
             shaped["stop_reason"] = choice.stop_string
             if choice.prompt_logprobs and self.show_prompt_logprobs:
                 shaped["prompt_logprobs"] = self._prompt_logprobs(choice.prompt_logprobs)
+            if self.token_ids:
+                shaped["token_ids"] = choice.token_ids
+                if not self.chat:
+                    shaped["prompt_token_ids"] = choice.prompt_ids
             choices.append(shaped)
         kind = "chat.completion" if self.chat else "text_completion"
-        return {
+        body = {
             "id": self.id,
             "object": kind,
             "created": self.created,
@@ -163,6 +183,9 @@ class Answer:
             "choices": choices,
             "usage": self.usage(),
         }
+        if self.token_ids and self.chat:
+            body["prompt_token_ids"] = self.choices[0].prompt_ids if self.choices else []
+        return body
 
     def usage(self) -> dict[str, Any]:
         usages = [c.usage for c in self.choices if c.usage is not None]

@@ -46,12 +46,14 @@ class Placer:
         self.metrics = metrics
         self.ids = InFlightIds()  # ids of the requests submitted through this placer, not ended
 
-    async def place(self, prompt: list[int], images: Sequence[ImageSpan] = ()) -> Placement:
+    async def place(
+        self, prompt: list[int], images: Sequence[ImageSpan] = (), salt: bytes = b""
+    ) -> Placement:
         """``images``: the prompt's, whose hashes name the blocks they occupy. Raises RequestError(UNAVAILABLE) when no live worker or connected scheduler can take
         it: a request is refused at once, never held for a scheduler that is away."""
         if self.router is not None:
             try:
-                decision = await self.router.choose(prompt, self.schedulers.eligible, images)
+                decision = await self.router.choose(prompt, self.schedulers.eligible, images, salt)
             except NoWorkerAvailable as e:
                 if e.registered:  # workers are registered, and none is alive and serving
                     raise RequestError(grpc.StatusCode.UNAVAILABLE, "", str(e)) from None

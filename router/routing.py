@@ -190,13 +190,13 @@ class WorkerRouter:
 
     async def choose(
         self, prompt_token_ids: Sequence[int], eligible: Set[str] | None = None,
-        images: Sequence[ImageSpan] = (),
+        images: Sequence[ImageSpan] = (), salt: bytes = b"",
     ) -> Decision:
         """The worker for this prompt, among ``eligible`` (None: every registered worker) -- the
         workers a live scheduler drives. Raises NoWorkerAvailable when none has a live heartbeat."""
         await self._ensure_members()
         hashes = (
-            prompt_block_hashes(prompt_token_ids, self._block_size, images)
+            prompt_block_hashes(prompt_token_ids, self._block_size, images, salt)
             if self.policy == "prefix" and self._block_size else []
         )
         alive = await self._alive(hashes, len(prompt_token_ids), eligible)

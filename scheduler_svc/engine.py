@@ -105,7 +105,7 @@ class WorkerEngine:
         for s in stored.requests if stored else []:
             req = Request(s.request_id, s.prompt, s.params, priority=s.priority, output=s.output,
                           block_table=s.block_table, num_cached=s.num_cached, pooling=s.pooling,
-                          images=s.images)
+                          images=s.images, cache_salt=s.cache_salt)
             req.sent = req.queued = req.flushed = len(req.output)
             req.checkpointed = s.checkpointed
             reqs.append(req)

@@ -284,7 +284,7 @@ class Scheduler:
         if not self.limits.prefix_caching or not req.uses_prefix_cache:
             return []
         hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), self.limits.block_size,
-                                     req.images)
+                                     req.images, req.cache_salt)
         req.block_hashes = hashes  # provisional: trimmed to what is really in the table below
         return self.pool.lookup(hashes)
 
@@ -310,7 +310,7 @@ class Scheduler:
         parent = req.block_hashes[-1] if req.block_hashes else None
         for i in range(len(req.block_hashes), full):
             extra = image_extra(req.images, i * bs, (i + 1) * bs) if req.images else b""
-            parent = block_hash(parent, req.tokens(i * bs, (i + 1) * bs), extra)
+            parent = block_hash(parent, req.tokens(i * bs, (i + 1) * bs), extra, req.cache_salt)
             req.block_hashes.append(parent)
             self.pool.register(req.block_table[i], parent)
 
@@ -420,7 +420,8 @@ class Scheduler:
             if req.output:
                 req.num_computed = req.num_tokens - 1
             else:
-                hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), bs, req.images)
+                hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), bs, req.images,
+                                             req.cache_salt)
                 proven = 0
                 for h, b in zip(hashes, req.block_table, strict=False):
                     if self.pool.index.get(h) != b:

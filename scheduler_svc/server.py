@@ -202,7 +202,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return grpc.StatusCode.INVALID_ARGUMENT, bad
         req = Request(rid, list(sub.prompt_token_ids), params, priority=sub.priority, conn=conn,
                       pooling=sub.pooling, trace_context=dict(sub.trace_context),
-                      images=list(sub.images))
+                      images=list(sub.images), cache_salt=sub.cache_salt)
         self.requests[rid] = req
         conn.requests[rid] = req
         self.place(req, engine)

@@ -152,6 +152,7 @@ class StoredRequest:
     checkpointed: int = 0  # output tokens that were in its own list (the rest came from the log)
     images: list[common_pb2.ImageInput] = field(default_factory=list)
     images_lost: bool = False  # it had images and Redis no longer has them (TTL): not resumable
+    cache_salt: bytes = b""
 
 
 @dataclass
@@ -246,6 +247,7 @@ class StateStore:
             pooling=int(info.get(b"pooling", 0)),
             handle=int(info.get(b"handle", 0)),
             images=images.unpack(image_data),
+            cache_salt=info.get(b"cache_salt", b""),
         )
         stored.images_lost = len(stored.images) != int(info.get(b"images", 0))
         return stored, info[b"worker"].decode()
@@ -287,6 +289,7 @@ class StateStore:
                 "pooling": req.pooling,
                 "handle": req.seq_id,
                 "images": len(req.images),
+                "cache_salt": req.cache_salt,
             },
         )
         if req.images:
@@ -530,7 +533,7 @@ class StateStore:
                     "worker": w, "priority": req.priority, "prompt": _pack(req.prompt),
                     "params": req.params.to_proto().SerializeToString(), "pooling": req.pooling,
                     "handle": req.seq_id, "num_cached": max(req.num_cached, 0),
-                    "images": len(req.images),
+                    "images": len(req.images), "cache_salt": req.cache_salt,
                 })
                 if req.images:
                     p.set(k.request_images(rid), images.pack(req.images), ex=images.IMAGES_TTL_S)

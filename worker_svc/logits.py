@@ -1,7 +1,9 @@
 """Logits processing before the draw, and log-probabilities, batched over the sampling rows.
 
 vLLM's order: repetition, frequency and presence penalties, then OpenAI's logit_bias (added), then
-min_tokens (stop tokens masked, so a bias cannot lift a masked token back), then the sampler's temperature, top-k, top-p and min-p (worker_svc/sampler.py). Each stage runs on
+vLLM's allowed_token_ids (every other token masked), then min_tokens (stop tokens masked, so a
+bias cannot lift a masked token back), then the sampler's temperature, top-k, top-p and min-p
+(worker_svc/sampler.py). Each stage runs on
 the rows that need it and only when some row does, so a plain batch pays nothing for it.
 Log-probabilities are vLLM's default: the log-softmax of the raw model logits, taken before any of
 this.
@@ -112,6 +114,19 @@ def bias_tokens(
     c = torch.from_numpy(np.concatenate(ids)).to(logits.device, non_blocking=True)
     v = torch.from_numpy(np.concatenate(biases)).to(logits.device, non_blocking=True)
     logits.index_put_((r, c), v.to(logits.dtype), accumulate=True)
+
+
+def allow_only(logits: Tensor, rows: np.ndarray, ids: Sequence[np.ndarray]) -> None:
+    """In place: every logit of row ``rows[i]`` but those of ``ids[i]`` becomes -inf
+    (allowed_token_ids). One scatter builds the keep-mask of all restricted rows at once and one
+    masked fill applies it: the work is the restricted rows times the vocabulary, on the device."""
+    lens = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
+    r = torch.from_numpy(np.repeat(np.arange(len(ids)), lens)).to(logits.device, non_blocking=True)
+    c = torch.from_numpy(np.concatenate(ids)).to(logits.device, non_blocking=True)
+    keep = torch.zeros(len(ids), logits.shape[1], dtype=torch.bool, device=logits.device)
+    keep.index_put_((r, c), torch.ones((), dtype=torch.bool, device=logits.device))
+    at = torch.from_numpy(rows.astype(np.int64)).to(logits.device, non_blocking=True)
+    logits.index_copy_(0, at, logits.index_select(0, at).masked_fill(~keep, float("-inf")))
 
 
 def logprob_protos(

@@ -33,6 +33,7 @@ from worker_svc.cuda_graphs import DecodeGraphs, pad_columns
 from worker_svc.encoder_cache import EncoderCache
 from worker_svc.logits import (
     Penalties,
+    allow_only,
     apply_penalties,
     bias_tokens,
     logprob_protos,
@@ -305,6 +306,9 @@ class ModelRunner:
             extras = [t.extra(r) for r in rows[biased]]
             bias_tokens(logits, biased, [e.bias_ids for e in extras],
                         [e.bias_values for e in extras])
+        restricted = np.flatnonzero(t.restricted[rows])
+        if len(restricted):
+            allow_only(logits, restricted, [t.extra(r).allowed_ids for r in rows[restricted]])
         constrained = np.flatnonzero(t.constrained[rows])
         if len(constrained):
             pending.grammars = self._constrain(logits, rows, constrained)

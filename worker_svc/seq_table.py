@@ -67,6 +67,8 @@ class SeqExtras:
     # logit_bias as two aligned arrays (token ids, biases), added to the logits at every sample.
     bias_ids: np.ndarray
     bias_values: np.ndarray
+    # allowed_token_ids (empty: every token): all other logits are masked at every sample.
+    allowed_ids: np.ndarray
     history: TokenHistory | None = None  # penalized sequences only
     # Prompt logprobs: final hidden state of the last position fed, for the next chunk's first token.
     prompt_hidden: Tensor | None = None
@@ -83,7 +85,7 @@ class SequenceTable:
     _COLUMNS = (
         "num_blocks", "last_token", "temperature", "top_p", "top_k", "min_p", "presence",
         "frequency", "repetition", "min_tokens", "logprobs", "seed", "penalized", "biased",
-        "constrained",
+        "constrained", "restricted",
     )
 
     def __init__(self, eos_token_ids: Sequence[int], capacity: int = 64, width: int = 16) -> None:
@@ -107,6 +109,7 @@ class SequenceTable:
         self.penalized = np.zeros(capacity, dtype=bool)
         self.biased = np.zeros(capacity, dtype=bool)
         self.constrained = np.zeros(capacity, dtype=bool)  # structured output (a grammar)
+        self.restricted = np.zeros(capacity, dtype=bool)  # allowed_token_ids set
 
     def clear(self) -> None:
         self.release(list(self.rows))
@@ -143,6 +146,7 @@ class SequenceTable:
             stop_ids=np.asarray(stop, dtype=np.int64),
             bias_ids=np.asarray([t for t, _ in p.logit_bias], dtype=np.int64),
             bias_values=np.asarray([b for _, b in p.logit_bias], dtype=np.float32),
+            allowed_ids=np.asarray(p.allowed_token_ids, dtype=np.int64),
             history=TokenHistory() if p.penalized else None,
         )
         self.num_blocks[row] = 0
@@ -153,6 +157,7 @@ class SequenceTable:
         self.presence[row], self.frequency[row] = p.presence_penalty, p.frequency_penalty
         self.repetition[row], self.penalized[row] = p.repetition_penalty, p.penalized
         self.biased[row] = bool(p.logit_bias)
+        self.restricted[row] = bool(p.allowed_token_ids)
         self.constrained[row] = p.structured is not None
         self.logprobs[row] = NONE if p.logprobs is None else p.logprobs
         self.seed[row] = NONE if p.seed is None else p.seed
