@@ -17,7 +17,6 @@ from pagewire.v1 import generation_pb2
 from router.errors import RequestError
 from router.openai_fields import Fields
 
-MAX_CACHE_SALT_CHARS = 1024
 MAX_TEMPLATE_KWARGS_CHARS = 65536
 
 # field -> (values that mean "off", why anything else is refused). One list, also in the README.
@@ -74,16 +73,12 @@ def set_extras(request: generation_pb2.GenerateRequest, f: Fields, chat: bool) -
                 f.refuse(name)  # a chat field sent to completions
     truncate = f.integer("truncate_prompt_tokens")
     if truncate is not None:
-        if truncate < 1:
-            raise RequestError.invalid("truncate_prompt_tokens", f"must be >= 1, got {truncate}")
-        request.truncate_prompt_tokens = truncate
+        request.truncate_prompt_tokens = truncate  # >= 1: checked by router.generation
     salt = f.string("cache_salt")
     if salt is not None:
-        if not salt or len(salt) > MAX_CACHE_SALT_CHARS:
-            raise RequestError.invalid(
-                "cache_salt", f"must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
-                "characters")
-        request.cache_salt = salt
+        if not salt:  # vLLM's rule: an empty salt is a client bug, not "unsalted"
+            raise RequestError.invalid("cache_salt", "must be a non-empty string")
+        request.cache_salt = salt  # its length is checked by router.generation
     request.return_prompt_token_ids = bool(f.boolean("return_token_ids"))
     add = f.boolean("add_special_tokens")
     if add is not None:

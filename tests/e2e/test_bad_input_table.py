@@ -23,6 +23,7 @@ from e2e_util import launch
 from pagewire import serving
 from pagewire.launcher import Stack, free_port
 from pagewire.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from router.vllm_extras import REFUSED
 
 MAX_CHARS, MAX_N, MAX_LOGPROBS, MAX_STOPS = 2000, 4, 5, 4
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -228,6 +229,38 @@ TABLE = [
     Row("structured with min_tokens", "min_tokens", structured(3, "a+", min_tokens=2),
         chatc(USER, guided_regex="a+", min_tokens=2)),
     Row("echo not a boolean", "echo", None, cmpl(echo="yes")),
+    # vLLM's extras: served ones with bad values, then every one pagewire refuses (REFUSED_ROWS).
+    Row("truncate_prompt_tokens 0", "truncate_prompt_tokens", gen(truncate_prompt_tokens=0),
+        cmpl(truncate_prompt_tokens=0)),
+    Row("cache_salt empty", "cache_salt", None, cmpl(cache_salt="")),
+    Row("cache_salt too long", "cache_salt", gen(cache_salt="s" * 1025),
+        chatc(USER, cache_salt="s" * 1025)),
+    Row("cache_salt not a string", "cache_salt", None, cmpl(cache_salt=5)),
+    Row("allowed_token_ids outside the vocabulary", "allowed_token_ids",
+        gen({"allowed_token_ids": [10**6]}), cmpl(allowed_token_ids=[10**6])),
+    Row("allowed_token_ids with a structured output", "allowed_token_ids",
+        structured(3, "a+", allowed_token_ids=[5]), cmpl(guided_regex="a+", allowed_token_ids=[5])),
+    Row("allowed_token_ids not ids", "allowed_token_ids", None, chatc(USER, allowed_token_ids="a")),
+    Row("chat_template_kwargs setting messages", "chat_template_kwargs",
+        gen(chat=generation_pb2.Chat(messages=chat(("user", "hi")).messages,
+                                     template_kwargs='{"messages": []}')),
+        chatc(USER, chat_template_kwargs={"messages": []})),
+    Row("chat_template_kwargs not JSON", "chat_template_kwargs",
+        gen(chat=generation_pb2.Chat(messages=chat(("user", "hi")).messages,
+                                     template_kwargs="{")), None),
+    Row("chat_template_kwargs not an object", "chat_template_kwargs", None,
+        chatc(USER, chat_template_kwargs=[1])),
+    Row("continue_final_message with add_generation_prompt", "continue_final_message",
+        gen(chat=generation_pb2.Chat(messages=chat(("user", "hi")).messages,
+                                     continue_final_message=True, add_generation_prompt=True)),
+        chatc(USER, continue_final_message=True, add_generation_prompt=True)),
+    Row("chat_template_kwargs in completions", "chat_template_kwargs", None,
+        cmpl(chat_template_kwargs={"enable_thinking": False})),
+    Row("add_generation_prompt in completions", "add_generation_prompt", None,
+        cmpl(add_generation_prompt=False)),
+    Row("add_special_tokens not a boolean", "add_special_tokens", None,
+        cmpl(add_special_tokens="no")),
+    Row("return_token_ids not a boolean", "return_token_ids", None, cmpl(return_token_ids=1)),
     Row("tokenize without a prompt", "prompt", None, ("/tokenize", {})),
     Row("tokenize of an unknown model", "model", None,
         ("/tokenize", {"prompt": "hi", "model": "nope"}), code=NOT_FOUND),
@@ -247,6 +280,24 @@ TABLE = [
         generation_pb2.EmbedRequest(model="nope", text="hi"),
         ("/v1/embeddings", {"input": "hi", "model": "nope"}), code=NOT_FOUND),
 ]  # fmt: skip
+
+# One value per field of router.vllm_extras.REFUSED that it cannot honour (checked to cover it).
+REFUSED_VALUES = {
+    "use_beam_search": True, "length_penalty": 0.5, "logits_processors": ["m.P"],
+    "vllm_xargs": {"k": 1}, "kv_transfer_params": {"do_remote_prefill": True},
+    "prompt_embeds": "AAAA", "mm_processor_kwargs": {"num_crops": 4},
+    "spaces_between_special_tokens": False, "documents": [{"title": "t", "text": "x"}],
+    "chat_template": "{{ messages }}", "return_tokens_as_token_ids": True,
+    "bad_words": ["hello"], "guided_decoding_backend": "outlines", "echo": True,
+}
+TABLE += [Row(f"{name} (refused)", name, None, chatc(USER, **{name: value}))
+          for name, value in REFUSED_VALUES.items()]
+TABLE += [Row(f"{name} in completions (refused)", name, None, cmpl(**{name: value}))
+          for name, value in REFUSED_VALUES.items() if name != "echo"]
+
+
+def test_the_table_covers_every_refused_vllm_field() -> None:
+    assert REFUSED_VALUES.keys() == REFUSED.keys()
 
 
 @pytest.fixture(scope="module")
