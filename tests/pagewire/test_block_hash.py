@@ -68,3 +68,22 @@ def test_same_image_same_hashes_and_block_hash_agrees() -> None:
         chained.append(parent)
     assert chained == prompt_block_hashes(tokens, 4, images)
     assert image_extra(images, 4, 8) == b"x" * 16 + b"y" * 16  # both overlap block 1
+
+
+def test_a_cache_salt_changes_every_blocks_hash_and_none_keeps_them() -> None:
+    tokens = list(range(64))
+    plain = prompt_block_hashes(tokens, 16)
+    salted = prompt_block_hashes(tokens, 16, salt=b"tenant-a")
+    assert prompt_block_hashes(tokens, 16, salt=b"") == plain
+    assert all(a != b for a, b in zip(plain, salted, strict=True))
+    assert prompt_block_hashes(tokens, 16, salt=b"tenant-b") != salted
+    assert prompt_block_hashes(tokens, 16, salt=b"tenant-a") == salted
+
+
+def test_salted_prompt_hashes_are_block_hash_chained_with_the_salt_on_the_first() -> None:
+    tokens = [5 * i + 1 for i in range(48)]
+    expected, parent = [], None
+    for start in range(0, 48, 16):
+        parent = block_hash(parent, tokens[start : start + 16], salt=b"s")
+        expected.append(parent)
+    assert prompt_block_hashes(tokens, 16, salt=b"s") == expected

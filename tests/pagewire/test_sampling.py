@@ -76,6 +76,9 @@ def test_explicit_zero_temperature_is_greedy_not_default() -> None:
         ({"logit_bias": {3: float("nan")}}, 5, "logit_bias"),
         ({"logit_bias": dict.fromkeys(range(1025), 1.0)}, 5, "logit_bias"),
         ({"best_of": 1, "n": 2}, 5, "best_of"),
+        ({"allowed_token_ids": [3, 50]}, 5, "allowed_token_ids"),
+        ({"allowed_token_ids": [-1]}, 5, "allowed_token_ids"),
+        ({"allowed_token_ids": [1] * 65537}, 5, "allowed_token_ids"),
         ({"best_of": 5}, 5, "best_of"),
         ({"structured": {"kind": 0, "spec": "x"}}, 5, "structured"),
         ({"structured": {"kind": 1, "spec": "{not json"}}, 5, "structured"),
@@ -89,6 +92,8 @@ def test_explicit_zero_temperature_is_greedy_not_default() -> None:
         ({"structured": {"kind": 5, "spec": "x" * 65537}}, 5, "structured"),
         ({"structured": {"kind": 3, "spec": "a+"}, "ignore_eos": True}, 5, "ignore_eos"),
         ({"structured": {"kind": 3, "spec": "a+"}, "min_tokens": 1}, 5, "min_tokens"),
+        ({"structured": {"kind": 3, "spec": "a+"}, "allowed_token_ids": [1]}, 5,
+         "allowed_token_ids"),
     ],
 )
 def test_out_of_bounds_fields_are_named(fields: dict, prompt_len: int, field: str) -> None:
@@ -129,6 +134,7 @@ def test_round_trip_through_proto() -> None:
     p = check(temperature=0.7, top_p=0.9, top_k=5, max_tokens=8, seed=3, stop=["a"], min_p=0.1,
               presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2, min_tokens=2,
               logprobs=2, prompt_logprobs=1, n=3, include_stop_str_in_output=True,
-              logit_bias={7: -100.0, 2: 100.0}, best_of=4)
+              logit_bias={7: -100.0, 2: 100.0}, best_of=4, allowed_token_ids=[9, 2, 49])
     assert p.logit_bias == ((2, 100.0), (7, -100.0)) and p.best_of == 4
+    assert p.allowed_token_ids == (9, 2, 49)
     assert SamplingParams.from_proto(p.to_proto()) == p

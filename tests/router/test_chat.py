@@ -140,3 +140,45 @@ def test_tool_call_arguments_must_be_a_json_object(tokenizer: PreTrainedTokenize
     with pytest.raises(RequestError) as e:
         render_chat(tokenizer, proto, HERMES_TEMPLATE, None)
     assert e.value.field == "messages[0].tool_calls[0].function.arguments"
+
+
+KWARG_TEMPLATE = "{{ bos_token }}{{ messages[0]['content'] }}{% if flavour %}|{{ flavour }}{% endif %}"
+
+
+def test_template_kwargs_are_template_variables_as_transformers_passes_them(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    c = chat(template_kwargs='{"flavour": "mint"}')
+    ids = render_chat(tokenizer, c, KWARG_TEMPLATE)
+    dicts = [{"role": r, "content": t} for r, t in MESSAGES]
+    text = tokenizer.apply_chat_template(dicts, chat_template=KWARG_TEMPLATE, tokenize=False,
+                                         add_generation_prompt=True, flavour="mint")
+    assert ids == tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids).endswith("|mint")
+
+
+def test_continue_final_message_ends_inside_the_last_message(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    turns = [*MESSAGES, ("assistant", "A paged KV cache is")]
+    ids = render_chat(tokenizer, chat(turns, continue_final_message=True), None)
+    dicts = [{"role": r, "content": c} for r, c in turns]
+    encoded = tokenizer.apply_chat_template(dicts, tokenize=True, continue_final_message=True)
+    assert ids == list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    assert tokenizer.decode(ids).endswith("A paged KV cache is")
+
+
+def test_continue_final_message_excludes_add_generation_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    with pytest.raises(RequestError) as e:
+        render_chat(tokenizer, chat(continue_final_message=True, add_generation_prompt=True), None)
+    assert e.value.field == "continue_final_message"
+
+
+def test_add_special_tokens_adds_bos_on_top_of_the_templates(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    plain = render_chat(tokenizer, chat(), None)
+    with_bos = render_chat(tokenizer, chat(), None, add_special_tokens=True)
+    assert with_bos == [tokenizer.bos_token_id, *plain]

@@ -255,3 +255,21 @@ def test_logprobs_follow_their_tokens() -> None:
         batch = s.schedule()
         s.update(batch, [t], logprobs=[common_pb2.Logprobs(token_id=t, logprob=-0.5)])
     assert [lp.token_id for lp in a.logprobs] == [7, 8]
+
+
+def test_cached_prefix_is_shared_only_between_requests_of_the_same_salt() -> None:
+    s = make(budget=64)
+    a = req("a", 10, max_tokens=1, first=1)
+    a.cache_salt = b"tenant-a"
+    s.add(a)
+    run_step(s)
+    assert a.finished
+    assert a.block_hashes[:2] == prompt_block_hashes(a.prompt, 4, salt=b"tenant-a")[:2]
+    for rid, salt, cached in (("b", b"tenant-b", 0), ("c", b"", 0), ("d", b"tenant-a", 8)):
+        r = req(rid, 12, max_tokens=1, first=1)  # the same first 8 tokens as a
+        r.cache_salt = salt
+        s.add(r)
+        batch = s.schedule()
+        assert r.num_cached == cached, rid
+        s.drain_freed()
+        s.update(batch, [7] * len(batch.sampling_order()))

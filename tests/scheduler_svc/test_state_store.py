@@ -43,7 +43,8 @@ def sampled(store: StateStore, req: Request, tokens: list[int]) -> None:
 
 def test_one_flush_records_tables_tokens_and_block_places(redis_client: redis.Redis, redis_url: str) -> None:
     pool = BlockPool(8)
-    a = Request("a", [1, 2, 3], SamplingParams(temperature=0.5, max_tokens=7, seed=3), priority=2)
+    a = Request("a", [1, 2, 3], SamplingParams(temperature=0.5, max_tokens=7, seed=3), priority=2,
+                cache_salt=b"tenant-a")
     b = Request("b", [4, 5], SamplingParams())
 
     async def steps(store: StateStore) -> None:
@@ -78,6 +79,7 @@ def test_one_flush_records_tables_tokens_and_block_places(redis_client: redis.Re
         assert by_id["a"].output == [10, 11, 12] and by_id["a"].block_table == a.block_table
         assert by_id["a"].params == a.params and by_id["a"].priority == 2
         assert by_id["b"].prompt == [4, 5]
+        assert (by_id["a"].cache_salt, by_id["b"].cache_salt) == (b"tenant-a", b"")
         assert stored.index == {b"h" * 16: a.block_table[0]}
 
     run(redis_url, reload)

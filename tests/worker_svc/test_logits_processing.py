@@ -8,6 +8,7 @@ from worker_steps import penalize
 
 from worker_svc.logits import (
     Penalties,
+    allow_only,
     apply_penalties,
     bias_tokens,
     logprob_protos,
@@ -80,3 +81,14 @@ def test_bias_tokens_adds_each_rows_biases_to_exactly_its_ids() -> None:
     expected[0, 49] -= 3.5
     expected[2, 4] -= 100.0
     assert torch.equal(biased, expected)
+
+
+def test_allow_only_keeps_exactly_each_rows_allowed_ids() -> None:
+    logits = torch.randn(4, V)
+    masked = logits.clone()
+    allow_only(masked, np.array([1, 3]), [np.array([0, 7, 49]), np.array([7])])
+    expected = logits.clone()
+    for row, keep in ((1, [0, 7, 49]), (3, [7])):  # the definition, one row at a time
+        banned = [t for t in range(V) if t not in keep]
+        expected[row, banned] = float("-inf")
+    assert torch.equal(masked, expected)

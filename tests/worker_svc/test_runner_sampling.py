@@ -160,3 +160,22 @@ def test_logit_bias_steers_the_draw_and_leaves_logprobs_raw(
     raw = hf_logits(hf, PROMPT)[-1].log_softmax(-1)
     first = driver.tracks[2].logprobs[0]
     assert first.token_id == forced and abs(first.logprob - float(raw[forced])) < 1e-4
+
+
+def test_allowed_token_ids_restrict_only_their_row(
+    runner: ModelRunner, hf: AutoModelForCausalLM
+) -> None:
+    """Greedy over the allowed ids only (the model's logits, argmax among them), beside an
+    unrestricted row that is untouched."""
+    free = reference(hf, PROMPT, 4)
+    allowed = [3, 88, 202, 640]
+    expected: list[int] = []
+    for _ in range(4):
+        logits = hf_logits(hf, PROMPT + expected)[-1]
+        expected.append(allowed[int(logits[allowed].argmax())])
+    driver = Driver(runner)
+    driver.add(1, PROMPT, params(temperature=0.0))
+    driver.add(2, PROMPT, common_pb2.SamplingParams(temperature=0.0, allowed_token_ids=allowed))
+    out = driver.run(4, chunk=4)
+    assert out[1] == free and expected != free  # the restriction changed the answer
+    assert out[2] == expected
