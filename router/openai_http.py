@@ -184,7 +184,8 @@ class OpenAIApi:
 
     async def _prepare(self, request: web.Request, call: CompletionCall) -> list[Plan]:
         """Every prompt validated before any is submitted: a bad one fails the whole call."""
-        rid, many = request.headers.get("X-Request-Id", ""), len(call.requests) > 1
+        rid = request.headers.get("X-Request-Id", "") or call.requests[0].request_id
+        many = len(call.requests) > 1
         plans = []
         for i, r in enumerate(call.requests):
             r.request_id = f"{rid}-p{i}" if rid and many else rid

@@ -37,6 +37,9 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "return_tokens_as_token_ids": ((False,), "logprobs' tokens are always their text"),
     "bad_words": (([],), "not implemented; ban single tokens with logit_bias -100 instead"),
     "guided_decoding_backend": (("",), "the server's one grammar engine (xgrammar) is used"),
+    "guided_whitespace_pattern": (("",), "JSON whitespace follows the grammar engine's rule"),
+    "structural_tag": (("",), "structural tags are not implemented"),
+    "include_reasoning": ((True,), "reasoning is always returned (with --reasoning-parser)"),
     "echo": ((False,), "chat echo (prepending the last message) is not implemented"),
 }
 CHAT_ONLY = ("chat_template_kwargs", "continue_final_message", "documents", "chat_template",
@@ -83,6 +86,13 @@ def set_extras(request: generation_pb2.GenerateRequest, f: Fields, chat: bool) -
     add = f.boolean("add_special_tokens")
     if add is not None:
         request.add_special_tokens = add
+    rid = f.string("request_id")
+    if rid:
+        request.request_id = rid  # an X-Request-Id header wins (router.openai_http)
+    options = f.get("stream_options")
+    if isinstance(options, dict) and options.get("continuous_usage_stats") not in (None, False):
+        raise RequestError.invalid("stream_options.continuous_usage_stats",
+                                   "is not supported: usage comes with the last chunk only")
     priority = f.integer("priority")
     if priority is not None:
         request.priority = -priority  # vLLM: lower runs first; pagewire: higher runs first

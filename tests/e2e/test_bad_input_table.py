@@ -261,6 +261,9 @@ TABLE = [
     Row("add_special_tokens not a boolean", "add_special_tokens", None,
         cmpl(add_special_tokens="no")),
     Row("return_token_ids not a boolean", "return_token_ids", None, cmpl(return_token_ids=1)),
+    Row("request_id in the body too long", "request_id", None, cmpl(request_id="r" * 129)),
+    Row("continuous_usage_stats", "stream_options.continuous_usage_stats", None,
+        chatc(USER, stream=True, stream_options={"continuous_usage_stats": True})),
     Row("tokenize without a prompt", "prompt", None, ("/tokenize", {})),
     Row("tokenize of an unknown model", "model", None,
         ("/tokenize", {"prompt": "hi", "model": "nope"}), code=NOT_FOUND),
@@ -289,6 +292,8 @@ REFUSED_VALUES = {
     "spaces_between_special_tokens": False, "documents": [{"title": "t", "text": "x"}],
     "chat_template": "{{ messages }}", "return_tokens_as_token_ids": True,
     "bad_words": ["hello"], "guided_decoding_backend": "outlines", "echo": True,
+    "guided_whitespace_pattern": " ", "structural_tag": '{"structures": []}',
+    "include_reasoning": False,
 }
 TABLE += [Row(f"{name} (refused)", name, None, chatc(USER, **{name: value}))
           for name, value in REFUSED_VALUES.items()]

@@ -170,3 +170,9 @@ def test_return_token_ids_streamed(base: str, hf: HFReference) -> None:
     assert prompts == [expected]
     ids = [t for c in chunks for choice in c["choices"] for t in choice["token_ids"]]
     assert ids == hf.greedy(expected, 8)
+
+
+def test_request_id_in_the_body_names_the_request(base: str) -> None:
+    got = post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 2,
+                                         "request_id": "extras-rid-1"})
+    assert got["id"] == "cmpl-extras-rid-1"

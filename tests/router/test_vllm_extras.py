@@ -26,11 +26,11 @@ def refused(call: object, body: dict) -> RequestError:
 def test_served_extras_land_on_the_request() -> None:
     r = completion_call({"prompt": "hi", "truncate_prompt_tokens": 5, "cache_salt": "s1",
                          "return_token_ids": True, "add_special_tokens": False, "priority": 3,
-                         "allowed_token_ids": [4, 2]}).request
+                         "allowed_token_ids": [4, 2], "request_id": "mine"}).request
     assert r.truncate_prompt_tokens == 5 and r.cache_salt == "s1" and r.return_prompt_token_ids
     assert r.HasField("add_special_tokens") and not r.add_special_tokens
     assert r.priority == -3, "vLLM runs lower priorities first; pagewire higher ones"
-    assert list(r.sampling.allowed_token_ids) == [4, 2]
+    assert list(r.sampling.allowed_token_ids) == [4, 2] and r.request_id == "mine"
 
 
 def test_absent_extras_leave_the_request_as_before() -> None:
@@ -58,7 +58,8 @@ def test_refused_fields_are_named_unless_off(name: str) -> None:
     for value in off:
         chat_call({"messages": USER, name: value})  # the default: served as if absent
     bad = {"use_beam_search": True, "length_penalty": 2, "spaces_between_special_tokens": False,
-           "return_tokens_as_token_ids": True, "echo": True}.get(name, ["x"])
+           "return_tokens_as_token_ids": True, "echo": True,
+           "include_reasoning": False}.get(name, ["x"])
     assert refused(chat_call, {"messages": USER, name: bad}).field == name
 
 
