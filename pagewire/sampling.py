@@ -24,6 +24,7 @@ MAX_PENALTY = 2.0  # presence and frequency, as OpenAI bounds them
 # CTRL's penalty divides positive logits; past ~100 every seen token is effectively banned, so a
 # larger value is more likely a unit mistake than intent.
 MAX_REPETITION_PENALTY = 100.0
+MAX_BAD_WORDS, MAX_BAD_WORD_CHARS, MAX_BAD_WORD_TOKENS = 128, 256, 64
 MAX_ALLOWED_TOKEN_IDS = 65536  # allowed_token_ids entries (a mask is built per step from them)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on each logit_bias value
 # Entries per request: the worker scatters them into the logits each step, so bound the work.
@@ -63,6 +64,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by id
     allowed_token_ids: tuple[int, ...] = ()  # empty: every token may be drawn
+    bad_words: tuple[tuple[int, ...], ...] = ()  # banned token sequences (bad_words_token_ids)
     best_of: int | None = None  # None: n (no selection)
     structured: StructuredOutput | None = None  # None: unconstrained
 
@@ -73,6 +75,11 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
         )
+
+    @property
+    def watches_output(self) -> bool:
+        """Whether the worker keeps this sequence's token history (penalties, bad words)."""
+        return self.penalized or bool(self.bad_words)
 
     @property
     def greedy(self) -> bool:
@@ -106,6 +113,7 @@ class SamplingParams:
             include_stop_str_in_output=msg.include_stop_str_in_output,
             logit_bias=tuple(sorted(msg.logit_bias.items())),
             allowed_token_ids=tuple(msg.allowed_token_ids),
+            bad_words=tuple(tuple(s.ids) for s in msg.bad_words_token_ids),
             best_of=msg.best_of if msg.HasField("best_of") else None,
             structured=(
                 StructuredOutput.from_proto(msg.structured) if msg.HasField("structured") else None
@@ -131,6 +139,7 @@ class SamplingParams:
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=dict(self.logit_bias),
             allowed_token_ids=list(self.allowed_token_ids),
+            bad_words_token_ids=[common_pb2.TokenSequence(ids=w) for w in self.bad_words],
         )
         if self.best_of is not None:
             msg.best_of = self.best_of
@@ -230,6 +239,7 @@ def validate(
         raise ValidationError("seed", f"must be <= {MAX_SEED}")
     _check_logit_bias(msg, vocab_size)
     _check_allowed(msg, vocab_size)
+    _check_bad_words(msg, vocab_size)
     _check_closed(msg, "best_of", params.n, limits.max_n, " (n and --max-n)")
     if params.structured is not None:
         _check_structured(params)
@@ -248,10 +258,27 @@ def _check_structured(params: SamplingParams) -> None:
         raise ValidationError("ignore_eos", "cannot be combined with a structured-output constraint")
     if params.min_tokens:
         raise ValidationError("min_tokens", "cannot be combined with a structured-output constraint")
-    if params.allowed_token_ids:
-        raise ValidationError(
-            "allowed_token_ids", "cannot be combined with a structured-output constraint"
-        )
+    for name in ("allowed_token_ids", "bad_words"):  # a grammar could be left with no token
+        if getattr(params, name):
+            raise ValidationError(name, "cannot be combined with a structured-output constraint")
+
+
+def _check_bad_words(msg: common_pb2.SamplingParams, vocab_size: int) -> None:
+    if len(msg.bad_words) > MAX_BAD_WORDS:
+        raise ValidationError("bad_words", f"at most {MAX_BAD_WORDS} words, got {len(msg.bad_words)}")
+    if any(not w or len(w) > MAX_BAD_WORD_CHARS for w in msg.bad_words):
+        raise ValidationError("bad_words", f"each word must have 1 to {MAX_BAD_WORD_CHARS} characters")
+    runs = msg.bad_words_token_ids
+    if len(runs) > 2 * MAX_BAD_WORDS:
+        raise ValidationError("bad_words", f"at most {2 * MAX_BAD_WORDS} token sequences")
+    for run in runs:
+        if not 1 <= len(run.ids) <= MAX_BAD_WORD_TOKENS:
+            raise ValidationError(
+                "bad_words", f"each word must be 1 to {MAX_BAD_WORD_TOKENS} tokens, got {len(run.ids)}"
+            )
+        bad = next((t for t in run.ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValidationError("bad_words", f"each token id must be in [0, {vocab_size}), got {bad}")
 
 
 def _check_allowed(msg: common_pb2.SamplingParams, vocab_size: int) -> None:

@@ -30,7 +30,15 @@ from opentelemetry.context import Context
 
 from pagewire import tracing
 from pagewire.metrics import RequestTimer, RouterMetrics
-from pagewire.sampling import MAX_SEED, Limits, SamplingParams, ValidationError, validate
+from pagewire.sampling import (
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
+    MAX_SEED,
+    Limits,
+    SamplingParams,
+    ValidationError,
+    validate,
+)
 from pagewire.v1 import common_pb2, generation_pb2, scheduler_pb2
 from router import best_of, tools
 from router.chat_output import OutputSpec
@@ -39,6 +47,7 @@ from router.errors import RequestError
 from router.model import ServedModel
 from router.placement import Placer
 from router.scheduler_link import SchedulerLink
+from router.vllm_extras import bad_words_token_ids
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_PRIORITY = 1000
@@ -130,6 +139,13 @@ class Generator:
         constrained = tools.constrain(sampling, chat_tools) if chat_tools is not None else None
         if constrained is not None:  # validated below as a client's constraint is
             sampling = constrained
+        if sampling.bad_words and len(sampling.bad_words) <= MAX_BAD_WORDS and all(
+            len(w) <= MAX_BAD_WORD_CHARS for w in sampling.bad_words
+        ):  # (past the bounds validate() refuses them, untokenized)
+            sampling = _copy(sampling)
+            sampling.bad_words_token_ids.extend(
+                common_pb2.TokenSequence(ids=ids)
+                for ids in bad_words_token_ids(self.model.tokenizer, sampling.bad_words))
         room = self.model.max_model_len - len(prompt)
         prompt_only = request.echo and sampling.HasField("max_tokens") and sampling.max_tokens == 0
         if prompt_only or (fill_context and not sampling.HasField("max_tokens") and prompt and room > 0):

@@ -11,7 +11,10 @@ ones by ``router.openai_structured``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
+
+from transformers import PreTrainedTokenizerBase
 
 from pagewire.v1 import generation_pb2
 from router.errors import RequestError
@@ -35,7 +38,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
         ("",), "per-request templates are not accepted (a template is code the router runs); "
         "start the router with --chat-template FILE"),
     "return_tokens_as_token_ids": ((False,), "logprobs' tokens are always their text"),
-    "bad_words": (([],), "not implemented; ban single tokens with logit_bias -100 instead"),
     "guided_decoding_backend": (("",), "the server's one grammar engine (xgrammar) is used"),
     "guided_whitespace_pattern": (("",), "JSON whitespace follows the grammar engine's rule"),
     "structural_tag": (("",), "structural tags are not implemented"),
@@ -96,6 +98,7 @@ def set_extras(request: generation_pb2.GenerateRequest, f: Fields, chat: bool) -
     priority = f.integer("priority")
     if priority is not None:
         request.priority = -priority  # vLLM: lower runs first; pagewire: higher runs first
+    request.sampling.bad_words.extend(f.strings("bad_words"))
     if f.get("allowed_token_ids") is not None:
         request.sampling.allowed_token_ids.extend(f.token_ids("allowed_token_ids"))
     if chat:
@@ -109,6 +112,20 @@ def _set_chat_extras(chat: generation_pb2.Chat, f: Fields) -> None:
             raise RequestError.invalid("chat_template_kwargs", "must be an object")
         chat.template_kwargs = json.dumps(kwargs)  # checked by router.chat with the gRPC path's
     chat.continue_final_message = bool(f.boolean("continue_final_message"))
+
+
+def bad_words_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[list[int]]:
+    """vLLM's tokenization of bad words: each word as written (leading spaces dropped), and again
+    after a space when that gives other tokens of the same length (the word mid-sentence, for a
+    tokenizer that folds the space into the word's first token)."""
+    runs: list[list[int]] = []
+    for word in words:
+        bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        runs.append(bare)
+        if bare and spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+            runs.append(spaced)
+    return [r for r in runs if r]
 
 
 def template_kwargs(chat: generation_pb2.Chat) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Logits processing before the draw, and log-probabilities, batched over the sampling rows.
 
 vLLM's order: repetition, frequency and presence penalties, then OpenAI's logit_bias (added), then
-vLLM's allowed_token_ids (every other token masked), then min_tokens (stop tokens masked, so a
+vLLM's allowed_token_ids (every other token masked) and bad_words (banned), then min_tokens (stop tokens masked, so a
 bias cannot lift a masked token back), then the sampler's temperature, top-k, top-p and min-p
 (worker_svc/sampler.py). Each stage runs on
 the rows that need it and only when some row does, so a plain batch pays nothing for it.
@@ -127,6 +127,16 @@ def allow_only(logits: Tensor, rows: np.ndarray, ids: Sequence[np.ndarray]) -> N
     keep.index_put_((r, c), torch.ones((), dtype=torch.bool, device=logits.device))
     at = torch.from_numpy(rows.astype(np.int64)).to(logits.device, non_blocking=True)
     logits.index_copy_(0, at, logits.index_select(0, at).masked_fill(~keep, float("-inf")))
+
+
+def banned_ids(words: Sequence[tuple[int, ...]], output: np.ndarray) -> np.ndarray:
+    """vLLM's bad words: the last token of each word whose other tokens end the output so far
+    (a one-token word: always). A loop over the row's words, not over the vocabulary."""
+    tail = output.tolist()[-max(len(w) for w in words) :] if len(output) else []
+    banned = [w[-1] for w in words
+              if len(w) == 1 or (len(tail) >= len(w) - 1 and tail[len(tail) - len(w) + 1 :]
+                                 == list(w[:-1]))]
+    return np.asarray(banned, dtype=np.int64)
 
 
 def logprob_protos(

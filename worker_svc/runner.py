@@ -35,6 +35,7 @@ from worker_svc.logits import (
     Penalties,
     allow_only,
     apply_penalties,
+    banned_ids,
     bias_tokens,
     logprob_protos,
     mask_tokens,
@@ -128,12 +129,13 @@ class ModelRunner:
 
     def depends_on_pending(self, step: worker_pb2.Step) -> bool:
         """Whether ``step`` reads host state that a launched, unfinished step writes: the token
-        histories of penalized sequences (their penalties need the last token on the host) and the
-        matchers of constrained ones (their next mask depends on the token just drawn)."""
+        histories of penalized sequences and of those with bad words (they need the last token on
+        the host) and the matchers of constrained ones (their next mask depends on the token just
+        drawn)."""
         t = self.table
-        if not (t.penalized.any() or t.constrained.any()):  # none held: the common case
+        if not (t.penalized.any() or t.constrained.any() or t.banning.any()):  # the common case
             return False
-        waits = t.penalized | t.constrained
+        waits = t.penalized | t.constrained | t.banning
         rows = t.lookup(step.decodes.seq_ids)
         if len(rows) and waits[rows[rows != NONE]].any():
             return True
@@ -309,6 +311,9 @@ class ModelRunner:
         restricted = np.flatnonzero(t.restricted[rows])
         if len(restricted):
             allow_only(logits, restricted, [t.extra(r).allowed_ids for r in rows[restricted]])
+        banning = np.flatnonzero(t.banning[rows])
+        if len(banning):
+            mask_tokens(logits, banning, [self._banned(r) for r in rows[banning]])
         constrained = np.flatnonzero(t.constrained[rows])
         if len(constrained):
             pending.grammars = self._constrain(logits, rows, constrained)
@@ -324,7 +329,8 @@ class ModelRunner:
         t.last_token[rows] = SAMPLED
         pending.tokens = Download(tokens)
         pending.histories = [
-            (int(j), t.extra(rows[j]).history, int(picks.position[j])) for j in penalized
+            (int(j), t.extra(rows[j]).history, int(picks.position[j]))
+            for j in np.flatnonzero(t.penalized[rows] | t.banning[rows])
         ]
         if raw is not None:
             chosen = tokens[torch.from_numpy(want).to(dev, non_blocking=True)]
@@ -343,6 +349,12 @@ class ModelRunner:
             mask = mask.pin_memory().to(self.device, non_blocking=True)
         apply_bitmask(logits, mask, constrained.tolist())
         return list(zip(constrained.tolist(), states, strict=True))  # type: ignore[arg-type]
+
+    def _banned(self, row: int) -> np.ndarray:
+        """The ids a row's bad words ban at this draw (from its output so far)."""
+        e = self.table.extra(row)
+        assert e.history is not None and e.prompt_len is not None  # set by the first sample
+        return banned_ids(e.params.bad_words, e.history.split(e.prompt_len)[1])
 
     def _penalties(self, rows: np.ndarray, penalized: np.ndarray) -> Penalties:
         t = self.table

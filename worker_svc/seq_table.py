@@ -69,7 +69,7 @@ class SeqExtras:
     bias_values: np.ndarray
     # allowed_token_ids (empty: every token): all other logits are masked at every sample.
     allowed_ids: np.ndarray
-    history: TokenHistory | None = None  # penalized sequences only
+    history: TokenHistory | None = None  # sequences with penalties or bad words only
     # Prompt logprobs: final hidden state of the last position fed, for the next chunk's first token.
     prompt_hidden: Tensor | None = None
     # Pooling: running sum (MEAN) or last hidden state (LAST), float32, and positions summed.
@@ -85,7 +85,7 @@ class SequenceTable:
     _COLUMNS = (
         "num_blocks", "last_token", "temperature", "top_p", "top_k", "min_p", "presence",
         "frequency", "repetition", "min_tokens", "logprobs", "seed", "penalized", "biased",
-        "constrained", "restricted",
+        "constrained", "restricted", "banning",
     )
 
     def __init__(self, eos_token_ids: Sequence[int], capacity: int = 64, width: int = 16) -> None:
@@ -110,6 +110,7 @@ class SequenceTable:
         self.biased = np.zeros(capacity, dtype=bool)
         self.constrained = np.zeros(capacity, dtype=bool)  # structured output (a grammar)
         self.restricted = np.zeros(capacity, dtype=bool)  # allowed_token_ids set
+        self.banning = np.zeros(capacity, dtype=bool)  # bad_words set (reads the output history)
 
     def clear(self) -> None:
         self.release(list(self.rows))
@@ -125,7 +126,7 @@ class SequenceTable:
             if row is not None:
                 self.extras[row] = None
                 # Flags that make a step wait for the one before (runner.depends_on_pending).
-                self.penalized[row] = self.constrained[row] = False
+                self.penalized[row] = self.constrained[row] = self.banning[row] = False
                 self.free.append(row)
 
     def add(self, s: worker_pb2.SequenceStep) -> int:
@@ -147,7 +148,7 @@ class SequenceTable:
             bias_ids=np.asarray([t for t, _ in p.logit_bias], dtype=np.int64),
             bias_values=np.asarray([b for _, b in p.logit_bias], dtype=np.float32),
             allowed_ids=np.asarray(p.allowed_token_ids, dtype=np.int64),
-            history=TokenHistory() if p.penalized else None,
+            history=TokenHistory() if p.watches_output else None,
         )
         self.num_blocks[row] = 0
         self.extend_blocks(row, s.block_ids)
@@ -158,6 +159,7 @@ class SequenceTable:
         self.repetition[row], self.penalized[row] = p.repetition_penalty, p.penalized
         self.biased[row] = bool(p.logit_bias)
         self.restricted[row] = bool(p.allowed_token_ids)
+        self.banning[row] = bool(p.bad_words)
         self.constrained[row] = p.structured is not None
         self.logprobs[row] = NONE if p.logprobs is None else p.logprobs
         self.seed[row] = NONE if p.seed is None else p.seed

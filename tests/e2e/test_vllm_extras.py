@@ -176,3 +176,27 @@ def test_request_id_in_the_body_names_the_request(base: str) -> None:
     got = post(base, "/v1/completions", {"prompt": "hi", "max_tokens": 2,
                                          "request_id": "extras-rid-1"})
     assert got["id"] == "cmpl-extras-rid-1"
+
+
+def test_bad_words_are_never_completed(base: str, hf: HFReference) -> None:
+    prompt = hf.tokenizer.encode("Once upon a time")
+    free = hf.greedy(prompt, 8, stop_at_eos=False)
+    words = [hf.tokenizer.decode(free[2:4]), hf.tokenizer.decode(free[5:6])]
+    runs = []  # vLLM's tokenization: as written, and after a space when that differs
+    for word in words:
+        bare = hf.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = hf.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        runs += [bare] + ([spaced] if spaced[0] != bare[0] and len(spaced) == len(bare) else [])
+    expected: list[int] = []
+    with torch.inference_mode():
+        for _ in range(8):
+            logits = hf.model(torch.tensor([prompt + expected])).logits[0, -1].clone()
+            for run in runs:
+                if expected[len(expected) - len(run) + 1 :] == run[:-1] or len(run) == 1:
+                    logits[run[-1]] = float("-inf")
+            expected.append(int(logits.argmax()))
+    got = post(base, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                         "bad_words": words, "ignore_eos": True,
+                                         "return_token_ids": True})
+    assert expected != free
+    assert got["choices"][0]["token_ids"] == expected

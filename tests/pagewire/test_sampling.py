@@ -77,6 +77,15 @@ def test_explicit_zero_temperature_is_greedy_not_default() -> None:
         ({"logit_bias": dict.fromkeys(range(1025), 1.0)}, 5, "logit_bias"),
         ({"best_of": 1, "n": 2}, 5, "best_of"),
         ({"allowed_token_ids": [3, 50]}, 5, "allowed_token_ids"),
+        ({"bad_words": ["w"] * 129}, 5, "bad_words"),
+        ({"bad_words": [""]}, 5, "bad_words"),
+        ({"bad_words": ["w" * 257]}, 5, "bad_words"),
+        ({"bad_words_token_ids": [{"ids": []}]}, 5, "bad_words"),
+        ({"bad_words_token_ids": [{"ids": [1] * 65}]}, 5, "bad_words"),
+        ({"bad_words_token_ids": [{"ids": [50]}]}, 5, "bad_words"),
+        ({"bad_words_token_ids": [{"ids": [1]}] * 257}, 5, "bad_words"),
+        ({"structured": {"kind": 3, "spec": "a+"}, "bad_words_token_ids": [{"ids": [1]}]}, 5,
+         "bad_words"),
         ({"allowed_token_ids": [-1]}, 5, "allowed_token_ids"),
         ({"allowed_token_ids": [1] * 65537}, 5, "allowed_token_ids"),
         ({"best_of": 5}, 5, "best_of"),
@@ -137,4 +146,7 @@ def test_round_trip_through_proto() -> None:
               logit_bias={7: -100.0, 2: 100.0}, best_of=4, allowed_token_ids=[9, 2, 49])
     assert p.logit_bias == ((2, 100.0), (7, -100.0)) and p.best_of == 4
     assert p.allowed_token_ids == (9, 2, 49)
+    q = check(bad_words_token_ids=[{"ids": [4, 5]}, {"ids": [9]}])
+    assert q.bad_words == ((4, 5), (9,)) and q.watches_output and not q.penalized
+    assert SamplingParams.from_proto(q.to_proto()) == q
     assert SamplingParams.from_proto(p.to_proto()) == p

@@ -4,14 +4,16 @@ a 400 naming it unless it has its "off" value (what vLLM does when it is absent)
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import grpc
 import pytest
+from transformers import AutoTokenizer
 
 from pagewire.v1 import generation_pb2
 from router.errors import RequestError
 from router.openai_requests import chat_call, completion_call
-from router.vllm_extras import REFUSED, template_kwargs
+from router.vllm_extras import REFUSED, bad_words_token_ids, template_kwargs
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -26,11 +28,13 @@ def refused(call: object, body: dict) -> RequestError:
 def test_served_extras_land_on_the_request() -> None:
     r = completion_call({"prompt": "hi", "truncate_prompt_tokens": 5, "cache_salt": "s1",
                          "return_token_ids": True, "add_special_tokens": False, "priority": 3,
-                         "allowed_token_ids": [4, 2], "request_id": "mine"}).request
+                         "allowed_token_ids": [4, 2], "request_id": "mine",
+                         "bad_words": ["cache", "paged memory"]}).request
     assert r.truncate_prompt_tokens == 5 and r.cache_salt == "s1" and r.return_prompt_token_ids
     assert r.HasField("add_special_tokens") and not r.add_special_tokens
     assert r.priority == -3, "vLLM runs lower priorities first; pagewire higher ones"
     assert list(r.sampling.allowed_token_ids) == [4, 2] and r.request_id == "mine"
+    assert list(r.sampling.bad_words) == ["cache", "paged memory"]
 
 
 def test_absent_extras_leave_the_request_as_before() -> None:
@@ -96,3 +100,13 @@ def test_template_kwargs_are_a_json_object_without_the_renderers_own_keys() -> N
         with pytest.raises(RequestError) as e:
             template_kwargs(chat_with(bad))
         assert e.value.field == "chat_template_kwargs"
+
+
+def test_bad_words_are_tokenized_as_written_and_after_a_space(tiny_model: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    for word in ("cache", "  paged memory", "zq"):
+        bare = tok.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tok.encode(" " + word.lstrip(), add_special_tokens=False)
+        expected = [bare] + ([spaced] if spaced[0] != bare[0] and len(spaced) == len(bare) else [])
+        assert bad_words_token_ids(tok, [word]) == expected
+    assert len(bad_words_token_ids(tok, ["cache"])) == 2, "this tokenizer folds the space in"

@@ -10,6 +10,7 @@ from worker_svc.logits import (
     Penalties,
     allow_only,
     apply_penalties,
+    banned_ids,
     bias_tokens,
     logprob_protos,
     mask_tokens,
@@ -92,3 +93,12 @@ def test_allow_only_keeps_exactly_each_rows_allowed_ids() -> None:
         banned = [t for t in range(V) if t not in keep]
         expected[row, banned] = float("-inf")
     assert torch.equal(masked, expected)
+
+
+def test_banned_ids_follow_vllms_bad_words_rule() -> None:
+    words = [(9,), (4, 5), (1, 2, 3)]
+    assert banned_ids(words, np.array([], dtype=np.int64)).tolist() == [9]  # one token: always
+    assert banned_ids(words, np.array([7, 4])).tolist() == [9, 5]  # "4" ends the output
+    assert banned_ids(words, np.array([1, 2])).tolist() == [9, 3]
+    assert banned_ids(words, np.array([1, 2, 0])).tolist() == [9]  # not at the end: no ban
+    assert banned_ids(words, np.array([2])).tolist() == [9]  # too short to hold "1 2"

@@ -179,3 +179,28 @@ def test_allowed_token_ids_restrict_only_their_row(
     out = driver.run(4, chunk=4)
     assert out[1] == free and expected != free  # the restriction changed the answer
     assert out[2] == expected
+
+
+def test_bad_words_ban_a_words_last_token_after_its_other_tokens(
+    runner: ModelRunner, hf: AutoModelForCausalLM
+) -> None:
+    """The unrestricted greedy output's second and third tokens as a two-token bad word, and its
+    fifth token as a one-token word: the reference draws greedily with vLLM's rule applied to the
+    model's logits at each step."""
+    free = reference(hf, PROMPT, 6)
+    words = [(free[1], free[2]), (free[4],)]
+    expected: list[int] = []
+    for _ in range(6):
+        logits = hf_logits(hf, PROMPT + expected)[-1].clone()
+        for w in words:
+            if len(w) == 1 or expected[len(expected) - len(w) + 1 :] == list(w[:-1]):
+                logits[w[-1]] = float("-inf")
+        expected.append(int(logits.argmax()))
+    driver = Driver(runner)
+    driver.add(1, PROMPT, params(temperature=0.0))
+    banned = common_pb2.SamplingParams(
+        temperature=0.0, bad_words_token_ids=[common_pb2.TokenSequence(ids=w) for w in words])
+    driver.add(2, PROMPT, banned)
+    out = driver.run(6, chunk=4)
+    assert out[1] == free and expected != free
+    assert out[2] == expected
