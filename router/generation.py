@@ -30,24 +30,15 @@ from opentelemetry.context import Context
 
 from pagewire import tracing
 from pagewire.metrics import RequestTimer, RouterMetrics
-from pagewire.sampling import (
-    MAX_BAD_WORD_CHARS,
-    MAX_BAD_WORDS,
-    MAX_SEED,
-    Limits,
-    SamplingParams,
-    ValidationError,
-    validate,
-)
+from pagewire.sampling import MAX_SEED, Limits, SamplingParams, ValidationError, validate
 from pagewire.v1 import common_pb2, generation_pb2, scheduler_pb2
-from router import best_of, tools
+from router import best_of, tools, vllm_extras
 from router.chat_output import OutputSpec
 from router.completion import CompletionStream
 from router.errors import RequestError
 from router.model import ServedModel
 from router.placement import Placer
 from router.scheduler_link import SchedulerLink
-from router.vllm_extras import bad_words_token_ids
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_PRIORITY = 1000
@@ -126,7 +117,7 @@ class Generator:
         prompt, images = await self.model.prompt(request, "prompt", template_tools)
         truncated = request.HasField("truncate_prompt_tokens")
         if truncated:
-            prompt = _truncate(prompt, request.truncate_prompt_tokens, bool(images))
+            prompt = vllm_extras.truncate(prompt, request.truncate_prompt_tokens, bool(images))
         if len(request.cache_salt) > MAX_CACHE_SALT_CHARS:
             raise RequestError.invalid("cache_salt", f"at most {MAX_CACHE_SALT_CHARS} characters")
         output = None
@@ -139,13 +130,7 @@ class Generator:
         constrained = tools.constrain(sampling, chat_tools) if chat_tools is not None else None
         if constrained is not None:  # validated below as a client's constraint is
             sampling = constrained
-        if sampling.bad_words and len(sampling.bad_words) <= MAX_BAD_WORDS and all(
-            len(w) <= MAX_BAD_WORD_CHARS for w in sampling.bad_words
-        ):  # (past the bounds validate() refuses them, untokenized)
-            sampling = _copy(sampling)
-            sampling.bad_words_token_ids.extend(
-                common_pb2.TokenSequence(ids=ids)
-                for ids in bad_words_token_ids(self.model.tokenizer, sampling.bad_words))
+        sampling = vllm_extras.with_bad_words_ids(sampling, self.model.tokenizer)
         room = self.model.max_model_len - len(prompt)
         prompt_only = request.echo and sampling.HasField("max_tokens") and sampling.max_tokens == 0
         if prompt_only or (fill_context and not sampling.HasField("max_tokens") and prompt and room > 0):
@@ -278,16 +263,6 @@ class Generator:
             tracing.WORKER_ID: worker_id,
         }, error=error)
 
-
-
-def _truncate(prompt: list[int], keep: int, images: bool) -> list[int]:
-    """The last ``keep`` prompt tokens (vLLM's truncate_prompt_tokens)."""
-    if keep < 1:
-        raise RequestError.invalid("truncate_prompt_tokens", f"must be >= 1, got {keep}")
-    if images and keep < len(prompt):
-        raise RequestError.invalid("truncate_prompt_tokens",
-                                   "cannot cut a prompt with images (a placeholder run would split)")
-    return prompt[-keep:]
 
 
 def _copy(sampling: common_pb2.SamplingParams) -> common_pb2.SamplingParams:

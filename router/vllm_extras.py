@@ -16,7 +16,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from pagewire.v1 import generation_pb2
+from pagewire.sampling import MAX_BAD_WORD_CHARS, MAX_BAD_WORDS
+from pagewire.v1 import common_pb2, generation_pb2
 from router.errors import RequestError
 from router.openai_fields import Fields
 
@@ -112,6 +113,31 @@ def _set_chat_extras(chat: generation_pb2.Chat, f: Fields) -> None:
             raise RequestError.invalid("chat_template_kwargs", "must be an object")
         chat.template_kwargs = json.dumps(kwargs)  # checked by router.chat with the gRPC path's
     chat.continue_final_message = bool(f.boolean("continue_final_message"))
+
+
+def truncate(prompt: list[int], keep: int, images: bool) -> list[int]:
+    """The last ``keep`` prompt tokens (vLLM's truncate_prompt_tokens)."""
+    if keep < 1:
+        raise RequestError.invalid("truncate_prompt_tokens", f"must be >= 1, got {keep}")
+    if images and keep < len(prompt):
+        raise RequestError.invalid("truncate_prompt_tokens",
+                                   "cannot cut a prompt with images (a placeholder run would split)")
+    return prompt[-keep:]
+
+
+def with_bad_words_ids(
+    sampling: common_pb2.SamplingParams, tokenizer: PreTrainedTokenizerBase
+) -> common_pb2.SamplingParams:
+    """``sampling`` with its bad words' token sequences added (a copy), for the worker. Words
+    past the bounds are left untokenized: pagewire.sampling.validate refuses them."""
+    words = sampling.bad_words
+    if not words or len(words) > MAX_BAD_WORDS or any(len(w) > MAX_BAD_WORD_CHARS for w in words):
+        return sampling
+    copy = common_pb2.SamplingParams()
+    copy.CopyFrom(sampling)
+    copy.bad_words_token_ids.extend(
+        common_pb2.TokenSequence(ids=ids) for ids in bad_words_token_ids(tokenizer, words))
+    return copy
 
 
 def bad_words_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> list[list[int]]:

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from pagewire.v1 import generation_pb2
 from router.errors import RequestError
 from router.openai_requests import chat_call, completion_call
-from router.vllm_extras import REFUSED, bad_words_token_ids, template_kwargs
+from router.vllm_extras import REFUSED, bad_words_token_ids, template_kwargs, truncate
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -110,3 +110,13 @@ def test_bad_words_are_tokenized_as_written_and_after_a_space(tiny_model: Path) 
         expected = [bare] + ([spaced] if spaced[0] != bare[0] and len(spaced) == len(bare) else [])
         assert bad_words_token_ids(tok, [word]) == expected
     assert len(bad_words_token_ids(tok, ["cache"])) == 2, "this tokenizer folds the space in"
+
+
+def test_truncate_keeps_the_last_k_and_never_splits_an_image() -> None:
+    assert truncate([1, 2, 3, 4], 2, images=False) == [3, 4]
+    assert truncate([1, 2], 5, images=False) == [1, 2]
+    assert truncate([1, 2], 5, images=True) == [1, 2]  # nothing cut: images are whole
+    for keep, images in ((0, False), (1, True)):
+        with pytest.raises(RequestError) as e:
+            truncate([1, 2], keep, images)
+        assert e.value.field == "truncate_prompt_tokens"
