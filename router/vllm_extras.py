@@ -6,6 +6,9 @@ default) and why pagewire cannot honour anything else: a request that sets one i
 the field, never served as if it were absent. The sampling extras vLLM shares with pagewire's
 SamplingParams (top_k, min_p, ...) are read by ``router.openai_requests``; the structured-output
 ones by ``router.openai_structured``.
+
+The steps that need the served model (truncating the tokenized prompt, tokenizing bad words,
+checking template variables) are here too, called by the shared path for gRPC and HTTP alike.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ RESERVED_TEMPLATE_KEYS = frozenset({
     "messages", "conversation", "tools", "documents", "add_generation_prompt",
     "continue_final_message", "chat_template", "tokenize", "return_dict", "return_tensors",
     "padding", "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask",
-    "sanitize_control_tokens", "bos_token", "eos_token", "unk_token", "pad_token", "raise_exception", "strftime_now",
+    "sanitize_control_tokens", "bos_token", "eos_token", "unk_token", "pad_token",
+    "raise_exception", "strftime_now",
 })
 
 
@@ -63,10 +67,9 @@ def refuse_unserved(f: Fields, chat: bool) -> None:
         if name == "echo" and not chat:
             continue
         value = f.get(name)
+        # The type must match too: True is not length_penalty 1, nor 0 use_beam_search false.
         if value is None or any(value == v and type(value) is type(v) for v in off):
             continue
-        if isinstance(value, int | float) and not isinstance(value, bool) and value in off:
-            continue  # length_penalty 1 or 1.0
         raise RequestError.invalid(name, f"is not supported by this server: {why}")
 
 
