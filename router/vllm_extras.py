@@ -42,8 +42,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
         ("",), "per-request templates are not accepted (a template is code the router runs); "
         "start the router with --chat-template FILE"),
     "return_tokens_as_token_ids": ((False,), "logprobs' tokens are always their text"),
-    "guided_decoding_backend": (("",), "the server's one grammar engine (xgrammar) is used"),
-    "guided_whitespace_pattern": (("",), "JSON whitespace follows the grammar engine's rule"),
     "structural_tag": (("",), "structural tags are not implemented"),
     "include_reasoning": ((True,), "reasoning is always returned (with --reasoning-parser)"),
     "echo": ((False,), "chat echo (prepending the last message) is not implemented"),

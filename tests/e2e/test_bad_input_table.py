@@ -296,8 +296,7 @@ REFUSED_VALUES = {
     "prompt_embeds": "AAAA", "mm_processor_kwargs": {"num_crops": 4},
     "spaces_between_special_tokens": False, "documents": [{"title": "t", "text": "x"}],
     "chat_template": "{{ messages }}", "return_tokens_as_token_ids": True,
-    "guided_decoding_backend": "outlines", "echo": True,
-    "guided_whitespace_pattern": " ", "structural_tag": '{"structures": []}',
+    "echo": True, "structural_tag": '{"structures": []}',
     "include_reasoning": False,
 }
 TABLE += [Row(f"{name} (refused)", name, None, chatc(USER, **{name: value}))
