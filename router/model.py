@@ -83,7 +83,8 @@ class ServedModel:
             chat_template=template,
             tool_call_parser=cfg.tool_call_parser,
             reasoning_parser=cfg.reasoning_parser,
-            images=ModelImages(cfg.model, image_limits(cfg)) if is_vision(full_config) else None,
+            images=(ModelImages(cfg.model, image_limits(cfg), cfg.image_cache_bytes)
+                    if is_vision(full_config) else None),
         )
 
     def check_name(self, model: str) -> None:
