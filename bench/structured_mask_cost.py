@@ -7,8 +7,8 @@ that drift on a shared machine hits both alike; medians and ranges are reported:
 
 - worker step: 64 sequences prefilled, then ``--steps`` decode steps through the worker's own step
   loop (two in flight, as the scheduler sends them) in the worker's process; per-step wall time.
-  Constrained rows pay the mask fill, its masked fill on the logits, the matcher advance, and the
-  wait for the previous step (their next mask needs the token just drawn);
+  Constrained rows pay the mask fill, its masked fill on the logits and the matcher advance (on
+  the CPU the step loop is sequential, so waiting for the previous step's token costs nothing);
 - end to end: a live stack (router, scheduler, worker, Redis), 64 concurrent gRPC requests of
   ``--max-tokens`` sampled tokens; output tokens per second of wall time.
 
