@@ -50,9 +50,12 @@ class GrammarState:
         """The matcher at the current position (waits for the compile on first use)."""
         if self._matcher is None and not self.broken:
             try:
+                compiled = self._compiled.result()
+                # Only now: the compile thread has imported the engine (and transformers, whose
+                # lazy module is not safe to import from two threads at once).
                 from pagewire.grammar import matcher
 
-                m = matcher(self._compiled.result())
+                m = matcher(compiled)
             except Exception as e:  # the router compiled it: a bad spec here, or no tokenizer
                 log.error("structured output failed to compile on the worker: %s", e)
                 self.broken = True
