@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker KV blocks; 0: enough for every request at once (no preemption)")
     p.add_argument("--worker-args", default="", help="extra worker flags, one shell-quoted string")
     p.add_argument("--scheduler-args", default="", help="extra scheduler flags, e.g. '--max-num-seqs 64'")
+    p.add_argument("--router-args", default="", help="extra router flags, e.g. '--image-cache-bytes 0'")
     p.add_argument("--log-dir", default="", help="service logs of the local stack")
     p.add_argument("--compare-hf", action="store_true", help="also run transformers generate")
     p.add_argument("--hf-batch-sizes", default="1,8,32")
@@ -132,6 +133,7 @@ async def router_address(args: argparse.Namespace, requests: list[BenchRequest])
     stack = await start_stack(
         args.model, worker_args=worker_args(args, requests),
         scheduler_args=shlex.split(args.scheduler_args),
+        router_args=shlex.split(args.router_args),
         log_dir=Path(args.log_dir) if args.log_dir else None,
     )
     try:

@@ -105,6 +105,7 @@ class RouterConfig(CommonConfig):
     max_image_bytes: int = opt(6 << 20, "Most encoded image bytes per request (inline, data: URLs and fetched, in all).")
     image_url_hosts: str = opt("", "Comma-separated hosts whose http(s) image URLs the router fetches (* any). Empty: fetching off.")
     image_fetch_timeout_s: float = opt(10.0, "Time limit of one image URL fetch, in seconds.")
+    image_cache_bytes: int = opt(256 << 20, "Preprocessed images kept by their encoded bytes' hash, so a repeated image is not decoded or preprocessed again (LRU, pixel bytes). 0: off.")
 
 
 def flag_name(name: str) -> str:

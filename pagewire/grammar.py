@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xgrammar as xgr
-from transformers import PreTrainedTokenizerBase
 
 from pagewire import structured as so
 from pagewire.structured import SpecError, StructuredOutput
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Compiled grammars kept per compiler (xgrammar's own cache, least recently used evicted): a
 # JSON schema over a 128k vocabulary compiles to a few MB at most.

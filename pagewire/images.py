@@ -11,6 +11,7 @@ what a client uploads; the tiny test model's [3, 48, 48] is 27 KB.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,15 +20,41 @@ from pagewire.v1 import common_pb2
 HASH_BYTES = 16
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """One preprocessed image, ready to be placed in any prompt: float32 pixels (little-endian,
+    C order) of ``shape`` and their content hash. The router keeps these (router.image_cache)
+    so a repeated image is neither preprocessed nor hashed again."""
+
+    pixel_bytes: bytes
+    shape: tuple[int, ...]
+    content_hash: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.pixel_bytes) + len(self.content_hash)
+
+
+def prepare(pixels: np.ndarray) -> PreparedImage:
+    """``pixels`` ([C, H, W]) as sent, with the content hash of shape + pixel values."""
+    data = np.ascontiguousarray(pixels, dtype="<f4")
+    shape = tuple(int(d) for d in data.shape)
+    h = hashlib.blake2b(np.asarray(shape, dtype="<i4").tobytes(), digest_size=HASH_BYTES)
+    raw = data.tobytes()
+    h.update(raw)
+    return PreparedImage(raw, shape, h.digest())
+
+
+def placed(image: PreparedImage, offset: int, length: int) -> common_pb2.ImageInput:
+    """The message for ``image`` whose placeholders start at ``offset``."""
+    return common_pb2.ImageInput(offset=offset, length=length, hash=image.content_hash,
+                                 pixel_values=image.pixel_bytes, shape=image.shape)
+
+
 def image_input(pixels: np.ndarray, offset: int, length: int) -> common_pb2.ImageInput:
     """The message for one preprocessed image ([C, H, W]) whose placeholders start at
     ``offset``."""
-    data = np.ascontiguousarray(pixels, dtype="<f4")
-    shape = [int(d) for d in data.shape]
-    h = hashlib.blake2b(np.asarray(shape, dtype="<i4").tobytes(), digest_size=HASH_BYTES)
-    h.update(data.tobytes())
-    return common_pb2.ImageInput(offset=offset, length=length, hash=h.digest(),
-                                 pixel_values=data.tobytes(), shape=shape)
+    return placed(prepare(pixels), offset, length)
 
 
 def pixels(image: common_pb2.ImageInput) -> np.ndarray:

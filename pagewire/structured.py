@@ -36,6 +36,8 @@ _FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
 # its size so one request cannot pin a compile thread for long.
 MAX_SPEC_CHARS = 64 * 1024
 MAX_CHOICES = 1024
+# Nesting the compilers recurse through (schemas here; xgrammar bounds regex and EBNF nesting).
+MAX_SCHEMA_DEPTH = 64
 
 
 class SpecError(ValueError):
@@ -73,10 +75,14 @@ def check(so: StructuredOutput) -> None:
     if so.kind == JSON_SCHEMA:
         try:
             schema = json.loads(so.spec)
+        except RecursionError:
+            raise SpecError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels") from None
         except ValueError as e:
             raise SpecError(f"the schema is not valid JSON ({e})") from None
         if not isinstance(schema, (dict, bool)):
             raise SpecError("the schema must be a JSON object (or true/false)")
+        if _depth(schema) > MAX_SCHEMA_DEPTH:
+            raise SpecError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     elif so.kind == CHOICE:
         choices = choice_list(so.spec)
         if not choices or len(choices) > MAX_CHOICES:
@@ -92,3 +98,14 @@ def choice_list(spec: str) -> list[str]:
     if not isinstance(choices, list) or not all(isinstance(c, str) and c for c in choices):
         raise SpecError("choice must be a JSON list of non-empty strings")
     return choices
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of parsed JSON (objects and lists), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            todo.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest

@@ -4,7 +4,8 @@ The served model's own processor files decide everything here (its image process
 backend; its placeholder token; how many placeholders an image of a given size becomes), so
 the prompt is token for token what transformers' processor makes. Decoding and preprocessing
 run off the event loop. A decoded image larger than ``--max-image-pixels`` is refused before
-its pixels are read (a small file can decode to gigabytes).
+its pixels are read (a small file can decode to gigabytes). An image whose exact bytes were
+seen before comes from the cache (router.image_cache): decoded, preprocessed and hashed once.
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pagewire.images import image_input
+from pagewire.images import PreparedImage, placed, prepare
 from pagewire.v1 import common_pb2, generation_pb2
 from router.errors import RequestError
+from router.image_cache import ImageCache, key_of
 from router.image_sources import ImageLimits, image_bytes
 
 
 class ModelImages:
     """The served model's image side, as the router needs it."""
 
-    def __init__(self, model_dir: str | Path, limits: ImageLimits) -> None:
+    def __init__(self, model_dir: str | Path, limits: ImageLimits, cache_bytes: int = 0) -> None:
         from transformers import AutoProcessor
 
         proc = AutoProcessor.from_pretrained(model_dir)
@@ -39,13 +41,15 @@ class ModelImages:
         self.extra = proc.num_additional_image_tokens - (
             1 if proc.vision_feature_select_strategy == "default" else 0)
         self.limits = limits
+        self.cache = ImageCache(cache_bytes)
 
-    def placeholders(self, pixels: np.ndarray) -> int:
+    def placeholders(self, image: PreparedImage) -> int:
         """Placeholder tokens of one preprocessed image ([C, H, W])."""
-        h, w = pixels.shape[-2:]
+        h, w = image.shape[-2:]
         return (h // self.patch_size) * (w // self.patch_size) + self.extra
 
-    async def pixels(self, parts: Sequence[tuple[str, generation_pb2.ImagePart]]) -> list[np.ndarray]:
+    async def pixels(self, parts: Sequence[tuple[str, generation_pb2.ImagePart]]
+                     ) -> list[PreparedImage]:
         """Each image part (``(field, part)``) fetched, decoded and preprocessed."""
         lim = self.limits
         if len(parts) > lim.max_images:
@@ -59,15 +63,24 @@ class ModelImages:
             files.append((field, data))
         return await asyncio.to_thread(self._preprocess, files)
 
-    def _preprocess(self, files: list[tuple[str, bytes]]) -> list[np.ndarray]:
+    def _preprocess(self, files: list[tuple[str, bytes]]) -> list[PreparedImage]:
         out = []
         for field, data in files:
-            img = decode(data, field, self.limits.max_pixels)
-            px = self.processor(images=[img], return_tensors="np")["pixel_values"][0]
-            out.append(np.asarray(px, dtype=np.float32))
+            key = key_of(data)
+            image = self.cache.get(key)
+            if image is None:
+                image = self.preprocess(data, field)
+                self.cache.put(key, image)
+            out.append(image)
         return out
 
-    def expand(self, ids: list[int], pixels: list[np.ndarray]
+    def preprocess(self, data: bytes, field: str) -> PreparedImage:
+        """One encoded image decoded and run through the model's image processor (no cache)."""
+        img = decode(data, field, self.limits.max_pixels)
+        px = self.processor(images=[img], return_tensors="np")["pixel_values"][0]
+        return prepare(np.asarray(px, dtype=np.float32))
+
+    def expand(self, ids: list[int], pixels: list[PreparedImage]
                ) -> tuple[list[int], list[common_pb2.ImageInput]]:
         """``ids`` with each image's one placeholder token (as the chat template wrote it)
         repeated to the image's length, and each image's run."""
@@ -82,7 +95,7 @@ class ModelImages:
         for i, px in zip(at, pixels, strict=True):
             out.extend(ids[prev:i])
             n = self.placeholders(px)
-            images.append(image_input(px, len(out), n))
+            images.append(placed(px, len(out), n))
             out.extend([self.token_id] * n)
             prev = i + 1
         out.extend(ids[prev:])

@@ -11,14 +11,13 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagewire.config import RouterConfig
-from pagewire.grammar import Compiler
 from pagewire.model_dir import is_vision, text_config
 from pagewire.structured import SpecError, StructuredOutput
 from pagewire.v1 import common_pb2
@@ -27,6 +26,9 @@ from router.chat import check_messages, image_parts, render_chat
 from router.errors import RequestError
 from router.image_sources import ImageLimits
 from router.images import ModelImages
+
+if TYPE_CHECKING:  # the grammar engine is imported on the first constrained request
+    from pagewire.grammar import Compiler
 
 TOKENIZE_IN_THREAD_CHARS = 16_384  # longer prompts are tokenized off the event loop
 # The router compiles specs only to refuse malformed ones; repeats hit xgrammar's cache.
@@ -83,7 +85,8 @@ class ServedModel:
             chat_template=template,
             tool_call_parser=cfg.tool_call_parser,
             reasoning_parser=cfg.reasoning_parser,
-            images=ModelImages(cfg.model, image_limits(cfg)) if is_vision(full_config) else None,
+            images=(ModelImages(cfg.model, image_limits(cfg), cfg.image_cache_bytes)
+                    if is_vision(full_config) else None),
         )
 
     def check_name(self, model: str) -> None:
@@ -157,6 +160,12 @@ class ServedModel:
         """Compile ``spec`` for this tokenizer (off the event loop, cached per spec): a spec the
         engine refuses is an INVALID_ARGUMENT naming ``structured``, before anything is submitted.
         The worker compiles it again for generation; this copy only validates."""
+        try:
+            from pagewire.grammar import Compiler
+        except ImportError:  # a deployment without the engine still serves everything else
+            raise RequestError.invalid(
+                "structured", "is not served: the grammar engine (xgrammar) is not installed"
+            ) from None
         async with self._compiler_lock:
             if self._compiler is None:
                 self._compiler = await asyncio.to_thread(

@@ -7,7 +7,9 @@ Served, on completions and chat alike:
   (``strict`` is accepted either way: schemas are always enforced, in the engine's strict mode);
 - vLLM's ``extra_body`` fields ``guided_json`` (a schema, as an object or JSON text),
   ``guided_regex``, ``guided_choice`` (a list of strings), ``guided_grammar`` (EBNF), and
-  ``structured_outputs`` with one of ``json``, ``regex``, ``choice``, ``grammar``, ``json_object``.
+  ``structured_outputs`` with one of ``json``, ``regex``, ``choice``, ``grammar``, ``json_object``;
+  ``guided_decoding_backend`` may name ``xgrammar`` or ``auto`` (anything else is refused, as are
+  ``guided_whitespace_pattern`` and ``structured_outputs.structural_tag`` / ``whitespace_pattern``).
 
 At most one constraint per request. Each error names the JSON field; a spec the engine cannot
 compile is refused later, by the shared path, and renamed to the field it came from
@@ -71,6 +73,12 @@ def _response_format(body: dict[str, Any]) -> Constraint | None:
 
 
 def _guided(body: dict[str, Any]) -> list[Constraint | None]:
+    if body.get("guided_whitespace_pattern") is not None:
+        raise RequestError.invalid("guided_whitespace_pattern", "is not supported")
+    backend = body.get("guided_decoding_backend")
+    if backend is not None and backend not in ("auto", "xgrammar"):
+        raise RequestError.invalid(
+            "guided_decoding_backend", f"this server's engine is xgrammar, got {backend!r}")
     out: list[Constraint | None] = []
     if body.get("guided_json") is not None:
         spec = _schema(body["guided_json"], "guided_json")

@@ -20,13 +20,17 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import xgrammar as xgr
 from torch import Tensor
 
-from pagewire.grammar import Compiler, matcher
 from pagewire.structured import StructuredOutput
+
+if TYPE_CHECKING:  # imported on first use: a worker that never sees a constraint never loads it
+    import xgrammar as xgr
+
+    from pagewire.grammar import Compiler
 
 log = logging.getLogger(__name__)
 # Threads for the batched mask fill: a few rows each; more than 8 buys nothing at 64 rows.
@@ -46,7 +50,12 @@ class GrammarState:
         """The matcher at the current position (waits for the compile on first use)."""
         if self._matcher is None and not self.broken:
             try:
-                m = matcher(self._compiled.result())
+                compiled = self._compiled.result()
+                # Only now: the compile thread has imported the engine (and transformers, whose
+                # lazy module is not safe to import from two threads at once).
+                from pagewire.grammar import matcher
+
+                m = matcher(compiled)
             except Exception as e:  # the router compiled it: a bad spec here, or no tokenizer
                 log.error("structured output failed to compile on the worker: %s", e)
                 self.broken = True
@@ -84,7 +93,7 @@ class Constraints:
         # Loading the tokenizer and the engine's vocabulary table takes up to a second on a
         # 128k vocabulary: started now, in the background, so the first request finds it done.
         self._compiler: Future[Compiler] = self._pool.submit(self._build)
-        self._batch = xgr.BatchGrammarMatcher(max_threads=FILL_THREADS)
+        self._batch: xgr.BatchGrammarMatcher | None = None
         self._width = (vocab_size + 31) // 32
         self._eos_only = torch.zeros(self._width, dtype=torch.int32)
         for t in self.eos:
@@ -108,6 +117,10 @@ class Constraints:
                 live.append(m)
                 at.append(row)
         if live:
+            if self._batch is None:
+                import xgrammar as xgr
+
+                self._batch = xgr.BatchGrammarMatcher(max_threads=FILL_THREADS)
             self._batch.batch_fill_next_token_bitmask(live, mask, at)
         return mask
 
@@ -116,6 +129,8 @@ class Constraints:
 
     def _build(self) -> Compiler:
         from transformers import AutoTokenizer
+
+        from pagewire.grammar import Compiler
 
         return Compiler(AutoTokenizer.from_pretrained(self.model_dir), self.vocab_size, self.eos)
 
@@ -133,4 +148,6 @@ def apply_bitmask(logits: Tensor, bitmask: Tensor, rows: Sequence[int]) -> None:
     masked fill over the constrained rows: xgrammar's fused kernel (C++ on the CPU, its CUDA /
     Triton kernel on a GPU; ``bitmask`` on the logits' device). The oracle it is tested against is
     kernels.reference.apply_token_bitmask."""
+    import xgrammar as xgr
+
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=list(rows))

@@ -18,6 +18,7 @@ has sent it: a decode's input token is then the one step N sampled, read on the 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,8 +80,9 @@ class PendingStep:
     logprobs: tuple[Tensor, Tensor, list[int], np.ndarray] | None = None  # raw, chosen, k, rows
     # Penalized rows: their token histories (captured at launch) and the sampled positions.
     histories: list[tuple[int, TokenHistory | None, int]] | None = None
-    # Constrained rows: (row in the result, matcher) to advance by the sampled token.
+    # Constrained rows: (row in the result, matcher) to advance by the sampled token, once.
     grammars: list[tuple[int, GrammarState]] | None = None
+    advanced: bool = False
 
     def ready(self) -> bool:
         """The sampled tokens are on the host (finish() will not block)."""
@@ -112,6 +114,9 @@ class ModelRunner:
         self.table = SequenceTable(eos_token_ids)
         self.graphs = graphs
         self.constraints = constraints  # None: structured output is not served (no tokenizer)
+        # Launched steps whose matchers have not taken their sampled tokens yet (at most the
+        # pipeline's depth): the next constrained step advances them before it fills its mask.
+        self.lagging: deque[PendingStep] = deque()
         self.uploader = Uploader(device)
         self.encoder = EncoderCache(model.vision, device)
         # Each row's last sampled token, on the device: what a decode feeds when the host has not
@@ -123,19 +128,21 @@ class ModelRunner:
         """Forget every sequence (a new scheduler stream starts from scratch)."""
         self.table.clear()
         self.encoder.clear()
+        self.lagging.clear()
 
     def execute(self, step: worker_pb2.Step) -> worker_pb2.StepResult:
         return self.finish(self.launch(step))
 
     def depends_on_pending(self, step: worker_pb2.Step) -> bool:
         """Whether ``step`` reads host state that a launched, unfinished step writes: the token
-        histories of penalized sequences and of those with bad words (they need the last token on
-        the host) and the matchers of constrained ones (their next mask depends on the token just
-        drawn)."""
+        histories of penalized sequences and of those with bad words (their penalties and bans
+        need the last token on the host). Constrained sequences need their last token on the host
+        too, but only to sample: their step is launched, and waits inside (:meth:`_catch_up`) once
+        its forward pass is queued."""
         t = self.table
-        if not (t.penalized.any() or t.constrained.any() or t.banning.any()):  # the common case
+        if not (t.penalized.any() or t.banning.any()):  # none held: the common case
             return False
-        waits = t.penalized | t.constrained | t.banning
+        waits = t.penalized | t.banning
         rows = t.lookup(step.decodes.seq_ids)
         if len(rows) and waits[rows[rows != NONE]].any():
             return True
@@ -187,8 +194,9 @@ class ModelRunner:
             for at, history, position in pending.histories or ():
                 assert history is not None
                 history.put(position, tokens[at : at + 1])
-            for at, grammar in pending.grammars or ():
-                grammar.accept(int(tokens[at]))
+            self._advance(pending)
+            if self.lagging and self.lagging[0] is pending:  # finished in launch order
+                self.lagging.popleft()
             result.seq_ids.extend(pending.seq_ids)
             result.token_ids.extend(tokens.tolist())
             if pending.logprobs is not None:
@@ -316,6 +324,7 @@ class ModelRunner:
             mask_tokens(logits, banning, [self._banned(r) for r in rows[banning]])
         constrained = np.flatnonzero(t.constrained[rows])
         if len(constrained):
+            self._catch_up()
             pending.grammars = self._constrain(logits, rows, constrained)
         early = np.flatnonzero(picks.output_index < t.min_tokens[rows])
         if len(early):
@@ -332,9 +341,28 @@ class ModelRunner:
             (int(j), t.extra(rows[j]).history, int(picks.position[j]))
             for j in np.flatnonzero(t.penalized[rows] | t.banning[rows])
         ]
+        if pending.grammars:
+            self.lagging.append(pending)
         if raw is not None:
             chosen = tokens[torch.from_numpy(want).to(dev, non_blocking=True)]
             pending.logprobs = (raw, chosen, t.logprobs[rows[want]].tolist(), want)
+
+    def _catch_up(self) -> None:
+        """Advance the matchers of launched, unfinished steps by their sampled tokens, oldest
+        first. Called once this step's forward pass is queued: on a GPU the host waits for the
+        previous step's tokens while the device runs this step's forward, instead of before it."""
+        while self.lagging:
+            self._advance(self.lagging.popleft())
+
+    @staticmethod
+    def _advance(pending: PendingStep) -> None:
+        """Each constrained row's matcher takes its sampled token (once per step)."""
+        if pending.advanced or not pending.grammars or pending.tokens is None:
+            return
+        tokens = pending.tokens.numpy()
+        for at, grammar in pending.grammars:
+            grammar.accept(int(tokens[at]))
+        pending.advanced = True
 
     def _constrain(
         self, logits: Tensor, rows: np.ndarray, constrained: np.ndarray

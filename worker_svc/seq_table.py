@@ -125,7 +125,7 @@ class SequenceTable:
             row = self.rows.pop(seq_id, None)
             if row is not None:
                 self.extras[row] = None
-                # Flags that make a step wait for the one before (runner.depends_on_pending).
+                # Flags the runner checks every step (depends_on_pending, the grammar masks).
                 self.penalized[row] = self.constrained[row] = self.banning[row] = False
                 self.free.append(row)
 

@@ -99,6 +99,8 @@ def test_explicit_zero_temperature_is_greedy_not_default() -> None:
         ({"structured": {"kind": 4, "spec": '["a", ""]'}}, 5, "structured"),
         ({"structured": {"kind": 4, "spec": "[]"}}, 5, "structured"),
         ({"structured": {"kind": 5, "spec": "x" * 65537}}, 5, "structured"),
+        ({"structured": {"kind": 1, "spec": '{"items":' * 65 + "{}" + "}" * 65}}, 5, "structured"),
+        ({"structured": {"kind": 1, "spec": "[" * 5000 + "]" * 5000}}, 5, "structured"),
         ({"structured": {"kind": 3, "spec": "a+"}, "ignore_eos": True}, 5, "ignore_eos"),
         ({"structured": {"kind": 3, "spec": "a+"}, "min_tokens": 1}, 5, "min_tokens"),
         ({"structured": {"kind": 3, "spec": "a+"}, "allowed_token_ids": [1]}, 5,

@@ -122,17 +122,41 @@ def test_seeded_constrained_sampling_is_the_same_after_a_preemption(runner: Mode
     assert driver.run(30)[1] == expected
 
 
-def test_a_step_with_a_constrained_sequence_waits_for_the_one_before(runner: ModelRunner) -> None:
+def decode_step(driver: Driver, seq_id: int, step_id: int) -> worker_pb2.Step:
+    """The next decode of ``seq_id``, feeding the worker's own last sample (as the scheduler
+    sends step N+1 before step N's result is back)."""
+    t = driver.tracks[seq_id]
+    new = driver._grow(t, t.fed + 1)
+    step = worker_pb2.Step(step_id=step_id, decodes=worker_pb2.DecodeBatch(
+        seq_ids=[seq_id], positions=[t.fed], new_block_ids=[new[0] if new else -1],
+        output_indices=[len(t.output)]))
+    t.fed += 1
+    t.output.append(-1)  # its token is not known yet
+    return step
+
+
+def test_a_constrained_step_launched_before_the_last_one_finished_masks_with_its_token(
+    runner: ModelRunner, hf: AutoModelForCausalLM, compiler: Compiler
+) -> None:
+    """Constrained steps do not make the pipeline drain: step N+1 is launched (forward queued)
+    before step N is finished, and still samples under the mask that N's token leaves."""
+    expected = reference(hf, compiler, SCHEMA, PROMPT, 12)
     driver = Driver(runner)
-    driver.add(1, PROMPT, constrained(REGEX, temperature=0.0))
-    driver.add(2, [0, 4, 4, 4], common_pb2.SamplingParams(temperature=0.0))
-    driver.run(1)
-
-    def decode(seq_id: int) -> worker_pb2.Step:
-        return worker_pb2.Step(decodes=worker_pb2.DecodeBatch(seq_ids=[seq_id]))
-
-    assert runner.depends_on_pending(decode(1)), "its mask needs the token just drawn"
-    assert not runner.depends_on_pending(decode(2))
-    driver.preempt(1)
-    driver.step(only={2})  # the release reaches the worker
-    assert not runner.depends_on_pending(decode(2)), "a released row no longer makes steps wait"
+    driver.add(1, PROMPT, constrained(SCHEMA, temperature=0.0))
+    driver.add(2, [0, 4, 4, 4], common_pb2.SamplingParams(temperature=0.0, presence_penalty=0.5))
+    first = driver.step()  # prefills, and the first sample
+    assert list(first.token_ids)[list(first.seq_ids).index(1)] == expected[0]
+    out = [expected[0]]
+    step_id = 10
+    pending = runner.launch(decode_step(driver, 1, step_id))
+    while len(out) < len(expected):
+        step_id += 1
+        follow = decode_step(driver, 1, step_id)
+        assert not runner.depends_on_pending(follow), "a constrained decode does not drain"
+        nxt = runner.launch(follow)  # launched before `pending` is finished
+        out.extend(runner.finish(pending).token_ids)
+        pending = nxt
+    runner.finish(pending)
+    assert out[: len(expected)] == expected
+    penalized = worker_pb2.Step(decodes=worker_pb2.DecodeBatch(seq_ids=[2]))
+    assert runner.depends_on_pending(penalized), "penalties still need the token history"
