@@ -52,7 +52,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         try:
             while True:
                 if conn.pending:
-                    yield conn.take()  # clears ready
+                    for batch in conn.take():  # clears ready
+                        yield batch
                 elif reader.done():
                     break
                 else:

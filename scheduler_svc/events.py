@@ -17,33 +17,48 @@ from scheduler_svc.request import Request, Status
 
 
 class RouterConn:
-    """One router's Connect stream: the events not yet sent to it."""
+    """One router's Connect stream: the events not yet sent to it.
+
+    The router reads a batch's full events before its columns, so a request's full event must
+    never share a batch with column tokens of its own that came before it (a last event after
+    plain tokens of earlier steps, when the stream had no chance to send in between): such an
+    event starts a new batch.
+    """
 
     def __init__(self) -> None:
         self.outbox: list[scheduler_pb2.TokenEvent] = []
         self.token_rids: list[str] = []
         self.token_ids: list[int] = []
         self.token_indices: list[int] = []
+        self._sealed: list[scheduler_pb2.EventBatch] = []  # complete batches, oldest first
         self.ready = asyncio.Event()
 
     def send(self, event: scheduler_pb2.TokenEvent) -> None:
+        if event.index and self.token_rids and event.request_id in self.token_rids:
+            self._seal()
         self.outbox.append(event)
         self.ready.set()
 
     @property
     def pending(self) -> bool:
-        return bool(self.outbox or self.token_rids)
+        return bool(self._sealed or self.outbox or self.token_rids)
 
-    def take(self) -> scheduler_pb2.EventBatch:
-        batch = scheduler_pb2.EventBatch(
+    def _seal(self) -> None:
+        self._sealed.append(scheduler_pb2.EventBatch(
             events=self.outbox,
             token_request_ids=self.token_rids,
             token_ids=self.token_ids,
             token_indices=self.token_indices,
-        )
+        ))
         self.outbox, self.token_rids, self.token_ids, self.token_indices = [], [], [], []
+
+    def take(self) -> list[scheduler_pb2.EventBatch]:
+        """Every batch not yet sent, in order (usually one)."""
+        if self.outbox or self.token_rids:
+            self._seal()
+        batches, self._sealed = self._sealed, []
         self.ready.clear()
-        return batch
+        return batches
 
 
 Events = list[tuple[Request, scheduler_pb2.TokenEvent]]
