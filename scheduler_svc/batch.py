@@ -7,7 +7,9 @@ worker's ``Step`` message, the state store records its block-table changes, and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagewire.v1 import common_pb2
 from scheduler_svc.request import Request
@@ -46,6 +48,12 @@ class ScheduledBatch:
     # Finished or aborted since the last step: the worker may release their sequences.
     ended: list[Request] = field(default_factory=list)
     sent_at: float = 0.0  # perf_counter when the step went to the worker (step time metric)
+
+    def decode_columns(self) -> tuple[Callable[[Any], None], ...]:
+        """The appends of the decode columns, in the order requests, positions, blocks, output
+        indices, epochs: one call per column per decode, no attribute lookups."""
+        return (self.decodes.append, self.decode_positions.append, self.decode_blocks.append,
+                self.decode_indices.append, self.decode_epochs.append)
 
     @property
     def num_seqs(self) -> int:

@@ -112,6 +112,19 @@ class Request:
         return (self.params.prompt_logprobs is None and self.pooling != common_pb2.POOLING_MEAN
                 and not self.params.penalized)
 
+    def stop_reason(self, token: int, eos: frozenset[int], max_model_len: int) -> int:
+        """Why ``token``, just appended, ends the request (UNSPECIFIED: it does not)."""
+        p = self.params
+        # Before min_tokens the worker masks stop tokens; a stop token seen anyway is not a stop.
+        can_stop = len(self.output) > p.min_tokens
+        if can_stop and not p.ignore_eos and token in eos:
+            return common_pb2.FINISH_REASON_STOP
+        if can_stop and token in p.stop_token_ids:
+            return common_pb2.FINISH_REASON_STOP
+        if len(self.output) >= p.max_tokens or self.num_tokens >= max_model_len:
+            return common_pb2.FINISH_REASON_LENGTH
+        return common_pb2.FINISH_REASON_UNSPECIFIED
+
     def recompute(self) -> None:
         """It lost its KV (preempted, moved, its worker lost): it waits, and computes prompt +
         output again. Results of steps already in flight no longer describe it (``epoch``).

@@ -22,6 +22,7 @@ from scheduler_svc.batch import ScheduledBatch, ScheduledSeq
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.kv_cache_manager import KVCacheManager
 from scheduler_svc.request import Request, Status
+from scheduler_svc.step_results import apply_decodes, apply_seqs
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Scheduler:
         self._ended: list[Request] = []  # finished or aborted since the last schedule()
         self.num_preemptions = 0
         self.finished_now: list[Request] = []  # finished by the last update(), in its order
-        self._eos = frozenset(limits.eos_token_ids)
+        self.eos = frozenset(limits.eos_token_ids)
         self._running_sorted = True
 
     @property
@@ -75,7 +76,7 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         req.aborted = True
-        self._finish(req, common_pb2.FINISH_REASON_ABORT)
+        self.finish(req, common_pb2.FINISH_REASON_ABORT)
 
     @property
     def has_work(self) -> bool:
@@ -108,15 +109,10 @@ class Scheduler:
         Returns the token budget and sequence slots left (as slots used)."""
         budget = self.limits.max_num_batched_tokens
         max_seqs, max_len, bs = self.limits.max_num_seqs, self.limits.max_model_len, self.limits.block_size
-        kv, running = self.kv, self.running
-        if not self._running_sorted:
-            running.sort(key=_priority_key)
-            self._running_sorted = True
+        kv, running = self.kv, self._sorted_running()
         i = nseqs = 0
-        # The decode columns' appends, bound once: the loop below runs once per running request.
-        add_decode, add_position = batch.decodes.append, batch.decode_positions.append
-        add_block, add_index, add_epoch = (batch.decode_blocks.append, batch.decode_indices.append,
-                                           batch.decode_epochs.append)
+        # Bound once: the loop below runs once per running request.
+        add_decode, add_position, add_block, add_index, add_epoch = batch.decode_columns()
         while i < len(running) and budget > 0 and nseqs < max_seqs:
             req = running[i]
             out, pending, computed, prompt = len(req.output), req.pending, req.num_computed, len(req.prompt)
@@ -156,6 +152,12 @@ class Scheduler:
             nseqs += 1
             i += 1
         return budget, nseqs
+
+    def _sorted_running(self) -> list[Request]:
+        if not self._running_sorted:
+            self.running.sort(key=_priority_key)
+            self._running_sorted = True
+        return self.running
 
     def _make_room(self, req: Request, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Preempt from the back until ``req``'s chunk fits; False if ``req`` went itself."""
@@ -224,84 +226,12 @@ class Scheduler:
         touched: list[Request] = []
         ended_before = len(self._ended)
         lps = iter(logprobs) if logprobs else itertools.repeat(None)
-        self._apply_decodes(batch, tokens, lps, touched)
-        self._apply_seqs(batch, iter(tokens[len(batch.decodes):]), lps, embeddings or {}, touched)
+        apply_decodes(self, batch, tokens, lps, touched)
+        apply_seqs(self, batch, iter(tokens[len(batch.decodes):]), lps, embeddings or {}, touched)
         self.finished_now = self._ended[ended_before:]
         return touched
 
-    def _apply_decodes(self, batch: ScheduledBatch, tokens: Sequence[int], lps: itertools.repeat,
-                       touched: list[Request]) -> None:
-        """The packed decodes' tokens: the hot path, one pass with no call per request unless
-        it fills a block or may stop."""
-        touch = touched.append
-        caching, bs = self.limits.prefix_caching, self.limits.block_size
-        max_len, eos, finished = self.limits.max_model_len, self._eos, Status.FINISHED
-        for req, token, pos, epoch, lp in zip(
-            batch.decodes, tokens, batch.decode_positions, batch.decode_epochs, lps, strict=False
-        ):
-            pending = req.pending
-            if pending:
-                req.pending = pending - 1
-            if req.status is finished:
-                continue  # finished by an earlier step: a token sampled past the end is dropped
-            out = req.output
-            out.append(token)
-            touch(req)
-            p = req.params
-            if lp is not None and p.logprobs is not None:
-                req.logprobs.append(lp)
-            if caching and epoch == req.epoch and (pos + 1) // bs > len(req.block_hashes):
-                self.kv.register_full_blocks(req, pos + 1)
-            n = len(out)
-            if (token in eos or p.stop_token_ids or n >= p.max_tokens
-                    or len(req.prompt) + n >= max_len):
-                reason = self._stop_reason(req, token)
-                if reason:
-                    self.running.remove(req)
-                    self._finish(req, reason)
-
-    def _apply_seqs(self, batch: ScheduledBatch, rest: itertools.repeat, lps: itertools.repeat,
-                    embeddings: dict[int, Sequence[float]], touched: list[Request]) -> None:
-        """Prefill chunks, first steps and resends: their tokens, or an embedding's pooling."""
-        caching = self.limits.prefix_caching
-        for s in batch.seqs:
-            req = s.request
-            token = lp = None
-            if s.samples_token:
-                token, lp = next(rest), next(lps)
-            if s.sample:
-                req.pending = max(req.pending - 1, 0)
-            if req.finished:
-                continue
-            if token is not None:
-                req.output.append(token)
-                touched.append(req)
-                if lp is not None and req.params.logprobs is not None:
-                    req.logprobs.append(lp)
-            if caching and s.epoch == req.epoch:
-                self.kv.register_full_blocks(req, s.start + s.num_tokens)
-            reason = self._stop_reason(req, token) if token is not None else 0
-            if s.sample and req.pooling != common_pb2.POOLING_NONE and s.epoch == req.epoch:
-                req.embedding = list(embeddings.get(req.seq_id, ()))
-                touched.append(req)
-                reason = common_pb2.FINISH_REASON_STOP
-            if reason:
-                (self.running if req in self.running else self.waiting).remove(req)
-                self._finish(req, reason)
-
-    def _stop_reason(self, req: Request, token: int) -> int:
-        p = req.params
-        # Before min_tokens the worker masks stop tokens; a stop token seen anyway is not a stop.
-        can_stop = len(req.output) > p.min_tokens
-        if can_stop and not p.ignore_eos and token in self._eos:
-            return common_pb2.FINISH_REASON_STOP
-        if can_stop and token in p.stop_token_ids:
-            return common_pb2.FINISH_REASON_STOP
-        if len(req.output) >= p.max_tokens or req.num_tokens >= self.limits.max_model_len:
-            return common_pb2.FINISH_REASON_LENGTH
-        return common_pb2.FINISH_REASON_UNSPECIFIED
-
-    def _finish(self, req: Request, reason: int) -> None:
+    def finish(self, req: Request, reason: int) -> None:
         req.status = Status.FINISHED
         req.finish_reason = reason
         self.kv.free(req)

@@ -25,7 +25,7 @@ from pagewire.store_outage import STORE_DOWN
 from pagewire.tls import TLSFiles
 from pagewire.v1 import scheduler_pb2, worker_pb2
 from scheduler_svc.connect import SchedulerService
-from scheduler_svc.discovery import attach_worker, discover_workers, model_of, probe_all
+from scheduler_svc.discovery import Probe, attach_worker, discover_workers, model_of, probe_all
 from scheduler_svc.lease import Lease, LeaseLost
 from scheduler_svc.step_loop import WorkerEngine
 from scheduler_svc.store_health import watch_store
@@ -58,20 +58,7 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
     lease = Lease(r, keys.scheduler_lease(cfg.group), cfg.lease_ttl_s)
     await lease.acquire()
     tasks = [asyncio.create_task(_hold(lease))]
-    attach = functools.partial(_attach, service, cfg, r, tls, sm, tasks)
-    loading = []
-    for address in addresses:
-        found = probes[address]
-        if found is None:  # still loading (or away): attached in the background once it serves
-            task = asyncio.create_task(attach(address))
-            task.add_done_callback(functools.partial(_log_failed_attach, address))
-            loading.append(task)
-        else:
-            await attach(address, *found)
-    tasks += loading
-    await service.fleet.evacuate_draining()
-    if loading and not service.fleet.engines:  # nothing to serve with yet: wait for the first one
-        await asyncio.wait(loading, return_when=asyncio.FIRST_COMPLETED)
+    await _attach_all(service, cfg, r, tls, sm, tasks, probes)
     service.ready = True
     # Routers that find schedulers in Redis send work here from now on (and re-attach the
     # group's requests in flight, if this scheduler took the group over).
@@ -96,6 +83,33 @@ async def serve(cfg: pwconfig.SchedulerConfig) -> None:
         await r.aclose()
         metrics_server.stop()
         tracing.shutdown_tracing()
+
+
+async def _attach_all(
+    service: SchedulerService,
+    cfg: pwconfig.SchedulerConfig,
+    r: Client,
+    tls: TLSFiles | None,
+    sm: metrics.SchedulerMetrics,
+    tasks: list[asyncio.Task],
+    probes: dict[str, Probe],
+) -> None:
+    """Attach every worker found: at once those that describe themselves (draining ones hand
+    their recovered requests to the others), in the background those still loading. Returns
+    once one worker is attached (or none was found)."""
+    attach = functools.partial(_attach, service, cfg, r, tls, sm, tasks)
+    loading = []
+    for address, found in probes.items():
+        if found is None:  # still loading (or away): attached in the background once it serves
+            task = asyncio.create_task(attach(address))
+            task.add_done_callback(functools.partial(_log_failed_attach, address))
+            loading.append(task)
+        else:
+            await attach(address, *found)
+    tasks += loading
+    await service.fleet.evacuate_draining()
+    if loading and not service.fleet.engines:  # nothing to serve with yet: wait for the first one
+        await asyncio.wait(loading, return_when=asyncio.FIRST_COMPLETED)
 
 
 async def _attach(

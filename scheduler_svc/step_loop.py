@@ -33,6 +33,7 @@ from scheduler_svc.batch import ScheduledBatch
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.heartbeat import watch_heartbeat
 from scheduler_svc.observe import first_scheduled, record_step
+from scheduler_svc.recovery import recover
 from scheduler_svc.request import Request
 from scheduler_svc.scheduler import Scheduler, SchedulerLimits
 from scheduler_svc.state_store import StateStore
@@ -106,31 +107,8 @@ class WorkerEngine:
 
     # ---- start-up ----------------------------------------------------------------------
     async def recover(self, stored: StoredPool | None) -> list[Request]:
-        """Adopt what Redis recorded for this worker; return the requests it held.
-
-        If the worker is the same process (same instance id) its KV memory is intact: block
-        tables, the prefix cache and computed tokens are kept. Otherwise the bookkeeping starts
-        afresh and the requests recompute from prompt + output.
-        """
-        reqs = [s.to_request() for s in stored.requests] if stored else []
-        if stored is not None:
-            # Logged tokens into the requests' strings, under the handles of this incarnation.
-            self.store.checkpoint(reqs, handles=True)
-            await self.store.flush()
-        same = stored is not None and (stored.instance_id, stored.num_blocks) == (
-            self.info.instance_id, self.info.num_blocks)
-        if same:
-            self.scheduler.kv.pool = BlockPool.restore(
-                self.info.num_blocks, [r.block_table for r in reqs], stored.index, stored.cached_lru)
-            self.scheduler.restore(reqs)
-            self.scheduler.check_invariants()
-        else:
-            await self.store.reset(self.info.instance_id, self.info.num_blocks)
-            for req in reqs:
-                req.block_table = []
-                self.store.dropped_table(req)
-                self.scheduler.add(req)
-        return reqs
+        """Adopt what Redis recorded for this worker (``recovery``); the requests it held."""
+        return await recover(self, stored)
 
     async def evacuate(self) -> None:
         """Recompute every request this engine holds on the other workers, as if the worker were
