@@ -1,5 +1,5 @@
-"""The scheduler's decision as the worker's ``Step`` message, and the worker's ``StepResult``
-read back.
+"""The scheduler's decision as the worker's ``Step`` message (its answer, a ``StepResult``, is
+``step_results``').
 
 A step carries deltas: new blocks and new tokens; full state (block table, sampling, prompt
 length, trace context) only for sequences the worker has not seen (``resend``). Plain decodes
@@ -9,14 +9,8 @@ names none: the worker feeds its own last sample.
 
 from __future__ import annotations
 
-import grpc
-
 from pagewire.v1 import worker_pb2
 from scheduler_svc.batch import ScheduledBatch
-
-
-class WorkerLost(Exception):
-    pass
 
 
 def encode_step(batch: ScheduledBatch, step_id: int, release_seq_ids: list[int]) -> worker_pb2.Step:
@@ -48,23 +42,3 @@ def encode_step(batch: ScheduledBatch, step_id: int, release_seq_ids: list[int])
         else:
             seq.block_ids.extend(s.new_blocks)
     return step
-
-
-async def read_result(call: grpc.aio.StreamStreamCall) -> worker_pb2.StepResult:
-    """The next step's result; WorkerLost when the stream ended or the worker lost sequences."""
-    result = await call.read()
-    if result is grpc.aio.EOF:
-        raise WorkerLost("stream closed")
-    if result.unknown_seq_ids:
-        raise WorkerLost(f"worker lost state of {len(result.unknown_seq_ids)} sequences")
-    return result
-
-
-def add_prompt_logprobs(batch: ScheduledBatch, result: worker_pb2.StepResult) -> None:
-    """The result's prompt logprobs, onto the requests they belong to."""
-    by_seq = {s.request.seq_id: s.request for s in batch.seqs}
-    for chunk in result.prompt_logprobs:
-        req = by_seq.get(chunk.seq_id)
-        # Entries arrive in prompt order; a recompute after preemption repeats them.
-        if req is not None and chunk.start_index == len(req.prompt_logprobs) + 1:
-            req.prompt_logprobs.extend(chunk.positions)

@@ -37,7 +37,8 @@ from scheduler_svc.recovery import recover
 from scheduler_svc.request import Request
 from scheduler_svc.scheduler import Scheduler, SchedulerLimits
 from scheduler_svc.state_store import StateStore
-from scheduler_svc.step_encoding import add_prompt_logprobs, encode_step, read_result
+from scheduler_svc.step_encoding import encode_step
+from scheduler_svc.step_results import add_prompt_logprobs, read_result
 from scheduler_svc.step_writer import StepWriter
 from scheduler_svc.stored_state import StoredPool
 

@@ -1,5 +1,6 @@
-"""A step's results applied to the scheduler's requests: tokens appended, logprobs and pooled
-embeddings attached, full blocks named for the prefix cache, and requests that stop finished.
+"""A step's results: read off the worker's stream, and applied to the scheduler's requests --
+tokens appended, logprobs and pooled embeddings attached, full blocks named for the prefix cache,
+and requests that stop finished.
 
 Results are in ``ScheduledBatch.sampling_order()``: the packed decodes first (the hot path, one
 pass with no call per request unless it fills a block or may stop), then the other sequences
@@ -12,12 +13,38 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from pagewire.v1 import common_pb2
+import grpc
+
+from pagewire.v1 import common_pb2, worker_pb2
 from scheduler_svc.batch import ScheduledBatch
 from scheduler_svc.request import Request, Status
 
 if TYPE_CHECKING:
     from scheduler_svc.scheduler import Scheduler
+
+
+class WorkerLost(Exception):
+    pass
+
+
+async def read_result(call: grpc.aio.StreamStreamCall) -> worker_pb2.StepResult:
+    """The next step's result; WorkerLost when the stream ended or the worker lost sequences."""
+    result = await call.read()
+    if result is grpc.aio.EOF:
+        raise WorkerLost("stream closed")
+    if result.unknown_seq_ids:
+        raise WorkerLost(f"worker lost state of {len(result.unknown_seq_ids)} sequences")
+    return result
+
+
+def add_prompt_logprobs(batch: ScheduledBatch, result: worker_pb2.StepResult) -> None:
+    """The result's prompt logprobs, onto the requests they belong to."""
+    by_seq = {s.request.seq_id: s.request for s in batch.seqs}
+    for chunk in result.prompt_logprobs:
+        req = by_seq.get(chunk.seq_id)
+        # Entries arrive in prompt order; a recompute after preemption repeats them.
+        if req is not None and chunk.start_index == len(req.prompt_logprobs) + 1:
+            req.prompt_logprobs.extend(chunk.positions)
 
 
 def apply_decodes(sched: Scheduler, batch: ScheduledBatch, tokens: Sequence[int], lps: Iterator,
