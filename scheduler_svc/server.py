@@ -129,7 +129,7 @@ async def _attach(
     if info is None:
         await serving.wait_healthy(address, float("inf"), WORKER_SERVICE, tls)
     engine, recovered = await attach_worker(service.fleet, cfg, r, address, tls, sm, info)
-    engine.draining = not serves
+    engine.set_draining(not serves)
     tasks.append(asyncio.create_task(engine.run(r, cfg.heartbeat_check_s)))
     tasks.append(asyncio.create_task(watch_health(
         address, tls, functools.partial(service.fleet.set_serving, engine))))

@@ -22,7 +22,7 @@ from pagewire.store_outage import StateLost
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.request import Request
 from scheduler_svc.step_write import pack
-from scheduler_svc.stored_state import request_fields
+from scheduler_svc.stored_state import request_fields, worker_state
 
 
 @dataclass
@@ -129,7 +129,7 @@ class StoreWrites:
             p.delete(k.free_blocks(w), k.cached_blocks(w), k.prefix_index(w), k.token_log(w))
             if num_blocks:
                 p.sadd(k.free_blocks(w), *range(num_blocks))
-            p.hset(k.worker_state(w), mapping={"instance_id": instance_id, "num_blocks": num_blocks})
+            p.hset(k.worker_state(w), mapping=worker_state(instance_id, num_blocks))
             await p.execute()
 
     async def forget_worker(self) -> None:
@@ -161,7 +161,7 @@ class StoreWrites:
                 p.zadd(k.cached_blocks(w), {b: now + i * 1e-6 for i, b in enumerate(pool.cached_free)})
             if pool.index:
                 p.hset(k.prefix_index(w), mapping=pool.index)  # type: ignore[arg-type]
-            p.hset(k.worker_state(w), mapping={"instance_id": instance_id, "num_blocks": pool.num_blocks})
+            p.hset(k.worker_state(w), mapping=worker_state(instance_id, pool.num_blocks))
             if stale:
                 p.srem(k.requests(), *stale)
             for req in reqs:

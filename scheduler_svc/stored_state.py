@@ -32,6 +32,11 @@ def request_fields(req: Request, worker_id: str) -> dict[str, bytes | int | str]
     }
 
 
+def worker_state(instance_id: str, num_blocks: int) -> dict[str, str | int]:
+    """Which worker process, with how large a pool, the worker's KV bookkeeping describes."""
+    return {"instance_id": instance_id, "num_blocks": num_blocks}
+
+
 @dataclass
 class StoredRequest:
     """A request as Redis holds it: enough to resume it by recompute or to replay its output."""
