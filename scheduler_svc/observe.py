@@ -1,4 +1,5 @@
-"""What the step loop tells operators: queue and step metrics, and the scheduler's trace spans."""
+"""What the step loop tells others: routers its load figures, operators queue and step metrics
+and the scheduler's trace spans."""
 
 from __future__ import annotations
 
@@ -7,9 +8,27 @@ import time
 from pagewire import tracing
 from pagewire.metrics import EngineMetrics
 from pagewire.v1 import common_pb2
+from pagewire.worker_load import LoadFigures
 from scheduler_svc.batch import ScheduledBatch
 from scheduler_svc.request import Request
 from scheduler_svc.scheduler import Scheduler
+
+
+def load_figures(sched: Scheduler, steps: int, draining: bool) -> LoadFigures:
+    """The figures routers read to choose a worker (``pagewire.worker_load``)."""
+    pool = sched.pool
+    return LoadFigures(
+        running=len(sched.running),
+        waiting=len(sched.waiting),
+        waiting_tokens=sum(len(r.prompt) + len(r.output) for r in sched.waiting),
+        used_blocks=pool.num_used,
+        total_blocks=pool.num_blocks,
+        preemptions=sched.num_preemptions,
+        prefix_queries=pool.queries,
+        prefix_hits=pool.hits,
+        steps=steps,
+        draining=int(draining),
+    )
 
 
 def first_scheduled(req: Request, metrics: EngineMetrics | None, worker_id: str) -> None:

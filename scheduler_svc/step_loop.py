@@ -28,11 +28,10 @@ from pagewire.metrics import EngineMetrics, SchedulerMetrics
 from pagewire.redis_client import Client
 from pagewire.tls import TLSFiles
 from pagewire.v1 import worker_pb2, worker_pb2_grpc
-from pagewire.worker_load import LoadFigures
 from scheduler_svc.batch import ScheduledBatch
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.heartbeat import watch_heartbeat
-from scheduler_svc.observe import first_scheduled, record_step
+from scheduler_svc.observe import first_scheduled, load_figures, record_step
 from scheduler_svc.recovery import recover
 from scheduler_svc.request import Request
 from scheduler_svc.scheduler import Scheduler, SchedulerLimits
@@ -236,27 +235,12 @@ class WorkerEngine:
             touched = sched.update(batch, result.token_ids, result.logprobs, embeddings)
         # Finished this step, or aborted since the last one (finished ones were recorded already).
         done = sched.finished_now + [r for r in batch.ended if r.aborted]
-        self.writer.record(touched, done, self._figures())
+        self.writer.record(touched, done, load_figures(sched, self.steps_done + 1, self.draining))
         self._draining_published = self.draining
         record_step(self.metrics, sched, batch, len(result.token_ids) if result is not None else 0)
         if self.check_invariants:
             sched.check_invariants()
         self.steps_done += 1
-
-    def _figures(self) -> LoadFigures:
-        sched, pool = self.scheduler, self.scheduler.pool
-        return LoadFigures(
-            running=len(sched.running),
-            waiting=len(sched.waiting),
-            waiting_tokens=sum(len(r.prompt) + len(r.output) for r in sched.waiting),
-            used_blocks=pool.num_used,
-            total_blocks=pool.num_blocks,
-            preemptions=sched.num_preemptions,
-            prefix_queries=pool.queries,
-            prefix_hits=pool.hits,
-            steps=self.steps_done + 1,
-            draining=int(self.draining),
-        )
 
     # ---- losing the worker -------------------------------------------------------------
     async def _state_lost(self) -> None:
