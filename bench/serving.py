@@ -5,6 +5,7 @@ pagewire deployment under a synthetic load, optionally side by side with transfo
     python bench/serving.py --addr 127.0.0.1:50051 --request-rate 4 --max-concurrency 16
     python bench/serving.py --sweep-rates 1,2,4,inf --sweep-concurrency 1,4,16,64
     python bench/serving.py --compare-hf                      # pagewire vs transformers generate
+    python bench/serving.py --images-per-request 2 --image-size 640x480 --image-prefix-hits
 
 Requests are random token-id prompts (seeded; ``--input-len`` ± ``--input-len-range`` ratio, an
 optional common ``--shared-prefix-len`` prefix), greedy with ``ignore_eos`` so each one generates
@@ -13,6 +14,12 @@ with at most ``--max-concurrency`` in flight. Reports request throughput, output
 TTFT / TPOT / ITL / E2E latency (mean, p50, p90, p99; definitions in ``serving_metrics.py``).
 With ``--repeats N`` each point runs N times and the run with the median output tokens/s is
 reported. Writes JSON (``--out``) and, for sweeps, PNG plots next to it.
+
+``--images-per-request N`` turns the workload into image chats (a vision-language model; default
+the small LLaVA test model): N random PNGs of ``--image-size`` per request, new pixels per
+request and run, then the prompt's ids as words; input token counts come from each response's
+usage (placeholders included). ``--image-prefix-hits`` then sends the main run's requests again,
+so every image is a prefix-cache hit, and reports that run as ``image_prefix_hit``.
 
 Without ``--addr`` the script starts its own stack (Redis, worker, scheduler, router as separate
 processes) on ``--model`` (default: the small test model, built on first use). The worker gets
@@ -41,13 +48,14 @@ from serving_data import (
     RequestSetSpec,
     RequestSource,
     arrival_offsets,
-    make_requests,
     model_vocab_size,
 )
 from serving_metrics import format_summary, summarize
 
 DEFAULT_MODEL = Path.home() / ".cache/pagewire/models/small-seed0"
+DEFAULT_VLM = Path.home() / ".cache/pagewire/models/llava-small-seed0"
 BLOCK_SIZE = 16  # the worker's default --block-size; used only to size --num-blocks
+IMAGE_TOKENS_BOUND = 600  # placeholders per image, at most (LLaVA-1.5: 576); sizes --num-blocks
 
 
 def parse_floats(text: str) -> list[float]:
@@ -70,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len-range", type=float, default=0.6,
                    help="as --input-len-range (default: 32-128); 0 for fixed lengths")
     p.add_argument("--shared-prefix-len", type=int, default=0, help="common prefix on every prompt")
+    p.add_argument("--images-per-request", type=int, default=0, help="image chats with N images")
+    p.add_argument("--image-size", default="336x336", help="WxH of each random image")
+    p.add_argument("--image-prefix-hits", action="store_true",
+                   help="rerun the main run's image requests: every image a prefix-cache hit")
     p.add_argument("--request-rate", type=float, default=math.inf, help="req/s, Poisson; inf: burst")
     p.add_argument("--max-concurrency", type=int, default=0, help="most requests in flight; 0: no cap")
     p.add_argument("--sweep-rates", default="", help="e.g. 1,2,4,inf: latency vs rate plot")
@@ -101,8 +113,9 @@ def request_spec(args: argparse.Namespace) -> RequestSetSpec:
 
 def worker_args(args: argparse.Namespace, requests: list[BenchRequest]) -> list[str]:
     """Threads and a KV pool that holds every request's full sequence, unless told otherwise."""
+    image_tokens = args.images_per_request * IMAGE_TOKENS_BOUND
     blocks = args.num_blocks or sum(
-        math.ceil((r.input_len + r.output_len) / BLOCK_SIZE) for r in requests
+        math.ceil((r.input_len + r.output_len + image_tokens) / BLOCK_SIZE) for r in requests
     ) + 64
     return ["--threads", str(args.threads), "--num-blocks", str(blocks), "--dtype", args.dtype,
             *shlex.split(args.worker_args)]
@@ -152,16 +165,32 @@ async def run_points(
     args: argparse.Namespace, source: RequestSource, points: list[tuple[float, int]]
 ) -> list[dict[str, object]]:
     """Warm the server once (round 0's prompts), then run every point against the same router."""
-    warm = make_requests(source.spec, source.vocab_size, round_=0)
+    warm = source.round(0)
     async with router_address(args, warm) as addr:
         await warm_up(addr, warm)
         results = []
-        for rate, conc in points:
+        for i, (rate, conc) in enumerate(points):
             res = await bench_point(addr, source, args, rate, conc)
             print(format_summary(f"rate {rate:g} req/s, max concurrency {conc or 'none'}",
                                  res["summary"]))
             results.append(res)
+            if i == 0 and args.image_prefix_hits:
+                results.append(await prefix_hit_point(addr, source, args, rate, conc))
         return results
+
+
+async def prefix_hit_point(
+    addr: str, source: RequestSource, args: argparse.Namespace, rate: float, concurrency: int
+) -> dict[str, object]:
+    """The latest run's requests (same images, same text) again: prefix-cache hits."""
+    assert source.last is not None
+    offsets = arrival_offsets(len(source.last), rate, args.seed)
+    result = await run_requests(addr, source.last, offsets, concurrency, "image prefix hits",
+                                not args.no_progress)
+    summary = summarize(result)
+    print(format_summary("same requests again (image prefix hits)", summary))
+    return {"request_rate": rate if math.isfinite(rate) else "inf",
+            "max_concurrency": concurrency, "summary": summary}
 
 
 def sweep_points(args: argparse.Namespace) -> dict[str, list[tuple[float, int]]]:
@@ -198,14 +227,25 @@ def environment(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def main_async(args: argparse.Namespace) -> dict:
+    if not args.model and args.images_per_request:
+        args.model = str(DEFAULT_VLM)
+        if not (DEFAULT_VLM / "config.json").exists():
+            from pagewire.testmodel_vlm import make_llava_model
+
+            make_llava_model(DEFAULT_VLM, seed=0, size="small")
     if not args.model:
         from pagewire.testmodel import ensure_model
 
         args.model = str(ensure_model(DEFAULT_MODEL, seed=0, size="small"))
-    source = RequestSource(request_spec(args), model_vocab_size(args.model))
-    requests = make_requests(source.spec, source.vocab_size, round_=1)  # the first run's set
+    w, h = (int(x) for x in args.image_size.lower().split("x"))
+    source = RequestSource(request_spec(args), model_vocab_size(args.model),
+                           images_per_request=args.images_per_request, image_size=(w, h))
+    requests = source.round(1)  # the first run's set
     groups = sweep_points(args)
-    flat = [pt for pts in groups.values() for pt in pts]
+    if args.image_prefix_hits:
+        groups = {"main": groups["main"], "image_prefix_hit": groups["main"],
+                  **{k: v for k, v in groups.items() if k != "main"}}
+    flat = [pt for name, pts in groups.items() if name != "image_prefix_hit" for pt in pts]
     results = await run_points(args, source, flat)
     report: dict = {"config": {k: (str(v) if isinstance(v, float) and math.isinf(v) else v)
                                for k, v in vars(args).items()},

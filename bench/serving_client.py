@@ -35,6 +35,7 @@ class RequestRecord:
     chunks: list[tuple[float, int]] = field(default_factory=list)
     finish_reason: str = ""
     error: str = ""
+    cached_tokens: int = 0
 
     @property
     def output_len(self) -> int:
@@ -55,12 +56,16 @@ class RunResult:
 
 def to_proto(req: BenchRequest) -> generation_pb2.GenerateRequest:
     """Greedy with ignore_eos, so the request produces exactly ``output_len`` tokens."""
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=req.output_len,
+                                         ignore_eos=True)
+    if req.images:
+        parts = [generation_pb2.ContentPart(image=generation_pb2.ImagePart(data=png))
+                 for png in req.images]
+        parts.append(generation_pb2.ContentPart(text=req.text))
+        chat = generation_pb2.Chat(messages=[generation_pb2.ChatMessage(role="user", parts=parts)])
+        return generation_pb2.GenerateRequest(chat=chat, sampling=sampling)
     return generation_pb2.GenerateRequest(
-        token_ids=generation_pb2.TokenIds(ids=list(req.prompt_ids)),
-        sampling=common_pb2.SamplingParams(
-            temperature=0.0, max_tokens=req.output_len, ignore_eos=True
-        ),
-    )
+        token_ids=generation_pb2.TokenIds(ids=list(req.prompt_ids)), sampling=sampling)
 
 
 async def send_one(stub: generation_pb2_grpc.GenerationStub, req: BenchRequest) -> RequestRecord:
@@ -74,6 +79,8 @@ async def send_one(stub: generation_pb2_grpc.GenerationStub, req: BenchRequest) 
                 rec.chunks.append((now, len(resp.token_ids)))
             if resp.finish_reason:
                 rec.finish_reason = common_pb2.FinishReason.Name(resp.finish_reason)
+                rec.input_len = resp.usage.prompt_tokens or rec.input_len
+                rec.cached_tokens = resp.usage.cached_tokens
     except grpc.aio.AioRpcError as err:
         rec.error = f"{err.code().name}: {err.details()}"
     rec.end_s = time.perf_counter()
@@ -113,5 +120,5 @@ async def run_requests(
 
 async def warm_up(addr: str, requests: list[BenchRequest]) -> None:
     """A few short requests first, so one-time costs (allocations, first forward) stay out."""
-    few = [BenchRequest(r.prompt_ids[:16], 4) for r in requests[:4]]
+    few = [BenchRequest(r.prompt_ids[:16], 4, r.images[:1], r.text[:40]) for r in requests[:4]]
     await run_requests(addr, few, [0.0] * len(few), progress=False)

@@ -8,12 +8,16 @@ two runs, or two systems in one run, see the same requests in the same order.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from pagewire.model_dir import text_config
 
 # Ids 0-4 are the test model's special tokens (BOS, EOS, PAD, <|im_start|>, <|im_end|>); a prompt
 # made of ordinary ids keeps generation from being steered by, say, an end-of-turn marker.
@@ -22,14 +26,17 @@ FIRST_ORDINARY_ID = 5
 
 @dataclass(frozen=True)
 class BenchRequest:
-    """One request: the prompt as token ids and exactly how many tokens it must generate."""
+    """One request: the prompt as token ids and exactly how many tokens it must generate. With
+    ``images`` (encoded files) it is sent as a chat instead: the images, then ``text``."""
 
     prompt_ids: tuple[int, ...]
     output_len: int
+    images: tuple[bytes, ...] = ()
+    text: str = ""
 
     @property
     def input_len(self) -> int:
-        return len(self.prompt_ids)
+        return len(self.prompt_ids)  # for a chat, the client reads the exact count from usage
 
 
 @dataclass(frozen=True)
@@ -84,10 +91,38 @@ class RequestSource:
     spec: RequestSetSpec
     vocab_size: int
     rounds_drawn: int = 0
+    images_per_request: int = 0
+    image_size: tuple[int, int] = (336, 336)  # width, height
+    last: list[BenchRequest] | None = None  # the latest round drawn
 
     def draw(self) -> list[BenchRequest]:
         self.rounds_drawn += 1
-        return make_requests(self.spec, self.vocab_size, self.rounds_drawn)
+        self.last = self.round(self.rounds_drawn)
+        return self.last
+
+    def round(self, round_: int) -> list[BenchRequest]:
+        requests = make_requests(self.spec, self.vocab_size, round_)
+        if self.images_per_request:
+            requests = with_images(requests, self.images_per_request, self.image_size,
+                                   self.spec.seed, round_)
+        return requests
+
+
+def with_images(requests: list[BenchRequest], per_request: int, size: tuple[int, int],
+                seed: int, round_: int) -> list[BenchRequest]:
+    """The requests as image chats: ``per_request`` random PNGs of ``size`` each (new pixels per
+    request and round), then the prompt's ids as words."""
+    rng = np.random.default_rng([seed, round_, 7])
+    out = []
+    for r in requests:
+        pngs = []
+        for _ in range(per_request):
+            buf = io.BytesIO()
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+        out.append(replace(r, images=tuple(pngs), text=" ".join(f"w{t}" for t in r.prompt_ids)))
+    return out
 
 
 def arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
@@ -102,4 +137,5 @@ def arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
 
 def model_vocab_size(model_dir: str | Path) -> int:
     """The vocabulary size from the model's config.json (prompt ids are drawn below it)."""
-    return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+    hf = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(text_config(hf)["vocab_size"])

@@ -71,6 +71,7 @@ def summarize(run: RunResult) -> dict[str, object]:
         "errors": sorted({r.error for r in run.records if r.error})[:5],
         "duration_s": run.wall_s,
         "total_input_tokens": sum(r.input_len for r in done),
+        "total_cached_tokens": sum(r.cached_tokens for r in done),
         "total_output_tokens": out_tokens,
         "request_throughput": len(done) / wall,
         "output_throughput": out_tokens / wall,

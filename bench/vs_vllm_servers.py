@@ -76,7 +76,8 @@ async def start_pagewire(s: ServerSettings, http_port: int, log_dir: Path) -> Ru
 
     worker = ["--dtype", s.dtype, "--kv-cache-gb", str(s.kv_cache_gb), "--max-model-len",
               str(s.max_model_len), "--threads", str(s.threads), "--served-model-name", s.served_name]
-    router = ["--http-port", str(http_port), "--served-model-name", s.served_name]
+    router = ["--http-port", str(http_port), "--served-model-name", s.served_name,
+              "--max-model-len", str(s.max_model_len)]
     t0 = time.perf_counter()
     stack = await start_stack(s.model, worker_args=worker, router_args=router,
                               log_dir=log_dir / f"pagewire-{s.dtype}", env=child_env())

@@ -3,6 +3,7 @@ graphs, in the worker's process (no scheduler, no gRPC): what the worker's host 
 
     python bench/worker_step.py --shape qwen2.5-0.5b --batches 1,8,64,256
     python bench/worker_step.py --shape llama-3.1-8b --batches 1 --steps 128 --bound
+    python bench/worker_step.py --device cpu --graphs off --packed on,off --rounds 3   # CPU bf16
 
 For each batch size: the batch's prompts are prefilled, then ``--steps`` decode steps are run the
 way the scheduler sends them (two in flight, each decode feeding the token the step before it
@@ -12,6 +13,9 @@ sampled) through the worker's own step loop. Reported per step:
 - ``serial_ms``: wall time per step when each step is launched and awaited before the next;
 - ``device_ms``: the summed kernel time of a step (torch profiler, CUDA only);
 - ``host_share``: 1 - device_ms / wall_ms, the time the device sat idle waiting for the host.
+
+``--packed on,off`` compares the CPU's pre-packed bfloat16 projections with plain ``F.linear``;
+``--rounds N`` repeats every variant N times, alternating, and the table gives medians and ranges.
 
 ``--bound`` adds the memory-bandwidth bound of a decode step: weight bytes plus the K/V bytes it
 reads, over the device-to-device copy bandwidth measured in the same run (bytes read + written).
@@ -177,6 +181,25 @@ def bound(runner: ModelRunner, context: int, bandwidth: float) -> dict:
             "bound_tok_s": 1 / step_s}
 
 
+def print_table(runs: list[dict]) -> None:
+    """One row per variant and batch: medians over rounds, [min-max] when there were several."""
+    cols = ["wall_ms", "serial_ms", "device_ms", "host_share", "tok_s", "of_bound"]
+    print(" | ".join(["graphs", "packed", "batch", *cols]))
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["graphs"], r["packed"], r["batch"]), []).append(r)
+    for key, rows in groups.items():
+        cells = []
+        for c in cols:
+            vals = [r[c] for r in rows if isinstance(r.get(c), float)]
+            if not vals:
+                cells.append("-")
+                continue
+            med = statistics.median(vals)
+            cells.append(f"{med:.3f}" + (f" [{min(vals):.3f}-{max(vals):.3f}]" if len(vals) > 1 else ""))
+        print(" | ".join([*map(str, key), *cells]))
+
+
 def plot(report: dict, out: Path) -> Path:
     """Wall time per step beside the device's time, per batch size, graphs on and off."""
     import matplotlib
@@ -185,15 +208,19 @@ def plot(report: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for graphs, marker in (("on", "o"), ("off", "s")):
-        runs = [r for r in report["runs"] if r["graphs"] == graphs]
-        if not runs:
-            continue
-        batches = [r["batch"] for r in runs]
-        ax.plot(batches, [r["wall_ms"] for r in runs], marker=marker, label=f"step, graphs {graphs}")
+    variants = sorted({(r["graphs"], r.get("packed", "on")) for r in report["runs"]})
+    for (graphs, packed), marker in zip(variants, "os^v", strict=False):
+        runs = [r for r in report["runs"] if (r["graphs"], r.get("packed", "on")) == (graphs, packed)]
+        by_batch: dict[int, list[dict]] = {}
+        for r in runs:
+            by_batch.setdefault(r["batch"], []).append(r)
+        batches = sorted(by_batch)
+        label = f"graphs {graphs}, packed {packed}"
+        ax.plot(batches, [statistics.median(r["wall_ms"] for r in by_batch[b]) for b in batches],
+                marker=marker, label=f"step, {label}")
         if all("device_ms" in r for r in runs):
-            ax.plot(batches, [r["device_ms"] for r in runs], marker=marker, linestyle="--",
-                    label=f"device, graphs {graphs}")
+            ax.plot(batches, [statistics.median(r["device_ms"] for r in by_batch[b]) for b in batches],
+                    marker=marker, linestyle="--", label=f"device, {label}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("decode batch (sequences)")
@@ -214,6 +241,9 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--graphs", default="on,off", help="on, off, or on,off")
+    p.add_argument("--packed", default="on", help="on, off, or on,off (CPU bfloat16 weights)")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -229,18 +259,21 @@ def main() -> None:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     blocks = max(batches) * (-(-(args.prompt_len + 4 * args.steps + 16) // BLOCK)) + 16
     report: dict = {"shape": args.shape, "override": args.override, "args": vars(args), "runs": []}
-    for graphs in args.graphs.split(","):
+    variants = [(g, p) for g in args.graphs.split(",") for p in args.packed.split(",")]
+    for graphs, packed in variants * args.rounds:
         cfg = WorkerConfig(model=str(model_dir), load_format="dummy", dtype=args.dtype,
                            device=args.device, num_blocks=blocks, block_size=BLOCK,
                            max_model_len=args.max_model_len, cuda_graphs=graphs == "on",
-                           max_num_seqs=max(batches))
+                           max_num_seqs=max(batches), packed_weights=packed == "on",
+                           threads=args.threads)
         t0 = time.perf_counter()
         runner, _ = build_runner(cfg)
         start_s = time.perf_counter() - t0
         if args.bound and runner.device.type == "cuda" and "bandwidth" not in report:
             report["bandwidth_gbs"] = copy_bandwidth(runner.device) / 1e9
         for batch in batches:
-            row = {"graphs": graphs, "start_s": start_s, **measure(runner, batch, args, vocab)}
+            row = {"graphs": graphs, "packed": packed, "start_s": start_s,
+                   **measure(runner, batch, args, vocab)}
             if args.bound and "bandwidth_gbs" in report:
                 row.update(bound(runner, row["context"], report["bandwidth_gbs"] * 1e9))
                 row["of_bound"] = row["tok_s"] / batch / row["bound_tok_s"]
@@ -250,11 +283,7 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps(report, indent=2))
-    cols = ["graphs", "batch", "wall_ms", "serial_ms", "device_ms", "host_share", "tok_s", "of_bound"]
-    print(" | ".join(cols))
-    for r in report["runs"]:
-        print(" | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
-                         for c in cols))
+    print_table(report["runs"])
     print(f"json: {args.out}")
     print(f"plot: {plot(report, Path(args.out))}")
 

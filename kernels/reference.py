@@ -20,7 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["write_kv", "paged_decode_attention", "paged_extend_attention", "gather_kv"]
+__all__ = [
+    "write_kv", "paged_decode_attention", "paged_extend_attention", "gather_kv",
+    "apply_token_bitmask",
+]
 
 _SCORE_BUDGET = 16 * 1024 * 1024  # fp32 elements of one score slice in paged_extend_attention
 
@@ -162,3 +165,15 @@ def paged_extend_attention(
             o = _masked_softmax_av(scores, mask, v, "hgil,lhd->ihgd", softcap)
             out[q_start + i0 : q_start + i1] = o.reshape(i1 - i0, num_q_heads, head_dim).to(q.dtype)
     return out
+
+
+def apply_token_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor) -> None:
+    """Grammar masks, in place: logits[r, t] = -inf for r in rows where bit t % 32 of word
+    t // 32 of bitmask[r] (int32, [S, ceil(V/32)], aligned with the logits' rows) is clear. Ids
+    past the logits' width are ignored."""
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    words = bitmask.index_select(0, rows)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    sub = logits.index_select(0, rows)
+    logits.index_copy_(0, rows, sub.masked_fill(~allowed, float("-inf")))

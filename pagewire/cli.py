@@ -16,10 +16,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pagewire.config import add_arguments, flag_args
+
 DEFAULT_ADDR = "127.0.0.1:50051"
 # make-model --arch: pagewire.testmodel_arch.ARCHS (kept here so --help needs no torch import).
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "mixtral",
-         "qwen3_moe")
+         "qwen3_moe", "llava")
+# The service settings ``pagewire up`` offers, as ``vllm serve`` does: each flag named, typed and
+# documented as the service's own (pagewire/config.py) and handed to every service that has it
+# (``--served-model-name`` and ``--max-model-len`` reach worker and router, ``--max-num-seqs``
+# scheduler and worker). Every other setting stays reachable as PAGEWIRE_<FLAG>.
+UP_FLAGS = {
+    "scheduler": ("max_num_seqs", "max_num_batched_tokens", "max_queue", "prefix_caching"),
+    "worker": ("dtype", "device", "max_model_len", "kv_cache_gb", "num_blocks", "block_size",
+               "threads", "attention_backend", "served_model_name", "load_format",
+               "gpu_memory_utilization", "cuda_graphs"),
+    "router": ("chat_template", "tool_call_parser", "reasoning_parser", "routing_policy", "max_n",
+               "max_logprobs"),
+}
 SERVICES = {"worker": "worker_svc.server", "scheduler": "scheduler_svc.server", "router": "router.server"}
 
 
@@ -33,11 +47,37 @@ def cmd_make_model(args: argparse.Namespace) -> None:
         from pagewire.testmodel import make_model
 
         path = make_model(args.dir, seed=args.seed, size=args.size)
+    elif args.arch == "llava":  # vision-language: CLIP tower + projector + the Llama decoder
+        from pagewire.testmodel_vlm import make_llava_model
+
+        path = make_llava_model(args.dir, seed=args.seed, size=args.size)
     else:
         from pagewire.testmodel_arch import make_arch_model
 
         path = make_arch_model(args.dir, args.arch, seed=args.seed, size=args.size)
     print(f"wrote {args.size} {args.arch} test model (seed {args.seed}) to {path}")
+
+
+def _config_classes() -> dict[str, type]:
+    from pagewire.config import RouterConfig, SchedulerConfig, WorkerConfig
+
+    return {"scheduler": SchedulerConfig, "worker": WorkerConfig, "router": RouterConfig}
+
+
+def add_up_flags(parser: argparse.ArgumentParser) -> None:
+    added: set[str] = set()
+    for service, cls in _config_classes().items():
+        names = [n for n in UP_FLAGS[service] if n not in added]
+        add_arguments(parser, cls, only=names)
+        added.update(names)
+
+
+def up_service_args(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The flags ``up`` hands each service: every UP_FLAGS setting the service has, whichever
+    service's list offered it."""
+    offered = {n for names in UP_FLAGS.values() for n in names}
+    values = {n: getattr(args, n) for n in offered}
+    return {service: flag_args(cls, values) for service, cls in _config_classes().items()}
 
 
 async def _up(args: argparse.Namespace) -> int:
@@ -49,16 +89,18 @@ async def _up(args: argparse.Namespace) -> int:
 
         model = str(ensure_model(default_model_dir(), seed=0, size="tiny"))
         print(f"pagewire up: serving the test model at {model}", flush=True)
-    worker_args = ["--num-blocks", str(args.num_blocks)] if args.num_blocks else []
-    router_args = ["--http-port", str(args.http_port)]
+    service_args = up_service_args(args)
+    router_args = ["--http-port", str(args.http_port), *service_args["router"]]
     if args.api_key:
         router_args += ["--api-key", args.api_key]
     try:
         stack = await start_stack(
             model,
             router_port=args.port,
-            worker_args=worker_args,
+            worker_args=service_args["worker"],
+            scheduler_args=service_args["scheduler"],
             router_args=router_args,
+            num_workers=args.num_workers,
             log_dir=Path(args.log_dir) if args.log_dir else None,
         )
     except RuntimeError as e:  # a service died while starting: its reason, not a traceback
@@ -133,12 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the whole stack locally")
     up.add_argument("--model", default="", help="model directory (default: build the test model)")
     up.add_argument("--port", type=int, default=50051, help="router port")
-    up.add_argument("--num-blocks", type=int, default=0, help="worker KV blocks (0: auto)")
+    up.add_argument("--num-workers", type=int, default=1, help="workers (one scheduler drives them)")
     up.add_argument("--http-port", type=int, default=8000,
                     help="router's OpenAI-compatible HTTP port (-1: off)")
     up.add_argument("--api-key", default=os.environ.get("PAGEWIRE_API_KEY", ""),
                     help="bearer token the public API requires (env PAGEWIRE_API_KEY)")
     up.add_argument("--log-dir", default="", help="write each service's log here")
+    add_up_flags(up)
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")
     gen.add_argument("prompt")

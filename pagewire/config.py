@@ -56,6 +56,7 @@ class WorkerConfig(CommonConfig):
     heartbeat_s: float = opt(2.0, "Seconds between registry heartbeats (TTL is 3x).")
     load_format: str = opt("auto", "auto (safetensors from --model), or dummy (random weights from config.json).")
     group: str = opt("default", "Worker group to join: a scheduler without --workers drives the registered workers of its --group.")
+    packed_weights: bool = opt(True, "On a CPU in bfloat16: pack the projection weights once at start-up for oneDNN's AMX kernels (--no-packed-weights: plain F.linear, which re-lays the weight on every call).")
     cuda_graphs: bool = opt(True, "On CUDA: capture decode steps as CUDA graphs at start-up and replay them (--no-cuda-graphs: launch every kernel eagerly).")
     max_num_seqs: int = opt(256, "Largest decode batch captured as a CUDA graph (match the scheduler's --max-num-seqs); larger batches run eagerly.")
 
@@ -68,6 +69,7 @@ class SchedulerConfig(CommonConfig):
     model_name: str = opt("", "Model name for Redis keys. Empty: the workers' served model name.")
     max_num_seqs: int = opt(256, "Most sequences in one step.")
     max_num_batched_tokens: int = opt(2048, "Most tokens (decodes + prefill chunks) in one step.")
+    max_encoder_tokens: int = opt(4096, "Most image placeholder tokens whose vision encoding may start in one step (the first image of a step always runs).")
     max_queue: int = opt(4096, "Most waiting requests; past it a submit is refused with RESOURCE_EXHAUSTED.")
     prefix_caching: bool = opt(True, "Reuse cached KV blocks of shared prefixes.")
     priority_aging_s: float = opt(10.0, "A waiting request gains one priority level per this many seconds.")
@@ -92,9 +94,17 @@ class RouterConfig(CommonConfig):
     api_key: str = opt("", "Bearer token the public API requires (gRPC 'authorization' metadata, HTTP header). Empty: none.", "PAGEWIRE_API_KEY")
     routing_policy: str = opt("prefix", "prefix (cached tokens vs load), least-load, or round-robin.")
     chat_template: str = opt("", "Jinja chat template file. Empty: the tokenizer's own.")
+    tool_call_parser: str = opt("", "Parse tool calls out of chat output for tool_choice auto: hermes, llama3_json or mistral (vLLM's --tool-call-parser). Empty: auto is refused.")
+    reasoning_parser: str = opt("", "Split chat output into reasoning_content and content: deepseek_r1 or qwen3. Empty: off.")
     max_n: int = opt(16, "Most completions per request (n).")
     max_stop_strings: int = opt(16, "Most stop strings per request.")
     max_logprobs: int = opt(20, "Most top logprobs per token.")
+    max_model_len: int = opt(0, "Longest sequence the workers run (match the workers' --max-model-len). 0: the model's max_position_embeddings.")
+    max_images: int = opt(8, "Most images per request (vision-language models).")
+    max_image_pixels: int = opt(4096 * 4096, "Largest image accepted, in decoded pixels (width x height).")
+    max_image_bytes: int = opt(6 << 20, "Most encoded image bytes per request (inline, data: URLs and fetched, in all).")
+    image_url_hosts: str = opt("", "Comma-separated hosts whose http(s) image URLs the router fetches (* any). Empty: fetching off.")
+    image_fetch_timeout_s: float = opt(10.0, "Time limit of one image URL fetch, in seconds.")
 
 
 def flag_name(name: str) -> str:
@@ -114,9 +124,18 @@ def _env_default(f: dataclasses.Field[Any]) -> Any:
     return f.default
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of the config dataclass ``cls``."""
-    for f in dataclasses.fields(cls):
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, only: Sequence[str] | None = None
+) -> None:
+    """Add one flag per field of the config dataclass ``cls`` (``only``: just these fields, as
+    ``pagewire up`` offers a chosen few of each service's, named and documented the same)."""
+    fields = dataclasses.fields(cls)
+    if only is not None:
+        unknown = set(only) - {f.name for f in fields}
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
+        fields = tuple(f for f in fields if f.name in only)
+    for f in fields:
         env = env_name(f.name) + (f" or {f.metadata['env']}" if f.metadata.get("env") else "")
         kind: dict[str, Any] = (
             {"action": argparse.BooleanOptionalAction}
@@ -130,6 +149,21 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             help=f"{f.metadata.get('help', '')} (env {env}; default %(default)r)",
             **kind,
         )
+
+
+def flag_args(cls: type, values: dict[str, Any]) -> list[str]:
+    """``values`` of fields of ``cls`` as that service's flags; a value the service would take by
+    itself (its default, or what the shared environment already says) is left out."""
+    args: list[str] = []
+    for f in dataclasses.fields(cls):
+        if f.name not in values or values[f.name] == _env_default(f):
+            continue
+        v = values[f.name]
+        if isinstance(f.default, bool):
+            args.append(flag_name(f.name) if v else "--no-" + f.name.replace("_", "-"))
+        else:
+            args += [flag_name(f.name), str(v)]
+    return args
 
 
 def parse(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:

@@ -83,5 +83,9 @@ class RedisKeys:
     def request_blocks(self, request_id: str) -> str:
         return f"{self.prefix}:req:{request_id}:blocks"
 
+    def request_images(self, request_id: str) -> str:
+        """String: the request's images (an ImageInputs message; see scheduler_svc.images)."""
+        return f"{self.prefix}:req:{request_id}:images"
+
     def request_tokens(self, request_id: str) -> str:
         return f"{self.prefix}:req:{request_id}:tokens"

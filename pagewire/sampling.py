@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pagewire import structured as so
+from pagewire.structured import StructuredOutput
 from pagewire.v1 import common_pb2
 
 DEFAULT_MAX_TOKENS = 16
@@ -60,6 +62,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by id
     best_of: int | None = None  # None: n (no selection)
+    structured: StructuredOutput | None = None  # None: unconstrained
 
     @property
     def penalized(self) -> bool:
@@ -101,6 +104,9 @@ class SamplingParams:
             include_stop_str_in_output=msg.include_stop_str_in_output,
             logit_bias=tuple(sorted(msg.logit_bias.items())),
             best_of=msg.best_of if msg.HasField("best_of") else None,
+            structured=(
+                StructuredOutput.from_proto(msg.structured) if msg.HasField("structured") else None
+            ),
         )
 
     def to_proto(self) -> common_pb2.SamplingParams:
@@ -130,6 +136,8 @@ class SamplingParams:
             msg.logprobs = self.logprobs
         if self.prompt_logprobs is not None:
             msg.prompt_logprobs = self.prompt_logprobs
+        if self.structured is not None:
+            msg.structured.CopyFrom(self.structured.to_proto())
         return msg
 
 
@@ -218,7 +226,23 @@ def validate(
         raise ValidationError("seed", f"must be <= {MAX_SEED}")
     _check_logit_bias(msg, vocab_size)
     _check_closed(msg, "best_of", params.n, limits.max_n, " (n and --max-n)")
+    if params.structured is not None:
+        _check_structured(params)
     return params
+
+
+def _check_structured(params: SamplingParams) -> None:
+    assert params.structured is not None
+    try:
+        so.check(params.structured)
+    except so.SpecError as e:
+        raise ValidationError("structured", str(e)) from None
+    # The constraint decides where the output may end (EOS is allowed only where it is complete):
+    # these would leave a position where no token at all may be drawn.
+    if params.ignore_eos:
+        raise ValidationError("ignore_eos", "cannot be combined with a structured-output constraint")
+    if params.min_tokens:
+        raise ValidationError("min_tokens", "cannot be combined with a structured-output constraint")
 
 
 def _check_logit_bias(msg: common_pb2.SamplingParams, vocab_size: int) -> None:

@@ -44,18 +44,20 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(vocab_size: int) -> Tokenizer:
+def train_tokenizer(vocab_size: int, extra_specials: tuple[str, ...] = ()) -> Tokenizer:
     """Train byte-level BPE on the corpus to exactly ``vocab_size`` ids (specials included).
 
     Exact size matters: the model's embedding has ``vocab_size`` rows, and an id the tokenizer
-    cannot decode would be a valid greedy pick for random weights.
+    cannot decode would be a valid greedy pick for random weights. ``extra_specials`` (a vision
+    model's ``<image>``) take the ids after :data:`SPECIAL_TOKENS`.
     """
+    specials = [*SPECIAL_TOKENS, *extra_specials]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -64,7 +66,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     tok.train_from_iterator(text.split("\n\n"), trainer=trainer)
     got = tok.get_vocab_size()
     assert got == vocab_size, f"corpus too small for {vocab_size} tokens: got {got}"
-    for i, special in enumerate(SPECIAL_TOKENS):
+    for i, special in enumerate(specials):
         assert tok.token_to_id(special) == i, special
     tok.post_processor = processors.Sequence(
         [
@@ -79,7 +81,10 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def write_tokenizer_files(tok: Tokenizer, out_dir: Path, model_max_length: int) -> None:
+def write_tokenizer_files(
+    tok: Tokenizer, out_dir: Path, model_max_length: int, extra_specials: tuple[str, ...] = (),
+    chat_template: str = CHAT_TEMPLATE,
+) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json.
 
     tokenizer_config.json names the generic fast tokenizer class: LlamaTokenizer(Fast) would
@@ -97,13 +102,13 @@ def write_tokenizer_files(tok: Tokenizer, out_dir: Path, model_max_length: int) 
             "single_word": False,
             "special": True,
         }
-        for i, token in enumerate(SPECIAL_TOKENS)
+        for i, token in enumerate((*SPECIAL_TOKENS, *extra_specials))
     }
     config = {
         "added_tokens_decoder": added,
-        "additional_special_tokens": [IM_START, IM_END],
+        "additional_special_tokens": [IM_START, IM_END, *extra_specials],
         "bos_token": BOS,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
         "clean_up_tokenization_spaces": False,
         "eos_token": EOS,
         "model_input_names": ["input_ids", "attention_mask"],
@@ -112,7 +117,7 @@ def write_tokenizer_files(tok: Tokenizer, out_dir: Path, model_max_length: int) 
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
     special_map = {
-        "additional_special_tokens": [IM_START, IM_END],
+        "additional_special_tokens": [IM_START, IM_END, *extra_specials],
         "bos_token": BOS,
         "eos_token": EOS,
         "pad_token": PAD,

@@ -11,6 +11,9 @@ Stop strings follow vLLM: they are looked for only once the output is longer tha
 tokens (text released before that is passed through unsearched), and the token that completes a
 match is the last one counted; ids after it in the same event are dropped.
 
+A chat with a reasoning or tool-call parser has its text split (``router.chat_output``) into
+content, reasoning and call deltas before it leaves.
+
 With echo, the first message carries the prompt (ids and text). A prompt-only completion (echo
 with max_tokens 0, run downstream as max_tokens 1) drops its one generated token: no ids, no
 text, no logprobs, completion_tokens 0, finish_reason LENGTH.
@@ -22,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import common_pb2, generation_pb2, scheduler_pb2
+from router.chat_output import ChatOutput, OutputSpec
 from router.detokenizer import IncrementalDetokenizer
 from router.stop_strings import StopStringMatcher
 
@@ -40,6 +44,7 @@ class CompletionStream:
         tokenizer: PreTrainedTokenizerBase,
         echo_text: str | None = None,
         prompt_only: bool = False,
+        output: OutputSpec | None = None,
     ) -> None:
         self.rid = rid
         self.index = index
@@ -57,6 +62,7 @@ class CompletionStream:
         self.cached_tokens = 0
         self._prompt_logprobs_sent = False
         self._text: list[str] = []
+        self.output = ChatOutput(output) if output is not None else None
 
     def on_event(self, event: scheduler_pb2.TokenEvent) -> generation_pb2.GenerateResponse | None:
         """The response this event makes, or None if it adds nothing the client can see yet."""
@@ -92,12 +98,17 @@ class CompletionStream:
         resp.text = "".join(self._text)
         self._text.clear()
         if stop_string is None and not finished:
-            has_news = resp.text or resp.token_ids or resp.prompt_logprobs or resp.prompt_token_ids
+            if self.output is not None:
+                self.output.apply(resp)
+            has_news = (resp.text or resp.token_ids or resp.prompt_logprobs or resp.prompt_token_ids
+                        or resp.reasoning_text or resp.tool_calls)
             return resp if has_news else None
         self.done = True
         resp.finish_reason = STOP if stop_string is not None else event.finish_reason
         if self.prompt_only:
             resp.finish_reason = LENGTH
+        if self.output is not None:
+            self.output.apply(resp)  # the last message: may become TOOL_CALLS
         self.finish_reason = resp.finish_reason
         resp.stop_string = stop_string or ""
         self.cached_tokens = event.cached_tokens

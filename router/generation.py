@@ -32,7 +32,8 @@ from pagewire import tracing
 from pagewire.metrics import RequestTimer, RouterMetrics
 from pagewire.sampling import MAX_SEED, Limits, SamplingParams, ValidationError, validate
 from pagewire.v1 import common_pb2, generation_pb2, scheduler_pb2
-from router import best_of
+from router import best_of, tools
+from router.chat_output import OutputSpec
 from router.completion import CompletionStream
 from router.errors import RequestError
 from router.model import ServedModel
@@ -53,6 +54,8 @@ class ValidatedRequest:
     priority: int
     echo_text: str | None = None  # echo: the prompt's text, sent back with each completion
     prompt_only: bool = False  # echo with max_tokens 0: the generated token is dropped
+    output: OutputSpec | None = None  # chat: reasoning and tool calls parsed out of the text
+    images: tuple[common_pb2.ImageInput, ...] = ()  # the prompt's, by placeholder run
 
     @property
     def candidates(self) -> int:
@@ -73,6 +76,7 @@ class ValidatedRequest:
             prompt_token_ids=self.prompt,
             sampling=one.to_proto(),
             priority=self.priority,
+            images=self.images,
         )
 
 
@@ -104,13 +108,23 @@ class Generator:
             raise RequestError.invalid(
                 "priority", f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {request.priority}"
             )
-        prompt = await self.model.prompt_ids(request, "prompt")
+        chat_tools = tools.check_tools(request.chat) if request.HasField("chat") else None
+        template_tools = chat_tools.template_tools if chat_tools is not None else None
+        prompt, images = await self.model.prompt(request, "prompt", template_tools)
+        output = None
+        if chat_tools is not None:
+            tail = self.model.tokenizer.decode(prompt[-4:]) if self.model.reasoning_parser else ""
+            output = tools.output_spec(
+                chat_tools, self.model.tool_call_parser, self.model.reasoning_parser, tail
+            )
         sampling = request.sampling
+        constrained = tools.constrain(sampling, chat_tools) if chat_tools is not None else None
+        if constrained is not None:  # validated below as a client's constraint is
+            sampling = constrained
         room = self.model.max_model_len - len(prompt)
         prompt_only = request.echo and sampling.HasField("max_tokens") and sampling.max_tokens == 0
         if prompt_only or (fill_context and not sampling.HasField("max_tokens") and prompt and room > 0):
-            sampling = type(sampling)()
-            sampling.CopyFrom(request.sampling)
+            sampling = _copy(sampling)
             sampling.max_tokens = 1 if prompt_only else room
         try:
             params = validate(
@@ -122,12 +136,21 @@ class Generator:
             )
         except ValidationError as e:
             raise RequestError.from_validation(e) from None
+        if params.structured is not None:  # a spec the engine cannot compile: refused here
+            try:
+                await self.model.check_structured(params.structured)
+            except RequestError as e:  # a tool's schema the engine cannot serve
+                raise (e if constrained is None else e.renamed("tool_choice")) from None
+        if output is not None and output.tool_parser == "mistral":
+            # [TOOL_CALLS] is a control token: skipping special tokens would hide the calls.
+            params = dataclasses.replace(params, skip_special_tokens=False)
         echo_text = None
         if request.echo:
             kind = request.WhichOneof("prompt")
             echo_text = request.text if kind == "text" else self.model.tokenizer.decode(prompt)
         rid = request.request_id or uuid.uuid4().hex
-        return ValidatedRequest(rid, prompt, params, request.priority, echo_text, prompt_only)
+        return ValidatedRequest(rid, prompt, params, request.priority, echo_text, prompt_only, output,
+                    tuple(images))
 
     async def stream(
         self, plan: ValidatedRequest, parent: Context | None = None
@@ -156,7 +179,8 @@ class Generator:
         }, kind=tracing.SpanKind.SERVER)
         completions = [
             CompletionStream(plan.rid, i, plan.prompt, plan.params, self.model.tokenizer,
-                             echo_text=plan.echo_text, prompt_only=plan.prompt_only)
+                             echo_text=plan.echo_text, prompt_only=plan.prompt_only,
+                             output=plan.output)
             for i in range(n)
         ]
         timers = [RequestTimer() for _ in range(n)]
@@ -165,7 +189,7 @@ class Generator:
         try:
             self.placer.ids.claim(ids, plan.rid)
             try:
-                placement = await self.placer.place(plan.prompt)
+                placement = await self.placer.place(plan.prompt, plan.images)
             except RequestError:
                 self.placer.ids.release(ids)
                 raise
@@ -228,6 +252,12 @@ class Generator:
             tracing.WORKER_ID: worker_id,
         }, error=error)
 
+
+
+def _copy(sampling: common_pb2.SamplingParams) -> common_pb2.SamplingParams:
+    copy = common_pb2.SamplingParams()
+    copy.CopyFrom(sampling)
+    return copy
 
 
 def _release(link: SchedulerLink, plan: ValidatedRequest, completion: CompletionStream) -> None:

@@ -192,6 +192,8 @@ class OpenAIApi:
             except RequestError as e:
                 if e.field == "prompt" and many:  # say which prompt
                     raise e.renamed(f"prompt[{i}]") from None
+                if e.field == "structured" and call.structured_field:  # the JSON field's name
+                    raise e.renamed(call.structured_field) from None
                 raise
         return plans
 

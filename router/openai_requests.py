@@ -5,9 +5,11 @@ copied into the proto; bounds are checked once, by the shared path, for gRPC and
 Besides OpenAI's fields, vLLM's sampling extras are accepted (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
 ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``) so clients that
-send them through ``extra_body`` get vLLM's behaviour. Unknown fields are ignored; known fields
-pagewire cannot honour (``suffix``, ``response_format`` other than text, tools, vLLM's
-``guided_*`` and ``structured_outputs``) are refused rather than silently dropped.
+send them through ``extra_body`` get vLLM's behaviour, and the structured-output fields
+(``response_format``, vLLM's ``guided_*`` and ``structured_outputs``: router/openai_structured.py).
+Chat's tool fields are translated by ``router.openai_tools``. Unknown fields are ignored; known
+fields pagewire cannot honour (``suffix``, tools in completions) are refused rather than
+silently dropped.
 """
 
 from __future__ import annotations
@@ -17,17 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagewire.v1 import common_pb2, generation_pb2
+from router import openai_structured
 from router.errors import RequestError
 from router.openai_fields import Fields, is_int32, parse_body
+from router.openai_tools import set_message_tools, set_tools
 
 __all__ = ["chat_call", "completion_call", "embedding_call", "parse_body"]
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
 MAX_PROMPTS = 2048  # prompts in one completions request, each its own request downstream
-# vLLM's structured-output extras, refused until pagewire constrains its output.
-_CONSTRAINTS = (
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
-)
 _FLOATS = (
     "temperature",
     "top_p",
@@ -52,6 +52,7 @@ class CompletionCall:
     include_usage: bool
     logprobs: bool  # render logprobs in the answer
     prompt_logprobs: bool = False  # render vLLM's prompt_logprobs field (asked for by name)
+    structured_field: str = ""  # the JSON field sampling.structured came from (named in errors)
 
     @property
     def request(self) -> generation_pb2.GenerateRequest:
@@ -68,7 +69,8 @@ class EmbeddingCall:
 
 def completion_call(body: dict[str, Any]) -> CompletionCall:
     f = Fields(body)
-    _refuse_unconstrained(f)
+    for name in ("tools", "tool_choice"):
+        f.refuse(name)  # a chat field
     f.refuse("user_defined_tokens")
     if f.get("suffix") not in (None, ""):
         raise RequestError.invalid(
@@ -94,11 +96,11 @@ def completion_call(body: dict[str, Any]) -> CompletionCall:
 
 def chat_call(body: dict[str, Any]) -> CompletionCall:
     f = Fields(body)
-    _refuse_unconstrained(f)
-    for name in ("functions", "audio"):
+    for name in ("functions", "function_call", "audio"):
         f.refuse(name)
     request = generation_pb2.GenerateRequest(model=f.string("model") or "")
     set_messages(request.chat, f)
+    set_tools(request.chat, f)
     _set_sampling(request.sampling, f, max_tokens=("max_completion_tokens", "max_tokens"))
     logprobs = bool(f.boolean("logprobs"))
     top = f.integer("top_logprobs")
@@ -109,24 +111,6 @@ def chat_call(body: dict[str, Any]) -> CompletionCall:
     return _call(request, f, chat=True, logprobs=logprobs)
 
 
-def _refuse_unconstrained(f: Fields) -> None:
-    """Fields that constrain the output (structured outputs, tools) are refused, naming the
-    field, until a grammar engine serves them: unconstrained text would be served silently
-    wrong. The vLLM extras among them arrive through ``extra_body``."""
-    fmt = f.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise RequestError.invalid(
-            "response_format", 'only {"type": "text"} is supported (no structured outputs yet)'
-        )
-    for name in _CONSTRAINTS:
-        if f.get(name) is not None:
-            raise RequestError.invalid(name, "is not supported yet (no structured outputs)")
-    if f.get("tools") not in (None, []):
-        raise RequestError.invalid("tools", "is not supported yet (no tool calling)")
-    if f.get("tool_choice") not in (None, "none", "auto"):
-        raise RequestError.invalid("tool_choice", "is not supported yet (no tool calling)")
-
-
 def _call(
     request: generation_pb2.GenerateRequest, f: Fields, chat: bool, logprobs: bool
 ) -> CompletionCall:
@@ -134,9 +118,13 @@ def _call(
     if options is not None and not isinstance(options, dict):
         raise RequestError.invalid("stream_options", "must be an object")
     include_usage = Fields(options or {}).boolean("include_usage")
+    constraint = openai_structured.read(f.body)
+    if constraint is not None:
+        request.sampling.structured.CopyFrom(constraint.output.to_proto())
     return CompletionCall(
         [request], chat, bool(f.boolean("stream")), bool(include_usage), logprobs,
         prompt_logprobs=f.get("prompt_logprobs") is not None,
+        structured_field=constraint.field if constraint else "",
     )
 
 
@@ -184,26 +172,48 @@ def set_messages(chat: generation_pb2.Chat, f: Fields) -> None:
         role = message.get("role")
         if not isinstance(role, str):
             raise RequestError.invalid(f"messages[{i}].role", "must be a string")
-        chat.messages.add(role=role, content=_content(message.get("content"), f"messages[{i}]"))
+        content = _content(message.get("content"), f"messages[{i}]")
+        if isinstance(content, str):
+            added = chat.messages.add(role=role, content=content)
+        else:
+            added = chat.messages.add(role=role, parts=content)
+        set_message_tools(added, message, f"messages[{i}]")
     add = f.boolean("add_generation_prompt")
     if add is not None:
         chat.add_generation_prompt = add
 
 
-def _content(content: Any, path: str) -> str:
-    """A message's text: a string, null (an assistant turn with tool calls) or text parts."""
+def _content(content: Any, path: str) -> str | list[generation_pb2.ContentPart]:
+    """A message's text (a string, null for an assistant turn with tool calls, or text parts
+    joined), or its parts when it has an image."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
         raise RequestError.invalid(f"{path}.content", "must be a string or a list of parts")
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text":
-            raise RequestError.invalid(f"{path}.content[{j}]", "only text parts are supported")
+    parts = [_part(part, f"{path}.content[{j}]") for j, part in enumerate(content)]
+    if all(p.WhichOneof("part") == "text" for p in parts):
+        return "".join(p.text for p in parts)
+    return parts
+
+
+def _part(part: Any, path: str) -> generation_pb2.ContentPart:
+    """One OpenAI content part: ``{"type": "text", "text"}`` or ``{"type": "image_url",
+    "image_url": {"url"}}`` (a data: URL, or http(s) when the router fetches)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
         if not isinstance(part.get("text"), str):
-            raise RequestError.invalid(f"{path}.content[{j}].text", "must be a string")
-        texts.append(part["text"])
-    return "".join(texts)
+            raise RequestError.invalid(f"{path}.text", "must be a string")
+        return generation_pb2.ContentPart(text=part["text"])
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str):
+            raise RequestError.invalid(f"{path}.image_url.url", "must be a string")
+        if isinstance(image, dict) and image.get("detail", "auto") != "auto":
+            raise RequestError.invalid(f"{path}.image_url.detail",
+                                       "only auto is supported (the model's processor decides)")
+        return generation_pb2.ContentPart(image=generation_pb2.ImagePart(url=url))
+    raise RequestError.invalid(path, "only text and image_url parts are supported")
 
 
 def _set_sampling(
@@ -255,6 +265,9 @@ def _set_logit_bias(sampling: common_pb2.SamplingParams, f: Fields) -> None:
 def embedding_call(body: dict[str, Any]) -> EmbeddingCall:
     f = Fields(body)
     f.refuse("dimensions")
+    if body.get("messages") is not None:
+        raise RequestError.invalid("messages", "chat (and image) embeddings are not supported: "
+                                   "pagewire embeds text and token ids only")
     fmt = f.string("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise RequestError.invalid("encoding_format", f"must be float or base64, got {fmt!r}")
@@ -272,6 +285,9 @@ def embedding_call(body: dict[str, Any]) -> EmbeddingCall:
 
 def _embedding_inputs(value: Any) -> list[tuple[str, str | list[int]]]:
     """(field path, input) pairs: a string, a token list, or a list of either."""
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        raise RequestError.invalid("input", "embeddings of images (or other parts) are not "
+                                   "supported: pagewire embeds text and token ids only")
     if isinstance(value, str):
         return [("input", value)]
     if not isinstance(value, list) or not value:

@@ -26,6 +26,7 @@ FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_ABORT: "abort",
+    common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 
@@ -55,6 +56,15 @@ class _Choice:
     text_offset: int = 0  # characters of token text before the next logprobs entry (streaming)
     echo_text: str = ""  # echo: the prompt, before the text
     echo_ids: list[int] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's shape, in order
+
+    def add_calls(self, deltas: Sequence[generation_pb2.ToolCallDelta]) -> None:
+        for delta in deltas:
+            if delta.id:
+                function = {"name": delta.name, "arguments": ""}
+                self.tool_calls.append({"id": delta.id, "type": "function", "function": function})
+            self.tool_calls[delta.index]["function"]["arguments"] += delta.arguments
 
 
 class Answer:
@@ -76,6 +86,8 @@ class Answer:
         """Keep a response for the whole answer (:meth:`body`)."""
         choice = self.choices[response.index]
         choice.text.append(response.text)
+        choice.reasoning.append(response.reasoning_text)
+        choice.add_calls(response.tool_calls)
         choice.logprobs.extend(response.logprobs)
         choice.prompt_logprobs.extend(response.prompt_logprobs)
         if response.prompt_token_ids:
@@ -93,7 +105,7 @@ class Answer:
         choice = self.record(response)
         shaped: dict[str, Any] = {"index": response.index}
         if self.chat:
-            delta: dict[str, Any] = {"content": response.text}
+            delta = _chat_delta(response)
             shaped["delta"] = {"role": "assistant", **delta} if first else delta
         else:
             shaped["text"] = response.prompt_text + response.text
@@ -129,7 +141,7 @@ class Answer:
             text = "".join(choice.text)
             shaped: dict[str, Any] = {"index": index}
             if self.chat:
-                shaped["message"] = {"role": "assistant", "content": text}
+                shaped["message"] = _chat_message(choice, text)
             else:
                 shaped["text"] = choice.echo_text + text
             choice.text_offset = 0  # the whole text: offsets count from its start
@@ -224,3 +236,37 @@ class Answer:
                 }
             )
         return shaped
+
+
+def _chat_delta(response: generation_pb2.GenerateResponse) -> dict[str, Any]:
+    """A chunk's delta, as OpenAI streams it: content, vLLM's reasoning_content, and tool
+    calls (a call's first delta with id, type and name; later ones its arguments only)."""
+    delta: dict[str, Any] = {}
+    if response.text or not (response.reasoning_text or response.tool_calls):
+        delta["content"] = response.text
+    if response.reasoning_text:
+        delta["reasoning_content"] = response.reasoning_text
+    calls = []
+    for call in response.tool_calls:
+        shaped: dict[str, Any] = {"index": call.index}
+        if call.id:
+            shaped["id"], shaped["type"] = call.id, "function"
+            shaped["function"] = {"name": call.name, "arguments": call.arguments}
+        else:
+            shaped["function"] = {"arguments": call.arguments}
+        calls.append(shaped)
+    if calls:
+        delta["tool_calls"] = calls
+    return delta
+
+
+def _chat_message(choice: _Choice, text: str) -> dict[str, Any]:
+    """The whole message: content null when the model only called tools, as OpenAI answers."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    reasoning = "".join(choice.reasoning)
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if choice.tool_calls:
+        message["tool_calls"] = choice.tool_calls
+        message["content"] = text or None
+    return message

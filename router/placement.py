@@ -11,10 +11,12 @@ is refused UNAVAILABLE at once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 
+from pagewire.block_hash import ImageSpan
 from pagewire.metrics import RouterMetrics
 from pagewire.store_outage import STORE_ERRORS
 from router.errors import RequestError
@@ -44,12 +46,12 @@ class Placer:
         self.metrics = metrics
         self.ids = InFlightIds()  # ids of the requests submitted through this placer, not ended
 
-    async def place(self, prompt: list[int]) -> Placement:
-        """Raises RequestError(UNAVAILABLE) when no live worker or connected scheduler can take
+    async def place(self, prompt: list[int], images: Sequence[ImageSpan] = ()) -> Placement:
+        """``images``: the prompt's, whose hashes name the blocks they occupy. Raises RequestError(UNAVAILABLE) when no live worker or connected scheduler can take
         it: a request is refused at once, never held for a scheduler that is away."""
         if self.router is not None:
             try:
-                decision = await self.router.choose(prompt, self.schedulers.eligible)
+                decision = await self.router.choose(prompt, self.schedulers.eligible, images)
             except NoWorkerAvailable as e:
                 if e.registered:  # workers are registered, and none is alive and serving
                     raise RequestError(grpc.StatusCode.UNAVAILABLE, "", str(e)) from None

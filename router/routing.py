@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pagewire.block_hash import prompt_block_hashes
+from pagewire.block_hash import ImageSpan, prompt_block_hashes
 from pagewire.redis_client import Client
 from pagewire.redis_keys import RedisKeys
 from pagewire.worker_load import DRAINING, ROUTING_FIELDS, lua_field_list
@@ -192,13 +192,14 @@ class WorkerRouter:
         self._pending: dict[str, tuple[int, int]] = {}
 
     async def choose(
-        self, prompt_token_ids: Sequence[int], eligible: Set[str] | None = None
+        self, prompt_token_ids: Sequence[int], eligible: Set[str] | None = None,
+        images: Sequence[ImageSpan] = (),
     ) -> Decision:
         """The worker for this prompt, among ``eligible`` (None: every registered worker) -- the
         workers a live scheduler drives. Raises NoWorkerAvailable when none has a live heartbeat."""
         await self._ensure_members()
         hashes = (
-            prompt_block_hashes(prompt_token_ids, self._block_size)
+            prompt_block_hashes(prompt_token_ids, self._block_size, images)
             if self.policy == "prefix" and self._block_size else []
         )
         alive = await self._alive(hashes, len(prompt_token_ids), eligible)

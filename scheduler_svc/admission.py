@@ -15,6 +15,7 @@ import grpc
 
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import common_pb2, scheduler_pb2
+from scheduler_svc import images
 from scheduler_svc.block_pool import blocks_for
 from scheduler_svc.events import RouterConn
 from scheduler_svc.fleet import Fleet
@@ -60,8 +61,11 @@ def admit(sub: scheduler_pb2.SubmitRequest, fleet: Fleet, conn: RouterConn, *, g
         return refusal
     if sub.pooling != common_pb2.POOLING_NONE:
         params = dataclasses.replace(params, max_tokens=1)  # runs its prompt, samples nothing
+    if bad := images.check(sub.images, len(sub.prompt_token_ids)):
+        return Refusal(grpc.StatusCode.INVALID_ARGUMENT, bad)
     req = Request(rid, list(sub.prompt_token_ids), params, priority=sub.priority, conn=conn,
-                  pooling=sub.pooling, trace_context=dict(sub.trace_context))
+                  pooling=sub.pooling, trace_context=dict(sub.trace_context),
+                  images=list(sub.images))
     return Admitted(req, engine)
 
 

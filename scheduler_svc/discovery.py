@@ -67,6 +67,7 @@ def limits_for(cfg: pwconfig.SchedulerConfig, info: worker_pb2.WorkerInfo) -> Sc
         eos_token_ids=tuple(info.eos_token_ids),
         prefix_caching=cfg.prefix_caching,
         priority_aging_s=cfg.priority_aging_s,
+        max_encoder_tokens=cfg.max_encoder_tokens,
     )
 
 

@@ -8,7 +8,7 @@ can find them. The pool below it (``block_pool``) knows blocks, not requests.
 
 from __future__ import annotations
 
-from pagewire.block_hash import block_hash, prompt_block_hashes
+from pagewire.block_hash import block_hash, image_extra, prompt_block_hashes
 from scheduler_svc.block_pool import BlockPool, blocks_for
 from scheduler_svc.request import Request, Status
 
@@ -50,7 +50,7 @@ class KVCacheManager:
         """Cached blocks for the request's leading full blocks (none with caching off)."""
         if not self.prefix_caching or not req.uses_prefix_cache:
             return []
-        hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), self.block_size)
+        hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), self.block_size, req.images)
         req.block_hashes = hashes  # provisional: trimmed to what is really in the table by admit
         return self.pool.lookup(hashes)
 
@@ -80,7 +80,8 @@ class KVCacheManager:
         full = min(min(computed, req.num_known) // bs, len(req.block_table))
         parent = req.block_hashes[-1] if req.block_hashes else None
         for i in range(len(req.block_hashes), full):
-            parent = block_hash(parent, req.tokens(i * bs, (i + 1) * bs))
+            extra = image_extra(req.images, i * bs, (i + 1) * bs) if req.images else b""
+            parent = block_hash(parent, req.tokens(i * bs, (i + 1) * bs), extra)
             req.block_hashes.append(parent)
             self.pool.register(req.block_table[i], parent)
 
@@ -96,7 +97,7 @@ class KVCacheManager:
         if req.output:
             req.num_computed = req.num_tokens - 1
         else:
-            hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), bs)
+            hashes = prompt_block_hashes(req.tokens(0, req.num_tokens), bs, req.images)
             proven = 0
             for h, b in zip(hashes, req.block_table, strict=False):
                 if self.pool.index.get(h) != b:

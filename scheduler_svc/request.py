@@ -70,6 +70,8 @@ class Request:
     embedding: list[float] | None = None
     # W3C trace context of the router's span for this request (empty: not traced).
     trace_context: dict[str, str] = field(default_factory=dict)
+    # The prompt's images (common_pb2.ImageInput), sent to the worker with the sequence.
+    images: list[common_pb2.ImageInput] = field(default_factory=list)
     # Logprobs of output tokens not yet emitted (only when params.logprobs is set), and the
     # prompt's (params.prompt_logprobs), sent with the first event.
     logprobs: list[common_pb2.Logprobs] = field(default_factory=list)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pagewire.v1 import common_pb2
+from scheduler_svc import images
 from scheduler_svc.batch import ScheduledBatch, ScheduledSeq
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.kv_cache_manager import KVCacheManager
@@ -35,6 +36,8 @@ class SchedulerLimits:
     prefix_caching: bool = True
     # A waiting request gains one priority level per this many seconds (0: no aging).
     priority_aging_s: float = 10.0
+    # Image placeholder tokens whose encoding may start in one step (see scheduler_svc.images).
+    max_encoder_tokens: int = 4096
 
 
 def _priority_key(r: Request) -> tuple[int, float]:
@@ -52,6 +55,7 @@ class Scheduler:
         self.finished_now: list[Request] = []  # finished by the last update(), in its order
         self.eos = frozenset(limits.eos_token_ids)
         self._running_sorted = True
+        self._encoder_left = limits.max_encoder_tokens  # image tokens that may start encoding
 
     @property
     def pool(self) -> BlockPool:
@@ -92,6 +96,7 @@ class Scheduler:
         self._age_waiting()
         batch = ScheduledBatch(ended=self._ended)
         self._ended = []
+        self._encoder_left = self.limits.max_encoder_tokens
         budget, nseqs = self._schedule_running(batch)
         self._schedule_waiting(batch, budget, nseqs)
         return batch
@@ -145,6 +150,9 @@ class Scheduler:
                 i += 1
                 continue
             n = min(n, budget)
+            if req.images and not (n := self._image_chunk(req, computed, n, not req.on_worker)):
+                i += 1
+                continue
             if not self._make_room(req, n, batch):
                 break  # req itself was preempted: nothing after it can run either
             self._take(req, n, batch)
@@ -185,9 +193,19 @@ class Scheduler:
             self.running.append(req)
             self._running_sorted = False
             n = min(req.num_tokens - req.num_computed, budget)
+            if req.images and not (n := self._image_chunk(req, req.num_computed, n, True)):
+                break  # admitted; its chunk runs from the running list next step
             self._take(req, n, batch)
             budget -= n
             nseqs += 1
+
+    def _image_chunk(self, req: Request, start: int, n: int, first: bool) -> int:
+        """How much of the chunk [start, start + n) runs within what is left of the step's
+        encoder budget (``scheduler_svc.images``); 0: none of it this step."""
+        n, cost = images.clip_chunk(req.images, start, n, self._encoder_left,
+                                    self.limits.max_encoder_tokens, first)
+        self._encoder_left -= cost
+        return n
 
     def _preempt(self, victim: Request, batch: ScheduledBatch) -> None:
         self.running.remove(victim)

@@ -23,6 +23,7 @@ from pagewire.block_hash import DIGEST_BYTES
 from pagewire.redis_client import Client
 from pagewire.redis_keys import RedisKeys
 from pagewire.worker_load import DRAINING, LoadFigures
+from scheduler_svc import images
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.request import Request
 from scheduler_svc.step_write import (
@@ -80,6 +81,8 @@ class StateStore(StoreWrites):
         """Record a new request (or its move to this worker): the prompt and how to sample."""
         k, p = self.keys, self._commands()
         p.hset(k.request(req.request_id), mapping=request_fields(req, self.worker_id))
+        if req.images:
+            p.set(k.request_images(req.request_id), images.pack(req.images), ex=images.IMAGES_TTL_S)
         p.sadd(k.requests(), req.request_id)
         req.tokens_key = k.request_tokens(req.request_id)
 
@@ -148,6 +151,8 @@ class StateStore(StoreWrites):
         p.hset(k.request(rid), "finish_reason", req.finish_reason)
         p.expire(k.request(rid), FINISHED_TTL_S)
         p.expire(k.request_tokens(rid), FINISHED_TTL_S)
+        if req.images:
+            p.delete(k.request_images(rid))
         p.srem(k.requests(), rid)
 
     # ---- the worker --------------------------------------------------------------------

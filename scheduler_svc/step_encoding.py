@@ -39,6 +39,9 @@ def encode_step(batch: ScheduledBatch, step_id: int, release_seq_ids: list[int])
             seq.prompt_len = len(req.prompt)
             seq.pooling = req.pooling  # type: ignore[assignment]
             seq.trace_context.update(req.trace_context)
+            if req.params.structured is not None:  # the worker replays them into a matcher
+                seq.output_ids.extend(req.output)
+            seq.images.extend(req.images)
         else:
             seq.block_ids.extend(s.new_blocks)
     return step

@@ -19,6 +19,7 @@ from redis.asyncio.connection import AbstractConnection
 from pagewire.redis_client import Client, is_cluster
 from pagewire.redis_keys import RedisKeys
 from pagewire.store_outage import StateLost
+from scheduler_svc import images
 from scheduler_svc.block_pool import BlockPool
 from scheduler_svc.request import Request
 from scheduler_svc.step_write import pack
@@ -168,6 +169,8 @@ class StoreWrites:
                 rid = req.request_id
                 p.hset(k.request(rid), mapping=request_fields(req, w) | {
                     "num_cached": max(req.num_cached, 0)})
+                if req.images:
+                    p.set(k.request_images(rid), images.pack(req.images), ex=images.IMAGES_TTL_S)
                 p.sadd(k.requests(), rid)
                 p.delete(k.request_blocks(rid), k.request_tokens(rid))
                 if req.block_table:

@@ -16,6 +16,7 @@ from pagewire.redis_client import Client
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import common_pb2
+from scheduler_svc import images
 from scheduler_svc.request import Request, Status
 from scheduler_svc.step_write import pack, unpack
 
@@ -29,6 +30,7 @@ def request_fields(req: Request, worker_id: str) -> dict[str, bytes | int | str]
         "params": req.params.to_proto().SerializeToString(),
         "pooling": req.pooling,
         "handle": req.seq_id,
+        "images": len(req.images),
     }
 
 
@@ -52,6 +54,8 @@ class StoredRequest:
     pooling: int = common_pb2.POOLING_NONE
     handle: int = 0  # its id in the worker's token log
     num_checkpointed: int = 0  # output tokens that were in its own string (the rest: the log)
+    images: list[common_pb2.ImageInput] = field(default_factory=list)
+    images_lost: bool = False  # it had images and Redis no longer has them (TTL): not resumable
 
     def to_request(self) -> Request:
         """The live request again, every output token counted as delivered (what a router did
@@ -59,7 +63,7 @@ class StoredRequest:
         req = Request(self.request_id, self.prompt, self.params, priority=self.priority,
                       output=self.output, block_table=self.block_table,
                       num_cached=self.num_cached, pooling=self.pooling,
-                      finish_reason=self.finish_reason)
+                      finish_reason=self.finish_reason, images=self.images)
         if self.finish_reason:
             req.status = Status.FINISHED
         req.replayed()
@@ -96,7 +100,7 @@ async def load_pool(r: Client, keys: RedisKeys, worker_id: str) -> tuple[StoredP
         logged.setdefault(handle, []).append(token)
     for rid in sorted(m.decode() for m in await r.smembers(k.requests())):
         stored = await load_request(r, keys, rid)
-        if stored is not None and stored[1] == w:
+        if stored is not None and stored[1] == w and not stored[0].images_lost:
             req = stored[0]
             req.num_checkpointed = len(req.output)
             req.output += logged.get(req.handle, [])
@@ -110,7 +114,8 @@ async def load_request(r: Client, keys: RedisKeys, rid: str) -> tuple[StoredRequ
         p.hgetall(keys.request(rid))
         p.get(keys.request_tokens(rid))
         p.lrange(keys.request_blocks(rid), 0, -1)
-        info, tokens, blocks = await p.execute()
+        p.get(keys.request_images(rid))
+        info, tokens, blocks, image_data = await p.execute()
     if not info:
         return None
     params = SamplingParams.from_proto(common_pb2.SamplingParams.FromString(info[b"params"]))
@@ -125,5 +130,7 @@ async def load_request(r: Client, keys: RedisKeys, rid: str) -> tuple[StoredRequ
         num_cached=int(info.get(b"num_cached", 0)),
         pooling=int(info.get(b"pooling", 0)),
         handle=int(info.get(b"handle", 0)),
+        images=images.unpack(image_data),
     )
+    stored.images_lost = len(stored.images) != int(info.get(b"images", 0))
     return stored, info[b"worker"].decode()

@@ -30,6 +30,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llava_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight LLaVA test model (``make-model --arch llava``), built once."""
+    from pagewire.testmodel_vlm import make_llava_model
+
+    return make_llava_model(tmp_path_factory.mktemp("models") / "llava", seed=0, size="tiny")
+
+
+@pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """REDIS_URL if set, else a private redis-server on a unix socket, stopped after the session."""
     if os.environ.get("REDIS_URL"):

@@ -17,8 +17,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from pagewire.model_dir import is_vision, text_config
 from worker_svc.models.config import FAMILIES, ModelConfig
 from worker_svc.models.llama import DecoderForCausalLM
+from worker_svc.models.vision import LlavaVision, VisionConfig, split_checkpoint_name
 from worker_svc.models.weights import init_dummy_weights, load_weights
 
 SUPPORTED = frozenset(FAMILIES)
@@ -35,15 +37,22 @@ class ModelFiles:
     eos_token_ids: tuple[int, ...]
 
     @property
+    def text_config(self) -> dict:
+        return text_config(self.hf_config)
+
+    @property
     def max_position_embeddings(self) -> int:
-        return int(self.hf_config.get("max_position_embeddings", 4096))
+        return int(self.text_config.get("max_position_embeddings", 4096))
 
 
 def read_model_dir(path: str | Path) -> ModelFiles:
     path = Path(path)
     hf = json.loads((path / "config.json").read_text())
-    ModelConfig.from_hf(hf)  # refuses, naming the key, what pagewire cannot serve exactly
-    eos = hf.get("eos_token_id")
+    # Both refuse, naming the key, what pagewire cannot serve exactly.
+    ModelConfig.from_hf(text_config(hf))
+    if is_vision(hf):
+        VisionConfig.from_hf(hf)
+    eos = text_config(hf).get("eos_token_id", hf.get("eos_token_id"))
     gen_path = path / "generation_config.json"
     if gen_path.exists():
         eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
@@ -80,16 +89,34 @@ def load_model(
     load_format: str = "auto",
 ) -> DecoderForCausalLM:
     """Build the model on the meta device, allocate it once in ``dtype`` on ``device``, fill it
-    from the checkpoint (``auto``) or with random weights (``dummy``)."""
+    from the checkpoint (``auto``) or with random weights (``dummy``). A vision-language model's
+    image side becomes ``model.vision`` (None for a text model)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load format {load_format!r} is not one of {LOAD_FORMATS}")
-    cfg = ModelConfig.from_hf(files.hf_config)
+    cfg = ModelConfig.from_hf(files.text_config)
     with torch.device("meta"):
         model = DecoderForCausalLM(cfg, max_len).to(dtype)
     model = model.to_empty(device=device)
+    vision = _vision(files, device, dtype)
     if load_format == "dummy":
         init_dummy_weights(model)
-    else:
+        if vision is not None:
+            vision.init_dummy()
+    elif vision is None:
         load_weights(model, checkpoint_tensors(files.path))
+    else:
+        parts = [(kind, name, t) for name, t in checkpoint_tensors(files.path)
+                 for kind, name in [split_checkpoint_name(name)]]
+        load_weights(model, ((n, t) for kind, n, t in parts if kind == "text"))
+        vision.load((n, t) for kind, n, t in parts if kind == "vision")
     model.init_rope(max_len, device)  # buffers: to_empty left them uninitialised
+    model.vision = vision
     return model.eval()
+
+
+def _vision(files: ModelFiles, device: torch.device, dtype: torch.dtype) -> LlavaVision | None:
+    if not is_vision(files.hf_config):
+        return None
+    with torch.device("meta"):
+        vision = LlavaVision(VisionConfig.from_hf(files.hf_config)).to(dtype)
+    return vision.to_empty(device=device).eval()

@@ -28,7 +28,9 @@ from torch import Tensor
 from kernels import AttentionBackend
 from pagewire.v1 import common_pb2, worker_pb2
 from worker_svc import prompt_outputs
+from worker_svc.constraints import Constraints, GrammarState, apply_bitmask
 from worker_svc.cuda_graphs import DecodeGraphs, pad_columns
+from worker_svc.encoder_cache import EncoderCache
 from worker_svc.logits import (
     Penalties,
     apply_penalties,
@@ -75,6 +77,8 @@ class PendingStep:
     logprobs: tuple[Tensor, Tensor, list[int], np.ndarray] | None = None  # raw, chosen, k, rows
     # Penalized rows: their token histories (captured at launch) and the sampled positions.
     histories: list[tuple[int, TokenHistory | None, int]] | None = None
+    # Constrained rows: (row in the result, matcher) to advance by the sampled token.
+    grammars: list[tuple[int, GrammarState]] | None = None
 
     def ready(self) -> bool:
         """The sampled tokens are on the host (finish() will not block)."""
@@ -95,6 +99,7 @@ class ModelRunner:
         device: torch.device,
         eos_token_ids: Sequence[int] = (),
         graphs: DecodeGraphs | None = None,
+        constraints: Constraints | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -104,7 +109,9 @@ class ModelRunner:
         self.vocab_size = model.cfg.vocab_size
         self.table = SequenceTable(eos_token_ids)
         self.graphs = graphs
+        self.constraints = constraints  # None: structured output is not served (no tokenizer)
         self.uploader = Uploader(device)
+        self.encoder = EncoderCache(model.vision, device)
         # Each row's last sampled token, on the device: what a decode feeds when the host has not
         # seen that token yet (the step that sampled it may still be running).
         self.last_tokens = torch.zeros(len(self.table.last_token), dtype=torch.int32,
@@ -113,22 +120,24 @@ class ModelRunner:
     def reset(self) -> None:
         """Forget every sequence (a new scheduler stream starts from scratch)."""
         self.table.clear()
+        self.encoder.clear()
 
     def execute(self, step: worker_pb2.Step) -> worker_pb2.StepResult:
         return self.finish(self.launch(step))
 
     def depends_on_pending(self, step: worker_pb2.Step) -> bool:
         """Whether ``step`` reads host state that a launched, unfinished step writes: the token
-        histories of penalized sequences (their penalties need the last token on the host)."""
+        histories of penalized sequences (their penalties need the last token on the host) and the
+        matchers of constrained ones (their next mask depends on the token just drawn)."""
         t = self.table
-        if not t.penalized.any():  # no penalized sequence held (released rows only err towards True)
+        if not (t.penalized.any() or t.constrained.any()):  # none held: the common case
             return False
+        waits = t.penalized | t.constrained
         rows = t.lookup(step.decodes.seq_ids)
-        if len(rows) and t.penalized[rows[rows != NONE]].any():
+        if len(rows) and waits[rows[rows != NONE]].any():
             return True
         return any(
-            (row := t.rows.get(s.seq_id)) is not None and bool(t.penalized[row])
-            for s in step.seqs
+            (row := t.rows.get(s.seq_id)) is not None and bool(waits[row]) for s in step.seqs
         )
 
     @torch.inference_mode()
@@ -137,6 +146,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         table, seqs, d = self.table, step.seqs, step.decodes
         table.release(step.release_seq_ids)
+        self.encoder.release(step.release_seq_ids)
         drows = table.lookup(d.seq_ids)
         result = worker_pb2.StepResult(step_id=step.step_id)
         pending = PendingStep(step, result, t0, [])
@@ -156,7 +166,8 @@ class ModelRunner:
         np.cumsum(lay.lens, out=cu[1:])
         sampled = [i for i, s in enumerate(seqs) if s.sample and not table.is_embedding(srows[i])]
         picks = sample_rows(step, lay, cu, sampled)
-        hidden, picks_dev = self._forward(lay, cu, picks, bool(seqs))
+        embeds = self.encoder.step_embeds(seqs, cu[lay.slot]) if seqs else None
+        hidden, picks_dev = self._forward(lay, cu, picks, bool(seqs), embeds)
         prompt_outputs.add_to_result(self.table, seqs, srows, cu[lay.slot], hidden,
                                      self.model.logits, self.vocab_size, result)
         if len(picks.rows):
@@ -173,6 +184,8 @@ class ModelRunner:
             for at, history, position in pending.histories or ():
                 assert history is not None
                 history.put(position, tokens[at : at + 1])
+            for at, grammar in pending.grammars or ():
+                grammar.accept(int(tokens[at]))
             result.seq_ids.extend(pending.seq_ids)
             result.token_ids.extend(tokens.tolist())
             if pending.logprobs is not None:
@@ -216,9 +229,15 @@ class ModelRunner:
         rows = np.empty(len(seqs), dtype=np.int64)
         for i, s in enumerate(seqs):
             row = table.add(s) if s.new else table.rows[s.seq_id]
-            if not s.new:
+            if s.new:
+                self.encoder.put(s.seq_id, s.images)
+            else:
                 table.extend_blocks(row, s.block_ids)
             e = table.extra(row)
+            if s.new and e.params.structured is not None:
+                if self.constraints is None:
+                    raise ValueError("structured output needs the worker's Constraints")
+                e.grammar = self.constraints.start(e.params.structured, s.output_ids)
             if e.history is not None and s.token_ids:
                 e.history.put(s.start_pos, s.token_ids)
             if s.sample and e.prompt_len is None:
@@ -227,17 +246,18 @@ class ModelRunner:
         return rows
 
     def _forward(
-        self, lay: StepLayout, cu: np.ndarray, picks: SampleRows, has_seqs: bool
+        self, lay: StepLayout, cu: np.ndarray, picks: SampleRows, has_seqs: bool,
+        embeds: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run the model; every token's final hidden state [T, H] (slot i is tokens cu[i] ..
         cu[i+1]) and, on the device, the sampling rows' table rows and hidden-state indices
         ([2, S], sent in the same copy). A decode-only batch that fits a captured graph replays
-        it."""
+        it. ``embeds``: image features that replace placeholder tokens' embeddings."""
         n, rows, num_decode = len(lay.lens), lay.rows, lay.num_decode
         owner, positions, slots, block_tables = token_columns(lay, cu, self.table, self.block_size)
         width, ctx = block_tables.shape[1], lay.starts + lay.lens
         graphs = self.graphs
-        if graphs is not None and num_decode == n and graphs.fits(n, width):
+        if graphs is not None and embeds is None and num_decode == n and graphs.fits(n, width):
             cols = pad_columns(n, graphs.bucket(n), lay.ids, rows, positions, slots, ctx)
             packed, _ = pack(*cols, np.empty(0), block_tables, picks.rows, picks.hidden_index)
             buf = self.uploader.put(packed)
@@ -258,7 +278,8 @@ class ModelRunner:
             num_decode=num_decode,
             backend=self.backend,
         )
-        hidden = self.model(t.token_ids(self.last_tokens), t.positions, self.kv_caches, meta)
+        hidden = self.model(t.token_ids(self.last_tokens), t.positions, self.kv_caches, meta,
+                            embeds)
         return hidden, t.sampling.view(2, -1)
 
     def _sample(
@@ -284,6 +305,9 @@ class ModelRunner:
             extras = [t.extra(r) for r in rows[biased]]
             bias_tokens(logits, biased, [e.bias_ids for e in extras],
                         [e.bias_values for e in extras])
+        constrained = np.flatnonzero(t.constrained[rows])
+        if len(constrained):
+            pending.grammars = self._constrain(logits, rows, constrained)
         early = np.flatnonzero(picks.output_index < t.min_tokens[rows])
         if len(early):
             mask_tokens(logits, early, [t.extra(r).stop_ids for r in rows[early]])
@@ -301,6 +325,20 @@ class ModelRunner:
         if raw is not None:
             chosen = tokens[torch.from_numpy(want).to(dev, non_blocking=True)]
             pending.logprobs = (raw, chosen, t.logprobs[rows[want]].tolist(), want)
+
+    def _constrain(
+        self, logits: Tensor, rows: np.ndarray, constrained: np.ndarray
+    ) -> list[tuple[int, GrammarState]]:
+        """Mask the constrained rows' logits with their matchers' next-token bitmask (one fill,
+        one upload, one batched masked fill); the matchers to advance once the tokens are in."""
+        assert self.constraints is not None  # a constrained row exists only with constraints
+        states = [t.grammar for t in (self.table.extra(r) for r in rows[constrained])]
+        assert all(s is not None for s in states)
+        mask = self.constraints.fill(states, constrained.tolist(), len(rows))  # type: ignore[arg-type]
+        if self.device.type != "cpu":
+            mask = mask.pin_memory().to(self.device, non_blocking=True)
+        apply_bitmask(logits, mask, constrained.tolist())
+        return list(zip(constrained.tolist(), states, strict=True))  # type: ignore[arg-type]
 
     def _penalties(self, rows: np.ndarray, penalized: np.ndarray) -> Penalties:
         t = self.table

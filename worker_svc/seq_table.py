@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
 
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import common_pb2, worker_pb2
+
+if TYPE_CHECKING:
+    from worker_svc.constraints import GrammarState
 
 NONE = -1  # "no token yet", "no seed", "no logprobs", "unknown id" in the int columns
 
@@ -69,6 +73,8 @@ class SeqExtras:
     # Pooling: running sum (MEAN) or last hidden state (LAST), float32, and positions summed.
     pooled: Tensor | None = None
     pooled_count: int = 0
+    # Structured output: the sequence's grammar matcher (set by the runner when it is sent new).
+    grammar: GrammarState | None = None
 
 
 class SequenceTable:
@@ -77,6 +83,7 @@ class SequenceTable:
     _COLUMNS = (
         "num_blocks", "last_token", "temperature", "top_p", "top_k", "min_p", "presence",
         "frequency", "repetition", "min_tokens", "logprobs", "seed", "penalized", "biased",
+        "constrained",
     )
 
     def __init__(self, eos_token_ids: Sequence[int], capacity: int = 64, width: int = 16) -> None:
@@ -99,6 +106,7 @@ class SequenceTable:
         self.seed = np.full(capacity, NONE, dtype=np.int64)
         self.penalized = np.zeros(capacity, dtype=bool)
         self.biased = np.zeros(capacity, dtype=bool)
+        self.constrained = np.zeros(capacity, dtype=bool)  # structured output (a grammar)
 
     def clear(self) -> None:
         self.release(list(self.rows))
@@ -113,6 +121,8 @@ class SequenceTable:
             row = self.rows.pop(seq_id, None)
             if row is not None:
                 self.extras[row] = None
+                # Flags that make a step wait for the one before (runner.depends_on_pending).
+                self.penalized[row] = self.constrained[row] = False
                 self.free.append(row)
 
     def add(self, s: worker_pb2.SequenceStep) -> int:
@@ -143,6 +153,7 @@ class SequenceTable:
         self.presence[row], self.frequency[row] = p.presence_penalty, p.frequency_penalty
         self.repetition[row], self.penalized[row] = p.repetition_penalty, p.penalized
         self.biased[row] = bool(p.logit_bias)
+        self.constrained[row] = p.structured is not None
         self.logprobs[row] = NONE if p.logprobs is None else p.logprobs
         self.seed[row] = NONE if p.seed is None else p.seed
         return row

@@ -28,8 +28,10 @@ from pagewire.store_outage import STORE_DOWN, STORE_ERRORS
 from pagewire.tls import TLSFiles
 from pagewire.v1 import worker_pb2, worker_pb2_grpc
 from pagewire.worker_registry import WorkerEntry
+from worker_svc.constraints import Constraints
 from worker_svc.cuda_graphs import DecodeGraphs
 from worker_svc.loader import load_model, read_model_dir, resolve_dtype
+from worker_svc.models.packed_linear import can_pack, pack_linears
 from worker_svc.runner import ModelRunner, PendingStep, allocate_kv_cache, kv_block_bytes
 from worker_svc.step_pipeline import StepPipeline
 
@@ -51,7 +53,12 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
     device = pick_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, files.hf_config, device)
     max_len = cfg.max_model_len or files.max_position_embeddings
+    if max_len > files.max_position_embeddings:  # positions the model was never trained on
+        raise SystemExit(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "
+                         f"{files.max_position_embeddings} (config.json)")
     model = load_model(files, device, dtype, max_len, cfg.load_format)
+    if cfg.packed_weights and can_pack(device, dtype):
+        log.info("packed %d projection weights for oneDNN", pack_linears(model))
     block_bytes = kv_block_bytes(model, cfg.block_size, dtype)
     num_blocks = cfg.num_blocks
     if num_blocks <= 0:
@@ -70,8 +77,9 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
     if cfg.cuda_graphs and device.type == "cuda":
         graphs = DecodeGraphs(model, caches, backend, device, cfg.block_size, max_len,
                               cfg.max_num_seqs)
+    constraints = Constraints(cfg.model, model.cfg.vocab_size, files.eos_token_ids)
     runner = ModelRunner(model, caches, cfg.block_size, backend, device, files.eos_token_ids,
-                         graphs)
+                         graphs, constraints)
     info = worker_pb2.WorkerInfo(
         worker_id=cfg.worker_id or f"{cfg.host}:{cfg.port}",
         model=cfg.served_model_name or Path(cfg.model).resolve().name,

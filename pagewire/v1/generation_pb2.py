@@ -25,41 +25,55 @@ _sym_db = _symbol_database.Default()
 from pagewire.v1 import common_pb2 as pagewire_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpagewire/v1/generation.proto\x12\x0bpagewire.v1\x1a\x18pagewire/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"p\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pagewire.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xec\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.pagewire.v1.TokenIdsH\x00\x12!\n\x04\x63hat\x18\x07 \x01(\x0b\x32\x11.pagewire.v1.ChatH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.pagewire.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x0c\n\x04\x65\x63ho\x18\x08 \x01(\x08\x42\x08\n\x06prompt\"\xc8\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.pagewire.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.pagewire.v1.Usage\x12\x13\n\x0bstop_string\x18\x06 \x01(\t\x12\r\n\x05index\x18\x07 \x01(\x05\x12\'\n\x08logprobs\x18\x08 \x03(\x0b\x32\x15.pagewire.v1.Logprobs\x12.\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x15.pagewire.v1.Logprobs\x12\x18\n\x10prompt_token_ids\x18\n \x03(\x05\x12\x13\n\x0bprompt_text\x18\x0b \x01(\t\"\xb0\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.pagewire.v1.TokenIdsH\x00\x12%\n\x07pooling\x18\x04 \x01(\x0e\x32\x14.pagewire.v1.Pooling\x12\x11\n\tnormalize\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"Y\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.pagewire.v1.Usage\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"o\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"D\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.pagewire.v1.ModelInfo2\xfe\x02\n\nGeneration\x12I\n\x08Generate\x12\x1c.pagewire.v1.GenerateRequest\x1a\x1d.pagewire.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.pagewire.v1.TokenizeRequest\x1a\x1d.pagewire.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.pagewire.v1.DetokenizeRequest\x1a\x1f.pagewire.v1.DetokenizeResponse\x12M\n\nListModels\x12\x1e.pagewire.v1.ListModelsRequest\x1a\x1f.pagewire.v1.ListModelsResponse\x12>\n\x05\x45mbed\x12\x19.pagewire.v1.EmbedRequest\x1a\x1a.pagewire.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpagewire/v1/generation.proto\x12\x0bpagewire.v1\x1a\x18pagewire/v1/common.proto\"\xa4\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.pagewire.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\'\n\x05parts\x18\x06 \x03(\x0b\x32\x18.pagewire.v1.ContentPart\"N\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x05image\x18\x02 \x01(\x0b\x32\x16.pagewire.v1.ImagePartH\x00\x42\x06\n\x04part\"4\n\tImagePart\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"\xac\x01\n\nToolChoice\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1c.pagewire.v1.ToolChoice.Mode\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\"`\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_NONE\x10\x01\x12\r\n\tMODE_AUTO\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x12\x11\n\rMODE_FUNCTION\x10\x04\"\xfa\x01\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.pagewire.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12 \n\x05tools\x18\x03 \x03(\x0b\x32\x11.pagewire.v1.Tool\x12,\n\x0btool_choice\x18\x04 \x01(\x0b\x32\x17.pagewire.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x18\n\x16_add_generation_promptB\x16\n\x14_parallel_tool_calls\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xec\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.pagewire.v1.TokenIdsH\x00\x12!\n\x04\x63hat\x18\x07 \x01(\x0b\x32\x11.pagewire.v1.ChatH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.pagewire.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x0c\n\x04\x65\x63ho\x18\x08 \x01(\x08\x42\x08\n\x06prompt\"\x90\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.pagewire.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.pagewire.v1.Usage\x12\x13\n\x0bstop_string\x18\x06 \x01(\t\x12\r\n\x05index\x18\x07 \x01(\x05\x12\'\n\x08logprobs\x18\x08 \x03(\x0b\x32\x15.pagewire.v1.Logprobs\x12.\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x15.pagewire.v1.Logprobs\x12\x18\n\x10prompt_token_ids\x18\n \x03(\x05\x12\x13\n\x0bprompt_text\x18\x0b \x01(\t\x12\x16\n\x0ereasoning_text\x18\x0c \x01(\t\x12.\n\ntool_calls\x18\r \x03(\x0b\x32\x1a.pagewire.v1.ToolCallDelta\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xb0\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.pagewire.v1.TokenIdsH\x00\x12%\n\x07pooling\x18\x04 \x01(\x0e\x32\x14.pagewire.v1.Pooling\x12\x11\n\tnormalize\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x07\n\x05input\"Y\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.pagewire.v1.Usage\"f\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"o\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"D\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.pagewire.v1.ModelInfo2\xfe\x02\n\nGeneration\x12I\n\x08Generate\x12\x1c.pagewire.v1.GenerateRequest\x1a\x1d.pagewire.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.pagewire.v1.TokenizeRequest\x1a\x1d.pagewire.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.pagewire.v1.DetokenizeRequest\x1a\x1f.pagewire.v1.DetokenizeResponse\x12M\n\nListModels\x12\x1e.pagewire.v1.ListModelsRequest\x1a\x1f.pagewire.v1.ListModelsResponse\x12>\n\x05\x45mbed\x12\x19.pagewire.v1.EmbedRequest\x1a\x1a.pagewire.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pagewire.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHATMESSAGE']._serialized_start=71
-  _globals['_CHATMESSAGE']._serialized_end=115
-  _globals['_CHAT']._serialized_start=117
-  _globals['_CHAT']._serialized_end=229
-  _globals['_TOKENIDS']._serialized_start=231
-  _globals['_TOKENIDS']._serialized_end=254
-  _globals['_GENERATEREQUEST']._serialized_start=257
-  _globals['_GENERATEREQUEST']._serialized_end=493
-  _globals['_GENERATERESPONSE']._serialized_start=496
-  _globals['_GENERATERESPONSE']._serialized_end=824
-  _globals['_EMBEDREQUEST']._serialized_start=827
-  _globals['_EMBEDREQUEST']._serialized_end=1003
-  _globals['_EMBEDRESPONSE']._serialized_start=1005
-  _globals['_EMBEDRESPONSE']._serialized_end=1094
-  _globals['_TOKENIZEREQUEST']._serialized_start=1096
-  _globals['_TOKENIZEREQUEST']._serialized_end=1198
-  _globals['_TOKENIZERESPONSE']._serialized_start=1200
-  _globals['_TOKENIZERESPONSE']._serialized_end=1237
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1239
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1350
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1352
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1386
-  _globals['_LISTMODELSREQUEST']._serialized_start=1388
-  _globals['_LISTMODELSREQUEST']._serialized_end=1407
-  _globals['_MODELINFO']._serialized_start=1409
-  _globals['_MODELINFO']._serialized_end=1477
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1479
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1539
-  _globals['_GENERATION']._serialized_start=1542
-  _globals['_GENERATION']._serialized_end=1924
+  _globals['_CHATMESSAGE']._serialized_start=72
+  _globals['_CHATMESSAGE']._serialized_end=236
+  _globals['_CONTENTPART']._serialized_start=238
+  _globals['_CONTENTPART']._serialized_end=316
+  _globals['_IMAGEPART']._serialized_start=318
+  _globals['_IMAGEPART']._serialized_end=370
+  _globals['_TOOLCALL']._serialized_start=372
+  _globals['_TOOLCALL']._serialized_end=427
+  _globals['_TOOL']._serialized_start=429
+  _globals['_TOOL']._serialized_end=490
+  _globals['_TOOLCHOICE']._serialized_start=493
+  _globals['_TOOLCHOICE']._serialized_end=665
+  _globals['_TOOLCHOICE_MODE']._serialized_start=569
+  _globals['_TOOLCHOICE_MODE']._serialized_end=665
+  _globals['_CHAT']._serialized_start=668
+  _globals['_CHAT']._serialized_end=918
+  _globals['_TOKENIDS']._serialized_start=920
+  _globals['_TOKENIDS']._serialized_end=943
+  _globals['_GENERATEREQUEST']._serialized_start=946
+  _globals['_GENERATEREQUEST']._serialized_end=1182
+  _globals['_GENERATERESPONSE']._serialized_start=1185
+  _globals['_GENERATERESPONSE']._serialized_end=1585
+  _globals['_TOOLCALLDELTA']._serialized_start=1587
+  _globals['_TOOLCALLDELTA']._serialized_end=1662
+  _globals['_EMBEDREQUEST']._serialized_start=1665
+  _globals['_EMBEDREQUEST']._serialized_end=1841
+  _globals['_EMBEDRESPONSE']._serialized_start=1843
+  _globals['_EMBEDRESPONSE']._serialized_end=1932
+  _globals['_TOKENIZEREQUEST']._serialized_start=1934
+  _globals['_TOKENIZEREQUEST']._serialized_end=2036
+  _globals['_TOKENIZERESPONSE']._serialized_start=2038
+  _globals['_TOKENIZERESPONSE']._serialized_end=2075
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2077
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2188
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2190
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2224
+  _globals['_LISTMODELSREQUEST']._serialized_start=2226
+  _globals['_LISTMODELSREQUEST']._serialized_end=2245
+  _globals['_MODELINFO']._serialized_start=2247
+  _globals['_MODELINFO']._serialized_end=2315
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2317
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2377
+  _globals['_GENERATION']._serialized_start=2380
+  _globals['_GENERATION']._serialized_end=2762
 # @@protoc_insertion_point(module_scope)

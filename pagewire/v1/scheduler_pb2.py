@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagewire.v1 import common_pb2 as pagewire_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpagewire/v1/scheduler.proto\x12\x0bpagewire.v1\x1a\x18pagewire/v1/common.proto\"q\n\rRouterMessage\x12,\n\x06submit\x18\x01 \x01(\x0b\x32\x1a.pagewire.v1.SubmitRequestH\x00\x12*\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x19.pagewire.v1.AbortRequestH\x00\x42\x06\n\x04kind\"z\n\nEventBatch\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.pagewire.v1.TokenEvent\x12\x19\n\x11token_request_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rtoken_indices\x18\x04 \x03(\x05\"\xd7\x02\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.pagewire.v1.SamplingParams\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06resume\x18\x06 \x01(\x08\x12\x13\n\x0bresume_from\x18\x07 \x01(\x05\x12%\n\x07pooling\x18\x08 \x01(\x0e\x32\x14.pagewire.v1.Pooling\x12\x43\n\rtrace_context\x18\t \x03(\x0b\x32,.pagewire.v1.SubmitRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcc\x02\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.pagewire.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x15\n\rcached_tokens\x18\x06 \x01(\x05\x12\x11\n\tworker_id\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\x05\x12\x15\n\rerror_message\x18\t \x01(\t\x12\'\n\x08logprobs\x18\n \x03(\x0b\x32\x15.pagewire.v1.Logprobs\x12.\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x15.pagewire.v1.Logprobs\x12\x11\n\tembedding\x18\x0c \x03(\x02\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t2O\n\tScheduler\x12\x42\n\x07\x43onnect\x12\x1a.pagewire.v1.RouterMessage\x1a\x17.pagewire.v1.EventBatch(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpagewire/v1/scheduler.proto\x12\x0bpagewire.v1\x1a\x18pagewire/v1/common.proto\"q\n\rRouterMessage\x12,\n\x06submit\x18\x01 \x01(\x0b\x32\x1a.pagewire.v1.SubmitRequestH\x00\x12*\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x19.pagewire.v1.AbortRequestH\x00\x42\x06\n\x04kind\"z\n\nEventBatch\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.pagewire.v1.TokenEvent\x12\x19\n\x11token_request_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rtoken_indices\x18\x04 \x03(\x05\"\x80\x03\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.pagewire.v1.SamplingParams\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06resume\x18\x06 \x01(\x08\x12\x13\n\x0bresume_from\x18\x07 \x01(\x05\x12%\n\x07pooling\x18\x08 \x01(\x0e\x32\x14.pagewire.v1.Pooling\x12\x43\n\rtrace_context\x18\t \x03(\x0b\x32,.pagewire.v1.SubmitRequest.TraceContextEntry\x12\'\n\x06images\x18\n \x03(\x0b\x32\x17.pagewire.v1.ImageInput\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcc\x02\n\nTokenEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.pagewire.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x15\n\rcached_tokens\x18\x06 \x01(\x05\x12\x11\n\tworker_id\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\x05\x12\x15\n\rerror_message\x18\t \x01(\t\x12\'\n\x08logprobs\x18\n \x03(\x0b\x32\x15.pagewire.v1.Logprobs\x12.\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x15.pagewire.v1.Logprobs\x12\x11\n\tembedding\x18\x0c \x03(\x02\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t2O\n\tScheduler\x12\x42\n\x07\x43onnect\x12\x1a.pagewire.v1.RouterMessage\x1a\x17.pagewire.v1.EventBatch(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,13 +39,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENTBATCH']._serialized_start=185
   _globals['_EVENTBATCH']._serialized_end=307
   _globals['_SUBMITREQUEST']._serialized_start=310
-  _globals['_SUBMITREQUEST']._serialized_end=653
-  _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._serialized_start=602
-  _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._serialized_end=653
-  _globals['_TOKENEVENT']._serialized_start=656
-  _globals['_TOKENEVENT']._serialized_end=988
-  _globals['_ABORTREQUEST']._serialized_start=990
-  _globals['_ABORTREQUEST']._serialized_end=1024
-  _globals['_SCHEDULER']._serialized_start=1026
-  _globals['_SCHEDULER']._serialized_end=1105
+  _globals['_SUBMITREQUEST']._serialized_end=694
+  _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._serialized_start=643
+  _globals['_SUBMITREQUEST_TRACECONTEXTENTRY']._serialized_end=694
+  _globals['_TOKENEVENT']._serialized_start=697
+  _globals['_TOKENEVENT']._serialized_end=1029
+  _globals['_ABORTREQUEST']._serialized_start=1031
+  _globals['_ABORTREQUEST']._serialized_end=1065
+  _globals['_SCHEDULER']._serialized_start=1067
+  _globals['_SCHEDULER']._serialized_end=1146
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,7 @@ class EventBatch(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[TokenEvent, _Mapping]]] = ..., token_request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "worker_id", "priority", "resume", "resume_from", "pooling", "trace_context")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "worker_id", "priority", "resume", "resume_from", "pooling", "trace_context", "images")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class SubmitRequest(_message.Message):
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -54,7 +55,8 @@ class SubmitRequest(_message.Message):
     resume_from: int
     pooling: _common_pb2.Pooling
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., worker_id: _Optional[str] = ..., priority: _Optional[int] = ..., resume: _Optional[bool] = ..., resume_from: _Optional[int] = ..., pooling: _Optional[_Union[_common_pb2.Pooling, str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageInput]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., worker_id: _Optional[str] = ..., priority: _Optional[int] = ..., resume: _Optional[bool] = ..., resume_from: _Optional[int] = ..., pooling: _Optional[_Union[_common_pb2.Pooling, str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
     __slots__ = ("request_id", "token_ids", "index", "finish_reason", "prompt_tokens", "cached_tokens", "worker_id", "error_code", "error_message", "logprobs", "prompt_logprobs", "embedding")

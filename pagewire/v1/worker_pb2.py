@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagewire.v1 import common_pb2 as pagewire_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagewire/v1/worker.proto\x12\x0bpagewire.v1\x1a\x18pagewire/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xe7\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x19\n\x11\x61ttention_backend\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x13\n\x0binstance_id\x18\x0b \x01(\t\"\xed\x02\n\x0cSequenceStep\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tstart_pos\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x0b\n\x03new\x18\x06 \x01(\x08\x12-\n\x08sampling\x18\x07 \x01(\x0b\x32\x1b.pagewire.v1.SamplingParams\x12\x14\n\x0coutput_index\x18\x08 \x01(\x05\x12\x12\n\nprompt_len\x18\t \x01(\x05\x12%\n\x07pooling\x18\n \x01(\x0e\x32\x14.pagewire.v1.Pooling\x12\x42\n\rtrace_context\x18\x0b \x03(\x0b\x32+.pagewire.v1.SequenceStep.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x0b\x44\x65\x63odeBatch\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\x12\x11\n\tpositions\x18\x02 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x03 \x03(\x05\x12\x16\n\x0eoutput_indices\x18\x04 \x03(\x05\"\x84\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\'\n\x04seqs\x18\x02 \x03(\x0b\x32\x19.pagewire.v1.SequenceStep\x12\x17\n\x0frelease_seq_ids\x18\x03 \x03(\x04\x12)\n\x07\x64\x65\x63odes\x18\x04 \x01(\x0b\x32\x18.pagewire.v1.DecodeBatch\"\xf9\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x17\n\x0funknown_seq_ids\x18\x05 \x03(\x04\x12\'\n\x08logprobs\x18\x06 \x03(\x0b\x32\x15.pagewire.v1.Logprobs\x12\x34\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1b.pagewire.v1.PromptLogprobs\x12*\n\nembeddings\x18\x08 \x03(\x0b\x32\x16.pagewire.v1.Embedding\"_\n\x0ePromptLogprobs\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x13\n\x0bstart_index\x18\x02 \x01(\x05\x12(\n\tpositions\x18\x03 \x03(\x0b\x32\x15.pagewire.v1.Logprobs\"+\n\tEmbedding\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x0e\n\x06values\x18\x02 \x03(\x02\x32\x86\x01\n\x06Worker\x12\x41\n\x08\x44\x65scribe\x12\x1c.pagewire.v1.DescribeRequest\x1a\x17.pagewire.v1.WorkerInfo\x12\x39\n\x07\x45xecute\x12\x11.pagewire.v1.Step\x1a\x17.pagewire.v1.StepResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pagewire/v1/worker.proto\x12\x0bpagewire.v1\x1a\x18pagewire/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xe7\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x19\n\x11\x61ttention_backend\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x13\n\x0binstance_id\x18\x0b \x01(\t\"\xaa\x03\n\x0cSequenceStep\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\tstart_pos\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12\x0b\n\x03new\x18\x06 \x01(\x08\x12-\n\x08sampling\x18\x07 \x01(\x0b\x32\x1b.pagewire.v1.SamplingParams\x12\x14\n\x0coutput_index\x18\x08 \x01(\x05\x12\x12\n\nprompt_len\x18\t \x01(\x05\x12%\n\x07pooling\x18\n \x01(\x0e\x32\x14.pagewire.v1.Pooling\x12\x42\n\rtrace_context\x18\x0b \x03(\x0b\x32+.pagewire.v1.SequenceStep.TraceContextEntry\x12\x12\n\noutput_ids\x18\x0c \x03(\x05\x12\'\n\x06images\x18\r \x03(\x0b\x32\x17.pagewire.v1.ImageInput\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x0b\x44\x65\x63odeBatch\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\x12\x11\n\tpositions\x18\x02 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x03 \x03(\x05\x12\x16\n\x0eoutput_indices\x18\x04 \x03(\x05\"\x84\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\'\n\x04seqs\x18\x02 \x03(\x0b\x32\x19.pagewire.v1.SequenceStep\x12\x17\n\x0frelease_seq_ids\x18\x03 \x03(\x04\x12)\n\x07\x64\x65\x63odes\x18\x04 \x01(\x0b\x32\x18.pagewire.v1.DecodeBatch\"\xf9\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x17\n\x0funknown_seq_ids\x18\x05 \x03(\x04\x12\'\n\x08logprobs\x18\x06 \x03(\x0b\x32\x15.pagewire.v1.Logprobs\x12\x34\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1b.pagewire.v1.PromptLogprobs\x12*\n\nembeddings\x18\x08 \x03(\x0b\x32\x16.pagewire.v1.Embedding\"_\n\x0ePromptLogprobs\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x13\n\x0bstart_index\x18\x02 \x01(\x05\x12(\n\tpositions\x18\x03 \x03(\x0b\x32\x15.pagewire.v1.Logprobs\"+\n\tEmbedding\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x0e\n\x06values\x18\x02 \x03(\x02\x32\x86\x01\n\x06Worker\x12\x41\n\x08\x44\x65scribe\x12\x1c.pagewire.v1.DescribeRequest\x1a\x17.pagewire.v1.WorkerInfo\x12\x39\n\x07\x45xecute\x12\x11.pagewire.v1.Step\x1a\x17.pagewire.v1.StepResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,19 +39,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERINFO']._serialized_start=87
   _globals['_WORKERINFO']._serialized_end=318
   _globals['_SEQUENCESTEP']._serialized_start=321
-  _globals['_SEQUENCESTEP']._serialized_end=686
-  _globals['_SEQUENCESTEP_TRACECONTEXTENTRY']._serialized_start=635
-  _globals['_SEQUENCESTEP_TRACECONTEXTENTRY']._serialized_end=686
-  _globals['_DECODEBATCH']._serialized_start=688
-  _globals['_DECODEBATCH']._serialized_end=784
-  _globals['_STEP']._serialized_start=787
-  _globals['_STEP']._serialized_end=919
-  _globals['_STEPRESULT']._serialized_start=922
-  _globals['_STEPRESULT']._serialized_end=1171
-  _globals['_PROMPTLOGPROBS']._serialized_start=1173
-  _globals['_PROMPTLOGPROBS']._serialized_end=1268
-  _globals['_EMBEDDING']._serialized_start=1270
-  _globals['_EMBEDDING']._serialized_end=1313
-  _globals['_WORKER']._serialized_start=1316
-  _globals['_WORKER']._serialized_end=1450
+  _globals['_SEQUENCESTEP']._serialized_end=747
+  _globals['_SEQUENCESTEP_TRACECONTEXTENTRY']._serialized_start=696
+  _globals['_SEQUENCESTEP_TRACECONTEXTENTRY']._serialized_end=747
+  _globals['_DECODEBATCH']._serialized_start=749
+  _globals['_DECODEBATCH']._serialized_end=845
+  _globals['_STEP']._serialized_start=848
+  _globals['_STEP']._serialized_end=980
+  _globals['_STEPRESULT']._serialized_start=983
+  _globals['_STEPRESULT']._serialized_end=1232
+  _globals['_PROMPTLOGPROBS']._serialized_start=1234
+  _globals['_PROMPTLOGPROBS']._serialized_end=1329
+  _globals['_EMBEDDING']._serialized_start=1331
+  _globals['_EMBEDDING']._serialized_end=1374
+  _globals['_WORKER']._serialized_start=1377
+  _globals['_WORKER']._serialized_end=1511
 # @@protoc_insertion_point(module_scope)

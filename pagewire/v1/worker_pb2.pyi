@@ -38,7 +38,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., attention_backend: _Optional[str] = ..., device: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("seq_id", "start_pos", "token_ids", "block_ids", "sample", "new", "sampling", "output_index", "prompt_len", "pooling", "trace_context")
+    __slots__ = ("seq_id", "start_pos", "token_ids", "block_ids", "sample", "new", "sampling", "output_index", "prompt_len", "pooling", "trace_context", "output_ids", "images")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,8 @@ class SequenceStep(_message.Message):
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     start_pos: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -68,7 +70,9 @@ class SequenceStep(_message.Message):
     prompt_len: int
     pooling: _common_pb2.Pooling
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., new: _Optional[bool] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., output_index: _Optional[int] = ..., prompt_len: _Optional[int] = ..., pooling: _Optional[_Union[_common_pb2.Pooling, str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    output_ids: _containers.RepeatedScalarFieldContainer[int]
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageInput]
+    def __init__(self, seq_id: _Optional[int] = ..., start_pos: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., new: _Optional[bool] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., output_index: _Optional[int] = ..., prompt_len: _Optional[int] = ..., pooling: _Optional[_Union[_common_pb2.Pooling, str]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., output_ids: _Optional[_Iterable[int]] = ..., images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ...) -> None: ...
 
 class DecodeBatch(_message.Message):
     __slots__ = ("seq_ids", "positions", "new_block_ids", "output_indices")

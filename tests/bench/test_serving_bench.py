@@ -95,3 +95,20 @@ def test_arrivals_are_seeded_and_start_at_zero(rate: float) -> None:
     a = arrival_offsets(8, rate, seed=3)
     assert a == arrival_offsets(8, rate, seed=3)
     assert a[0] == 0.0 and a == sorted(a)
+
+
+def test_image_workload_reports_prefix_hits_on_the_rerun(llava_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "images.json"
+    report = serving.run([
+        "--model", str(llava_model), "--num-requests", "4", "--input-len", "12",
+        "--input-len-range", "0.5", "--output-len", "6", "--output-len-range", "0",
+        "--images-per-request", "2", "--image-size", "64x40", "--image-prefix-hits",
+        "--threads", "1", "--no-progress", "--out", str(out),
+    ])
+    cold, hit = report["results"]["main"][0]["summary"], report["results"]["image_prefix_hit"][0]["summary"]
+    for s in (cold, hit):
+        assert s["completed"] == 4 and s["failed"] == 0, s["errors"]
+        assert s["total_output_tokens"] == 24
+        assert s["total_input_tokens"] > 4 * 2 * 36  # usage counts the placeholders
+    assert cold["total_cached_tokens"] < hit["total_cached_tokens"]
+    assert hit["total_cached_tokens"] >= hit["total_input_tokens"] - 4 * 16

@@ -47,6 +47,11 @@ def gen(sampling: dict | None = None, **fields: object) -> generation_pb2.Genera
     )
 
 
+def structured(kind: int, spec: str, **sampling: object) -> generation_pb2.GenerateRequest:
+    """A generate request constrained by (StructuredKind, spec)."""
+    return gen({"structured": {"kind": kind, "spec": spec}, **sampling})
+
+
 def chat(*messages: tuple[str, str]) -> generation_pb2.Chat:
     return generation_pb2.Chat(
         messages=[generation_pb2.ChatMessage(role=r, content=c) for r, c in messages]
@@ -72,6 +77,17 @@ def ids(*values: int) -> generation_pb2.TokenIds:
 
 
 USER = [{"role": "user", "content": "hi"}]
+Mode = generation_pb2.ToolChoice.Mode
+TOOL = generation_pb2.Tool(name="f", parameters='{"type": "object", "properties": {}}')
+F_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def tool_chat(*tools: generation_pb2.Tool, mode: int = 0, function: str = "") -> generation_pb2.Chat:
+    c = chat(("user", "hi"))
+    c.tools.extend(tools)
+    c.tool_choice.mode, c.tool_choice.function = mode, function
+    return c
+
 LONG = "x" * (MAX_CHARS + 1)
 BAD_UTF8_GRPC = gen().SerializeToString().replace(b"hi", b"\xff\xfe")
 BAD_UTF8_PROMPT = b'{"prompt": "caf\xe9"}'  # Latin-1
@@ -123,20 +139,94 @@ TABLE = [
         chatc([*USER, {"role": "robot", "content": "beep"}])),
     Row("chat over the character limit", "messages", gen(chat=chat(("user", LONG))),
         chatc([{"role": "user", "content": LONG}])),
+    Row("image part to a text-only model", "messages[0].content[0]",
+        gen(chat=generation_pb2.Chat(messages=[generation_pb2.ChatMessage(role="user", parts=[
+            generation_pb2.ContentPart(image=generation_pb2.ImagePart(data=b"\x89PNG")),
+            generation_pb2.ContentPart(text="hi")])])),
+        chatc([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "text", "text": "hi"}]}])),
     Row("logit_bias key not a token id", "logit_bias", None, cmpl(logit_bias={"a": 1})),
     Row("best_of streamed", "best_of", None, cmpl(best_of=2, stream=True)),
     Row("suffix (no infill)", "suffix", None, cmpl(suffix="end")),
     Row("second prompt of a list empty", "prompt[1]", None, cmpl(prompt=["ok", ""])),
     Row("third prompt of a list not a prompt", "prompt[2]", None, cmpl(prompt=["a", "b", 3])),
-    *(Row(f"{name} (completions)", name, None, cmpl(**{name: value}))
-      for name, value in [("guided_json", {"type": "object"}), ("guided_regex", "[a-z]+"),
-                          ("guided_choice", ["yes", "no"]), ("guided_grammar", "root ::= 'a'"),
-                          ("structured_outputs", {"choice": ["a"]})]),
-    *(Row(f"{name} (chat)", name, None, chatc(USER, **{name: value}))
-      for name, value in [("guided_json", {"type": "object"}), ("guided_choice", ["yes"]),
-                          ("response_format", {"type": "json_schema", "json_schema": {}}),
-                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
-                          ("tool_choice", "required")]),
+    Row("tools without --tool-call-parser (auto)", "tool_choice",
+        gen(chat=tool_chat(TOOL)), chatc(USER, tools=[F_TOOL])),
+    Row("tool_choice naming a missing tool", "tool_choice",
+        gen(chat=tool_chat(TOOL, mode=Mode.MODE_FUNCTION, function="g")),
+        chatc(USER, tools=[F_TOOL], tool_choice={"type": "function", "function": {"name": "g"}})),
+    Row("tool_choice required without tools", "tool_choice",
+        gen(chat=tool_chat(mode=Mode.MODE_REQUIRED)), chatc(USER, tool_choice="required")),
+    Row("tool_choice not a choice", "tool_choice", None, chatc(USER, tool_choice="always")),
+    Row("unknown tool type", "tools[0].type", None,
+        chatc(USER, tools=[{"type": "retrieval", "function": {"name": "f"}}])),
+    Row("tool without a function", "tools[0].function", None,
+        chatc(USER, tools=[{"type": "function"}])),
+    Row("bad tool name", "tools[0].function.name",
+        gen(chat=tool_chat(generation_pb2.Tool(name="get weather"))),
+        chatc(USER, tools=[{"type": "function", "function": {"name": "get weather"}}])),
+    Row("tool name twice", "tools[1].function.name", gen(chat=tool_chat(TOOL, TOOL)),
+        chatc(USER, tools=[F_TOOL, F_TOOL], tool_choice="none")),
+    Row("tool parameters not a JSON schema", "tools[0].function.parameters",
+        gen(chat=tool_chat(generation_pb2.Tool(name="f", parameters='{"type": 7}'))),
+        chatc(USER, tools=[{"type": "function",
+                            "function": {"name": "f", "parameters": {"type": 7}}}])),
+    Row("tool parameters not an object", "tools[0].function.parameters", None,
+        chatc(USER, tools=[{"type": "function", "function": {"name": "f", "parameters": []}}])),
+    Row("parallel_tool_calls not a boolean", "parallel_tool_calls", None,
+        chatc(USER, tools=[F_TOOL], parallel_tool_calls="no")),
+    Row("tool turn without tool_call_id", "messages[1].tool_call_id", None,
+        chatc([*USER, {"role": "tool", "content": "42"}])),
+    Row("tool call arguments not a JSON object", "messages[1].tool_calls[0].function.arguments",
+        gen(chat=generation_pb2.Chat(messages=[
+            generation_pb2.ChatMessage(role="user", content="hi"),
+            generation_pb2.ChatMessage(role="assistant", tool_calls=[
+                generation_pb2.ToolCall(id="c", name="f", arguments="not json")])])),
+        chatc([*USER, {"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "not json"}}]}])),
+    Row("tools in completions", "tools", None, cmpl(tools=[F_TOOL])),
+    Row("tool_choice required with ignore_eos", "ignore_eos",
+        gen({"ignore_eos": True}, chat=tool_chat(TOOL, mode=Mode.MODE_REQUIRED)),
+        chatc(USER, tools=[F_TOOL], tool_choice="required", ignore_eos=True)),
+    Row("tool_choice required with a structured output too", "tool_choice", None,
+        chatc(USER, tools=[F_TOOL], tool_choice="required", guided_json={"type": "object"})),
+    # Structured outputs: a spec the grammar engine refuses is named by the field it came in.
+    Row("schema with an unknown type", "structured", structured(1, '{"type": "nope"}'),
+        cmpl(guided_json={"type": "nope"}), param="guided_json"),
+    Row("regex that does not parse", "structured", structured(3, "[a-"),
+        cmpl(guided_regex="[a-"), param="guided_regex"),
+    Row("grammar without a root rule", "structured", structured(5, 'start ::= "a"'),
+        chatc(USER, guided_grammar='start ::= "a"'), param="guided_grammar"),
+    Row("grammar that does not parse", "structured", structured(5, "root ::= "),
+        cmpl(structured_outputs={"grammar": "root ::= "}), param="structured_outputs.grammar"),
+    Row("response_format schema the engine refuses", "response_format.json_schema.schema", None,
+        chatc(USER, response_format={"type": "json_schema",
+                                     "json_schema": {"name": "x", "schema": {"type": 5}}})),
+    Row("response_format json_schema without a schema", "response_format.json_schema.schema",
+        None, chatc(USER, response_format={"type": "json_schema", "json_schema": {}})),
+    Row("response_format of an unknown type", "response_format.type", None,
+        cmpl(response_format={"type": "xml"})),
+    Row("response_format not an object", "response_format", None,
+        chatc(USER, response_format="json")),
+    Row("strict not a boolean", "response_format.json_schema.strict", None,
+        chatc(USER, response_format={"type": "json_schema",
+                                     "json_schema": {"schema": {}, "strict": "yes"}})),
+    Row("two constraints in one request", "guided_regex", None,
+        cmpl(response_format={"type": "json_object"}, guided_regex="a+")),
+    Row("guided_choice not a list", "guided_choice", None, cmpl(guided_choice="yes")),
+    Row("guided_choice with an empty string", "structured", structured(4, '["a", ""]'),
+        chatc(USER, guided_choice=["a", ""]), param="guided_choice"),
+    Row("guided_json not a schema", "guided_json", None, cmpl(guided_json=[1])),
+    Row("guided_regex not a string", "guided_regex", None, cmpl(guided_regex=5)),
+    Row("structured_outputs structural_tag", "structured_outputs.structural_tag", None,
+        cmpl(structured_outputs={"structural_tag": {"x": 1}})),
+    Row("structured kind unset", "structured", structured(0, "a"), None),
+    Row("structured json_object with a spec", "structured", structured(2, "{}"), None),
+    Row("structured with ignore_eos", "ignore_eos", structured(3, "a+", ignore_eos=True),
+        cmpl(guided_regex="a+", ignore_eos=True)),
+    Row("structured with min_tokens", "min_tokens", structured(3, "a+", min_tokens=2),
+        chatc(USER, guided_regex="a+", min_tokens=2)),
     Row("echo not a boolean", "echo", None, cmpl(echo="yes")),
     Row("tokenize without a prompt", "prompt", None, ("/tokenize", {})),
     Row("tokenize of an unknown model", "model", None,

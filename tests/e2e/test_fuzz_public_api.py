@@ -60,6 +60,7 @@ def fuzz_stack(
             "--http-port", str(http_port), "--max-n", str(MAX_N),
             "--max-logprobs", str(MAX_LOGPROBS), "--max-stop-strings", str(MAX_STOPS),
             "--max-prompt-chars", str(MAX_CHARS),
+            "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
         ],
     )  # fmt: skip
     try:
@@ -141,8 +142,30 @@ def chats(valid: bool) -> st.SearchStrategy[generation_pb2.Chat]:
         roles |= st.sampled_from(["tool", "robot", ""])
     messages = st.lists(st.builds(generation_pb2.ChatMessage, role=roles, content=TEXT),
                         min_size=int(valid), max_size=4)
-    return st.builds(lambda m, f: generation_pb2.Chat(messages=m, **f),
-                     messages, flag("add_generation_prompt"))
+    return st.builds(lambda m, f, t: generation_pb2.Chat(messages=m, **f, **t),
+                     messages, flag("add_generation_prompt"), tool_fields(valid))
+
+
+SCHEMAS = ["", '{"type": "object", "properties": {"a": {"type": "integer"}}}']
+ToolMode = generation_pb2.ToolChoice.Mode
+
+
+def tool_fields(valid: bool) -> st.SearchStrategy[dict[str, Any]]:
+    """A chat's tools: in bounds, well-formed functions with auto or none (the router parses with
+    hermes); otherwise any names, parameter texts, choices (required and named run constrained)."""
+    if valid:
+        tool = st.builds(generation_pb2.Tool, name=st.from_regex(r"[a-z_]{1,8}", fullmatch=True),
+                         parameters=st.sampled_from(SCHEMAS))
+        tools = st.lists(tool, max_size=2, unique_by=lambda t: t.name)
+        modes = st.sampled_from([ToolMode.MODE_UNSPECIFIED, ToolMode.MODE_NONE, ToolMode.MODE_AUTO])
+        choice = st.builds(generation_pb2.ToolChoice, mode=modes)
+    else:
+        parameters = st.sampled_from([*SCHEMAS, "[1]", "{", '{"type": 5}']) | TEXT
+        tools = st.lists(st.builds(generation_pb2.Tool, name=st.sampled_from(["f", "g"]) | TEXT,
+                                   parameters=parameters), max_size=3)
+        choice = st.builds(generation_pb2.ToolChoice, mode=st.integers(-1, 5),
+                           function=st.sampled_from(["f", "g"]) | TEXT)
+    return st.just({}) | st.fixed_dictionaries({"tools": tools, "tool_choice": choice})
 
 
 def token_ids(valid: bool) -> st.SearchStrategy[list[int]]:
@@ -364,7 +387,8 @@ def mangled(chat: bool) -> st.SearchStrategy[dict[str, Any]]:
     """
     keys = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "n",
             "seed", "stop", "stop_token_ids", "stream", "stream_options", "logprobs",
-            "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "response_format"]
+            "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "response_format",
+            "tools", "tool_choice", "parallel_tool_calls"]
     edit = st.tuples(st.sampled_from(keys) | st.text(max_size=6), JSON).filter(
         lambda kv: kv != ("max_tokens", None))
     return st.tuples(well_formed(chat), edit).map(lambda b: {**b[0], b[1][0]: b[1][1]})

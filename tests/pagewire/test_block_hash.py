@@ -40,3 +40,31 @@ def test_prompt_hashes_are_block_hash_chained_over_full_blocks() -> None:
         parent = block_hash(parent, tokens[start : start + 16])
         expected.append(parent)
     assert prompt_block_hashes(tokens, 16) == expected
+
+
+def _image(offset: int, length: int, tag: bytes):  # a common_pb2.ImageInput without pixels
+    from pagewire.v1 import common_pb2
+
+    return common_pb2.ImageInput(offset=offset, length=length, hash=tag * 16)
+
+
+def test_blocks_holding_an_image_hash_its_content_and_so_do_all_after() -> None:
+    tokens = [9, 8, 7, 6, *[5] * 6, 4, 3]  # placeholders at [4, 10), blocks of 4
+    a = prompt_block_hashes(tokens, 4, [_image(4, 6, b"a")])
+    b = prompt_block_hashes(tokens, 4, [_image(4, 6, b"b")])
+    assert a[0] == b[0] == prompt_block_hashes(tokens, 4)[0], "no image in block 0: text hash"
+    assert a[1] != b[1] and a[2] != b[2], "another image: another block, and none after shared"
+
+
+def test_same_image_same_hashes_and_block_hash_agrees() -> None:
+    from pagewire.block_hash import image_extra
+
+    tokens = list(range(12))
+    images = [_image(2, 3, b"x"), _image(7, 2, b"y")]
+    assert prompt_block_hashes(tokens, 4, images) == prompt_block_hashes(tokens, 4, list(images))
+    parent, chained = None, []
+    for s in range(0, 12, 4):
+        parent = block_hash(parent, tokens[s : s + 4], image_extra(images, s, s + 4))
+        chained.append(parent)
+    assert chained == prompt_block_hashes(tokens, 4, images)
+    assert image_extra(images, 4, 8) == b"x" * 16 + b"y" * 16  # both overlap block 1

@@ -49,3 +49,18 @@ def test_pagewire_up_prints_why_a_service_failed_to_start(tmp_path: Path) -> Non
     assert "worker-0 exited with code 1 before it became healthy" in done.stderr
     assert str(missing) in done.stderr.split("before it became healthy", 1)[1], done.stderr
     assert "Traceback" not in done.stderr.split("lines of output:", 1)[0]
+
+
+def test_pagewire_up_passes_the_parser_flags_to_the_router(tmp_path: Path, tiny_model: Path) -> None:
+    """``up --tool-call-parser`` reaches the router, which refuses an unknown parser by name."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pagewire.cli", "up", "--model", str(tiny_model), "--port",
+         str(free_port()), "--http-port", "-1", "--tool-call-parser", "bogus",
+         "--reasoning-parser", "qwen3", "--log-dir", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "router exited with code 1 before it became healthy" in done.stderr
+    assert "--tool-call-parser: unknown parser 'bogus'; known: hermes, llama3_json, mistral" in (
+        done.stderr
+    )

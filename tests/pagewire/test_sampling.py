@@ -8,6 +8,7 @@ from pagewire.sampling import (
     ValidationError,
     validate,
 )
+from pagewire.structured import StructuredOutput
 from pagewire.v1 import common_pb2
 
 LIMITS = Limits(max_n=4, max_logprobs=5, max_stop_strings=3)
@@ -76,6 +77,18 @@ def test_explicit_zero_temperature_is_greedy_not_default() -> None:
         ({"logit_bias": dict.fromkeys(range(1025), 1.0)}, 5, "logit_bias"),
         ({"best_of": 1, "n": 2}, 5, "best_of"),
         ({"best_of": 5}, 5, "best_of"),
+        ({"structured": {"kind": 0, "spec": "x"}}, 5, "structured"),
+        ({"structured": {"kind": 1, "spec": "{not json"}}, 5, "structured"),
+        ({"structured": {"kind": 1, "spec": "[1]"}}, 5, "structured"),
+        ({"structured": {"kind": 1, "spec": ""}}, 5, "structured"),
+        ({"structured": {"kind": 2, "spec": "{}"}}, 5, "structured"),
+        ({"structured": {"kind": 3, "spec": ""}}, 5, "structured"),
+        ({"structured": {"kind": 4, "spec": '"a"'}}, 5, "structured"),
+        ({"structured": {"kind": 4, "spec": '["a", ""]'}}, 5, "structured"),
+        ({"structured": {"kind": 4, "spec": "[]"}}, 5, "structured"),
+        ({"structured": {"kind": 5, "spec": "x" * 65537}}, 5, "structured"),
+        ({"structured": {"kind": 3, "spec": "a+"}, "ignore_eos": True}, 5, "ignore_eos"),
+        ({"structured": {"kind": 3, "spec": "a+"}, "min_tokens": 1}, 5, "min_tokens"),
     ],
 )
 def test_out_of_bounds_fields_are_named(fields: dict, prompt_len: int, field: str) -> None:
@@ -101,6 +114,15 @@ def test_values_at_the_bounds_are_accepted() -> None:
 
 def test_unset_logprobs_differ_from_zero() -> None:
     assert check().logprobs is None and check(logprobs=0).logprobs == 0
+
+
+def test_every_structured_kind_round_trips_and_unset_means_unconstrained() -> None:
+    assert check().structured is None and check().to_proto().HasField("structured") is False
+    for kind, spec in [("json_schema", '{"type": "object"}'), ("json_object", ""),
+                       ("regex", "[a-z]+"), ("choice", '["a"]'), ("grammar", 'root ::= "a"')]:
+        so = StructuredOutput(kind, spec)
+        p = check(structured=so.to_proto(), temperature=0.5, seed=3)
+        assert p.structured == so and SamplingParams.from_proto(p.to_proto()) == p
 
 
 def test_round_trip_through_proto() -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tool_chat import HERMES_TEMPLATE, TIME_TOOL, WEATHER_TOOL
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagewire.v1 import generation_pb2
@@ -99,3 +100,43 @@ def test_bad_conversations_name_the_field(
         check_messages(chat(messages), max_chars)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert str(e.value).startswith(message)
+
+
+def test_tools_and_tool_turns_render_as_transformers_renders_them(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    history = [
+        {"role": "system", "content": "Be useful."},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Oslo"}},
+        }]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    proto = generation_pb2.Chat(messages=[
+        generation_pb2.ChatMessage(role="system", content="Be useful."),
+        generation_pb2.ChatMessage(role="user", content="Weather in Oslo?"),
+        generation_pb2.ChatMessage(role="assistant", tool_calls=[generation_pb2.ToolCall(
+            id="call_1", name="get_weather", arguments='{"city": "Oslo"}')]),
+        generation_pb2.ChatMessage(role="tool", tool_call_id="call_1", content="sunny"),
+    ])
+    tools = [WEATHER_TOOL, TIME_TOOL]
+    ids = render_chat(tokenizer, proto, HERMES_TEMPLATE, tools)
+    expected = tokenizer.apply_chat_template(
+        history, tools=tools, chat_template=HERMES_TEMPLATE, add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert tokenizer.decode(ids) == expected
+    assert ids == tokenizer.encode(expected, add_special_tokens=False)
+    assert '"name": "get_time"' in expected and '{"city": "Oslo"}' in expected
+
+
+def test_tool_call_arguments_must_be_a_json_object(tokenizer: PreTrainedTokenizerBase) -> None:
+    proto = generation_pb2.Chat(messages=[
+        generation_pb2.ChatMessage(role="assistant", tool_calls=[
+            generation_pb2.ToolCall(id="c", name="f", arguments="[1]")]),
+    ])
+    with pytest.raises(RequestError) as e:
+        render_chat(tokenizer, proto, HERMES_TEMPLATE, None)
+    assert e.value.field == "messages[0].tool_calls[0].function.arguments"

@@ -7,7 +7,8 @@ import json
 import grpc
 import pytest
 
-from pagewire.v1 import common_pb2
+from pagewire.structured import StructuredOutput
+from pagewire.v1 import common_pb2, generation_pb2
 from router.errors import RequestError
 from router.openai_requests import chat_call, completion_call, embedding_call, parse_body
 
@@ -114,9 +115,17 @@ def test_unset_fields_stay_unset_so_the_apis_defaults_apply() -> None:
         ({"prompt": "x", "best_of": 3, "stream": True}, "best_of"),
         ({"prompt": "x", "best_of": "3"}, "best_of"),
         ({"prompt": "x", "suffix": "end"}, "suffix"),
-        ({"prompt": "x", "guided_json": {"type": "object"}}, "guided_json"),
-        ({"prompt": "x", "guided_choice": ["a", "b"]}, "guided_choice"),
-        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"prompt": "x", "guided_json": [1]}, "guided_json"),
+        ({"prompt": "x", "guided_json": "{not json"}, "guided_json"),
+        ({"prompt": "x", "guided_choice": "a"}, "guided_choice"),
+        ({"prompt": "x", "guided_choice": []}, "guided_choice"),
+        ({"prompt": "x", "guided_regex": ""}, "guided_regex"),
+        ({"prompt": "x", "guided_grammar": 5}, "guided_grammar"),
+        ({"prompt": "x", "response_format": {"type": "xml"}}, "response_format.type"),
+        ({"prompt": "x", "response_format": "json"}, "response_format"),
+        ({"prompt": "x", "structured_outputs": {"regex": 5}}, "structured_outputs.regex"),
+        ({"prompt": "x", "structured_outputs": {"json_object": 1}}, "structured_outputs.json_object"),
+        ({"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
         ({"prompt": 5}, "prompt"),
         ({}, "prompt"),
         ({"prompt": ["a", 5]}, "prompt[1]"),
@@ -175,29 +184,62 @@ def test_chat_logprobs_without_top_logprobs_is_the_sampled_token_only() -> None:
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
             "messages[0].content[0]",
         ),
         ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-        (
-            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-            "tools",
+        *(
+            ({"messages": [{"role": "user", "content": "x"}], "tools": tools}, field)
+            for tools, field in [
+                ({"type": "function"}, "tools"),
+                ([{"type": "function"}], "tools[0].function"),
+                ([{"type": "retrieval", "function": {"name": "f"}}], "tools[0].type"),
+                ([{"type": "function", "function": {"name": 3}}], "tools[0].function.name"),
+                (
+                    [{"type": "function", "function": {"name": "f", "parameters": "{}"}}],
+                    "tools[0].function.parameters",
+                ),
+                (
+                    [{"type": "function", "function": {"name": "f", "strict": True}}],
+                    "tools[0].function.strict",
+                ),
+            ]
         ),
+        *(
+            ({"messages": [{"role": "user", "content": "x"}], "tool_choice": value}, "tool_choice")
+            for value in ["any", 5, {"type": "function"}, {"function": {"name": "f"}}]
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "parallel_tool_calls": "yes"},
+            "parallel_tool_calls",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+            "messages[0].tool_calls[0].function",
+        ),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": {}}}
+            ]}]},
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        ({"messages": [{"role": "tool", "content": "42"}]}, "messages[0].tool_call_id"),
         (
             {
                 "messages": [{"role": "user", "content": "x"}],
-                "response_format": {"type": "json_object"},
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
             },
-            "response_format",
+            "response_format.json_schema.schema",
         ),
         *(
             ({"messages": [{"role": "user", "content": "x"}], name: value}, name)
             for name, value in [
-                ("guided_json", {"type": "object"}),
-                ("guided_regex", "[a-z]+"),
-                ("guided_choice", ["yes", "no"]),
-                ("guided_grammar", "root ::= 'a'"),
-                ("structured_outputs", {"json": {"type": "object"}}),
-                ("tool_choice", "required"),
+                ("guided_choice", [""]),
+                ("structured_outputs", ["json"]),
+                ("functions", [{"name": "f"}]),
             ]
         ),
     ],
@@ -287,3 +329,80 @@ def test_logit_bias_and_best_of_map_onto_sampling_params() -> None:
     assert r.sampling.best_of == 4
     chat = chat_call({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"3": 1}})
     assert dict(chat.request.sampling.logit_bias) == {3: 1.0}
+
+
+def test_chat_tools_and_tool_turns_map_onto_the_chat() -> None:
+    weather = {"type": "object", "properties": {"city": {"type": "string"}}}
+    body = {
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+            }]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ],
+        "tools": [{"type": "function", "function": {
+            "name": "get_weather", "description": "Weather now", "parameters": weather,
+        }}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False,
+    }
+    chat = chat_call(body).request.chat
+    tool = chat.tools[0]
+    assert (tool.name, tool.description, json.loads(tool.parameters)) == (
+        "get_weather", "Weather now", weather
+    )
+    assert chat.tool_choice.mode == generation_pb2.ToolChoice.MODE_FUNCTION
+    assert chat.tool_choice.function == "get_weather"
+    assert chat.parallel_tool_calls is False
+    call = chat.messages[1].tool_calls[0]
+    assert (call.id, call.name, call.arguments) == ("call_1", "get_weather", '{"city": "Oslo"}')
+    assert chat.messages[1].content == ""
+    assert chat.messages[2].tool_call_id == "call_1"
+    modes = {v: chat_call({**body, "tool_choice": v}).request.chat.tool_choice.mode
+             for v in ("none", "auto", "required")}
+    assert modes == {"none": generation_pb2.ToolChoice.MODE_NONE,
+                     "auto": generation_pb2.ToolChoice.MODE_AUTO,
+                     "required": generation_pb2.ToolChoice.MODE_REQUIRED}
+
+
+def test_completions_refuse_chat_tool_fields() -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert refused(completion_call, {"prompt": "x", "tools": tools}).field == "tools"
+
+
+@pytest.mark.parametrize(
+    ("fields", "kind", "spec", "field"),
+    [
+        ({"response_format": {"type": "json_object"}}, "json_object", "", "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "p", "strict": True, "schema": {"type": "object"}}}},
+         "json_schema", '{"type": "object"}', "response_format.json_schema.schema"),
+        ({"response_format": {"type": "text"}, "guided_json": '{"type": "integer"}'},
+         "json_schema", '{"type": "integer"}', "guided_json"),
+        ({"guided_regex": "[a-z]+"}, "regex", "[a-z]+", "guided_regex"),
+        ({"guided_choice": ["yes", "no"]}, "choice", '["yes", "no"]', "guided_choice"),
+        ({"guided_grammar": 'root ::= "a"'}, "grammar", 'root ::= "a"', "guided_grammar"),
+        ({"structured_outputs": {"json": {"type": "array"}}}, "json_schema",
+         '{"type": "array"}', "structured_outputs.json"),
+        ({"structured_outputs": {"regex": "x"}}, "regex", "x", "structured_outputs.regex"),
+        ({"structured_outputs": {"choice": ["a"]}}, "choice", '["a"]',
+         "structured_outputs.choice"),
+        ({"structured_outputs": {"grammar": "g"}}, "grammar", "g", "structured_outputs.grammar"),
+        ({"structured_outputs": {"json_object": True}}, "json_object", "",
+         "structured_outputs.json_object"),
+    ],
+)
+def test_structured_output_fields_become_one_constraint(
+    fields: dict, kind: str, spec: str, field: str
+) -> None:
+    for call in (completion_call({"prompt": "x", **fields}),
+                 chat_call({"messages": [{"role": "user", "content": "x"}], **fields})):
+        got = StructuredOutput.from_proto(call.request.sampling.structured)
+        assert got == StructuredOutput(kind, spec) and call.structured_field == field
+
+
+def test_text_response_format_is_unconstrained() -> None:
+    call = completion_call({"prompt": "x", "response_format": {"type": "text"}})
+    assert not call.request.sampling.HasField("structured") and call.structured_field == ""

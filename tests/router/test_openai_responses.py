@@ -155,3 +155,27 @@ def test_prompt_logprobs_follow_vllms_shape(
             },
         },
     ]
+
+
+def test_chat_tool_calls_and_reasoning_stream_and_collect_as_openai_shapes_them(
+    tokens: TokenTexts,
+) -> None:
+    answer = Answer("r", "m", 1, chat=True, logprobs=False, tokens=tokens)
+    delta = generation_pb2.ToolCallDelta
+    first = answer.stream_choice(generation_pb2.GenerateResponse(
+        reasoning_text="think", tool_calls=[delta(index=0, id="call_a", name="f", arguments='{"x"')],
+    ))
+    assert first["delta"] == {
+        "role": "assistant", "reasoning_content": "think",
+        "tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                        "function": {"name": "f", "arguments": '{"x"'}}],
+    }
+    second = answer.stream_choice(last(0, "", 3, 0, finish=common_pb2.FINISH_REASON_TOOL_CALLS,
+                                       tool_calls=[delta(index=0, arguments=": 1}")]))
+    assert second["delta"] == {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}
+    assert second["finish_reason"] == "tool_calls"
+    assert answer.body()["choices"][0]["message"] == {
+        "role": "assistant", "content": None, "reasoning_content": "think",
+        "tool_calls": [{"id": "call_a", "type": "function",
+                        "function": {"name": "f", "arguments": '{"x": 1}'}}],
+    }

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from pagewire.config import RouterConfig
+from pagewire.structured import StructuredOutput
 from pagewire.v1 import generation_pb2
 from router.errors import RequestError
 from router.model import ServedModel
@@ -68,3 +69,19 @@ def test_only_the_served_name_or_empty_is_known(tiny_model: Path) -> None:
     with pytest.raises(RequestError) as e:
         model.check_name("gpt-4")
     assert e.value.code == grpc.StatusCode.NOT_FOUND and e.value.http_status == 404
+
+
+def test_structured_specs_are_compiled_at_validation(tiny_model: Path) -> None:
+    model = load(tiny_model)
+    asyncio.run(model.check_structured(StructuredOutput("regex", "[a-z]{2}")))
+    for _ in range(2):  # a refused spec is refused again (failures are not cached as success)
+        with pytest.raises(RequestError) as e:
+            asyncio.run(model.check_structured(StructuredOutput("regex", "(a")))
+        assert e.value.field == "structured" and e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_context_length_is_the_flag_else_the_models_and_never_past_it(tiny_model: Path) -> None:
+    assert load(tiny_model).max_model_len == 4096  # the test model's max_position_embeddings
+    assert load(tiny_model, max_model_len=2048).max_model_len == 2048
+    with pytest.raises(SystemExit, match="--max-model-len 8192 exceeds the model's"):
+        load(tiny_model, max_model_len=8192)

@@ -67,3 +67,11 @@ def test_deep_dummy_model_stays_finite_in_half_precision(
     result = runner.execute(step)
     logprob = result.logprobs[0].logprob
     assert -20 < logprob < 0, "finite, and not a one-hot distribution from exploded logits"
+
+
+def test_a_context_longer_than_the_model_was_trained_for_is_refused(tiny_model: Path,
+                                                                    tmp_path: Path) -> None:
+    model_dir = config_only(tiny_model, tmp_path / "shape", max_position_embeddings=256)
+    cfg = WorkerConfig(model=str(model_dir), load_format="dummy", num_blocks=16, max_model_len=512)
+    with pytest.raises(SystemExit, match="--max-model-len 512 exceeds the model's max_position_embeddings 256"):
+        build_runner(cfg)

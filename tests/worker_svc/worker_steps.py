@@ -27,6 +27,7 @@ class Track:
     sampling: common_pb2.SamplingParams
     pooling: int = common_pb2.POOLING_NONE
     tell_prompt_len: bool = True  # False: leave SequenceStep.prompt_len 0 ("all of it is prompt")
+    images: list[common_pb2.ImageInput] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
     logprobs: list[common_pb2.Logprobs] = field(default_factory=list)  # empty: none asked
     prompt_logprobs: list[worker_pb2.PromptLogprobs] = field(default_factory=list)
@@ -50,8 +51,10 @@ class Driver:
         runner.reset()
 
     def add(self, seq_id: int, prompt: list[int], sampling: common_pb2.SamplingParams,
-            pooling: int = common_pb2.POOLING_NONE, tell_prompt_len: bool = True) -> None:
-        self.tracks[seq_id] = Track(list(prompt), sampling, pooling, tell_prompt_len)
+            pooling: int = common_pb2.POOLING_NONE, tell_prompt_len: bool = True,
+            images: list[common_pb2.ImageInput] | None = None) -> None:
+        self.tracks[seq_id] = Track(list(prompt), sampling, pooling, tell_prompt_len,
+                                    list(images or ()))
 
     def preempt(self, seq_id: int) -> None:
         """The worker forgets the sequence; it is recomputed from prompt + output."""
@@ -85,6 +88,9 @@ class Driver:
                     s.sampling.CopyFrom(t.sampling)
                     s.pooling = t.pooling  # type: ignore[assignment]
                     s.prompt_len = len(t.prompt) if t.tell_prompt_len else 0
+                    if t.sampling.HasField("structured"):  # as the scheduler sends them
+                        s.output_ids.extend(t.output)
+                    s.images.extend(t.images)
                 t.fed, t.prefilling = end, end < len(t.known)
             else:
                 new = self._grow(t, t.fed + 1)

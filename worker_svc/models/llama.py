@@ -161,6 +161,9 @@ class DecoderForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, gemma=cfg.gemma > 0)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # A vision-language model's image side (set by the loader): pixels to the rows that
+        # replace image placeholders' token embeddings. None for a text model.
+        self.vision: nn.Module | None = None
         self.init_rope(max_len)
 
     def init_rope(self, max_len: int, device: torch.device | None = None) -> None:
@@ -181,11 +184,15 @@ class DecoderForCausalLM(nn.Module):
         positions: Tensor,
         kv_caches: list[tuple[Tensor, Tensor]],
         meta: AttentionMetadata,
+        embeds: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """Final hidden states [T, hidden] of every input token."""
+        """Final hidden states [T, hidden] of every input token. ``embeds`` (token indices,
+        rows): input embeddings that replace those tokens' (image features at placeholders)."""
         x = self.embed_tokens(input_ids)
         if self.cfg.gemma:  # by sqrt(hidden) rounded to the model's dtype, as transformers does
             x = x * float(torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype))
+        if embeds is not None:  # image features are not scaled (transformers scales token rows)
+            x[embeds[0]] = embeds[1].to(x.dtype)
         if kv_caches:
             meta.plan(kv_caches[0][0])
         # In the model's dtype, as Hugging Face rotates: RoPE runs in place on the projections.

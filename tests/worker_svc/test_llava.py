@@ -1,0 +1,124 @@
+"""The worker's LLaVA (its own CLIP tower, projector and decoder) against transformers.
+
+Image features must equal transformers' ``get_image_features``; then whole requests with 0, 1
+and 2 images run through the runner as the scheduler drives it, with prefill chunks that split
+placeholder runs across steps and blocks, and must give transformers' greedy tokens exactly and
+its log-probabilities at every prompt position within 1e-4.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import vlm_cases
+from family_models import runner_for
+from worker_steps import Driver
+
+from pagewire.images import pixels
+from pagewire.v1 import common_pb2
+
+N_OUT = 8
+TEXTS = ("What is in this picture?", "Describe both, briefly.", "Say something.")
+
+
+def test_image_features_equal_transformers(llava_model: Path) -> None:
+    runner = runner_for(llava_model)
+    inputs = vlm_cases.hf_inputs(llava_model, "hi", [vlm_cases.image(0), vlm_cases.image(1)])
+    with torch.inference_mode():
+        ref = vlm_cases.hf_model(llava_model).model.get_image_features(
+            pixel_values=inputs["pixel_values"]).pooler_output
+    got = runner.model.vision(inputs["pixel_values"])
+    torch.testing.assert_close(got, torch.stack(list(ref)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [1 << 30, 7])
+def test_requests_with_0_1_2_images_match_transformers(llava_model: Path, chunk: int) -> None:
+    runner = runner_for(llava_model)
+    driver = Driver(runner)
+    cases = {}
+    for sid, n_images in enumerate((0, 1, 2, 1), start=1):
+        imgs = [vlm_cases.image(sid * 3 + j) for j in range(n_images)]
+        inputs = vlm_cases.hf_inputs(llava_model, TEXTS[sid % 3], imgs)
+        ids = inputs["input_ids"][0].tolist()
+        images = vlm_cases.image_inputs(llava_model, inputs)
+        assert len(images) == n_images
+        cases[sid] = (inputs, ids)
+        params = common_pb2.SamplingParams(temperature=0.0, prompt_logprobs=0)
+        driver.add(sid, ids, params, images=images)
+    got = driver.run(N_OUT, chunk=chunk)
+    for sid, (inputs, ids) in cases.items():
+        assert got[sid] == vlm_cases.hf_generate(llava_model, inputs, N_OUT), sid
+        with torch.inference_mode():
+            ref = vlm_cases.hf_model(llava_model)(**inputs).logits[0].float().log_softmax(-1)
+        lps = [lp for c in driver.tracks[sid].prompt_logprobs for lp in c.positions]
+        want = torch.tensor([float(ref[i, ids[i + 1]]) for i in range(len(ids) - 1)])
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in lps]), want, atol=1e-4,
+                                   rtol=0)
+    # Every image encoded once, however many chunks its placeholders were split over.
+    assert runner.encoder.encoded == 4
+
+
+def test_a_different_image_changes_the_answer(llava_model: Path) -> None:
+    """The oracle is sharp: the image, not only the text, decides the greedy tokens."""
+    outs = {
+        tuple(vlm_cases.hf_generate(llava_model, vlm_cases.hf_inputs(
+            llava_model, TEXTS[0], [vlm_cases.image(seed)]), N_OUT))
+        for seed in range(4)
+    }
+    assert len(outs) == 4
+
+
+def test_preempted_image_request_recomputes_the_same_tokens(llava_model: Path) -> None:
+    runner = runner_for(llava_model)
+    driver = Driver(runner)
+    inputs = vlm_cases.hf_inputs(llava_model, TEXTS[1], [vlm_cases.image(5), vlm_cases.image(6)])
+    ids = inputs["input_ids"][0].tolist()
+    images = vlm_cases.image_inputs(llava_model, inputs)
+    driver.add(1, ids, common_pb2.SamplingParams(temperature=0.0), images=images)
+    driver.run(3, chunk=9)
+    driver.preempt(1)
+    assert driver.run(N_OUT, chunk=9)[1] == vlm_cases.hf_generate(llava_model, inputs, N_OUT)
+    assert runner.encoder.encoded == 4  # twice each: the resend rebuilt the cache
+
+
+def test_pixels_round_trip_through_the_message(llava_model: Path) -> None:
+    inputs = vlm_cases.hf_inputs(llava_model, "x", [vlm_cases.image(2)])
+    (im,) = vlm_cases.image_inputs(llava_model, inputs)
+    assert (pixels(im) == inputs["pixel_values"][0].numpy()).all()
+    assert im.length == 36 and len(im.hash) == 16
+
+
+def test_a_sparse_llava_hf_config_reads_as_transformers_reads_it() -> None:
+    """llava-hf's config.json leaves most of the decoder to LlamaConfig's defaults."""
+    from transformers import LlavaConfig
+
+    from pagewire.model_dir import text_config
+    from worker_svc.models.config import ModelConfig
+    from worker_svc.models.vision import VisionConfig
+
+    hf = {
+        "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100,
+        "image_token_index": 32000, "model_type": "llava", "pad_token_id": 32001,
+        "projector_hidden_act": "gelu", "tie_word_embeddings": False, "torch_dtype": "float16",
+        "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures":
+                        ["LlamaForCausalLM"], "max_position_embeddings": 4096,
+                        "model_type": "llama", "rms_norm_eps": 1e-05, "torch_dtype": "float16",
+                        "vocab_size": 32064},
+        "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                          "model_type": "clip_vision_model", "num_attention_heads": 16,
+                          "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+                          "vocab_size": 32000},
+        "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    }
+    ours = ModelConfig.from_hf(text_config(hf))
+    ref = LlavaConfig(**{k: v for k, v in hf.items() if k != "architectures"}).text_config
+    assert (ours.hidden_size, ours.intermediate_size, ours.num_hidden_layers,
+            ours.num_attention_heads, ours.num_key_value_heads, ours.head_dim,
+            ours.vocab_size) == (ref.hidden_size, ref.intermediate_size, ref.num_hidden_layers,
+                                 ref.num_attention_heads, ref.num_key_value_heads, ref.head_dim,
+                                 ref.vocab_size) == (4096, 11008, 32, 32, 32, 128, 32064)
+    assert not ours.tie_word_embeddings and ours.activation == "silu"
+    vision = VisionConfig.from_hf(hf)
+    assert vision.tokens_per_image == 576 and vision.num_layers == 23 and vision.act == "quick_gelu"

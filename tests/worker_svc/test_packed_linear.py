@@ -1,0 +1,50 @@
+"""bfloat16 projections pre-packed for oneDNN give exactly what plain ``F.linear`` gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from family_models import model_dir, prompts
+from torch import nn
+from worker_steps import BS, Driver
+
+from pagewire.config import WorkerConfig
+from pagewire.v1 import common_pb2
+from worker_svc.models.packed_linear import PackedLinear, can_pack
+from worker_svc.server import build_runner
+
+pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
+                                reason="this CPU's oneDNN has no bfloat16 kernels")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_a_packed_projection_equals_the_plain_one(rows: int, bias: bool) -> None:
+    torch.manual_seed(rows)
+    plain = nn.Linear(96, 40, bias=bias).to(torch.bfloat16)
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    packed = PackedLinear(plain)
+    assert torch.equal(packed(x), plain(x))
+    assert torch.equal(packed(x.view(1, rows, 96)), plain(x).view(1, rows, 40))
+
+
+def greedy(path: Path, packed: bool) -> tuple[dict[int, list[int]], list[float]]:
+    cfg = WorkerConfig(model=str(path), dtype="bfloat16", num_blocks=256, block_size=BS,
+                       packed_weights=packed)
+    runner = build_runner(cfg)[0]
+    kinds = {type(m) for m in runner.model.modules()}
+    assert (PackedLinear in kinds) == packed
+    driver = Driver(runner)
+    for sid, prompt in prompts(runner.model.cfg.vocab_size).items():
+        driver.add(sid, prompt, common_pb2.SamplingParams(temperature=0.0, logprobs=1))
+    out = driver.run(8, chunk=8)
+    return out, [lp.logprob for t in driver.tracks.values() for lp in t.logprobs]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "mixtral"])
+def test_a_packed_model_decodes_exactly_as_the_plain_one(arch: str) -> None:
+    """Qwen2's q/k/v biases, Gemma's tied embedding (its lm_head stays plain), Mixtral's router."""
+    path = model_dir(arch)
+    assert greedy(path, packed=True) == greedy(path, packed=False)

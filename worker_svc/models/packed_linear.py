@@ -1,0 +1,51 @@
+"""Projection weights pre-packed for oneDNN's AMX kernels, for bfloat16 on the CPU.
+
+A bfloat16 ``F.linear`` on the CPU hands oneDNN a plain row-major weight, which it re-lays into
+the AMX tile layout on every call: at decode batch sizes that reorder costs about as much as the
+product itself, so bfloat16 decoding was no faster than float32 (measured, docs/BENCHMARKS.md).
+Packing each projection once at start-up, as vLLM's CPU backend and torch.compile's freezing pass
+do, removes it; the products are the same oneDNN kernels with fp32 accumulation, so the results
+equal the unpacked ones. The packed tensor replaces the plain weight (no second copy is kept),
+except where the embedding shares it (tied ``lm_head``): that one stays plain.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """bfloat16 on a CPU whose oneDNN has bfloat16 kernels (AVX-512 BF16 or AMX)."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear``'s forward over a weight packed once by oneDNN."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap every ``nn.Linear`` of ``model`` whose weight it owns for a :class:`PackedLinear`;
+    return how many were packed."""
+    shared = {id(p) for name, p in model.named_parameters() if "embed" in name}
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear and id(child.weight) not in shared
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, PackedLinear(child))
+    return len(swaps)
