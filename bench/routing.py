@@ -52,6 +52,8 @@ from pagewire.redis_keys import RedisKeys
 from pagewire.redis_server import start_redis
 from pagewire.testmodel import ensure_model
 from pagewire.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from pagewire.worker_load import LoadFigures
+from pagewire.worker_registry import WorkerEntry
 from router.routing import POLICIES, WorkerRouter
 
 FIRST_ID = 16  # keep clear of the test tokenizer's special ids
@@ -78,11 +80,13 @@ async def decision_time(n_workers: int, decisions: int) -> dict:
             for i in range(n_workers):
                 wid = f"w{i:03d}"
                 p.sadd(keys.workers(), wid)
-                p.hset(keys.worker_info(wid), mapping={"block_size": BLOCK_SIZE, "num_blocks": 4096})
+                entry = WorkerEntry(wid, f"addr-{wid}", "m", BLOCK_SIZE, num_blocks=4096)
+                p.hset(keys.worker_info(wid), mapping=entry.fields())
                 p.set(keys.worker_alive(wid), f"addr-{wid}")
-                p.hset(keys.worker_load(wid), mapping={
-                    "running": i % 7, "waiting_tokens": 64 * (i % 5), "used_blocks": 40 * i,
-                    "total_blocks": 4096, "steps": 1})
+                p.hset(keys.worker_load(wid), mapping=LoadFigures(
+                    running=i % 7, waiting=i % 5, waiting_tokens=64 * (i % 5), used_blocks=40 * i,
+                    total_blocks=4096, preemptions=0, prefix_queries=0, prefix_hits=0, steps=1,
+                    draining=0).as_dict())
                 if i < 16:
                     hashes = prompt_block_hashes(tenants[i % 8], BLOCK_SIZE)
                     p.hset(keys.prefix_index(wid), mapping={h: b for b, h in enumerate(hashes)})

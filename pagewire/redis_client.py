@@ -12,7 +12,8 @@
 
 :func:`connect` pings the store and turns what goes wrong at start-up into one line that says
 what to fix: Redis unreachable, a missing or wrong password, a cluster node named by a plain
-URL (or a plain server by a cluster URL). The password is never printed.
+URL (or a plain server by a cluster URL). The password is never printed. What an outage looks
+like once running is ``pagewire.store_outage``'s.
 """
 
 from __future__ import annotations
@@ -22,21 +23,10 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.asyncio as aioredis
 
+from pagewire.store_outage import STORE_ERRORS
+
 Client = aioredis.Redis | aioredis.RedisCluster
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-
-# What an unreachable or moving store looks like to a client: a restart, a dropped connection, a
-# failover or slot migration under way. Callers hold their state and try again.
-STORE_DOWN = (
-    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError,
-    redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
-    redis.exceptions.SlotNotCoveredError, redis.exceptions.MovedError,
-    redis.exceptions.AskError, redis.exceptions.ClusterError,
-    redis.exceptions.RedisClusterException,  # "cannot be connected": no node answers
-)
-# Anything a Redis call may raise (redis-py's cluster exceptions are not all RedisErrors).
-STORE_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
-
 
 class RedisSetupError(Exception):
     """Redis cannot be used as configured; the message says why and what to change."""
@@ -92,7 +82,7 @@ async def connect(url: str) -> Client:
                               "redis+cluster://host:port")
     try:
         r = client(url)
-    except (ValueError, redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+    except (ValueError, *STORE_ERRORS) as e:
         raise RedisSetupError(f"Redis URL {where} is not usable: {e}") from None
     try:
         await r.ping()
@@ -103,7 +93,7 @@ async def connect(url: str) -> Client:
     except RedisSetupError:
         await r.aclose()
         raise
-    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:
+    except STORE_ERRORS as e:
         await r.aclose()
         raise RedisSetupError(_explain(where, e)) from None
     return r

@@ -46,7 +46,7 @@ MAX_CACHE_SALT_CHARS = 1024
 
 
 @dataclass(frozen=True)
-class Plan:
+class ValidatedRequest:
     """A validated request, ready to submit."""
 
     rid: str
@@ -100,7 +100,7 @@ class Generator:
 
     async def prepare(
         self, request: generation_pb2.GenerateRequest, *, fill_context: bool = False
-    ) -> Plan:
+    ) -> ValidatedRequest:
         """Validate and tokenize. ``fill_context``: an unset max_tokens means "up to the model's
         context" (OpenAI's chat default) instead of the API's 16."""
         if self.draining:
@@ -160,11 +160,12 @@ class Generator:
             echo_text = (request.text if kind == "text" and not truncated
                          else self.model.tokenizer.decode(prompt))
         rid = request.request_id or uuid.uuid4().hex
-        return Plan(rid, prompt, params, request.priority, echo_text, prompt_only, output,
-                    tuple(images), request.cache_salt.encode(), request.return_prompt_token_ids)
+        return ValidatedRequest(rid, prompt, params, request.priority, echo_text, prompt_only,
+                                output, tuple(images), request.cache_salt.encode(),
+                                request.return_prompt_token_ids)
 
     async def stream(
-        self, plan: Plan, parent: Context | None = None
+        self, plan: ValidatedRequest, parent: Context | None = None
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """Submit the plan's completions and yield their responses as they come (with best_of,
         the n best, once all candidates are done).
@@ -182,7 +183,7 @@ class Generator:
                 yield response
 
     async def _stream(
-        self, plan: Plan, parent: Context | None
+        self, plan: ValidatedRequest, parent: Context | None
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         n = plan.candidates
         span = tracing.start_span(tracing.ROUTER_SPAN, parent, {
@@ -240,7 +241,7 @@ class Generator:
 
     def _record(
         self,
-        plan: Plan,
+        plan: ValidatedRequest,
         span: tracing.Span,
         completions: list[CompletionStream],
         timers: list[RequestTimer],
@@ -271,7 +272,7 @@ def _copy(sampling: common_pb2.SamplingParams) -> common_pb2.SamplingParams:
     return copy
 
 
-def _release(link: SchedulerLink, plan: Plan, completion: CompletionStream) -> None:
+def _release(link: SchedulerLink, plan: ValidatedRequest, completion: CompletionStream) -> None:
     """Forget the completion; abort it downstream unless the scheduler finished it."""
     link.finish(plan.completion_id(completion.index), abort=not completion.scheduler_done)
 

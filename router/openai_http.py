@@ -36,7 +36,7 @@ from pagewire.tls import TLSFiles
 from pagewire.v1 import generation_pb2
 from router import embed, fanout
 from router.errors import RequestError
-from router.generation import Generator, Plan
+from router.generation import Generator, ValidatedRequest
 from router.http_helpers import OPEN_PATHS, HelperRoutes
 from router.model import ServedModel
 from router.openai_requests import (
@@ -182,7 +182,7 @@ class OpenAIApi:
         await stream.write_eof()
         return stream
 
-    async def _prepare(self, request: web.Request, call: CompletionCall) -> list[Plan]:
+    async def _prepare(self, request: web.Request, call: CompletionCall) -> list[ValidatedRequest]:
         """Every prompt validated before any is submitted: a bad one fails the whole call."""
         rid = request.headers.get("X-Request-Id", "") or call.requests[0].request_id
         many = len(call.requests) > 1

@@ -18,7 +18,7 @@ import grpc
 
 from pagewire.block_hash import ImageSpan
 from pagewire.metrics import RouterMetrics
-from pagewire.redis_client import STORE_ERRORS
+from pagewire.store_outage import STORE_ERRORS
 from router.errors import RequestError
 from router.request_ids import InFlightIds
 from router.routing import NoWorkerAvailable, WorkerRouter

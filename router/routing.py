@@ -64,6 +64,8 @@ import numpy as np
 from pagewire.block_hash import ImageSpan, prompt_block_hashes
 from pagewire.redis_client import Client
 from pagewire.redis_keys import RedisKeys
+from pagewire.worker_load import DRAINING, ROUTING_FIELDS, lua_field_list
+from pagewire.worker_registry import read_entries
 from router.packed_script import PackedScript
 
 POLICIES = ("prefix", "least-load", "round-robin")
@@ -72,22 +74,23 @@ KV_SAFE_USE = 0.75
 
 # KEYS: every worker's heartbeat, then every worker's prefix index, then every worker's load.
 # ARGV: the prompt's block hashes in order. Returns five integers per worker: leading blocks
-# cached (-1: heartbeat gone, -2: draining, and its prefix is not read), then running, waiting_tokens, used_blocks (0 where the scheduler has
-# published none) and steps (-1 where it has published none). The heartbeats are one MGET. A worker
+# cached (-1: heartbeat gone, -2: draining, and its prefix is not read), then running,
+# waiting_tokens, used_blocks (0 where the scheduler has published none) and steps (-1 where it
+# has published none). The load figures' names come from ``pagewire.worker_load``. The heartbeats are one MGET. A worker
 # lacking the first block, the common case, costs one HEXISTS (inside a script a fifth of an
 # HMGET's cost); a match is then read on in HMGETs of 4, 16, 64, ... (at most 1,024) hashes to
 # the first miss.
-DECISION_LUA = """
-local call, nw, n, out, o = redis.call, #KEYS / 3, #ARGV, {}, 0
-local alive, first, none = call('MGET', unpack(KEYS, 1, nw)), ARGV[1], {}
+_AT = {name: i + 1 for i, name in enumerate(ROUTING_FIELDS)}  # Lua's index of each figure read
+DECISION_LUA = f"""
+local call, nw, n, out, o = redis.call, #KEYS / 3, #ARGV, {{}}, 0
+local alive, first, none = call('MGET', unpack(KEYS, 1, nw)), ARGV[1], {{}}
 for w = 1, nw do
   local matched, f = -1, none
   if alive[w] then
-    f = call('HMGET', KEYS[2 * nw + w], 'running', 'waiting_tokens', 'used_blocks', 'steps',
-             'draining')
+    f = call('HMGET', KEYS[2 * nw + w], {lua_field_list()})
     local index = KEYS[nw + w]
     matched = 0
-    if f[5] == '1' then
+    if f[{_AT[DRAINING]}] == '1' then
       matched = -2
     elseif n > 0 and call('HEXISTS', index, first) == 1 then
       local chunk, missed = 4, false
@@ -104,10 +107,10 @@ for w = 1, nw do
     end
   end
   out[o + 1] = matched
-  out[o + 2] = tonumber(f[1]) or 0
-  out[o + 3] = tonumber(f[2]) or 0
-  out[o + 4] = tonumber(f[3]) or 0
-  out[o + 5] = tonumber(f[4]) or -1
+  out[o + 2] = tonumber(f[{_AT['running']}]) or 0
+  out[o + 3] = tonumber(f[{_AT['waiting_tokens']}]) or 0
+  out[o + 4] = tonumber(f[{_AT['used_blocks']}]) or 0
+  out[o + 5] = tonumber(f[{_AT['steps']}]) or -1
   o = o + 5
 end
 return out
@@ -294,13 +297,9 @@ class WorkerRouter:
     async def _refresh(self) -> None:
         """Re-read the registry: worker ids and their block sizes (two round trips, ~1/s)."""
         k = self.keys
-        ids = sorted(m.decode() for m in await self.redis.smembers(k.workers()))
-        async with self.redis.pipeline(transaction=False) as p:
-            for w in ids:
-                p.hmget(k.worker_info(w), "block_size", "num_blocks")
-            infos = await p.execute() if ids else []
         self._members = [
-            Member(w, int(bs), int(nb or 0)) for w, (bs, nb) in zip(ids, infos, strict=True) if bs
+            Member(e.worker_id, e.block_size, e.num_blocks)
+            for e in await read_entries(self.redis, k) if e.block_size
         ]
         sizes = Counter(m.block_size for m in self._members)
         self._block_size = sizes.most_common(1)[0][0] if sizes else 0

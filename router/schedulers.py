@@ -21,8 +21,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pagewire.group_directory import Group, read_live_groups
-from pagewire.redis_client import STORE_ERRORS, Client
+from pagewire.redis_client import Client
 from pagewire.redis_keys import RedisKeys
+from pagewire.store_outage import STORE_ERRORS
 from pagewire.tls import TLSFiles
 from router.scheduler_link import SchedulerLink
 

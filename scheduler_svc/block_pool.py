@@ -18,6 +18,11 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """KV blocks that hold ``num_tokens`` tokens (the last one partly filled)."""
+    return -(-num_tokens // block_size)
+
+
 class BlockPool:
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
@@ -47,18 +52,13 @@ class BlockPool:
         for h, b in index.items():
             pool.block_hash[b] = h
             pool.index[h] = b
-        lru = [b for b in cached_lru if pool.ref_count[b] == 0 and pool.block_hash[b] is not None]
-        pool.cached_free = OrderedDict.fromkeys(lru)
-        taken = set(lru)
-        pool.free = deque(
-            b for b in range(num_blocks)
-            if pool.ref_count[b] == 0 and b not in taken and pool.block_hash[b] is None
-        )
-        # Hashed, unreferenced blocks Redis did not list as cached: keep them cached (oldest).
-        for b in range(num_blocks):
-            if pool.ref_count[b] == 0 and pool.block_hash[b] is not None and b not in taken:
-                pool.cached_free[b] = None
-                pool.cached_free.move_to_end(b, last=False)
+        free, cached = pool.places(range(num_blocks))
+        listed = set(cached_lru)
+        # Redis's LRU order; hashed, unreferenced blocks it did not list stay cached, as the
+        # oldest (highest id first).
+        unlisted = [b for b in reversed(cached) if b not in listed]
+        pool.cached_free = OrderedDict.fromkeys(unlisted + pool.places(cached_lru)[1])
+        pool.free = deque(free)
         return pool
 
     # ---- capacity ----------------------------------------------------------------------
@@ -139,6 +139,16 @@ class BlockPool:
                     self.free.append(b)
                 self._dirty.add(b)
 
+    def places(self, blocks: Iterable[int]) -> tuple[list[int], list[int]]:
+        """``blocks`` sorted into free ones and cached ones (in their given order); the rest are
+        in use. The one statement of what makes a block free, cached or in use."""
+        refs, hashes = self.ref_count, self.block_hash
+        free, cached = [], []
+        for b in blocks:
+            if refs[b] == 0:
+                (free if hashes[b] is None else cached).append(b)
+        return free, cached
+
     def _forget_hash(self, b: int) -> None:
         h = self.block_hash[b]
         if h is not None:
@@ -169,7 +179,7 @@ class BlockPool:
         in_use = {b for b in range(self.num_blocks) if refs[b]}
         assert not in_use & (free | cached), "a block both in use and free"
         assert len(free) + len(cached) + len(in_use) == self.num_blocks
-        for b in cached:
-            assert self.block_hash[b] is not None, "a cached block without a hash"
+        placed = self.places(range(self.num_blocks))
+        assert (set(placed[0]), set(placed[1])) == (free, cached), "a block out of its place"
         for h, b in self.index.items():
             assert self.block_hash[b] == h, "prefix index points at a block with another hash"

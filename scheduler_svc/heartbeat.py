@@ -16,8 +16,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from pagewire.redis_client import STORE_DOWN, Client
+from pagewire.redis_client import Client
 from pagewire.redis_keys import RedisKeys
+from pagewire.store_outage import STORE_DOWN
 
 log = logging.getLogger("scheduler.heartbeat")
 

@@ -24,7 +24,8 @@ import socket
 import uuid
 from pathlib import Path
 
-from pagewire.redis_client import STORE_DOWN, Client
+from pagewire.redis_client import Client
+from pagewire.store_outage import STORE_DOWN
 
 # Compare-and-act on the token, so a holder can never renew or drop a lease it no longer owns.
 _RENEW = """

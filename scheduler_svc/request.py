@@ -1,54 +1,27 @@
-"""A request as the scheduler sees it: tokens in, tokens out, and the KV blocks it holds."""
+"""A request as the scheduler sees it: tokens in, tokens out, and the KV blocks it holds.
+
+Who writes what: the scheduler and its KV-cache manager the sequence state (status, num_computed,
+block_table, block_hashes, on_worker, pending, epoch, output and the worker's other results);
+the state store ``num_logged``, ``num_checkpointed`` and ``tokens_key``; event delivery
+(``events``) ``conn``, ``num_evented`` and ``num_delivered``. The four output counters always
+satisfy ``num_delivered <= num_evented <= len(output)`` and ``num_checkpointed <= num_logged``.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagewire.sampling import SamplingParams
-from pagewire.v1 import common_pb2, scheduler_pb2
+from pagewire.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from scheduler_svc.events import RouterConn
 
 _seq_ids = itertools.count(1)
-
-
-class RouterConn:
-    """One router's Connect stream: its live requests and the events not yet sent to it.
-
-    Events of every request and every worker engine collect here, and the stream sends them as a
-    single EventBatch: one gRPC message per step per router, not per request. Plain one-token
-    events go into packed columns (no message object per request per step).
-    """
-
-    def __init__(self) -> None:
-        self.requests: dict[str, Request] = {}
-        self.outbox: list[scheduler_pb2.TokenEvent] = []
-        self.token_rids: list[str] = []
-        self.token_ids: list[int] = []
-        self.token_indices: list[int] = []
-        self.ready = asyncio.Event()
-
-    def send(self, event: scheduler_pb2.TokenEvent) -> None:
-        self.outbox.append(event)
-        self.ready.set()
-
-    @property
-    def pending(self) -> bool:
-        return bool(self.outbox or self.token_rids)
-
-    def take(self) -> scheduler_pb2.EventBatch:
-        batch = scheduler_pb2.EventBatch(
-            events=self.outbox,
-            token_request_ids=self.token_rids,
-            token_ids=self.token_ids,
-            token_indices=self.token_indices,
-        )
-        self.outbox, self.token_rids, self.token_ids, self.token_indices = [], [], [], []
-        self.ready.clear()
-        return batch
 
 
 class Status(enum.Enum):
@@ -79,12 +52,12 @@ class Request:
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     aborted: bool = False
     # The router connection that receives this request's events (None: recovered after a restart
-    # and not resumed by any router yet).
+    # and not resumed by any router yet, or aborted).
     conn: RouterConn | None = None
-    sent: int = 0  # output tokens already given to an event (delivered once Redis has them)
-    queued: int = 0  # output tokens queued for Redis
-    checkpointed: int = 0  # output tokens in the request's own Redis list (the rest: token log)
-    flushed: int = 0  # output tokens Redis has acknowledged
+    num_evented: int = 0  # output tokens put into an event (it leaves once Redis has them)
+    num_delivered: int = 0  # output tokens handed to the router's stream (Redis has them)
+    num_logged: int = 0  # output tokens queued for Redis (the worker's token log)
+    num_checkpointed: int = 0  # output tokens in the request's own Redis string (the rest: log)
 
     # Tokens sampled by steps still in flight (their ids are not known yet; at most the depth of
     # the step pipeline). They count in num_tokens: the next decode feeds the worker's own sample.
@@ -105,7 +78,7 @@ class Request:
     # prompt's (params.prompt_logprobs), sent with the first event.
     logprobs: list[common_pb2.Logprobs] = field(default_factory=list)
     prompt_logprobs: list[common_pb2.Logprobs] = field(default_factory=list)
-    # Redis list of output tokens (the state store names it once, not per step).
+    # Redis string of output tokens (the state store names it once, not per step).
     tokens_key: str = ""
     # The scheduler's span for this request (None until first scheduled; a no-op span when the
     # request is not traced).
@@ -132,32 +105,42 @@ class Request:
         return self.status is Status.FINISHED
 
     @property
+    def unstarted(self) -> bool:
+        """Nothing of it is on its worker: no output token, no block, no token in flight."""
+        return not self.output and not self.block_table and not self.pending
+
+    @property
     def uses_prefix_cache(self) -> bool:
         """Prompt logprobs and mean pooling need every prompt position computed, and penalties
         need the worker to see every token (cached ones are never sent to it)."""
         return (self.params.prompt_logprobs is None and self.pooling != common_pb2.POOLING_MEAN
                 and not self.params.penalized)
 
+    def stop_reason(self, token: int, eos: frozenset[int], max_model_len: int) -> int:
+        """Why ``token``, just appended, ends the request (UNSPECIFIED: it does not)."""
+        p = self.params
+        # Before min_tokens the worker masks stop tokens; a stop token seen anyway is not a stop.
+        can_stop = len(self.output) > p.min_tokens
+        if can_stop and not p.ignore_eos and token in eos:
+            return common_pb2.FINISH_REASON_STOP
+        if can_stop and token in p.stop_token_ids:
+            return common_pb2.FINISH_REASON_STOP
+        if len(self.output) >= p.max_tokens or self.num_tokens >= max_model_len:
+            return common_pb2.FINISH_REASON_LENGTH
+        return common_pb2.FINISH_REASON_UNSPECIFIED
 
-def send_next_tokens(reqs: list[Request]) -> None:
-    """Each request's next unflushed token, to the router it belongs to now (not when its step
-    completed: a router may have re-attached since) -- the common case of a step, in one pass
-    with no call per request. A request no router listens to (aborted, or not re-attached yet
-    after a restart) still counts its token as flushed."""
-    conn = None
-    rids: list[str] = []
-    ids: list[int] = []
-    indices: list[int] = []
-    for req in reqs:
-        index = req.flushed
-        req.flushed = index + 1
-        c = req.conn
-        if c is None:
-            continue
-        if c is not conn:
-            conn = c
-            rids, ids, indices = c.token_rids, c.token_ids, c.token_indices
-            c.ready.set()
-        rids.append(req.request_id)
-        ids.append(req.output[index])
-        indices.append(index)
+    def recompute(self) -> None:
+        """It lost its KV (preempted, moved, its worker lost): it waits, and computes prompt +
+        output again. Results of steps already in flight no longer describe it (``epoch``).
+        Its blocks are the caller's to give back first."""
+        self.block_table, self.block_hashes = [], []
+        self.num_computed = 0
+        self.epoch += 1
+        self.on_worker = False
+        self.status = Status.WAITING
+
+    def replayed(self) -> None:
+        """Reloaded from Redis: every output token it has is there, and was delivered or will
+        be replayed on resume, so all four counters stand at its output."""
+        n = len(self.output)
+        self.num_evented = self.num_delivered = self.num_logged = n

@@ -14,7 +14,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from pagewire.redis_client import STORE_ERRORS, Client
+from pagewire.redis_client import Client
+from pagewire.store_outage import STORE_ERRORS
 
 log = logging.getLogger("scheduler.store")
 

@@ -2,7 +2,7 @@
 
 On SIGTERM a worker turns NOT_SERVING at once (``pagewire.serving.run_until_signalled``), then
 finishes what it holds. The scheduler follows that status with ``Health.Watch`` on a stream of its
-own, and a worker that is not SERVING gets no new requests (``SchedulerService.on_worker_health``).
+own, and a worker that is not SERVING gets no new requests (``Fleet.set_serving``).
 
 Why this signal and not another:
 

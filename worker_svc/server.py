@@ -1,7 +1,7 @@
 """The worker process: loads the model, owns the KV memory, executes steps over a gRPC stream.
 
 Start: ``python -m worker_svc.server --model DIR --port P [--redis-url URL]``. With Redis it
-registers itself (``workers`` set, info hash, heartbeat key with a TTL) so schedulers can find it.
+registers itself (``pagewire.worker_registry``) so schedulers can find it.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import torch
 
 import kernels
 from pagewire import config as pwconfig
-from pagewire import guarded_service, logs, metrics, redis_client, serving, tracing
+from pagewire import guarded_service, logs, metrics, redis_client, serving, tracing, worker_registry
 from pagewire.redis_keys import RedisKeys
+from pagewire.store_outage import STORE_DOWN, STORE_ERRORS
 from pagewire.tls import TLSFiles
 from pagewire.v1 import worker_pb2, worker_pb2_grpc
+from pagewire.worker_registry import WorkerEntry
 from worker_svc.constraints import Constraints
 from worker_svc.cuda_graphs import DecodeGraphs
 from worker_svc.loader import load_model, read_model_dir, resolve_dtype
@@ -166,33 +168,25 @@ async def register(
     ends the heartbeat: an error is logged, and the next beat tries again."""
     keys = RedisKeys(cfg.deployment, info.model)
     ttl_ms = int(cfg.heartbeat_s * 3000)
-    fields = {
-        "address": address,
-        "model": info.model,
-        "block_size": info.block_size,
-        "num_blocks": info.num_blocks,
-        "max_model_len": info.max_model_len,
-        "group": cfg.group,
-        "pid": os.getpid(),
-    }
+    entry = WorkerEntry(
+        worker_id=info.worker_id, address=address, model=info.model, block_size=info.block_size,
+        num_blocks=info.num_blocks, max_model_len=info.max_model_len, group=cfg.group,
+        pid=os.getpid(),
+    )
     try:
         while True:
             try:
-                async with r.pipeline(transaction=True) as p:
-                    p.sadd(keys.workers(), info.worker_id)
-                    p.hset(keys.worker_info(info.worker_id), mapping=fields)
-                    p.set(keys.worker_alive(info.worker_id), address, px=ttl_ms)
-                    await p.execute()
-            except redis_client.STORE_DOWN as e:
+                await worker_registry.beat(r, keys, entry, ttl_ms)
+            except STORE_DOWN as e:
                 # Redis is away (restarting, failing over): keep serving; the next beat
                 # registers again.
                 log.warning("heartbeat failed: %s", e)
-            except redis_client.STORE_ERRORS as e:  # not an outage: say so at every beat
+            except STORE_ERRORS as e:  # not an outage: say so at every beat
                 log.error("heartbeat refused by Redis: %s: %s", type(e).__name__, e)
             await asyncio.sleep(cfg.heartbeat_s)
     finally:
         with contextlib.suppress(Exception):
-            await r.delete(keys.worker_alive(info.worker_id))
+            await worker_registry.leave(r, keys, info.worker_id)
         await r.aclose()
 
 

@@ -39,11 +39,6 @@ class SchedulerStub:
                 request_serializer=pagewire_dot_v1_dot_scheduler__pb2.RouterMessage.SerializeToString,
                 response_deserializer=pagewire_dot_v1_dot_scheduler__pb2.EventBatch.FromString,
                 _registered_method=True)
-        self.Abort = channel.unary_unary(
-                '/pagewire.v1.Scheduler/Abort',
-                request_serializer=pagewire_dot_v1_dot_scheduler__pb2.AbortRequest.SerializeToString,
-                response_deserializer=pagewire_dot_v1_dot_scheduler__pb2.AbortResponse.FromString,
-                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -59,13 +54,6 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Abort(self, request, context):
-        """Abort a request by id, from anywhere. Idempotent.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,11 +61,6 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=pagewire_dot_v1_dot_scheduler__pb2.RouterMessage.FromString,
                     response_serializer=pagewire_dot_v1_dot_scheduler__pb2.EventBatch.SerializeToString,
-            ),
-            'Abort': grpc.unary_unary_rpc_method_handler(
-                    servicer.Abort,
-                    request_deserializer=pagewire_dot_v1_dot_scheduler__pb2.AbortRequest.FromString,
-                    response_serializer=pagewire_dot_v1_dot_scheduler__pb2.AbortResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -107,33 +90,6 @@ class Scheduler:
             '/pagewire.v1.Scheduler/Connect',
             pagewire_dot_v1_dot_scheduler__pb2.RouterMessage.SerializeToString,
             pagewire_dot_v1_dot_scheduler__pb2.EventBatch.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Abort(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/pagewire.v1.Scheduler/Abort',
-            pagewire_dot_v1_dot_scheduler__pb2.AbortRequest.SerializeToString,
-            pagewire_dot_v1_dot_scheduler__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,

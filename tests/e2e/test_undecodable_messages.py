@@ -66,7 +66,6 @@ def test_undecodable_messages_are_invalid_argument_and_logged_quietly(
     stack, http_port = http_stack
     scheduler, worker = stack.service("scheduler").address, stack.service("worker-0").address
     calls = [
-        unary(scheduler, "/pagewire.v1.Scheduler/Abort"),
         stream(scheduler, "/pagewire.v1.Scheduler/Connect"),
         unary(worker, "/pagewire.v1.Worker/Describe"),
         unary(stack.router, "/pagewire.v1.Generation/Tokenize"),

@@ -25,7 +25,7 @@ from router.errors import RequestError
 from router.placement import Placer
 from router.routing import WorkerRouter
 from router.schedulers import SchedulerGroups
-from scheduler_svc.server import SchedulerService
+from scheduler_svc.connect import SchedulerService
 
 BS = 16
 Body = Callable[[aioredis.Redis, RedisKeys, SchedulerGroups], Awaitable[None]]

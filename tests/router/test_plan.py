@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pagewire.sampling import MAX_SEED, SamplingParams
-from router.generation import Plan
+from router.generation import ValidatedRequest
 
 
-def plan(**params: object) -> Plan:
-    return Plan("req", [1, 2, 3], SamplingParams(**params), priority=7)
+def plan(**params: object) -> ValidatedRequest:
+    return ValidatedRequest("req", [1, 2, 3], SamplingParams(**params), priority=7)
 
 
 def test_one_completion_keeps_the_request_id() -> None:

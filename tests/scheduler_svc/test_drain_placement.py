@@ -17,25 +17,24 @@ from pagewire import serving
 from pagewire.redis_keys import RedisKeys
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import scheduler_pb2, worker_pb2
-from scheduler_svc.engine import WorkerEngine
-from scheduler_svc.request import RouterConn
+from scheduler_svc.connect import SchedulerService
+from scheduler_svc.events import RouterConn
 from scheduler_svc.scheduler import SchedulerLimits
-from scheduler_svc.server import SchedulerService
 from scheduler_svc.state_store import StateStore
+from scheduler_svc.step_loop import WorkerEngine
 from scheduler_svc.worker_health import WORKER_SERVICE, watch_health
 
 BS = 4
 
 
 def attach(service: SchedulerService, r: aioredis.Redis, keys: RedisKeys, wid: str) -> WorkerEngine:
-    """An engine as attach_worker makes it, marked connected (its step stream is not run here)."""
+    """An engine as discovery.attach_worker makes it, marked connected (its step stream is not run here)."""
     info = worker_pb2.WorkerInfo(worker_id=wid, block_size=BS, num_blocks=64, max_model_len=512,
                                  instance_id=uuid.uuid4().hex)
     limits = SchedulerLimits(8, 64, BS, 512, eos_token_ids=(0,))
-    engine = WorkerEngine(f"addr-{wid}", info, StateStore(r, keys, wid), limits,
-                          service.on_worker_lost, service.on_done, on_draining=service.on_draining)
+    engine = WorkerEngine(f"addr-{wid}", info, StateStore(r, keys, wid), limits, service.fleet)
     engine.connected = True
-    service.engines[wid] = engine
+    service.fleet.adopt(engine, [])
     return engine
 
 
@@ -82,17 +81,17 @@ def test_new_requests_go_around_a_draining_worker_and_unstarted_ones_follow(redi
         service = SchedulerService(pwconfig.SchedulerConfig())
         a, b = attach(service, r, keys, "w-a"), attach(service, r, keys, "w-b")
         conn = RouterConn()
-        assert service._admit(submit("early", "w-a"), conn) is None
-        assert service.placement["early"] is a
-        service.on_worker_health(a, serving=False)
+        assert service.submit(submit("early", "w-a"), conn) is None
+        assert service.fleet.engine_of("early") is a
+        service.fleet.set_serving(a, serving=False)
         assert a.draining and not b.draining
         # The router still named w-a (its view of Redis lags): the scheduler places it on w-b.
-        assert service._admit(submit("late", "w-a"), conn) is None
-        assert service.placement["late"] is b
-        hand_over = service.on_draining(a)
+        assert service.submit(submit("late", "w-a"), conn) is None
+        assert service.fleet.engine_of("late") is b
+        hand_over = service.fleet.hand_over(a)
         assert hand_over is not None
         await hand_over
-        assert service.placement["early"] is b and not a.scheduler.waiting
+        assert service.fleet.engine_of("early") is b and not a.scheduler.waiting
         assert {r.request_id for r in b.scheduler.waiting} == {"early", "late"}
         await b.store.flush()
         assert await r.hget(keys.request("early"), "worker") == b"w-b", (
@@ -108,16 +107,16 @@ def test_with_every_worker_draining_new_requests_are_refused_and_queued_ones_sta
         service = SchedulerService(pwconfig.SchedulerConfig())
         a = attach(service, r, keys, "w-a")
         conn = RouterConn()
-        assert service._admit(submit("queued"), conn) is None
-        service.on_worker_health(a, serving=False)
-        error = service._admit(submit("new"), conn)
+        assert service.submit(submit("queued"), conn) is None
+        service.fleet.set_serving(a, serving=False)
+        error = service.submit(submit("new"), conn)
         assert error is not None
         code, text = error
         assert code == grpc.StatusCode.UNAVAILABLE and "draining" in text
-        assert service.on_draining(a) is None, "no other worker: what it accepted runs there"
+        assert service.fleet.hand_over(a) is None, "no other worker: what it accepted runs there"
         assert [r.request_id for r in a.scheduler.waiting] == ["queued"]
-        service.on_worker_health(a, serving=True)  # a new instance came up
-        assert service._admit(submit("again"), conn) is None
+        service.fleet.set_serving(a, serving=True)  # a new instance came up
+        assert service.submit(submit("again"), conn) is None
 
     scenario(redis_url, body)
 

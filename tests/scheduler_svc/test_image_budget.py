@@ -55,7 +55,6 @@ def test_the_encoder_budget_spreads_images_over_steps() -> None:
     for _ in range(4):
         batch = s.schedule()
         chunks.append([(x.request.request_id, x.start, x.num_tokens) for x in batch.seqs])
-        s.drain_freed()
         s.update(batch, [7] * len(batch.sampling_order()))
     # One image (10 tokens) starts encoding per step; text before an image still runs.
     assert chunks == [[("r0", 0, 14), ("r1", 0, 2)], [("r0", 14, 16)], [("r1", 2, 12)],
@@ -73,7 +72,6 @@ def test_same_prompt_with_another_image_misses_the_prefix_cache() -> None:
         s.add(r)
         while not r.finished:
             batch = s.schedule()
-            s.drain_freed()
             s.update(batch, [7] * len(batch.sampling_order()))
         return r
 

@@ -38,7 +38,7 @@ def sampled(store: StateStore, req: Request, tokens: list[int]) -> None:
     """The worker sampled ``tokens`` for ``req``: the engine appends them and queues the write."""
     req.output.extend(tokens)
     store.generated([req])
-    req.flushed = len(req.output)
+    req.num_delivered = len(req.output)
 
 
 def test_one_flush_records_tables_tokens_and_block_places(redis_client: redis.Redis, redis_url: str) -> None:
@@ -135,6 +135,6 @@ def test_checkpoint_moves_logged_tokens_into_request_lists(redis_client: redis.R
         stored = await store.load()
         assert stored is not None
         [req] = stored.requests
-        assert req.output == [5, 6, 7] and req.checkpointed == 2
+        assert req.output == [5, 6, 7] and req.num_checkpointed == 2
 
     run(redis_url, reload)

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from pagewire.config import SchedulerConfig
 from pagewire.redis_keys import RedisKeys
-from scheduler_svc.server import discover_workers
+from scheduler_svc.discovery import discover_workers
 
 
 async def register(r: aioredis.Redis, k: RedisKeys, wid: str, group: str | None, alive: bool = True) -> None:
