@@ -270,5 +270,4 @@ def test_cached_prefix_is_shared_only_between_requests_of_the_same_salt() -> Non
         s.add(r)
         batch = s.schedule()
         assert r.num_cached == cached, rid
-        s.drain_freed()
         s.update(batch, [7] * len(batch.sampling_order()))
