@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import runpy
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,31 +94,41 @@ async def _up(args: argparse.Namespace) -> int:
     router_args = ["--http-port", str(args.http_port), *service_args["router"]]
     if args.api_key:
         router_args += ["--api-key", args.api_key]
+    # Ctrl-C / SIGTERM at any moment, starting included, stops whatever has started: a start
+    # cancelled half-way stops its services itself (start_stack), so none outlives `up`.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(start_stack(
+        model,
+        router_port=args.port,
+        worker_args=service_args["worker"],
+        scheduler_args=service_args["scheduler"],
+        router_args=router_args,
+        num_workers=args.num_workers,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+    ))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        print("pagewire up: stopped while starting", flush=True)
+        return 0
     try:
-        stack = await start_stack(
-            model,
-            router_port=args.port,
-            worker_args=service_args["worker"],
-            scheduler_args=service_args["scheduler"],
-            router_args=router_args,
-            num_workers=args.num_workers,
-            log_dir=Path(args.log_dir) if args.log_dir else None,
-        )
+        stack = starting.result()
     except RuntimeError as e:  # a service died while starting: its reason, not a traceback
         print(f"pagewire up: {e}", file=sys.stderr)
         return 1
+    finally:
+        stopping.cancel()
     try:
         print(f"pagewire up: router listening on {stack.router}", flush=True)
         if args.http_port >= 0:
             print(f"pagewire up: OpenAI-compatible API on http://127.0.0.1:{args.http_port}/v1",
                   flush=True)
         print(f'pagewire up: try  pagewire generate --addr {stack.router} "Once upon a time"', flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        import signal
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         while not stop.is_set():
             dead = [s for s in stack.services if s.process.poll() is not None]
             for svc in dead:

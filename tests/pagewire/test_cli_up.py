@@ -4,6 +4,7 @@ for, and hands each to every service that has it."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -96,3 +97,20 @@ def test_a_real_up_serves_under_its_flags(tiny_model: Path, tmp_path: Path) -> N
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+    # SIGTERM, even while `up` is still starting, leaves no service behind.
+    assert not processes_naming(str(tmp_path)) and not processes_naming(f"--http-port {http}")
+
+
+def processes_naming(text: str) -> list[int]:
+    """Live processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
