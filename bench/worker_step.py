@@ -39,6 +39,7 @@ from model_shapes import SHAPES, parse_override, write_shape
 
 from pagewire.config import WorkerConfig
 from pagewire.v1 import common_pb2, worker_pb2
+from worker_svc import compute_thread
 from worker_svc.runner import ModelRunner
 from worker_svc.server import build_runner
 from worker_svc.step_pipeline import StepPipeline
@@ -147,13 +148,13 @@ def measure(runner: ModelRunner, batch: int, args: argparse.Namespace, vocab: in
     runner.reset()
     b = Batch(batch, args.prompt_len, vocab, seed=batch)
     for step in b.prefills(8192):
-        runner.execute(step)
+        compute_thread.call(runner.execute, step)
     run_loop(runner, b.decodes(8))  # warm-up: allocator, autotuning, lazy init
     steps = args.steps
     serial = []
     for step in b.decodes(steps):
         t0 = time.perf_counter()
-        runner.execute(step)
+        compute_thread.call(runner.execute, step)
         serial.append(time.perf_counter() - t0)
     wall = run_loop(runner, b.decodes(steps)) / steps
     dev = device_seconds(runner, b.decodes(steps))
@@ -267,7 +268,7 @@ def main() -> None:
                            max_num_seqs=max(batches), packed_weights=packed == "on",
                            threads=args.threads)
         t0 = time.perf_counter()
-        runner, _ = build_runner(cfg)
+        runner, _ = compute_thread.call(build_runner, cfg)  # where the server's steps run
         start_s = time.perf_counter() - t0
         if args.bound and runner.device.type == "cuda" and "bandwidth" not in report:
             report["bandwidth_gbs"] = copy_bandwidth(runner.device) / 1e9

@@ -28,6 +28,7 @@ from pagewire.store_outage import STORE_DOWN, STORE_ERRORS
 from pagewire.tls import TLSFiles
 from pagewire.v1 import worker_pb2, worker_pb2_grpc
 from pagewire.worker_registry import WorkerEntry
+from worker_svc import compute_thread
 from worker_svc.constraints import Constraints
 from worker_svc.cuda_graphs import DecodeGraphs
 from worker_svc.loader import load_model, read_model_dir, resolve_dtype
@@ -202,7 +203,7 @@ async def serve(cfg: pwconfig.WorkerConfig) -> None:
     await serving.set_serving(health_servicer, [SERVICE], False)
     await server.start()
     log.info("loading %s", cfg.model)
-    runner, info = await asyncio.to_thread(build_runner, cfg)
+    runner, info = await compute_thread.run(build_runner, cfg)  # the thread every CPU step runs on
     service.runner, service.info = runner, info
     registry = metrics.new_registry()
     service.metrics = metrics.worker_metrics(registry, info.model, info.worker_id)

@@ -14,8 +14,8 @@ each as soon as its tokens are on the host:
 Where a launch only queues device work (CUDA) it runs on the event loop's own thread, as does a
 finish, which runs once the tokens are on the host: a thread hand-off costs more than either.
 Only the wait for the device runs in a thread, so that a step arriving meanwhile is launched. On
-the CPU, where a launch is the whole forward pass, launches and finishes run in a thread so the
-server stays responsive.
+the CPU, where a launch is the whole forward pass, launches and finishes run on the worker's one
+compute thread (:mod:`worker_svc.compute_thread`) so the server stays responsive.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from pagewire.v1 import worker_pb2
+from worker_svc import compute_thread
 from worker_svc.runner import PendingStep
 
 
@@ -98,7 +99,7 @@ class StepPipeline:
         arrival.cancel()
 
     async def _call(self, fn: Callable[..., Any], arg: Any) -> Any:
-        return fn(arg) if self.inline else await asyncio.to_thread(fn, arg)
+        return fn(arg) if self.inline else await compute_thread.run(fn, arg)
 
     async def _finish(self) -> worker_pb2.StepResult:
         pending = self.pending.popleft()

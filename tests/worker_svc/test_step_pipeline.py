@@ -10,6 +10,7 @@ token, feeding whatever the previous step sampled.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from worker_steps import BS
 
 from pagewire.config import WorkerConfig
 from pagewire.v1 import common_pb2, worker_pb2
+from worker_svc import compute_thread
 from worker_svc.runner import ModelRunner, PendingStep
 from worker_svc.server import build_runner
 from worker_svc.step_pipeline import StepPipeline
@@ -179,3 +181,28 @@ def test_on_the_cpu_a_finished_step_is_answered_before_the_next_is_launched(
 
     run_pipeline(Logged(runner), scheduled_steps(GREEDY, decodes=3))
     assert calls == [(kind, i) for i in range(1, 5) for kind in ("launch", "finish")]
+
+
+def test_on_the_cpu_every_step_runs_on_the_one_compute_thread(
+    runners: tuple[ModelRunner, ModelRunner],
+) -> None:
+    """One thread for every launch and finish, across streams, and it is the thread the server
+    loads the model on: a second thread running torch ops would be a second OpenMP team, and
+    libgomp then parks its workers between parallel regions (worker_svc/compute_thread.py)."""
+    _, runner = runners
+    threads: set[int] = set()
+
+    class Recorded(Lagging):
+        def launch(self, step: worker_pb2.Step) -> PendingStep:
+            threads.add(threading.get_ident())
+            return runner.launch(step)
+
+        def finish(self, pending: PendingStep) -> worker_pb2.StepResult:
+            threads.add(threading.get_ident())
+            return runner.finish(pending)
+
+    for _ in range(2):  # two streams, as after a scheduler reconnects
+        runner.reset()
+        run_pipeline(Recorded(runner), scheduled_steps(GREEDY, decodes=3))
+    assert threads == {compute_thread.call(threading.get_ident)}
+    assert threading.get_ident() not in threads
