@@ -1,11 +1,9 @@
-"""The compiled CPU paged decode (``csrc/paged_decode.c``): built on first use, loaded by ctypes.
+"""The compiled CPU paged decode (``csrc/paged_decode.c``): built on first use, loaded by ctypes
+(:mod:`kernels.c_library`).
 
 Decode attention on a CPU is bound by memory traffic; the C kernel reads each cached key and
-value once, where the torch path gathers them into a copy first. It needs only a C compiler with
-OpenMP (``cc``, or ``$CC``) and no torch headers, so it builds in about a second. The library is
-cached under ``$PAGEWIRE_KERNEL_CACHE`` (default ``~/.cache/pagewire/kernels``), named by a hash of
-the source, the flags and this CPU's feature flags (it is built with ``-march=native``), so a
-changed source or another CPU gets its own build.
+value once, where the torch path gathers them into a copy first. ``PAGEWIRE_CPU_DECODE=0`` turns
+it off.
 
 :func:`load` returns None when there is no compiler or the build fails; callers then use the
 torch path. The kernel handles fp32 and bf16 caches with fp32 queries, up to 64 query heads and
@@ -16,76 +14,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger("kernels.cpu_decode")
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
-# Not -ffast-math: linking with it sets flush-to-zero for the whole process that loads the
-# library (torch's arithmetic and Python's floats included). These are its parts that let the
-# reductions reorder, and that change nothing outside this library.
-FLAGS = ["-O3", "-march=native", "-funroll-loops", "-fno-math-errno", "-fno-trapping-math",
-         "-fassociative-math", "-fno-signed-zeros", "-freciprocal-math", "-fopenmp", "-shared",
-         "-fPIC", "-std=c11"]
+from kernels import c_library
+
+# The reductions may reorder (they vectorise; results stay within 1e-6 of the reference).
+FLAGS = [*c_library.BASE_FLAGS, "-funroll-loops", "-fassociative-math", "-fno-signed-zeros",
+         "-freciprocal-math"]
 _SYMBOLS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
-
-
-def _cpu_id() -> str:
-    """This CPU's model and feature flags (what -march=native compiles for)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    keep = [ln for ln in lines if ln.startswith(("flags", "model name", "Features"))]
-    return "\n".join(sorted(set(keep)))
-
-
-def _cache_dir() -> Path:
-    default = Path.home() / ".cache" / "pagewire" / "kernels"
-    return Path(os.environ.get("PAGEWIRE_KERNEL_CACHE", default))
-
-
-def _build(compiler: str, out: Path) -> None:
-    """Compile into a temporary file, then rename: concurrent builders never see half a library."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        subprocess.run([compiler, *FLAGS, "-o", str(tmp_path), str(SOURCE), "-lm"],
-                       check=True, capture_output=True, timeout=120)
-        tmp_path.replace(out)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, building it if needed; None where it cannot be built."""
-    if os.environ.get("PAGEWIRE_CPU_DECODE", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.info("no C compiler: CPU decode attention uses the torch path")
-        return None
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_id().encode()
-    ).hexdigest()[:16]
-    path = _cache_dir() / f"paged_decode-{platform.machine()}-{key}.so"
-    try:
-        if not path.exists():
-            _build(compiler, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("CPU decode kernel unavailable (%s): using the torch path", e)
+    lib = c_library.load("paged_decode.c", FLAGS, "PAGEWIRE_CPU_DECODE")
+    if lib is None:
         return None
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     for name in _SYMBOLS.values():

@@ -1,8 +1,10 @@
-"""The decoder's elementwise operations: one Triton kernel each on CUDA, torch elsewhere.
+"""The decoder's elementwise operations: one Triton kernel each on CUDA, one compiled C pass each
+for bfloat16 on the CPU, torch elsewhere.
 
 The torch versions are the definitions (Hugging Face's order of operations and roundings) and
-the CPU path; :mod:`kernels.triton_ops.elementwise` fuses each into one kernel on the GPU, where
-a handful of tiny kernels per operation cost more than the operation itself.
+the float32 CPU path; :mod:`kernels.triton_ops.elementwise` fuses each into one kernel on the
+GPU and :mod:`kernels.cpu_elementwise` into one call on the CPU, where a handful of small ops
+per operation cost more than the operation itself.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from kernels import cpu_elementwise
 from kernels.moe import act_and_mul_
 
 
@@ -37,6 +40,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tens
     ops = _fused(x)
     if ops is not None and x.dim() == 2:
         return ops.rms_norm(x, weight, eps, gemma)
+    if x.dim() == 2 and cpu_elementwise.takes(x):
+        return cpu_elementwise.rms_norm(x, weight, eps, gemma)
+    return rms_norm_torch(x, weight, eps, gemma)
+
+
+def rms_norm_torch(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
+    """The definition of :func:`rms_norm` (transformers' modules, op for op)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if gemma:
@@ -47,27 +57,44 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tens
 def rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     """Rotate-half RoPE (the Hugging Face convention) in place on the first ``2 * cos.shape[-1]``
     dims of each head (all of them unless the rope is partial). x [T, H, D]; cos/sin [T, 1, R/2]
-    in x's dtype.
-
-    The torch path works in place on the projection's output: q and k are rotated in one pass each
-    with no temporaries but a copy of the first half, which both halves' formulas read.
-    """
+    in x's dtype."""
     ops = _fused(x)
     if ops is not None:
         ops.rope_(x, cos, sin)
         return
+    if x.stride(1) == x.shape[2] and cpu_elementwise.takes(x):
+        cpu_elementwise.rope_(x, cos, sin)
+        return
+    rope_torch_(x, cos, sin)
+
+
+def rope_torch_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """The definition of :func:`rope_`: transformers' ``x * cos + rotate_half(x) * sin``, every
+    product and sum rounded to x's dtype, written back into the projection's output. In float32
+    the in-place form below rounds the same way with no temporaries but a copy of the first half;
+    in bfloat16 and float16 its fused multiply-add would round once where transformers rounds
+    twice, so the products are formed out of place."""
     x1, x2 = x[..., : 2 * cos.shape[-1]].chunk(2, dim=-1)
-    first = x1.clone()
-    x1.mul_(cos).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
-    x2.mul_(cos).addcmul_(first, sin)  # x2 cos + x1 sin
+    if x.dtype == torch.float32:
+        first = x1.clone()
+        x1.mul_(cos).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+        x2.mul_(cos).addcmul_(first, sin)  # x2 cos + x1 sin
+        return
+    rotated_first = x1 * cos - x2 * sin
+    x2.copy_(x2 * cos + x1 * sin)
+    x1.copy_(rotated_first)
 
 
 def act_and_mul(gate_up: Tensor, activation: str) -> Tensor:
     """act(gate) * up of a fused gate/up projection [T, 2 * I] -> [T, I]; one kernel for SiLU on
-    CUDA, else in place on the projection's output (kernels.moe.act_and_mul_)."""
+    CUDA and in bfloat16 on the CPU, else in place on the projection's output
+    (kernels.moe.act_and_mul_)."""
     ops = _fused(gate_up)
-    if ops is not None and activation == "silu" and gate_up.dim() == 2:
-        return ops.silu_mul(gate_up)
+    if activation == "silu" and gate_up.dim() == 2:
+        if ops is not None:
+            return ops.silu_mul(gate_up)
+        if cpu_elementwise.takes(gate_up):
+            return cpu_elementwise.silu_mul(gate_up)
     return act_and_mul_(gate_up, activation)
 
 

@@ -13,6 +13,7 @@ import torch
 from paged_case import DEVICE, ON_GPU
 
 from kernels import elementwise
+from kernels.moe import act_and_mul_
 
 pytest.importorskip("triton")
 from kernels.triton_ops import elementwise as fused  # noqa: E402
@@ -37,7 +38,7 @@ def test_rms_norm(dtype: torch.dtype, rows: int, dim: int, gemma: bool) -> None:
     g = torch.Generator().manual_seed(rows)
     x = (torch.randn(rows, dim, generator=g) * 3).to(dtype).to(DEVICE)
     w = (1 + torch.randn(dim, generator=g) * 0.1).to(dtype).to(DEVICE)
-    want = elementwise.rms_norm(x.cpu(), w.cpu(), 1e-6, gemma).to(DEVICE)
+    want = elementwise.rms_norm_torch(x.cpu(), w.cpu(), 1e-6, gemma).to(DEVICE)
     close(fused.rms_norm(x, w, 1e-6, gemma), want, dtype)
 
 
@@ -52,7 +53,7 @@ def test_rope_in_place_on_a_strided_view_of_the_fused_projection(
     angles = torch.randn(tokens, 1, rotary // 2, generator=g).double()
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     want = qkv.clone()
-    elementwise.rope_(want[:, : q_heads + kv_heads], cos, sin)
+    elementwise.rope_torch_(want[:, : q_heads + kv_heads], cos, sin)
     got = qkv.clone().to(DEVICE)
     fused.rope_(got[:, : q_heads + kv_heads], cos.to(DEVICE), sin.to(DEVICE))
     # Both against float64: the torch path rounds x1*cos before subtracting, the kernel rounds once.
@@ -73,6 +74,6 @@ def test_rope_in_place_on_a_strided_view_of_the_fused_projection(
 def test_silu_mul(dtype: torch.dtype, rows: int, inter: int) -> None:
     g = torch.Generator().manual_seed(inter)
     gate_up = (torch.randn(rows, 2 * inter, generator=g) * 4).to(dtype)
-    want = elementwise.silu_mul(gate_up.clone())
+    want = act_and_mul_(gate_up.clone(), "silu")
     got = fused.silu_mul(gate_up.to(DEVICE))
     close(got.cpu(), want, dtype)

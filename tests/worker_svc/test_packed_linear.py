@@ -1,4 +1,5 @@
-"""bfloat16 projections pre-packed for oneDNN give exactly what plain ``F.linear`` gives."""
+"""bfloat16 projections pre-packed for oneDNN give exactly what plain ``F.linear`` gives; the
+compiled bfloat16 elementwise ops decode as their torch definitions do."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from family_models import model_dir, prompts
 from torch import nn
 from worker_steps import BS, Driver
 
+from kernels import cpu_elementwise
 from pagewire.config import WorkerConfig
 from pagewire.v1 import common_pb2
 from worker_svc.models.packed_linear import PackedLinear, can_pack
@@ -48,3 +50,18 @@ def test_a_packed_model_decodes_exactly_as_the_plain_one(arch: str) -> None:
     """Qwen2's q/k/v biases, Gemma's tied embedding (its lm_head stays plain), Mixtral's router."""
     path = model_dir(arch)
     assert greedy(path, packed=True) == greedy(path, packed=False)
+
+
+@pytest.mark.skipif(cpu_elementwise.load() is None, reason="no C compiler")
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_the_compiled_elementwise_ops_decode_as_the_torch_definitions(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bfloat16 RMSNorm (Gemma's too), RoPE and SiLU-and-multiply in one C pass each: the same
+    greedy tokens as the op-by-op torch path, and logprobs within bfloat16 noise."""
+    path = model_dir(arch)
+    tokens, logprobs = greedy(path, packed=True)
+    monkeypatch.setattr(cpu_elementwise, "takes", lambda x: False)
+    plain_tokens, plain_logprobs = greedy(path, packed=True)
+    assert tokens == plain_tokens
+    assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs, strict=True)) < 1e-2

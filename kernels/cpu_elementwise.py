@@ -1,0 +1,78 @@
+"""The compiled bfloat16 elementwise operations of the CPU (``csrc/elementwise.c``), one pass and
+one call each where the torch definitions (kernels/elementwise.py) take several.
+
+Used for bfloat16 only: in float32 the torch path stays, so float32 outputs keep equalling
+transformers' bit for bit (a C sum of squares or expf may differ in the last bit). In bfloat16
+the C results equal the torch ones except where such a last bit decides a rounding
+(tests/kernels/test_cpu_elementwise.py bounds how often). ``PAGEWIRE_CPU_ELEMENTWISE=0`` turns
+them off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+from torch import Tensor
+
+from kernels import c_library
+
+FLAGS = [*c_library.BASE_FLAGS, "-mprefer-vector-width=512", "-ffp-contract=off"]
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    lib = c_library.load("elementwise.c", FLAGS, "PAGEWIRE_CPU_ELEMENTWISE", ("-lmvec", "-lm"))
+    if lib is None:
+        return None
+    i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+    signatures = {
+        "rms_norm_bf16": [ptr, i64, ptr, ptr, i64, i64, f32, i32, i32],
+        "rope_bf16": [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i32],
+        "silu_mul_bf16": [ptr, i64, ptr, i64, i64, i32],
+    }
+    for name, args in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = None, args
+    return lib
+
+
+def takes(x: Tensor) -> bool:
+    """Whether the compiled operations take ``x``: bfloat16 on the CPU, last dim contiguous."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.stride(-1) == 1
+            and load() is not None)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
+    """kernels.elementwise.rms_norm's contract for 2-D ``x`` whose rows are evenly strided."""
+    lib = load()
+    assert lib is not None and x.dim() == 2
+    rows, dim = x.shape
+    out = torch.empty((rows, dim), dtype=x.dtype)
+    w = weight.contiguous()
+    lib.rms_norm_bf16(x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), rows, dim, eps,
+                      int(gemma), torch.get_num_threads())
+    return out
+
+
+def rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """kernels.elementwise.rope_'s contract: x [T, H, D] with heads contiguous in a token,
+    cos/sin [T, 1, R/2] views with a common row stride."""
+    lib = load()
+    assert lib is not None
+    tokens, heads, dim = x.shape
+    assert x.stride(1) == dim and cos.stride(0) == sin.stride(0) and cos.stride(-1) == 1
+    lib.rope_bf16(x.data_ptr(), x.stride(0), dim, tokens, heads, cos.shape[-1], cos.data_ptr(),
+                  sin.data_ptr(), cos.stride(0), torch.get_num_threads())
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up of a fused 2-D [T, 2 * I] projection -> a new contiguous [T, I]."""
+    lib = load()
+    assert lib is not None and gate_up.dim() == 2
+    tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((tokens, inter), dtype=gate_up.dtype)
+    lib.silu_mul_bf16(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), tokens, inter,
+                      torch.get_num_threads())
+    return out

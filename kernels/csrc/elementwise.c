@@ -1,0 +1,102 @@
+/* The decoder's elementwise operations for bfloat16 on the CPU, one pass each.
+ *
+ * The torch versions (kernels/elementwise.py) are the definitions; each takes several passes
+ * over the tensor and as many dispatches (an RMSNorm is eight ops, a RoPE six), which at decode
+ * sizes cost more than the arithmetic. These compute the same thing in one pass, rounding to
+ * bfloat16 exactly where transformers' bfloat16 modules round (after every op they run in the
+ * model's dtype), so results equal transformers' bit for bit except where a float32 sum or expf
+ * differs in its last bit and that bit decides a bfloat16 rounding.
+ *
+ * Built without contraction (-ffp-contract=off: a product rounds before the sum that uses it, as
+ * in torch) and without reassociation except the sum of squares (an OpenMP simd reduction).
+ * Built at run time by kernels/cpu_elementwise.py (kernels/c_library.py); no torch headers.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#pragma omp declare simd notinbranch
+extern float expf(float); /* glibc's vector variants (libmvec) where the loop vectorises */
+
+static inline float bf(uint16_t x) {
+    uint32_t bits = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, as torch converts float to bfloat16 (NaN stays a quiet NaN). */
+static inline uint16_t to_bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf(float f) { return bf(to_bf(f)); }
+
+/* Rows in parallel only when there is enough work to pay for waking the team. */
+#define PARALLEL_MIN 32768
+
+/* y = x / sqrt(mean(x^2) + eps) in float32, then Llama's bf16(w * bf16(y)) or, gemma != 0,
+ * Gemma's bf16(y * (1 + w)). x rows are x_stride apart; out is contiguous [rows, dim]. */
+void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, uint16_t *out,
+                   int64_t rows, int64_t dim, float eps, int gemma, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * x_stride;
+        uint16_t *o = out + r * dim;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < dim; j++) s += bf(xr[j]) * bf(xr[j]);
+        const float inv = 1.0f / sqrtf(s / (float)dim + eps);
+        if (gemma) {
+#pragma omp simd
+            for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(xr[j]) * inv * (1.0f + bf(w[j])));
+        } else {
+#pragma omp simd
+            for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(w[j]) * round_bf(bf(xr[j]) * inv));
+        }
+    }
+}
+
+/* Rotate-half RoPE in place on the first 2 * half dims of each of `heads` heads of `tokens`
+ * tokens (token t, head h starts at x + t * token_stride + h * head_dim): transformers'
+ * x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin, each product and sum rounded to bfloat16.
+ * cos and sin of token t start at cos + t * cs_stride (bf16, half values each). */
+void rope_bf16(uint16_t *x, int64_t token_stride, int64_t head_dim, int64_t tokens,
+               int64_t heads, int64_t half, const uint16_t *cos, const uint16_t *sin,
+               int64_t cs_stride, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) \
+    if (tokens * heads * half >= PARALLEL_MIN)
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint16_t *c = cos + t * cs_stride, *s = sin + t * cs_stride;
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t *x1 = x + t * token_stride + h * head_dim, *x2 = x1 + half;
+#pragma omp simd
+            for (int64_t j = 0; j < half; j++) {
+                const float a = bf(x1[j]), b = bf(x2[j]), cj = bf(c[j]), sj = bf(s[j]);
+                x1[j] = to_bf(round_bf(a * cj) - round_bf(b * sj));
+                x2[j] = to_bf(round_bf(b * cj) + round_bf(a * sj));
+            }
+        }
+    }
+}
+
+/* out = bf16(bf16(silu(gate)) * up) for a fused [tokens, 2 * inter] gate/up projection whose rows
+ * are stride apart; out is contiguous [tokens, inter]. */
+void silu_mul_bf16(const uint16_t *gate_up, int64_t stride, uint16_t *out, int64_t tokens,
+                   int64_t inter, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) \
+    if (tokens * inter >= PARALLEL_MIN)
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint16_t *g = gate_up + t * stride, *u = g + inter;
+        uint16_t *o = out + t * inter;
+#pragma omp simd
+        for (int64_t j = 0; j < inter; j++) {
+            const float x = bf(g[j]);
+            o[j] = to_bf(round_bf(x / (1.0f + expf(-x))) * bf(u[j]));
+        }
+    }
+}

@@ -1,0 +1,88 @@
+"""The compiled bfloat16 RMSNorm, RoPE and SiLU-and-multiply of the CPU against their definitions.
+
+Each rounds to bfloat16 where transformers' bfloat16 modules round, so it equals the op-by-op
+torch result except where a float32 sum or expf differs in its last bit and that bit decides a
+bfloat16 rounding: at most one element in 10,000, and then by one bfloat16 step.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels import cpu_elementwise, elementwise
+from kernels.moe import act_and_mul_
+
+pytestmark = pytest.mark.skipif(cpu_elementwise.load() is None, reason="no C compiler")
+BF16 = torch.bfloat16
+
+
+def nearly_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal in all but 1 in 10,000 elements; those within one bfloat16 step of the value."""
+    assert got.dtype == want.dtype == BF16 and got.shape == want.shape
+    differ = got != want
+    assert differ.float().mean().item() <= 1e-4
+    step = want.float().abs() * 2**-7
+    assert ((got.float() - want.float()).abs() <= step)[differ].all()
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 64), (7, 896), (300, 512), (64, 4096)])
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+def test_rms_norm_rounds_as_transformers_does(rows: int, dim: int, gemma: bool) -> None:
+    g = torch.Generator().manual_seed(rows + dim)
+    x = (torch.randn(rows, dim, generator=g) * 3).to(BF16)
+    w = (1 + torch.randn(dim, generator=g) * 0.3).to(BF16)
+    nearly_equal(cpu_elementwise.rms_norm(x, w, 1e-6, gemma),
+                 elementwise.rms_norm_torch(x, w, 1e-6, gemma))
+
+
+def test_rms_norm_reads_rows_of_a_wider_tensor() -> None:
+    """A view whose rows are further apart than their length (a slice of a fused output)."""
+    wide = torch.randn(5, 96).to(BF16)
+    x, w = wide[:, 16:80], torch.randn(64).to(BF16)
+    assert torch.equal(cpu_elementwise.rms_norm(x, w, 1e-5, False),
+                       elementwise.rms_norm_torch(x.contiguous(), w, 1e-5, False))
+
+
+@pytest.mark.parametrize("dim,rotary", [(64, 64), (128, 128), (64, 32)], ids=["64", "128", "partial"])
+def test_rope_is_transformers_rotate_half_in_bfloat16(dim: int, rotary: int) -> None:
+    """x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin, every product and sum rounded to bfloat16,
+    in place on q and k of the fused projection (v untouched)."""
+    tokens, q_heads, kv_heads = 9, 6, 2
+    g = torch.Generator().manual_seed(dim + rotary)
+    qkv = torch.randn(tokens, q_heads + 2 * kv_heads, dim, generator=g).to(BF16)
+    table = torch.randn(tokens, 1, rotary, generator=g).to(BF16)
+    cos, sin = table.chunk(2, dim=-1)
+    got = qkv.clone()
+    cpu_elementwise.rope_(got[:, : q_heads + kv_heads], cos, sin)
+    qk = qkv[:, : q_heads + kv_heads]
+    x1, x2 = qk[..., : rotary // 2], qk[..., rotary // 2 : rotary]
+    want = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, qk[..., rotary:]], dim=-1)
+    assert torch.equal(got[:, : q_heads + kv_heads], want)
+    assert torch.equal(got[:, q_heads + kv_heads :], qkv[:, q_heads + kv_heads :])
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 64), (9, 1408), (64, 4864)])
+def test_silu_mul(rows: int, inter: int) -> None:
+    g = torch.Generator().manual_seed(inter)
+    gate_up = (torch.randn(rows, 2 * inter, generator=g) * 4).to(BF16)
+    got = cpu_elementwise.silu_mul(gate_up)
+    assert got.is_contiguous()
+    nearly_equal(got, act_and_mul_(gate_up.clone(), "silu"))
+
+
+def test_the_decoder_uses_them_for_bfloat16_on_the_cpu_only() -> None:
+    x = torch.randn(3, 64)
+    assert cpu_elementwise.takes(x.to(BF16))
+    assert not cpu_elementwise.takes(x)  # float32: the definitions, exact against transformers
+    assert not cpu_elementwise.takes(x.to(BF16).t())  # last dim not contiguous
+
+
+def test_turned_off_by_environment() -> None:
+    code = "from kernels import cpu_elementwise\nassert cpu_elementwise.load() is None\n"
+    env = {**os.environ, "PAGEWIRE_CPU_ELEMENTWISE": "0"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
