@@ -4,6 +4,8 @@ graphs, in the worker's process (no scheduler, no gRPC): what the worker's host 
     python bench/worker_step.py --shape qwen2.5-0.5b --batches 1,8,64,256
     python bench/worker_step.py --shape llama-3.1-8b --batches 1 --steps 128 --bound
     python bench/worker_step.py --device cpu --graphs off --packed on,off --rounds 3   # CPU bf16
+    python bench/worker_step.py --device cpu --graphs off --elementwise on,off --rounds 5 \
+        --model ~/.cache/pagewire/models/small-seed0 --batches 1,16,64 --prompt-len 256 --threads 2
 
 For each batch size: the batch's prompts are prefilled, then ``--steps`` decode steps are run the
 way the scheduler sends them (two in flight, each decode feeding the token the step before it
@@ -15,7 +17,10 @@ sampled) through the worker's own step loop. Reported per step:
 - ``host_share``: 1 - device_ms / wall_ms, the time the device sat idle waiting for the host.
 
 ``--packed on,off`` compares the CPU's pre-packed bfloat16 projections with plain ``F.linear``;
-``--rounds N`` repeats every variant N times, alternating, and the table gives medians and ranges.
+``--elementwise on,off`` the CPU's compiled bfloat16 RMSNorm/RoPE/SiLU (kernels/cpu_elementwise.py)
+with their torch definitions; ``--rounds N`` repeats every variant N times, alternating, and the
+table gives medians and ranges. ``--model DIR`` runs a model directory (its real weights) instead
+of a dummy-weight ``--shape``.
 
 ``--bound`` adds the memory-bandwidth bound of a decode step: weight bytes plus the K/V bytes it
 reads, over the device-to-device copy bandwidth measured in the same run (bytes read + written).
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -37,6 +43,7 @@ import numpy as np
 import torch
 from model_shapes import SHAPES, parse_override, write_shape
 
+from kernels import cpu_elementwise
 from pagewire.config import WorkerConfig
 from pagewire.v1 import common_pb2, worker_pb2
 from worker_svc import compute_thread
@@ -182,13 +189,26 @@ def bound(runner: ModelRunner, context: int, bandwidth: float) -> dict:
             "bound_tok_s": 1 / step_s}
 
 
+VARIANT = ("graphs", "packed", "elementwise")
+
+
+def variant(run: dict) -> tuple[str, ...]:
+    return tuple(run.get(k, "on") for k in VARIANT)
+
+
+def use_elementwise(on: bool) -> None:
+    """Switch the compiled CPU elementwise ops on or off for the runners built from now on."""
+    os.environ["PAGEWIRE_CPU_ELEMENTWISE"] = "1" if on else "0"
+    cpu_elementwise.load.cache_clear()
+
+
 def print_table(runs: list[dict]) -> None:
     """One row per variant and batch: medians over rounds, [min-max] when there were several."""
     cols = ["wall_ms", "serial_ms", "device_ms", "host_share", "tok_s", "of_bound"]
-    print(" | ".join(["graphs", "packed", "batch", *cols]))
+    print(" | ".join([*VARIANT, "batch", *cols]))
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["graphs"], r["packed"], r["batch"]), []).append(r)
+        groups.setdefault((*variant(r), r["batch"]), []).append(r)
     for key, rows in groups.items():
         cells = []
         for c in cols:
@@ -209,14 +229,14 @@ def plot(report: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    variants = sorted({(r["graphs"], r.get("packed", "on")) for r in report["runs"]})
-    for (graphs, packed), marker in zip(variants, "os^v", strict=False):
-        runs = [r for r in report["runs"] if (r["graphs"], r.get("packed", "on")) == (graphs, packed)]
+    variants = sorted({variant(r) for r in report["runs"]})
+    for v, marker in zip(variants, "os^v<>", strict=False):
+        runs = [r for r in report["runs"] if variant(r) == v]
         by_batch: dict[int, list[dict]] = {}
         for r in runs:
             by_batch.setdefault(r["batch"], []).append(r)
         batches = sorted(by_batch)
-        label = f"graphs {graphs}, packed {packed}"
+        label = ", ".join(f"{k} {x}" for k, x in zip(VARIANT, v, strict=True))
         ax.plot(batches, [statistics.median(r["wall_ms"] for r in by_batch[b]) for b in batches],
                 marker=marker, label=f"step, {label}")
         if all("device_ms" in r for r in runs):
@@ -243,6 +263,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--graphs", default="on,off", help="on, off, or on,off")
     p.add_argument("--packed", default="on", help="on, off, or on,off (CPU bfloat16 weights)")
+    p.add_argument("--elementwise", default="on", help="on, off, or on,off (CPU bfloat16 C ops)")
+    p.add_argument("--model", default="", help="a model directory (real weights) instead of --shape")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -256,13 +278,19 @@ def main() -> None:
         print(plot(json.loads(Path(args.replot).read_text()), Path(args.replot)))
         return
     batches = [int(x) for x in args.batches.split(",")]
-    model_dir = write_shape(args.shape, tempfile.mkdtemp(), parse_override(args.override))
+    if args.model:
+        model_dir = Path(args.model).expanduser()
+    else:
+        model_dir = write_shape(args.shape, tempfile.mkdtemp(), parse_override(args.override))
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     blocks = max(batches) * (-(-(args.prompt_len + 4 * args.steps + 16) // BLOCK)) + 16
-    report: dict = {"shape": args.shape, "override": args.override, "args": vars(args), "runs": []}
-    variants = [(g, p) for g in args.graphs.split(",") for p in args.packed.split(",")]
-    for graphs, packed in variants * args.rounds:
-        cfg = WorkerConfig(model=str(model_dir), load_format="dummy", dtype=args.dtype,
+    report: dict = {"shape": args.model or args.shape, "override": args.override, "args": vars(args), "runs": []}
+    variants = [(g, p, e) for g in args.graphs.split(",") for p in args.packed.split(",")
+                for e in args.elementwise.split(",")]
+    for graphs, packed, elementwise in variants * args.rounds:
+        use_elementwise(elementwise == "on")
+        cfg = WorkerConfig(model=str(model_dir), load_format="" if args.model else "dummy",
+                           dtype=args.dtype,
                            device=args.device, num_blocks=blocks, block_size=BLOCK,
                            max_model_len=args.max_model_len, cuda_graphs=graphs == "on",
                            max_num_seqs=max(batches), packed_weights=packed == "on",
@@ -273,7 +301,7 @@ def main() -> None:
         if args.bound and runner.device.type == "cuda" and "bandwidth" not in report:
             report["bandwidth_gbs"] = copy_bandwidth(runner.device) / 1e9
         for batch in batches:
-            row = {"graphs": graphs, "packed": packed, "start_s": start_s,
+            row = {"graphs": graphs, "packed": packed, "elementwise": elementwise, "start_s": start_s,
                    **measure(runner, batch, args, vocab)}
             if args.bound and "bandwidth_gbs" in report:
                 row.update(bound(runner, row["context"], report["bandwidth_gbs"] * 1e9))
