@@ -1,6 +1,6 @@
 """What router and worker both read from a model directory's ``config.json``.
 
-A vision-language checkpoint (LLaVA) nests its decoder's config under ``text_config``; the
+A vision-language checkpoint (LLaVA, Qwen2.5-VL) nests its decoder's config under ``text_config``; the
 vocabulary, context length and decoder shape are read there, and the image side from the top.
 """
 
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
+VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"})
 # A nested text_config may carry only model_type; the decoder family it names.
 TEXT_ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen2_5_vl_text": "Qwen2_5_VLTextModel",  # the Qwen2 decoder with M-RoPE
 }
 
 
