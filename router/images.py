@@ -98,13 +98,18 @@ class ModelImages:
         grid = tuple(int(g) for g in out["image_grid_thw"][0])  # one image: all its patches
         return prepare(np.asarray(out["pixel_values"], dtype=np.float32), grid)
 
+    def refuse_unserved(self, ids: list[int], field: str) -> None:
+        """INVALID_ARGUMENT naming ``field`` if ``ids`` hold a placeholder of an input pagewire
+        does not take (Qwen's ``<|video_pad|>``: video)."""
+        for token, why in self.refused.items():
+            if token in ids:
+                raise RequestError.invalid(field, f"contains the video placeholder; {why}")
+
     def expand(self, ids: list[int], pixels: list[PreparedImage]
                ) -> tuple[list[int], list[common_pb2.ImageInput]]:
         """``ids`` with each image's one placeholder token (as the chat template wrote it)
         repeated to the image's length, and each image's run."""
-        for token, why in self.refused.items():
-            if token in ids:
-                raise RequestError.invalid("messages", why)
+        self.refuse_unserved(ids, "messages")
         at = [i for i, t in enumerate(ids) if t == self.token_id]
         if len(at) != len(pixels):
             raise RequestError.invalid("messages", f"the text contains the image placeholder "

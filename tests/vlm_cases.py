@@ -77,16 +77,16 @@ def image_inputs(path: Path, inputs: dict) -> list[common_pb2.ImageInput]:
     if cfg.model_type == "llava":  # LLaVA: fixed size; adjacent images make one run
         per_image = cfg.image_seq_length
         at = [i for i, t in enumerate(ids) if t == token][::per_image]
-        return [image_input(inputs["pixel_values"][j].numpy(), start, per_image)
+        return [image_input(np.asarray(inputs["pixel_values"][j]), start, per_image)
                 for j, start in enumerate(at)]
     # Qwen2.5-VL: each image is its own run (between vision_start and vision_end).
     starts = [i for i, t in enumerate(ids) if t == token and (i == 0 or ids[i - 1] != token)]
     merge = cfg.vision_config.spatial_merge_size
     out, row = [], 0
-    grids = inputs["image_grid_thw"].tolist() if starts else []
+    grids = np.asarray(inputs["image_grid_thw"]).tolist() if starts else []
     for start, grid in zip(starts, grids, strict=True):
         n = grid[0] * grid[1] * grid[2]
-        out.append(image_input(inputs["pixel_values"][row : row + n].numpy(), start,
+        out.append(image_input(np.asarray(inputs["pixel_values"][row : row + n]), start,
                                n // merge**2, tuple(grid)))
         row += n
     return out

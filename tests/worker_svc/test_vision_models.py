@@ -1,9 +1,12 @@
-"""The worker's LLaVA (its own CLIP tower, projector and decoder) against transformers.
+"""The worker's vision-language models against transformers, for each family: LLaVA (its own
+CLIP tower, projector and decoder) and Qwen2.5-VL (window-attention ViT, patch merger, the Qwen2
+decoder with M-RoPE positions).
 
 Image features must equal transformers' ``get_image_features``; then whole requests with 0, 1
 and 2 images run through the runner as the scheduler drives it, with prefill chunks that split
-placeholder runs across steps and blocks, and must give transformers' greedy tokens exactly and
-its log-probabilities at every prompt position within 1e-4.
+placeholder runs across steps and blocks (and, for Qwen2.5-VL, so its 3-D positions and the
+offset after each image), and must give transformers' greedy tokens exactly and its
+log-probabilities at every prompt position within 1e-4.
 """
 
 from __future__ import annotations
@@ -23,35 +26,40 @@ N_OUT = 8
 TEXTS = ("What is in this picture?", "Describe both, briefly.", "Say something.")
 
 
-def test_image_features_equal_transformers(llava_model: Path) -> None:
-    runner = runner_for(llava_model)
-    inputs = vlm_cases.hf_inputs(llava_model, "hi", [vlm_cases.image(0), vlm_cases.image(1)])
+def test_image_features_equal_transformers(vlm_model: Path) -> None:
+    runner = runner_for(vlm_model)
+    images = [vlm_cases.image(0), vlm_cases.image(1), vlm_cases.image(3)]
+    inputs = vlm_cases.hf_inputs(vlm_model, "hi", images)
+    grid = {"image_grid_thw": inputs["image_grid_thw"]} if "image_grid_thw" in inputs else {}
     with torch.inference_mode():
-        ref = vlm_cases.hf_model(llava_model).model.get_image_features(
-            pixel_values=inputs["pixel_values"]).pooler_output
-    got = runner.model.vision(inputs["pixel_values"])
-    torch.testing.assert_close(got, torch.stack(list(ref)), atol=1e-5, rtol=0)
+        ref = vlm_cases.hf_model(vlm_model).model.get_image_features(
+            pixel_values=inputs["pixel_values"], **grid).pooler_output
+    ours = runner.model.vision
+    assert ours is not None
+    for im, want in zip(vlm_cases.image_inputs(vlm_model, inputs), ref, strict=True):
+        got = ours.encode(torch.from_numpy(pixels(im).copy()), tuple(im.grid_thw))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("chunk", [1 << 30, 7])
-def test_requests_with_0_1_2_images_match_transformers(llava_model: Path, chunk: int) -> None:
-    runner = runner_for(llava_model)
+def test_requests_with_0_1_2_images_match_transformers(vlm_model: Path, chunk: int) -> None:
+    runner = runner_for(vlm_model)
     driver = Driver(runner)
     cases = {}
     for sid, n_images in enumerate((0, 1, 2, 1), start=1):
         imgs = [vlm_cases.image(sid * 3 + j) for j in range(n_images)]
-        inputs = vlm_cases.hf_inputs(llava_model, TEXTS[sid % 3], imgs)
+        inputs = vlm_cases.hf_inputs(vlm_model, TEXTS[sid % 3], imgs)
         ids = inputs["input_ids"][0].tolist()
-        images = vlm_cases.image_inputs(llava_model, inputs)
+        images = vlm_cases.image_inputs(vlm_model, inputs)
         assert len(images) == n_images
         cases[sid] = (inputs, ids)
         params = common_pb2.SamplingParams(temperature=0.0, prompt_logprobs=0)
         driver.add(sid, ids, params, images=images)
     got = driver.run(N_OUT, chunk=chunk)
     for sid, (inputs, ids) in cases.items():
-        assert got[sid] == vlm_cases.hf_generate(llava_model, inputs, N_OUT), sid
+        assert got[sid] == vlm_cases.hf_generate(vlm_model, inputs, N_OUT), sid
         with torch.inference_mode():
-            ref = vlm_cases.hf_model(llava_model)(**inputs).logits[0].float().log_softmax(-1)
+            ref = vlm_cases.hf_model(vlm_model)(**inputs).logits[0].float().log_softmax(-1)
         lps = [lp for c in driver.tracks[sid].prompt_logprobs for lp in c.positions]
         want = torch.tensor([float(ref[i, ids[i + 1]]) for i in range(len(ids) - 1)])
         torch.testing.assert_close(torch.tensor([lp.logprob for lp in lps]), want, atol=1e-4,
@@ -60,26 +68,26 @@ def test_requests_with_0_1_2_images_match_transformers(llava_model: Path, chunk:
     assert runner.encoder.encoded == 4
 
 
-def test_a_different_image_changes_the_answer(llava_model: Path) -> None:
+def test_a_different_image_changes_the_answer(vlm_model: Path) -> None:
     """The oracle is sharp: the image, not only the text, decides the greedy tokens."""
     outs = {
-        tuple(vlm_cases.hf_generate(llava_model, vlm_cases.hf_inputs(
-            llava_model, TEXTS[0], [vlm_cases.image(seed)]), N_OUT))
+        tuple(vlm_cases.hf_generate(vlm_model, vlm_cases.hf_inputs(
+            vlm_model, TEXTS[0], [vlm_cases.image(seed)]), N_OUT))
         for seed in range(4)
     }
     assert len(outs) == 4
 
 
-def test_preempted_image_request_recomputes_the_same_tokens(llava_model: Path) -> None:
-    runner = runner_for(llava_model)
+def test_preempted_image_request_recomputes_the_same_tokens(vlm_model: Path) -> None:
+    runner = runner_for(vlm_model)
     driver = Driver(runner)
-    inputs = vlm_cases.hf_inputs(llava_model, TEXTS[1], [vlm_cases.image(5), vlm_cases.image(6)])
+    inputs = vlm_cases.hf_inputs(vlm_model, TEXTS[1], [vlm_cases.image(5), vlm_cases.image(6)])
     ids = inputs["input_ids"][0].tolist()
-    images = vlm_cases.image_inputs(llava_model, inputs)
+    images = vlm_cases.image_inputs(vlm_model, inputs)
     driver.add(1, ids, common_pb2.SamplingParams(temperature=0.0), images=images)
     driver.run(3, chunk=9)
     driver.preempt(1)
-    assert driver.run(N_OUT, chunk=9)[1] == vlm_cases.hf_generate(llava_model, inputs, N_OUT)
+    assert driver.run(N_OUT, chunk=9)[1] == vlm_cases.hf_generate(vlm_model, inputs, N_OUT)
     assert runner.encoder.encoded == 4  # twice each: the resend rebuilt the cache
 
 
