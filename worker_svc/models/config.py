@@ -157,6 +157,10 @@ def _mrope_section(hf: dict[str, Any], fam: Family, head_dim: int) -> tuple[int,
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     section = params.get("mrope_section") if isinstance(params, dict) else None
     if not fam.mrope:
+        kind = params.get("rope_type", params.get("type")) if isinstance(params, dict) else None
+        if kind == "mrope":
+            raise Unsupported("rope_scaling.rope_type", kind,
+                              "multimodal rotary positions are served for Qwen2.5-VL only")
         if section is not None:
             raise Unsupported("rope_parameters.mrope_section", section,
                               "multimodal rotary positions are served for Qwen2.5-VL only")
