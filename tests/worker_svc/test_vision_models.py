@@ -130,3 +130,49 @@ def test_a_sparse_llava_hf_config_reads_as_transformers_reads_it() -> None:
     assert not ours.tie_word_embeddings and ours.activation == "silu"
     vision = VisionConfig.from_hf(hf)
     assert vision.tokens_per_image == 576 and vision.num_layers == 23 and vision.act == "quick_gelu"
+
+
+def test_a_flat_qwen2_5_vl_hub_config_reads_as_transformers_reads_it() -> None:
+    """Qwen2.5-VL's hub config.json keeps the decoder's keys at the top level and names M-RoPE
+    in transformers 4's rope_scaling; transformers moves them into its text config."""
+    from transformers import Qwen2_5_VLConfig
+
+    from pagewire.model_dir import text_config
+    from worker_svc.models.config import ModelConfig
+    from worker_svc.models.qwen_vision import QwenVisionConfig
+
+    hf = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+        "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584,
+        "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000,
+        "max_window_layers": 28, "model_type": "qwen2_5_vl", "num_attention_heads": 28,
+        "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 152064,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280,
+                          "intermediate_size": 3420, "num_heads": 16, "in_chans": 3,
+                          "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
+                          "spatial_patch_size": 14, "window_size": 112,
+                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+                          "temporal_patch_size": 2},
+    }
+    ours = ModelConfig.from_hf(text_config(hf))
+    ref = Qwen2_5_VLConfig(**{k: v for k, v in hf.items() if k != "architectures"})
+    t, v = ref.text_config, ref.vision_config
+    assert (ours.hidden_size, ours.num_hidden_layers, ours.num_key_value_heads, ours.head_dim,
+            ours.vocab_size, ours.rms_norm_eps) == (t.hidden_size, t.num_hidden_layers,
+                                                     t.num_key_value_heads, 128, t.vocab_size,
+                                                     t.rms_norm_eps)
+    assert ours.mrope_section == tuple(t.rope_parameters["mrope_section"]) == (16, 24, 24)
+    assert ours.rope["full_attention"].theta == t.rope_parameters["rope_theta"]
+    assert ours.qkv_bias and not ours.tie_word_embeddings and ours.sliding_window is None
+    vision = QwenVisionConfig.from_hf(hf)
+    assert (vision.depth, vision.hidden_size, vision.num_heads, vision.window_size,
+            vision.merge, vision.in_channels, vision.out_hidden_size, vision.full_blocks) == (
+        v.depth, v.hidden_size, v.num_heads, v.window_size, v.spatial_merge_size,
+        v.in_channels, v.out_hidden_size, frozenset(v.fullatt_block_indexes))
+    assert vision.image_token_id == ref.image_token_id

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pagewire.model_dir import text_config
+from pagewire.model_dir import FLAT_TEXT_KEYS, text_config
 from worker_svc.models.layers import RMSNorm
 from worker_svc.models.refusal import Unsupported, check_keys, require
 from worker_svc.models.vision import ACTS
@@ -37,7 +37,11 @@ _VISION_KEYS = frozenset({
     "patch_size", "spatial_merge_size", "temporal_patch_size", "window_size", "out_hidden_size",
     "fullatt_block_indexes", "rope_parameters",
     "tokens_per_second",  # spaces video frames' temporal positions; images have one frame
+    # Hub configs' older names, which transformers does not read (it uses in_channels and
+    # patch_size): accepted only where they agree with what it reads.
+    "in_chans", "spatial_patch_size",
 })
+_TOP_INERT = frozenset({"vision_token_id"})  # hub configs: unused by transformers' model
 EPS = 1e-6  # transformers' Qwen2.5-VL vision norms use this whatever the config says
 
 
@@ -64,11 +68,20 @@ class QwenVisionConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> QwenVisionConfig:
-        check_keys({k: v for k, v in hf.items() if k != "text_config"}, _TOP_KEYS)
+        top = {k: v for k, v in hf.items() if k != "text_config"
+               and ("text_config" in hf or k not in FLAT_TEXT_KEYS)}
+        check_keys(top, _TOP_KEYS | _TOP_INERT)
         v = dict(hf["vision_config"])
+        # Old checkpoints name the vision config qwen2_5_vl; transformers reads it as vision.
         require("vision_config.model_type", v.get("model_type", "qwen2_5_vl_vision"),
-                ("qwen2_5_vl_vision",))
+                ("qwen2_5_vl_vision", "qwen2_5_vl"))
+        v.pop("model_type", None)
         check_keys(v, _VISION_KEYS)
+        for old, new, default in (("in_chans", "in_channels", 3),
+                                  ("spatial_patch_size", "patch_size", 14)):
+            if old in v and v[old] != v.get(new, default):
+                raise Unsupported(f"vision_config.{old}", v[old], f"transformers reads {new}="
+                                  f"{v.get(new, default)} and ignores {old}")
         rope = dict(v.get("rope_parameters") or {"rope_type": "axial"})
         require("vision_config.rope_parameters.rope_type", rope.get("rope_type", "axial"),
                 ("axial",))
