@@ -36,7 +36,6 @@ MERGE_SIZE = 2
 FACTOR = PATCH_SIZE * MERGE_SIZE  # resized sides are multiples of this: one placeholder each
 MIN_PIXELS = 4 * FACTOR * FACTOR  # at least 4 placeholders
 MAX_PIXELS = 48 * FACTOR * FACTOR  # at most 48
-MROPE_SECTION = [4, 6, 6]  # (t, h, w) shares of the tiny decoder's 16 rotary frequencies
 VISION_GAIN = 1.0
 
 QWENVL_CHAT_TEMPLATE = (
@@ -70,7 +69,7 @@ def qwenvl_config(size: str = "tiny"):  # -> Qwen2_5_VLConfig
         "bos_token_id", "eos_token_id", "pad_token_id")}
     assert base["head_dim"] == base["hidden_size"] // base["num_attention_heads"]
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
-                               "mrope_section": MROPE_SECTION}
+                               "mrope_section": mrope_section(base["head_dim"])}
     vision = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4,
                   patch_size=PATCH_SIZE, spatial_merge_size=MERGE_SIZE, temporal_patch_size=2,
                   window_size=2 * FACTOR, fullatt_block_indexes=[1, 3],
@@ -83,6 +82,14 @@ def qwenvl_config(size: str = "tiny"):  # -> Qwen2_5_VLConfig
     )
     cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     return cfg
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """(t, h, w) shares of the rotary frequencies in Qwen2.5-VL's proportions (16, 24, 24 of
+    64): (4, 6, 6) for the tiny decoder's head_dim 32."""
+    half = head_dim // 2
+    t = half // 4
+    return [t, (half - t) // 2, half - t - (half - t) // 2]
 
 
 def _vision_std(name: str, shape: tuple[int, ...]) -> float | None:
