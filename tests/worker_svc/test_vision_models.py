@@ -17,7 +17,7 @@ import pytest
 import torch
 import vlm_cases
 from family_models import runner_for
-from worker_steps import Driver
+from worker_steps import BS, Driver
 
 from pagewire.images import pixels
 from pagewire.v1 import common_pb2
@@ -89,6 +89,27 @@ def test_preempted_image_request_recomputes_the_same_tokens(vlm_model: Path) -> 
     driver.preempt(1)
     assert driver.run(N_OUT, chunk=9)[1] == vlm_cases.hf_generate(vlm_model, inputs, N_OUT)
     assert runner.encoder.encoded == 4  # twice each: the resend rebuilt the cache
+
+
+def test_a_prefix_hit_that_starts_inside_an_image_gives_the_same_tokens(vlm_model: Path
+                                                                        ) -> None:
+    """The scheduler reuses whole cached blocks, so a hit may end inside a placeholder run: the
+    worker gets the sequence ``new`` from there with all its images, encodes the cut image for
+    the rest of its run and (Qwen2.5-VL) positions every token after the earlier images."""
+    runner = runner_for(vlm_model)
+    driver = Driver(runner)
+    inputs = vlm_cases.hf_inputs(vlm_model, TEXTS[2], [vlm_cases.image(7), vlm_cases.image(8)])
+    ids = inputs["input_ids"][0].tolist()
+    images = vlm_cases.image_inputs(vlm_model, inputs)
+    greedy = common_pb2.SamplingParams(temperature=0.0)
+    driver.add(1, ids, greedy, images=images)
+    driver.run(N_OUT, chunk=9)
+    second = images[1]
+    cached = (second.offset + second.length // 2) // BS * BS  # whole blocks, mid second image
+    assert second.offset < cached < second.offset + second.length
+    driver.add_prefix_hit(2, 1, cached, ids, greedy, images=images)
+    out = driver.run(N_OUT, chunk=5)
+    assert out[2] == out[1] == vlm_cases.hf_generate(vlm_model, inputs, N_OUT)
 
 
 def test_pixels_round_trip_through_the_message(llava_model: Path) -> None:
