@@ -2,7 +2,8 @@
 
     python bench/image_ttft.py --rounds 5 --modes off,on,off,on
 
-Starts the stack (Redis, worker, scheduler, router; the small LLaVA test model) once per mode --
+Starts the stack (Redis, worker, scheduler, router; the small LLaVA test model, or ``--arch
+qwen2_5_vl``'s small Qwen2.5-VL) once per mode --
 ``off``: the router's image cache off (``--image-cache-bytes 0``), ``on``: the default -- with
 OpenTelemetry's console exporter, so each request's spans land in the service logs. Each round
 sends ``--concurrent`` chats at once (default 1), each with ``--images`` new random PNGs, then the
@@ -41,8 +42,12 @@ from pagewire import serving
 from pagewire.launcher import start_stack
 from pagewire.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
-MODEL = Path.home() / ".cache/pagewire/models/llava-small-seed0"
+MODELS = Path.home() / ".cache/pagewire/models"
 PARTS = ("router", "submit", "sched", "worker", "return")
+
+
+def model_dir(arch: str) -> Path:
+    return MODELS / f"{arch.replace('_', '')}-small-seed0"  # llava-small-seed0 as before
 
 
 def png(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
@@ -73,7 +78,7 @@ async def ttft(stub: generation_pb2_grpc.GenerationStub, request) -> tuple[int, 
 async def run_mode(mode: str, args: argparse.Namespace, logs: Path, seed: int) -> list[dict]:
     env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "200"}
     router_args = ["--image-cache-bytes", "0"] if mode == "off" else []
-    stack = await start_stack(str(MODEL), worker_args=["--threads", str(args.threads)],
+    stack = await start_stack(str(model_dir(args.arch)), worker_args=["--threads", str(args.threads)],
                               router_args=router_args, log_dir=logs, env=env)
     rng = np.random.default_rng(seed)
     size = tuple(int(x) for x in args.image_size.split("x"))
@@ -172,12 +177,17 @@ async def main() -> None:
     p.add_argument("--image-size", default="640x480")
     p.add_argument("--words", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--arch", default="llava", choices=("llava", "qwen2_5_vl"),
+                   help="the small test model of this vision-language family")
     p.add_argument("--out", default="bench_image_ttft.json")
     args = p.parse_args()
-    if not (MODEL / "config.json").exists():
+    model = model_dir(args.arch)
+    if not (model / "config.json").exists():
+        from pagewire.testmodel_qwenvl import make_qwenvl_model
         from pagewire.testmodel_vlm import make_llava_model
 
-        make_llava_model(MODEL, seed=0, size="small")
+        make = make_llava_model if args.arch == "llava" else make_qwenvl_model
+        make(model, seed=0, size="small")
     modes = args.modes.split(",")
     records = []
     for i, mode in enumerate(modes):

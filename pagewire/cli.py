@@ -22,7 +22,7 @@ from pagewire.config import add_arguments, flag_args
 DEFAULT_ADDR = "127.0.0.1:50051"
 # make-model --arch: pagewire.testmodel_arch.ARCHS (kept here so --help needs no torch import).
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "mixtral",
-         "qwen3_moe", "llava")
+         "qwen3_moe", "llava", "qwen2_5_vl")
 # The service settings ``pagewire up`` offers, as ``vllm serve`` does: each flag named, typed and
 # documented as the service's own (pagewire/config.py) and handed to every service that has it
 # (``--served-model-name`` and ``--max-model-len`` reach worker and router, ``--max-num-seqs``
@@ -52,6 +52,10 @@ def cmd_make_model(args: argparse.Namespace) -> None:
         from pagewire.testmodel_vlm import make_llava_model
 
         path = make_llava_model(args.dir, seed=args.seed, size=args.size)
+    elif args.arch == "qwen2_5_vl":  # vision-language: window-attention ViT + Qwen2 with M-RoPE
+        from pagewire.testmodel_qwenvl import make_qwenvl_model
+
+        path = make_qwenvl_model(args.dir, seed=args.seed, size=args.size)
     else:
         from pagewire.testmodel_arch import make_arch_model
 

@@ -29,34 +29,41 @@ class PreparedImage:
     pixel_bytes: bytes
     shape: tuple[int, ...]
     content_hash: bytes
+    grid: tuple[int, ...] = ()  # Qwen2.5-VL's patch grid (t, h, w); () for fixed-size models
 
     @property
     def nbytes(self) -> int:
         return len(self.pixel_bytes) + len(self.content_hash)
 
 
-def prepare(pixels: np.ndarray) -> PreparedImage:
-    """``pixels`` ([C, H, W]) as sent, with the content hash of shape + pixel values."""
+def prepare(pixels: np.ndarray, grid: tuple[int, ...] = ()) -> PreparedImage:
+    """``pixels`` ([C, H, W], or Qwen2.5-VL's [patches, values] on ``grid``) as sent, with the
+    content hash of shape, grid and pixel values."""
     data = np.ascontiguousarray(pixels, dtype="<f4")
     shape = tuple(int(d) for d in data.shape)
+    grid = tuple(int(g) for g in grid)
     h = hashlib.blake2b(np.asarray(shape, dtype="<i4").tobytes(), digest_size=HASH_BYTES)
+    if grid:  # after the shape, so a LLaVA image hashes as before grids existed
+        h.update(b"grid" + np.asarray(grid, dtype="<i4").tobytes())
     raw = data.tobytes()
     h.update(raw)
-    return PreparedImage(raw, shape, h.digest())
+    return PreparedImage(raw, shape, h.digest(), grid)
 
 
 def placed(image: PreparedImage, offset: int, length: int) -> common_pb2.ImageInput:
     """The message for ``image`` whose placeholders start at ``offset``."""
     return common_pb2.ImageInput(offset=offset, length=length, hash=image.content_hash,
-                                 pixel_values=image.pixel_bytes, shape=image.shape)
+                                 pixel_values=image.pixel_bytes, shape=image.shape,
+                                 grid_thw=image.grid)
 
 
-def image_input(pixels: np.ndarray, offset: int, length: int) -> common_pb2.ImageInput:
-    """The message for one preprocessed image ([C, H, W]) whose placeholders start at
-    ``offset``."""
-    return placed(prepare(pixels), offset, length)
+def image_input(pixels: np.ndarray, offset: int, length: int, grid: tuple[int, ...] = ()
+                ) -> common_pb2.ImageInput:
+    """The message for one preprocessed image ([C, H, W], or patches on ``grid``) whose
+    placeholders start at ``offset``."""
+    return placed(prepare(pixels, grid), offset, length)
 
 
 def pixels(image: common_pb2.ImageInput) -> np.ndarray:
-    """The image's pixel values as a [C, H, W] float32 array (a view of the message's bytes)."""
+    """The image's pixel values as a float32 array of its shape (a view of the message's bytes)."""
     return np.frombuffer(image.pixel_values, dtype="<f4").reshape(tuple(image.shape))

@@ -1,6 +1,6 @@
 """What router and worker both read from a model directory's ``config.json``.
 
-A vision-language checkpoint (LLaVA) nests its decoder's config under ``text_config``; the
+A vision-language checkpoint (LLaVA, Qwen2.5-VL) nests its decoder's config under ``text_config``; the
 vocabulary, context length and decoder shape are read there, and the image side from the top.
 """
 
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
+VISION_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"})
 # A nested text_config may carry only model_type; the decoder family it names.
 TEXT_ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen2_5_vl_text": "Qwen2_5_VLTextModel",  # the Qwen2 decoder with M-RoPE
 }
 
 
@@ -39,9 +40,9 @@ def text_config(hf: dict[str, Any]) -> dict[str, Any]:
     ties LLaVA's)."""
     if not is_vision(hf):
         return hf
-    text = dict(hf["text_config"])
+    text = dict(hf["text_config"]) if "text_config" in hf else flat_text_config(hf)
     kind = text.get("model_type", "llama")
-    if not text.get("architectures"):
+    if not text.get("architectures") or is_vision(text):  # transformers 5 may copy the VLM's
         text["architectures"] = [TEXT_ARCHITECTURES.get(kind, kind)]
     missing = [k for k in DEFAULTED if k not in text]
     rope = not any(k in text for k in _ROPE_KEYS)
@@ -56,4 +57,24 @@ def text_config(hf: dict[str, Any]) -> dict[str, Any]:
                 text[key] = value
     text["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings")
                                        or text.get("tie_word_embeddings"))
+    return text
+
+
+# Qwen2.5-VL's hub config.json is flat: the decoder's keys sit beside vision_config, and
+# transformers (Qwen2_5_VLConfig) moves these into its text config.
+FLAT_TEXT_KEYS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
+    "rms_norm_eps", "use_cache", "use_sliding_window", "sliding_window", "max_window_layers",
+    "layer_types", "attention_dropout", "rope_parameters", "rope_scaling", "rope_theta",
+    "bos_token_id", "eos_token_id", "pad_token_id",
+})
+
+
+def flat_text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The decoder's keys of a flat Qwen2.5-VL config.json, as its nested text_config."""
+    if architecture(hf) != "Qwen2_5_VLForConditionalGeneration":
+        raise ValueError(f"config.json of {architecture(hf)} has no text_config")
+    text = {k: v for k, v in hf.items() if k in FLAT_TEXT_KEYS}
+    text["model_type"] = "qwen2_5_vl_text"
     return text

@@ -1,7 +1,8 @@
 """A chat's images turned into what the model reads: pixels and placeholder token runs.
 
 The served model's own processor files decide everything here (its image processor, PIL
-backend; its placeholder token; how many placeholders an image of a given size becomes), so
+backend; its placeholder token; how many placeholders an image of a given size becomes: fixed
+for LLaVA, grid_t * grid_h * grid_w / merge_size^2 for Qwen2.5-VL's dynamic resolution), so
 the prompt is token for token what transformers' processor makes. Decoding and preprocessing
 run off the event loop. A decoded image larger than ``--max-image-pixels`` is refused before
 its pixels are read (a small file can decode to gigabytes). An image whose exact bytes were
@@ -36,15 +37,29 @@ class ModelImages:
         self.processor = proc.image_processor
         self.token_id: int = proc.image_token_id
         self.token: str = proc.image_token
-        self.patch_size: int = proc.patch_size
-        # LLaVA: one row per patch, plus CLS unless the "default" strategy drops it.
-        self.extra = proc.num_additional_image_tokens - (
-            1 if proc.vision_feature_select_strategy == "default" else 0)
+        # Qwen2.5-VL (dynamic resolution): an image is a grid of patches, one placeholder per
+        # merge x merge block of them. None: a fixed-size model (LLaVA).
+        self.merge: int | None = getattr(self.processor, "merge_size", None)
+        # Tokens whose inputs pagewire does not take (Qwen's video placeholder): refused.
+        self.refused: dict[int, str] = {}
+        if self.merge is not None:
+            video = proc.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+            if isinstance(video, int) and video != proc.tokenizer.unk_token_id:
+                self.refused[video] = "video inputs are not supported"
+        else:
+            self.patch_size: int = proc.patch_size
+            # LLaVA: one row per patch, plus CLS unless the "default" strategy drops it.
+            self.extra = proc.num_additional_image_tokens - (
+                1 if proc.vision_feature_select_strategy == "default" else 0)
         self.limits = limits
         self.cache = ImageCache(cache_bytes)
 
     def placeholders(self, image: PreparedImage) -> int:
-        """Placeholder tokens of one preprocessed image ([C, H, W])."""
+        """Placeholder tokens of one preprocessed image ([C, H, W], or patches on a grid)."""
+        if image.grid:
+            assert self.merge is not None
+            t, h, w = image.grid
+            return t * h * w // self.merge**2
         h, w = image.shape[-2:]
         return (h // self.patch_size) * (w // self.patch_size) + self.extra
 
@@ -77,13 +92,24 @@ class ModelImages:
     def preprocess(self, data: bytes, field: str) -> PreparedImage:
         """One encoded image decoded and run through the model's image processor (no cache)."""
         img = decode(data, field, self.limits.max_pixels)
-        px = self.processor(images=[img], return_tensors="np")["pixel_values"][0]
-        return prepare(np.asarray(px, dtype=np.float32))
+        out = self.processor(images=[img], return_tensors="np")
+        if self.merge is None:
+            return prepare(np.asarray(out["pixel_values"][0], dtype=np.float32))
+        grid = tuple(int(g) for g in out["image_grid_thw"][0])  # one image: all its patches
+        return prepare(np.asarray(out["pixel_values"], dtype=np.float32), grid)
+
+    def refuse_unserved(self, ids: list[int], field: str) -> None:
+        """INVALID_ARGUMENT naming ``field`` if ``ids`` hold a placeholder of an input pagewire
+        does not take (Qwen's ``<|video_pad|>``: video)."""
+        for token, why in self.refused.items():
+            if token in ids:
+                raise RequestError.invalid(field, f"contains the video placeholder; {why}")
 
     def expand(self, ids: list[int], pixels: list[PreparedImage]
                ) -> tuple[list[int], list[common_pb2.ImageInput]]:
         """``ids`` with each image's one placeholder token (as the chat template wrote it)
         repeated to the image's length, and each image's run."""
+        self.refuse_unserved(ids, "messages")
         at = [i for i, t in enumerate(ids) if t == self.token_id]
         if len(at) != len(pixels):
             raise RequestError.invalid("messages", f"the text contains the image placeholder "

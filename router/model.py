@@ -114,6 +114,8 @@ class ServedModel:
         parts = image_parts(request.chat) if kind == "chat" else []
         if not parts or self.images is None:  # a text-only model refuses them in prompt_ids
             ids = await self.prompt_ids(request, oneof, tools, images_ok=True)
+            if self.images is not None:
+                self.images.refuse_unserved(ids, "messages" if kind == "chat" else kind or oneof)
             if self.images is not None and self.images.token_id in ids:
                 # Placeholders with no image: transformers refuses the mismatch too.
                 raise RequestError.invalid(

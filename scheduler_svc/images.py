@@ -45,6 +45,10 @@ def check(images: Sequence[common_pb2.ImageInput], prompt_len: int) -> str | Non
                    f"inside the prompt ({prompt_len} tokens) after the previous image"
         if len(im.pixel_values) != 4 * _numel(im.shape):
             return f"images[{i}]: pixel_values is not float32 of shape {list(im.shape)}"
+        if im.grid_thw and (len(im.grid_thw) != 3 or len(im.shape) != 2
+                            or _numel(im.grid_thw) != im.shape[0]):
+            return f"images[{i}]: grid_thw {list(im.grid_thw)} does not match the " \
+                   f"{list(im.shape)} patches"
         end = im.offset + im.length
     return None
 

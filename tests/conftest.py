@@ -38,6 +38,24 @@ def llava_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwenvl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight Qwen2.5-VL test model (``make-model --arch qwen2_5_vl``)."""
+    from pagewire.testmodel_qwenvl import make_qwenvl_model
+
+    return make_qwenvl_model(tmp_path_factory.mktemp("models") / "qwenvl", seed=0, size="tiny")
+
+
+VLM_FAMILIES = ("llava", "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session", params=VLM_FAMILIES)
+def vlm_model(request: pytest.FixtureRequest) -> Path:
+    """Each vision-language test model in turn: tests that take it run for every family."""
+    name = {"llava": "llava_model", "qwen2_5_vl": "qwenvl_model"}[request.param]
+    return request.getfixturevalue(name)
+
+
+@pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """REDIS_URL if set, else a private redis-server on a unix socket, stopped after the session."""
     if os.environ.get("REDIS_URL"):

@@ -1,4 +1,4 @@
-"""The LLaVA test model's oracle: images, chat prompts through transformers' own processor, and
+"""The vision-language test models' oracle (LLaVA, Qwen2.5-VL): images, chat prompts through transformers' own processor, and
 transformers' greedy generation on them.
 
 Everything here is transformers' doing (AutoProcessor expands ``<image>`` and preprocesses, the
@@ -45,14 +45,14 @@ def messages(text: str, n_images: int) -> list[dict]:
 
 
 @functools.cache
-def processor(path: Path):  # -> LlavaProcessor
+def processor(path: Path):  # -> LlavaProcessor | PaddleOCRVLProcessor (Qwen2.5-VL's, images only)
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(path)
 
 
 @functools.cache
-def hf_model(path: Path):  # -> LlavaForConditionalGeneration
+def hf_model(path: Path):  # -> LlavaForConditionalGeneration | Qwen2_5_VLForConditionalGeneration
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
@@ -69,13 +69,27 @@ def hf_inputs(path: Path, text: str, images: list[Image.Image]) -> dict:
 
 
 def image_inputs(path: Path, inputs: dict) -> list[common_pb2.ImageInput]:
-    """The ImageInputs of a processor output: each image's pixels and placeholder run."""
+    """The ImageInputs of a processor output: each image's pixels and placeholder run (and,
+    for Qwen2.5-VL, its patch grid)."""
     ids = inputs["input_ids"][0].tolist()
     cfg = hf_model(path).config
-    token, per_image = cfg.image_token_id, cfg.image_seq_length  # adjacent images: one run
-    at = [i for i, t in enumerate(ids) if t == token][::per_image]
-    return [image_input(inputs["pixel_values"][j].numpy(), start, per_image)
-            for j, start in enumerate(at)]
+    token = cfg.image_token_id
+    if cfg.model_type == "llava":  # LLaVA: fixed size; adjacent images make one run
+        per_image = cfg.image_seq_length
+        at = [i for i, t in enumerate(ids) if t == token][::per_image]
+        return [image_input(np.asarray(inputs["pixel_values"][j]), start, per_image)
+                for j, start in enumerate(at)]
+    # Qwen2.5-VL: each image is its own run (between vision_start and vision_end).
+    starts = [i for i, t in enumerate(ids) if t == token and (i == 0 or ids[i - 1] != token)]
+    merge = cfg.vision_config.spatial_merge_size
+    out, row = [], 0
+    grids = np.asarray(inputs["image_grid_thw"]).tolist() if starts else []
+    for start, grid in zip(starts, grids, strict=True):
+        n = grid[0] * grid[1] * grid[2]
+        out.append(image_input(np.asarray(inputs["pixel_values"][row : row + n]), start,
+                               n // merge**2, tuple(grid)))
+        row += n
+    return out
 
 
 def hf_generate(path: Path, inputs: dict, n: int) -> list[int]:

@@ -75,8 +75,8 @@ class EncoderCache:
         feats = self.features.get(key)
         if feats is None:
             assert self.vision is not None
-            px = torch.from_numpy(pixels(im).copy()).to(self.device).unsqueeze(0)
-            feats = self.vision(px)[0]
+            px = torch.from_numpy(pixels(im).copy()).to(self.device)
+            feats = self.vision.encode(px, tuple(im.grid_thw))
             if feats.shape[0] != im.length:
                 raise ValueError(f"image at {im.offset} has {im.length} placeholders; the "
                                  f"encoder gives {feats.shape[0]} rows")

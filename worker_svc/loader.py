@@ -9,18 +9,19 @@ benchmarking a model's shape without its checkpoint.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
-from pagewire.model_dir import is_vision, text_config
+from pagewire.model_dir import architecture, is_vision, text_config
+from worker_svc.models import qwen_vision, vision
 from worker_svc.models.config import FAMILIES, ModelConfig
 from worker_svc.models.llama import DecoderForCausalLM
-from worker_svc.models.vision import LlavaVision, VisionConfig, split_checkpoint_name
 from worker_svc.models.weights import init_dummy_weights, load_weights
 
 SUPPORTED = frozenset(FAMILIES)
@@ -51,7 +52,7 @@ def read_model_dir(path: str | Path) -> ModelFiles:
     # Both refuse, naming the key, what pagewire cannot serve exactly.
     ModelConfig.from_hf(text_config(hf))
     if is_vision(hf):
-        VisionConfig.from_hf(hf)
+        _family(hf)[0].from_hf(hf)
     eos = text_config(hf).get("eos_token_id", hf.get("eos_token_id"))
     gen_path = path / "generation_config.json"
     if gen_path.exists():
@@ -105,8 +106,9 @@ def load_model(
     elif vision is None:
         load_weights(model, checkpoint_tensors(files.path))
     else:
+        split = _family(files.hf_config)[2]
         parts = [(kind, name, t) for name, t in checkpoint_tensors(files.path)
-                 for kind, name in [split_checkpoint_name(name)]]
+                 for kind, name in [split(name)]]
         load_weights(model, ((n, t) for kind, n, t in parts if kind == "text"))
         vision.load((n, t) for kind, n, t in parts if kind == "vision")
     model.init_rope(max_len, device)  # buffers: to_empty left them uninitialised
@@ -114,9 +116,18 @@ def load_model(
     return model.eval()
 
 
-def _vision(files: ModelFiles, device: torch.device, dtype: torch.dtype) -> LlavaVision | None:
+def _family(hf: dict) -> tuple[Any, Any, Callable[[str], tuple[str, str]]]:
+    """(config class, module class, checkpoint-name splitter) of a vision model's image side."""
+    if architecture(hf) in qwen_vision.ARCHITECTURES:
+        return (qwen_vision.QwenVisionConfig, qwen_vision.QwenVision,
+                qwen_vision.split_checkpoint_name)
+    return vision.VisionConfig, vision.LlavaVision, vision.split_checkpoint_name
+
+
+def _vision(files: ModelFiles, device: torch.device, dtype: torch.dtype) -> nn.Module | None:
     if not is_vision(files.hf_config):
         return None
+    config, module, _ = _family(files.hf_config)
     with torch.device("meta"):
-        vision = LlavaVision(VisionConfig.from_hf(files.hf_config)).to(dtype)
-    return vision.to_empty(device=device).eval()
+        image_side = module(config.from_hf(files.hf_config)).to(dtype)
+    return image_side.to_empty(device=device).eval()

@@ -42,6 +42,7 @@ from worker_svc.logits import (
     mask_tokens,
 )
 from worker_svc.models.llama import AttentionMetadata, LlamaForCausalLM
+from worker_svc.mrope_positions import MropePositions
 from worker_svc.sampler import SamplingBatch, sample
 from worker_svc.seq_table import NONE, SequenceTable, TokenHistory
 from worker_svc.step_inputs import Download, Uploader, pack, unpack
@@ -119,6 +120,8 @@ class ModelRunner:
         self.lagging: deque[PendingStep] = deque()
         self.uploader = Uploader(device)
         self.encoder = EncoderCache(model.vision, device)
+        self.mrope = (MropePositions(model.vision.cfg.merge)  # type: ignore[union-attr]
+                      if model.cfg.mrope_section else None)
         # Each row's last sampled token, on the device: what a decode feeds when the host has not
         # seen that token yet (the step that sampled it may still be running).
         self.last_tokens = torch.zeros(len(self.table.last_token), dtype=torch.int32,
@@ -242,6 +245,8 @@ class ModelRunner:
             row = table.add(s) if s.new else table.rows[s.seq_id]
             if s.new:
                 self.encoder.put(s.seq_id, s.images)
+                if self.mrope is not None:
+                    self.mrope.put(table, row, s.images)
             else:
                 table.extend_blocks(row, s.block_ids)
             e = table.extra(row)
@@ -266,6 +271,9 @@ class ModelRunner:
         it. ``embeds``: image features that replace placeholder tokens' embeddings."""
         n, rows, num_decode = len(lay.lens), lay.rows, lay.num_decode
         owner, positions, slots, block_tables = token_columns(lay, cu, self.table, self.block_size)
+        rope_3d = None  # M-RoPE: [3, T] positions of a step with image placeholders
+        if self.mrope is not None:
+            positions, rope_3d = self.mrope.positions(positions, owner, lay, self.table)
         width, ctx = block_tables.shape[1], lay.starts + lay.lens
         graphs = self.graphs
         if graphs is not None and embeds is None and num_decode == n and graphs.fits(n, width):
@@ -289,8 +297,8 @@ class ModelRunner:
             num_decode=num_decode,
             backend=self.backend,
         )
-        hidden = self.model(t.token_ids(self.last_tokens), t.positions, self.kv_caches, meta,
-                            embeds)
+        rope_pos = t.positions if rope_3d is None else torch.from_numpy(rope_3d).to(self.device)
+        hidden = self.model(t.token_ids(self.last_tokens), rope_pos, self.kv_caches, meta, embeds)
         return hidden, t.sampling.view(2, -1)
 
     def _sample(

@@ -85,7 +85,7 @@ class SequenceTable:
     _COLUMNS = (
         "num_blocks", "last_token", "temperature", "top_p", "top_k", "min_p", "presence",
         "frequency", "repetition", "min_tokens", "logprobs", "seed", "penalized", "biased",
-        "constrained", "restricted", "banning",
+        "constrained", "restricted", "banning", "rope_delta", "rope_until",
     )
 
     def __init__(self, eos_token_ids: Sequence[int], capacity: int = 64, width: int = 16) -> None:
@@ -111,6 +111,10 @@ class SequenceTable:
         self.constrained = np.zeros(capacity, dtype=bool)  # structured output (a grammar)
         self.restricted = np.zeros(capacity, dtype=bool)  # allowed_token_ids set
         self.banning = np.zeros(capacity, dtype=bool)  # bad_words set (reads the output history)
+        # M-RoPE (worker_svc.mrope_positions): from index rope_until on, a token's rotary
+        # position is its index + rope_delta (both 0 for sequences without images).
+        self.rope_delta = np.zeros(capacity, dtype=np.int64)
+        self.rope_until = np.zeros(capacity, dtype=np.int64)
 
     def clear(self) -> None:
         self.release(list(self.rows))
@@ -163,6 +167,7 @@ class SequenceTable:
         self.constrained[row] = p.structured is not None
         self.logprobs[row] = NONE if p.logprobs is None else p.logprobs
         self.seed[row] = NONE if p.seed is None else p.seed
+        self.rope_delta[row] = self.rope_until[row] = 0
         return row
 
     def extend_blocks(self, row: int, block_ids: Sequence[int]) -> None:

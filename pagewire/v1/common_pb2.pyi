@@ -142,18 +142,20 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class ImageInput(_message.Message):
-    __slots__ = ("offset", "length", "hash", "pixel_values", "shape")
+    __slots__ = ("offset", "length", "hash", "pixel_values", "shape", "grid_thw")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     PIXEL_VALUES_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    GRID_THW_FIELD_NUMBER: _ClassVar[int]
     offset: int
     length: int
     hash: bytes
     pixel_values: bytes
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., hash: _Optional[bytes] = ..., pixel_values: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    grid_thw: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., hash: _Optional[bytes] = ..., pixel_values: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., grid_thw: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ImageInputs(_message.Message):
     __slots__ = ("images",)

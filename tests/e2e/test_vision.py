@@ -1,4 +1,5 @@
-"""Images in, text out, through Redis, scheduler, worker and router (the LLaVA test model).
+"""Images in, text out, through Redis, scheduler, worker and router, for each vision-language
+test model (LLaVA; Qwen2.5-VL, whose images become placeholder runs of different lengths).
 
 Greedy chat completions with 0, 1 and 2 images of different sizes, sent at once, must be
 transformers' own tokens on the same directory; the prefix cache must hit on the same image and
@@ -25,12 +26,12 @@ TEXTS = ("What is in this picture?", "Describe it.", "Compare them.", "A story, 
 
 
 @pytest.fixture(scope="module")
-def vision_stack(llava_model: Path, tmp_path_factory: pytest.TempPathFactory
+def vision_stack(vlm_model: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[tuple[Stack, str]]:
     http_port = free_port()
-    # Small steps: prefills are chunked through placeholder runs (36 tokens per image), and
-    # 16-token blocks split them.
-    stack = launch(llava_model, tmp_path_factory.mktemp("logs"),
+    # Small steps: prefills are chunked through placeholder runs (36 tokens per LLaVA image,
+    # 6 to 48 per Qwen2.5-VL image), and 16-token blocks split them.
+    stack = launch(vlm_model, tmp_path_factory.mktemp("logs"),
                    worker_args=["--num-blocks", "512", "--block-size", "16"],
                    scheduler_args=["--max-num-batched-tokens", "48", "--max-encoder-tokens", "40"],
                    router_args=["--http-port", str(http_port)])
@@ -56,31 +57,31 @@ def expected(model: Path, text: str, seeds: list[int]) -> list[int]:
 
 
 def test_eight_chats_with_0_1_2_images_match_transformers(
-    vision_stack: tuple[Stack, str], llava_model: Path
+    vision_stack: tuple[Stack, str], vlm_model: Path
 ) -> None:
     stack, _ = vision_stack
     cases = [(TEXTS[i % 4], [10 * i + j for j in range(i % 3)]) for i in range(8)]
     requests = [chat_request(t, [vlm_cases.png(vlm_cases.image(s)) for s in seeds])
                 for t, seeds in cases]
     results = asyncio.run(run_concurrently(stack.router, requests))
-    assert [ids for ids, _, _ in results] == [expected(llava_model, t, s) for t, s in cases]
+    assert [ids for ids, _, _ in results] == [expected(vlm_model, t, s) for t, s in cases]
 
 
 def test_same_image_and_text_hits_the_prefix_cache(
-    vision_stack: tuple[Stack, str], llava_model: Path
+    vision_stack: tuple[Stack, str], vlm_model: Path
 ) -> None:
     stack, _ = vision_stack
     request = chat_request("Tell me about it, in detail.", [vlm_cases.png(vlm_cases.image(101))])
     (first,) = asyncio.run(run_concurrently(stack.router, [request]))
     (again,) = asyncio.run(run_concurrently(stack.router, [request]))
-    assert again[0] == first[0] == expected(llava_model, "Tell me about it, in detail.", [101])
+    assert again[0] == first[0] == expected(vlm_model, "Tell me about it, in detail.", [101])
     assert first[2].usage.cached_tokens == 0
     # Every full block but the last, whose logits are needed, is served from the cache.
     assert again[2].usage.cached_tokens >= first[2].usage.prompt_tokens - 16
 
 
 def test_same_text_with_another_image_shares_no_image_block(
-    vision_stack: tuple[Stack, str], llava_model: Path
+    vision_stack: tuple[Stack, str], vlm_model: Path
 ) -> None:
     stack, _ = vision_stack
     text = "And what about this one?"
@@ -88,17 +89,17 @@ def test_same_text_with_another_image_shares_no_image_block(
     b = chat_request(text, [vlm_cases.png(vlm_cases.image(202))])
     (ra,) = asyncio.run(run_concurrently(stack.router, [a]))
     (rb,) = asyncio.run(run_concurrently(stack.router, [b]))
-    assert ra[0] == expected(llava_model, text, [201])
-    assert rb[0] == expected(llava_model, text, [202])
+    assert ra[0] == expected(vlm_model, text, [201])
+    assert rb[0] == expected(vlm_model, text, [202])
     assert ra[0] != rb[0]
     # Only the blocks before the image's first placeholder may be shared (chat preamble).
-    ids = vlm_cases.hf_inputs(llava_model, text, [vlm_cases.image(201)])["input_ids"][0].tolist()
-    first_placeholder = ids.index(vlm_cases.hf_model(llava_model).config.image_token_id)
+    ids = vlm_cases.hf_inputs(vlm_model, text, [vlm_cases.image(201)])["input_ids"][0].tolist()
+    first_placeholder = ids.index(vlm_cases.hf_model(vlm_model).config.image_token_id)
     assert rb[2].usage.cached_tokens <= first_placeholder // 16 * 16
 
 
 def test_openai_client_sends_an_image_chat(
-    vision_stack: tuple[Stack, str], llava_model: Path
+    vision_stack: tuple[Stack, str], vlm_model: Path
 ) -> None:
     from openai import OpenAI
 
@@ -114,20 +115,20 @@ def test_openai_client_sends_an_image_chat(
         ]}],
         extra_body={"ignore_eos": True},
     )
-    proc = vlm_cases.processor(llava_model)
-    want = expected(llava_model, TEXTS[0], [7])
+    proc = vlm_cases.processor(vlm_model)
+    want = expected(vlm_model, TEXTS[0], [7])
     assert reply.choices[0].message.content == proc.tokenizer.decode(want, skip_special_tokens=True)
     assert reply.usage.completion_tokens == N_OUT
 
 
 def test_repeated_image_chat_routes_to_the_worker_holding_its_blocks(
-    llava_model: Path, tmp_path: Path
+    vlm_model: Path, tmp_path: Path
 ) -> None:
     from e2e_util import worker_of
 
     from pagewire.redis_client import sync_client
 
-    stack = launch(llava_model, tmp_path, num_workers=2, worker_args=["--num-blocks", "256"])
+    stack = launch(vlm_model, tmp_path, num_workers=2, worker_args=["--num-blocks", "256"])
     client = sync_client(stack.redis_url)
     try:
         first, again = {}, {}
@@ -136,11 +137,14 @@ def test_repeated_image_chat_routes_to_the_worker_holding_its_blocks(
                 request = chat_request(TEXTS[i], [vlm_cases.png(vlm_cases.image(300 + i))])
                 request.request_id = f"route-{rnd}-{i}"
                 ((ids, _, last),) = asyncio.run(run_concurrently(stack.router, [request]))
-                into[i] = (worker_of(client, llava_model, request.request_id),
+                into[i] = (worker_of(client, vlm_model, request.request_id),
                            last.usage.cached_tokens, ids)
         for i in range(4):
             assert again[i][0] == first[i][0], f"chat {i} went to another worker"
-            assert first[i][1] == 0 and again[i][1] > 36  # past its image's placeholders
+            inputs = vlm_cases.hf_inputs(vlm_model, TEXTS[i], [vlm_cases.image(300 + i)])
+            ids = inputs["input_ids"][0].tolist()
+            first_placeholder = ids.index(vlm_cases.hf_model(vlm_model).config.image_token_id)
+            assert first[i][1] == 0 and again[i][1] > first_placeholder  # image blocks hit
             assert again[i][2] == first[i][2]
     finally:
         client.close()

@@ -1,4 +1,5 @@
-"""Bad image input, over gRPC and over HTTP, against a live LLaVA stack: refused, naming the part.
+"""Bad image input, over gRPC and over HTTP, against a live stack of each vision-language test
+model (LLaVA, Qwen2.5-VL): refused, naming the part.
 
 The router runs with small image limits; a second router on the same scheduler fetches http(s)
 image URLs from 127.0.0.1 only, and a loopback HTTP server plays the image host (one path
@@ -71,8 +72,17 @@ TABLE = [
     Row("URL while fetching is off", "messages[0].content[0]", ["http://127.0.0.1:9/x.png"]),
     Row("not a data or http URL", "messages[0].content[0]", ["file:///etc/passwd"]),
     Row("data URL not base64", "messages[0].content[0]", ["data:image/png;base64,@@@"]),
-    Row("placeholder typed as text", "messages", [PNG], text="look: <image>"),
 ]
+
+
+def table(model: Path) -> list[Row]:
+    """TABLE, plus the model's own placeholder typed as text (and Qwen's video placeholder)."""
+    token = vlm_cases.processor(model).image_token
+    rows = [*TABLE, Row("placeholder typed as text", "messages", [PNG], text=f"look: {token}")]
+    if token == "<|image_pad|>":
+        rows.append(Row("video placeholder typed as text", "messages", [PNG],
+                        text="watch: <|video_pad|>"))
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -104,20 +114,20 @@ def image_host() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def stacks(llava_model: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[tuple[Stack, str, str]]:
-    """(stack, its router's HTTP base, the fetching router's gRPC address)."""
+def stacks(vlm_model: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[tuple[Stack, str, str, Path]]:
+    """(stack, its router's HTTP base, the fetching router's gRPC address, the model)."""
     http_port = free_port()
     limits = ["--max-images", str(MAX_IMAGES), "--max-image-pixels", str(MAX_PIXELS),
               "--max-image-bytes", str(MAX_BYTES)]
-    stack = launch(llava_model, tmp_path_factory.mktemp("logs"),
+    stack = launch(vlm_model, tmp_path_factory.mktemp("logs"),
                    worker_args=["--num-blocks", "256"],
                    router_args=["--http-port", str(http_port), *limits])
     try:
         fetching = asyncio.run(stack.start_router(
             stack.service("scheduler"), 0,
             [*limits, "--image-url-hosts", "127.0.0.1", "--image-fetch-timeout-s", "5"]))
-        yield stack, f"http://127.0.0.1:{http_port}", fetching.address
+        yield stack, f"http://127.0.0.1:{http_port}", fetching.address, vlm_model
     finally:
         stack.stop()
 
@@ -151,9 +161,9 @@ async def grpc_error(address: str, request: generation_pb2.GenerateRequest
 
 
 def test_every_bad_image_over_grpc_is_refused_naming_the_part(stacks) -> None:
-    stack, _, _ = stacks
+    stack, _, _, model = stacks
     wrong = []
-    for row in TABLE:
+    for row in table(model):
         got = asyncio.run(grpc_error(stack.router, grpc_request(row.images, row.text)))
         if got is None or got[0] != INVALID or not got[1].startswith(row.field + ":"):
             wrong.append(f"{row.name}: expected {row.field}: ..., got {got}")
@@ -161,17 +171,28 @@ def test_every_bad_image_over_grpc_is_refused_naming_the_part(stacks) -> None:
 
 
 def test_every_bad_image_over_http_is_a_400_naming_the_part(stacks) -> None:
-    _, base, _ = stacks
+    _, base, _, model = stacks
     wrong = []
-    for row in TABLE:
+    for row in table(model):
         status, body = http_error(base, "/v1/chat/completions", http_body(row.images, row.text))
         if status != 400 or body.get("error", {}).get("param") != row.field:
             wrong.append(f"{row.name}: expected 400 param={row.field!r}, got {status} {body}")
     assert not wrong, "\n".join(wrong)
 
 
+def test_video_parts_are_a_400_naming_the_part(stacks) -> None:
+    """No family's video input is served (Qwen2.5-VL's included): refused, never dropped."""
+    _, base, _, _ = stacks
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what happens?"},
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}],
+        "max_tokens": 4}
+    status, reply = http_error(base, "/v1/chat/completions", body)
+    assert status == 400 and reply["error"]["param"] == "messages[0].content[1]", reply
+
+
 def test_image_embeddings_are_refused(stacks) -> None:
-    _, base, _ = stacks
+    _, base, _, _ = stacks
     for body in ({"input": [{"type": "image_url", "image_url": {"url": data_url(PNG)}}]},
                  {"messages": [{"role": "user", "content": "hi"}]}):
         status, reply = http_error(base, "/v1/embeddings", body)
@@ -181,7 +202,7 @@ def test_image_embeddings_are_refused(stacks) -> None:
 def test_fetching_router_refuses_unreachable_missing_and_unlisted_urls(
     stacks, image_host: str
 ) -> None:
-    _, _, fetching = stacks
+    _, _, fetching, _ = stacks
     closed = f"http://127.0.0.1:{free_port()}/x.png"
     for url, why in [(closed, "could not fetch"), (f"{image_host}/missing.png", "HTTP 404"),
                      (image_host.replace("127.0.0.1", "localhost") + "/good.png",
@@ -191,11 +212,9 @@ def test_fetching_router_refuses_unreachable_missing_and_unlisted_urls(
         assert why in details, details
 
 
-def test_fetched_image_is_answered_as_transformers_answers_it(
-    stacks, image_host: str, llava_model: Path
-) -> None:
-    _, _, fetching = stacks
+def test_fetched_image_is_answered_as_transformers_answers_it(stacks, image_host: str) -> None:
+    _, _, fetching, model = stacks
     request = grpc_request([f"{image_host}/good.png"], "What is this?")
     ((ids, _, _),) = asyncio.run(run_concurrently(fetching, [request]))
-    inputs = vlm_cases.hf_inputs(llava_model, "What is this?", [GOOD_IMAGE])
-    assert ids == vlm_cases.hf_generate(llava_model, inputs, 6)
+    inputs = vlm_cases.hf_inputs(model, "What is this?", [GOOD_IMAGE])
+    assert ids == vlm_cases.hf_generate(model, inputs, 6)

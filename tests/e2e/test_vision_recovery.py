@@ -1,8 +1,10 @@
 """Faults mid-generation of image requests: SIGKILL the scheduler (restarted), SIGKILL a worker.
 
 Eight chats with 0, 1 and 2 images stream through each fault and must end complete and equal to
-transformers' greedy tokens: the scheduler's images in Redis survive its restart, and a lost
-worker's requests recompute on the other worker with their images re-sent.
+transformers' greedy tokens, for each vision-language test model (LLaVA; Qwen2.5-VL, whose
+M-RoPE offsets a recomputing worker rebuilds from the re-sent images): the scheduler's images
+in Redis survive its restart, and a lost worker's requests recompute on the other worker with
+their images re-sent.
 """
 
 from __future__ import annotations
@@ -70,38 +72,38 @@ def stored_image_counts(stack: Stack, model: Path) -> dict[str, int]:
 
 
 def test_scheduler_sigkill_and_restart_mid_generation_of_image_requests(
-    llava_model: Path, tmp_path: Path
+    vlm_model: Path, tmp_path: Path
 ) -> None:
-    stack = launch(llava_model, tmp_path, worker_args=["--num-blocks", "512"],
+    stack = launch(vlm_model, tmp_path, worker_args=["--num-blocks", "512"],
                    scheduler_args=["--check-invariants", "--lease-ttl-s", "2"])
     stored: dict[str, int] = {}
     try:
         async def kill_and_restart() -> None:
-            stored.update(stored_image_counts(stack, llava_model))
+            stored.update(stored_image_counts(stack, vlm_model))
             stack.service("scheduler").process.kill()
             stack.service("scheduler").process.wait()
             await stack.restart("scheduler")
 
-        check(llava_model, asyncio.run(through_fault(stack, kill_and_restart)))
+        check(vlm_model, asyncio.run(through_fault(stack, kill_and_restart)))
         assert stored == {f"vis-{i}": len(seeds) for i, (_, seeds) in enumerate(CASES)}
-        assert stored_image_counts(stack, llava_model) == dict.fromkeys(stored, 0)  # finished
-        assert_block_invariants(stack.redis_url, llava_model, "worker-0", 512)
+        assert stored_image_counts(stack, vlm_model) == dict.fromkeys(stored, 0)  # finished
+        assert_block_invariants(stack.redis_url, vlm_model, "worker-0", 512)
     finally:
         stack.stop()
 
 
 def test_worker_sigkill_moves_image_requests_to_the_other_worker(
-    llava_model: Path, tmp_path: Path
+    vlm_model: Path, tmp_path: Path
 ) -> None:
-    stack = launch(llava_model, tmp_path, num_workers=2, worker_args=["--num-blocks", "512"],
+    stack = launch(vlm_model, tmp_path, num_workers=2, worker_args=["--num-blocks", "512"],
                    scheduler_args=["--check-invariants", "--lease-ttl-s", "2"],
                    router_args=["--routing-policy", "round-robin"])
     try:
         async def kill_worker() -> None:
             stack.service("worker-1").process.kill()
 
-        check(llava_model, asyncio.run(through_fault(stack, kill_worker)))
-        assert_block_invariants(stack.redis_url, llava_model, "worker-0", 512)
+        check(vlm_model, asyncio.run(through_fault(stack, kill_worker)))
+        assert_block_invariants(stack.redis_url, vlm_model, "worker-0", 512)
         log = (tmp_path / "scheduler.log").read_text()
         assert "moved" in log and "off worker worker-1" in log
     finally:

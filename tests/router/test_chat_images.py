@@ -1,8 +1,9 @@
 """A chat's images into the model's prompt: token for token what transformers' processor makes.
 
 The router's ModelImages (decode, the model's own image processor, placeholder expansion) is
-held to transformers' LlavaProcessor on the same directory; pixel values must be equal, and
-each image's run must sit where the processor put its placeholders.
+held to transformers' processor on the same directory (LlavaProcessor; Qwen2.5-VL's, images
+only); pixel values (and Qwen's grids) must be equal, and each image's run must sit where the
+processor put its placeholders.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import numpy as np
 import pytest
 import vlm_cases
 
@@ -44,10 +44,10 @@ def chat(turns: list[tuple[str, list[int], str]]) -> generation_pb2.GenerateRequ
     [("user", [2, 3], "two, side by side")],
     [("user", [4], "first"), ("assistant", [], "a cat"), ("user", [5], "and this?")],
 ])
-def test_prompt_and_pixels_equal_the_processors(llava_model: Path, turns) -> None:
-    model = load(llava_model)
+def test_prompt_and_pixels_equal_the_processors(vlm_model: Path, turns) -> None:
+    model = load(vlm_model)
     ids, images = asyncio.run(model.prompt(chat(turns), "prompt"))
-    proc = vlm_cases.processor(llava_model)
+    proc = vlm_cases.processor(vlm_model)
     msgs = [{"role": r, "content": [*({"type": "image"} for _ in s), {"type": "text", "text": t}]}
             for r, s, t in turns]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -55,10 +55,33 @@ def test_prompt_and_pixels_equal_the_processors(llava_model: Path, turns) -> Non
     ref = proc(text=text, images=pics or None, return_tensors="np", add_special_tokens=False)
     assert ids == ref["input_ids"][0].tolist()
     assert len(images) == len(pics)
-    for j, im in enumerate(images):
-        assert np.array_equal(pixels(im), ref["pixel_values"][j])
+    assert [im.SerializeToString() for im in images] == [
+        im.SerializeToString() for im in vlm_cases.image_inputs(vlm_model, ref)]
+    for im in images:
         assert set(ids[im.offset : im.offset + im.length]) == {proc.image_token_id}
-        assert im.length == 36
+    if "image_grid_thw" in ref:  # Qwen2.5-VL: the grid travels; each image its own length
+        assert [list(im.grid_thw) for im in images] == ref["image_grid_thw"].tolist()
+        assert [im.length for im in images] == [t * h * w // 4 for t, h, w in
+                                                ref["image_grid_thw"].tolist()]
+    else:
+        assert all(im.length == 36 and not im.grid_thw for im in images)
+
+
+def test_qwen_images_of_other_sizes_get_other_placeholder_counts(qwenvl_model: Path) -> None:
+    """Dynamic resolution: the processor's grid, not a fixed size, sets an image's length."""
+    model = load(qwenvl_model)
+    lengths = {}
+    for seed in range(5):  # vlm_cases.SIZES: five sizes and aspect ratios
+        _, (im,) = asyncio.run(model.prompt(chat([("user", [seed], "x")]), "prompt"))
+        assert pixels(im).shape == (im.length * 4, 3 * 2 * 8 * 8)
+        lengths[vlm_cases.SIZES[seed]] = im.length
+    assert len(set(lengths.values())) == 5, lengths
+
+
+def test_qwen_video_placeholder_in_text_is_refused(qwenvl_model: Path) -> None:
+    request = chat([("user", [], "look: <|video_pad|>")])
+    with pytest.raises(RequestError, match="video inputs are not supported"):
+        asyncio.run(load(qwenvl_model).prompt(request, "prompt"))
 
 
 def test_same_pixels_same_hash_whatever_the_file(llava_model: Path) -> None:

@@ -28,6 +28,14 @@ def test_check_refuses_runs_outside_the_prompt_or_overlapping() -> None:
     assert "float32" in (images.check([bad], 4) or "")
 
 
+def test_check_refuses_a_grid_that_does_not_match_the_patches() -> None:
+    """Qwen2.5-VL: pixel_values holds grid_t * grid_h * grid_w patches."""
+    patches = np.zeros((16, 12), dtype=np.float32)
+    assert images.check([image_input(patches, 0, 4, (1, 4, 4))], 8) is None
+    assert "grid_thw" in (images.check([image_input(patches, 0, 4, (1, 4, 2))], 8) or "")
+    assert "grid_thw" in (images.check([image_input(patches, 0, 4, (4, 4))], 8) or "")
+
+
 def test_clip_chunk_cuts_before_an_image_past_the_budget() -> None:
     runs = [im(4, 10), im(20, 10)]
     assert images.clip_chunk(runs, 0, 40, 100, 100, True) == (40, 20)

@@ -17,7 +17,8 @@ from worker_svc.server import build_runner
 
 
 def test_the_cli_and_the_builder_know_the_same_families() -> None:
-    assert set(cli.ARCHS) == set(ARCHS) | {"llava"}  # llava: tests/pagewire/test_testmodel_vlm.py
+    # llava, qwen2_5_vl: tests/pagewire/test_testmodel_vlm.py
+    assert set(cli.ARCHS) == set(ARCHS) | {"llava", "qwen2_5_vl"}
 
 
 def one_step(model_dir: Path, **kw: object) -> list[float]:

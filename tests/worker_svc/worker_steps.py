@@ -35,6 +35,7 @@ class Track:
     blocks: list[int] = field(default_factory=list)
     fed: int = 0  # tokens in the worker's KV cache
     prefilling: bool = True  # feeding prompt (+ output, after a preemption) in chunks
+    sent: bool = False  # the worker holds the sequence (it was sent ``new``)
 
     @property
     def known(self) -> list[int]:
@@ -56,10 +57,20 @@ class Driver:
         self.tracks[seq_id] = Track(list(prompt), sampling, pooling, tell_prompt_len,
                                     list(images or ()))
 
+    def add_prefix_hit(self, seq_id: int, source: int, cached: int, prompt: list[int],
+                       sampling: common_pb2.SamplingParams,
+                       images: list[common_pb2.ImageInput] | None = None) -> None:
+        """A sequence whose first ``cached`` tokens (whole blocks) are ``source``'s KV blocks,
+        as the scheduler sends a prefix-cache hit: ``new`` from start_pos ``cached``."""
+        assert cached % BS == 0 and prompt[:cached] == self.tracks[source].known[:cached]
+        self.add(seq_id, prompt, sampling, images=images)
+        t = self.tracks[seq_id]
+        t.blocks, t.fed = self.tracks[source].blocks[: cached // BS], cached
+
     def preempt(self, seq_id: int) -> None:
         """The worker forgets the sequence; it is recomputed from prompt + output."""
         t = self.tracks[seq_id]
-        t.fed, t.blocks, t.prefilling = 0, [], True
+        t.fed, t.blocks, t.prefilling, t.sent = 0, [], True, False
         self.release.append(seq_id)
 
     def _grow(self, t: Track, upto: int) -> list[int]:
@@ -81,10 +92,11 @@ class Driver:
                 end = min(t.fed + chunk, len(t.known))
                 new = self._grow(t, end)
                 s = step.seqs.add(seq_id=sid, start_pos=t.fed, token_ids=t.known[t.fed:end],
-                                  block_ids=t.blocks if t.fed == 0 else new,
-                                  sample=end == len(t.known), new=t.fed == 0,
+                                  block_ids=t.blocks if not t.sent else new,
+                                  sample=end == len(t.known), new=not t.sent,
                                   output_index=len(t.output))
-                if t.fed == 0:
+                if not t.sent:
+                    t.sent = True
                     s.sampling.CopyFrom(t.sampling)
                     s.pooling = t.pooling  # type: ignore[assignment]
                     s.prompt_len = len(t.prompt) if t.tell_prompt_len else 0

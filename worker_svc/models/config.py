@@ -35,12 +35,14 @@ class Family:
     gemma: int = 0  # 1: (1 + w) norms, GeGLU, sqrt(hidden) embeddings; 2, 3: also sandwich norms
     windows: str = "none"  # "all": sliding_window on every layer; "layer_types": per layer
     moe: str = ""  # "mixtral" (always renormalised top-k) or "qwen3_moe" (norm_topk_prob)
+    mrope: bool = False  # 3-D (temporal, height, width) rotary positions (Qwen2.5-VL's decoder)
 
 
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family(frozenset({"attention_bias", "mlp_bias"}), bias="config"),
     "MistralForCausalLM": Family(frozenset({"sliding_window"}), windows="all"),
     "Qwen2ForCausalLM": Family(_QWEN_WINDOW, bias="qkv", windows="layer_types"),
+    "Qwen2_5_VLTextModel": Family(_QWEN_WINDOW, bias="qkv", windows="layer_types", mrope=True),
     "Qwen3ForCausalLM": Family(_QWEN_WINDOW | {"attention_bias"}, bias="config", qk_norm=True,
                                windows="layer_types"),
     # Gemma reads hidden_act; some configs also carry hidden_activation, which it ignores.
@@ -95,6 +97,9 @@ class ModelConfig:
     sliding_window: int | None = None
     rope: dict[str, RopeSpec] | None = None  # by layer type
     moe: MoeConfig | None = None
+    # M-RoPE: how many of the rotary frequencies (head_dim / 2) take the temporal, height and
+    # width position, in that order (rope.mrope_rows). None: one position per token.
+    mrope_section: tuple[int, ...] | None = None
 
     def window(self, layer: int) -> int | None:
         """Keys a query of ``layer`` sees: itself and the ``window - 1`` before it; None: all."""
@@ -142,7 +147,32 @@ class ModelConfig:
             sliding_window=window,
             rope=rope_specs(hf, set(types)),
             moe=_moe(hf, fam, layers),
+            mrope_section=_mrope_section(hf, fam, head_dim),
         )
+
+
+def _mrope_section(hf: dict[str, Any], fam: Family, head_dim: int) -> tuple[int, ...] | None:
+    """The M-RoPE split of a family that has it (transformers' default when the config names
+    none); refused where it would not cover the rotary frequencies exactly, or elsewhere."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    section = params.get("mrope_section") if isinstance(params, dict) else None
+    if not fam.mrope:
+        kind = params.get("rope_type", params.get("type")) if isinstance(params, dict) else None
+        if kind == "mrope":
+            raise Unsupported("rope_scaling.rope_type", kind,
+                              "multimodal rotary positions are served for Qwen2.5-VL only")
+        if section is not None:
+            raise Unsupported("rope_parameters.mrope_section", section,
+                              "multimodal rotary positions are served for Qwen2.5-VL only")
+        return None
+    if params.get("mrope_interleaved"):
+        raise Unsupported("rope_parameters.mrope_interleaved", True,
+                          "only Qwen2.5-VL's sectioned M-RoPE is served")
+    section = tuple(int(s) for s in (section or (16, 24, 24)))
+    if len(section) != 3 or sum(section) != head_dim // 2:
+        raise Unsupported("rope_parameters.mrope_section", list(section),
+                          f"needs 3 parts summing to head_dim / 2 = {head_dim // 2}")
+    return section
 
 
 def _layer_types(hf: dict[str, Any], fam: Family, layers: int) -> tuple[tuple[str, ...], int | None]:

@@ -19,7 +19,7 @@ from kernels import AttentionBackend
 from worker_svc.models.config import ModelConfig
 from worker_svc.models.layers import MLP, RMSNorm, softcap
 from worker_svc.models.moe import SparseMoeBlock
-from worker_svc.models.rope import apply_rope_, check_max_len, rope_cache
+from worker_svc.models.rope import apply_rope_, check_max_len, mrope_rows, rope_cache
 
 
 @dataclass
@@ -186,7 +186,8 @@ class DecoderForCausalLM(nn.Module):
         meta: AttentionMetadata,
         embeds: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """Final hidden states [T, hidden] of every input token. ``embeds`` (token indices,
+        """Final hidden states [T, hidden] of every input token. ``positions``: [T], or [3, T]
+        (temporal, height, width) for an M-RoPE model's step with image tokens. ``embeds`` (token indices,
         rows): input embeddings that replace those tokens' (image features at placeholders)."""
         x = self.embed_tokens(input_ids)
         if self.cfg.gemma:  # by sqrt(hidden) rounded to the model's dtype, as transformers does
@@ -199,7 +200,9 @@ class DecoderForCausalLM(nn.Module):
         rope = {}
         for key in self.cfg.rope or {}:
             table = getattr(self, f"rope_{key}")
-            rope[key] = table[positions].to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
+            rows = table[positions] if positions.dim() == 1 else mrope_rows(
+                table, positions, self.cfg.mrope_section or ())
+            rope[key] = rows.to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x = layer(x, rope, kv, meta)
         return self.norm(x)

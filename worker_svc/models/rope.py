@@ -25,7 +25,9 @@ from kernels import elementwise
 from worker_svc.models.refusal import Unsupported
 
 KINDS = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
-_ALIASES = {"su": "longrope", "mrope": None}  # su: Phi-3's early name; mrope: multimodal, refused
+# su: Phi-3's early name; mrope: Qwen2-VL's transformers 4 name for default frequencies with
+# 3-D positions (config.py reads mrope_section and refuses it outside Qwen2.5-VL).
+_ALIASES = {"su": "longrope", "mrope": "default"}
 
 
 @dataclass(frozen=True)
@@ -182,3 +184,17 @@ def apply_rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     dims of each head (all of them unless the rope is partial). x [T, H, D]; cos/sin [T, 1, R/2].
     One kernel on CUDA, in place on the projection's output in torch (kernels.elementwise)."""
     elementwise.rope_(x, cos, sin)
+
+
+def mrope_rows(table: Tensor, positions: Tensor, section: tuple[int, ...]) -> Tensor:
+    """M-RoPE cos/sin rows [T, R] for 3-D positions [3, T] (temporal, height, width): frequency
+    j takes its angle from the position of the axis whose ``section`` holds j, in both the cos
+    and the sin half (as transformers splits the frequencies). A token whose three positions
+    are equal gets ``table[position]``: text tokens need no 3-D positions at all."""
+    r = table.shape[-1]
+    axis = torch.repeat_interleave(torch.arange(len(section), device=table.device),
+                                   torch.tensor(section, device=table.device))
+    assert 2 * len(axis) == r, f"mrope_section {section} does not cover {r // 2} frequencies"
+    axis = torch.cat([axis, axis])
+    rows = table[positions]  # [3, T, R]
+    return rows.gather(0, axis.view(1, 1, r).expand(1, rows.shape[1], r)).squeeze(0)

@@ -192,6 +192,10 @@ class LlavaVision(nn.Module):
             feats = feats[:, 1:]
         return self.multi_modal_projector(feats)
 
+    def encode(self, pixels: Tensor, grid: tuple[int, ...] = ()) -> Tensor:
+        """One image's [C, S, S] pixels to its placeholder rows (``grid``: unused, fixed size)."""
+        return self(pixels.unsqueeze(0))[0]
+
     @torch.no_grad()
     def init_dummy(self, seed: int = 0) -> None:
         """Random weights for ``--load-format dummy``: matrices N(0, 1/fan_in), norms 1, biases 0."""
