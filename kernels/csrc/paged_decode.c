@@ -10,9 +10,11 @@
  * and sum are rescaled once per tile (online softmax), and the tile's probabilities weight the
  * values. A sliding window (window > 0) starts the walk at the window's first position; a
  * soft-cap (softcap > 0, Gemma 2) maps each scaled score s to softcap * tanh(s / softcap).
- * Caches are fp32 or bf16 (widened to fp32 on load); q and out are fp32. Built with
- * reassociation allowed (the sums vectorize; results stay within 1e-6 of the reference) but not
- * -ffast-math, whose start-up code would flush subnormals to zero in the whole process.
+ * Caches are fp32 or bf16 (widened to fp32 on load); q and out are fp32. With a bf16 cache and a
+ * query that was bf16 (q_bf16), scores are bf16 products summed in fp32 where the CPU has
+ * AVX-512 BF16 (below). Built with reassociation and FMA contraction allowed (the sums vectorize;
+ * results stay within 1e-6 of the reference) but not -ffast-math, whose start-up code would flush
+ * subnormals to zero in the whole process.
  *
  * Built at run time by kernels/cpu_decode.py with the system C compiler; no torch headers.
  */
@@ -58,15 +60,98 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-#define DEFINE_DECODE(NAME, T, LOAD)                                                             \
+/* Where the CPU has AVX-512 BF16, the scores of a bfloat16 cache: each key row meets the query
+ * (rounded to bfloat16: exact for the bfloat16 queries of the worker's bfloat16 models, and only
+ * used for them) in vdpbf16ps products summed in fp32, with no widening of the key; the 16
+ * per-position partial sums of a group of 16 positions are then added across in one
+ * transpose-and-add tree instead of 16 horizontal sums. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_DP_BF16 1
+
+/* Lane i of the result: the sum of the 16 lanes of v[i]. */
+static inline __m512 sum_across16(__m512 v[16]) {
+    __m512 u[8], w[4];
+    for (int k = 0; k < 8; k++)
+        u[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
+                             _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; k++)
+        w[k] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0x44),
+                             _mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0xEE));
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x44),
+                                     _mm512_shuffle_f32x4(w[0], w[1], 0xEE));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x44),
+                                     _mm512_shuffle_f32x4(w[2], w[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88),
+                         _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+/* score[i] = dot(q, rows[i]) for i < n; q in `chunks` registers of 32 bfloat16. */
+static inline void scores_bf16(const __m512bh *qv, int64_t chunks, const uint16_t *const *rows,
+                               int64_t n, float *score) {
+    for (int64_t i0 = 0; i0 < n; i0 += 16) {
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) {
+            acc[i] = _mm512_setzero_ps();
+            if (i0 + i >= n) continue;
+            for (int64_t c = 0; c < chunks; c++)
+                acc[i] = _mm512_dpbf16_ps(
+                    acc[i], (__m512bh)_mm512_loadu_si512(rows[i0 + i] + 32 * c), qv[c]);
+        }
+        float out[16];
+        _mm512_storeu_ps(out, sum_across16(acc));
+        for (int i = 0; i < 16 && i0 + i < n; i++) score[i0 + i] = out[i];
+    }
+}
+#else
+#define HAVE_DP_BF16 0
+#endif
+
+/* The tile's scores of every query head of a task (scaled, soft-capped) by scores_bf16; base[i]:
+ * position i's row in the cache, at the task's first KV head. */
+static void tile_scores_dp(const uint16_t *k_cache, const int64_t *base, int64_t span,
+                           int64_t group, int64_t head_dim, int64_t n, const uint16_t qb[][MAX_DIM],
+                           float scale, float softcap, float score[][TILE]) {
+#if HAVE_DP_BF16
+    const uint16_t *rows[TILE];
+    __m512bh qv[MAX_DIM / 32];
+    const int64_t chunks = head_dim / 32;
+    for (int64_t hh = 0; hh < span; hh++) {
+        for (int64_t i = 0; i < n; i++) rows[i] = k_cache + base[i] + hh * head_dim;
+        for (int64_t g = 0; g < group; g++) {
+            const int64_t j = hh * group + g;
+            for (int64_t c = 0; c < chunks; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qb[j] + 32 * c);
+            scores_bf16(qv, chunks, rows, n, score[j]);
+            for (int64_t i = 0; i < n; i++) {
+                const float sc = score[j][i] * scale;
+                score[j][i] = softcap > 0.f ? softcap * tanhf(sc / softcap) : sc;
+            }
+        }
+    }
+#else
+    (void)k_cache; (void)base; (void)span; (void)group; (void)head_dim; (void)n; (void)qb;
+    (void)scale; (void)softcap; (void)score;
+#endif
+}
+
+/* Round to nearest even. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#define DEFINE_DECODE(NAME, T, LOAD, DP)                                                             \
 void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *block_tables,       \
           int64_t table_stride, const int32_t *context_lens, int64_t batch, int64_t num_q_heads, \
           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, float *out,   \
-          int num_threads, int64_t window, float softcap) {                                      \
+          int num_threads, int64_t window, float softcap, int q_bf16) {                          \
     const int64_t group = num_q_heads / num_kv_heads;                                            \
     const int64_t row = num_kv_heads * head_dim; /* elements per cached token */                 \
     const int64_t span = batch >= 8 ? num_kv_heads : 1; /* KV heads per task */                  \
     const int64_t tasks = batch * (num_kv_heads / span);                                         \
+    const int use_dp = DP && HAVE_DP_BF16 && q_bf16 && head_dim % 32 == 0;                       \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads)")                   \
     for (int64_t task = 0; task < tasks; task++) {                                               \
         const int64_t b = task / (num_kv_heads / span), h0 = task % (num_kv_heads / span) * span; \
@@ -74,21 +159,29 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
         float qs[MAX_QHEADS][MAX_DIM], acc[MAX_QHEADS][MAX_DIM];                                 \
         float score[MAX_QHEADS][TILE], run_max[MAX_QHEADS], run_sum[MAX_QHEADS];                 \
         float kv[MAX_DIM];                                                                       \
+        uint16_t qb[use_dp ? MAX_QHEADS : 1][MAX_DIM];                                           \
         const int64_t len = context_lens[b];                                                     \
         const int32_t *table = block_tables + b * table_stride;                                  \
         for (int64_t j = 0; j < nq; j++) {                                                       \
             const float *src = q + (b * num_q_heads + h0 * group + j) * head_dim;                \
             for (int64_t d = 0; d < head_dim; d++) { qs[j][d] = src[d] * scale; acc[j][d] = 0.f; } \
+            if (use_dp) for (int64_t d = 0; d < head_dim; d++) qb[j][d] = f32_to_bf16(src[d]);  \
             run_max[j] = -FLT_MAX; /* finite: exp(run_max - m) is 0 on the first tile */      \
             run_sum[j] = 0.f;                                                                    \
         }                                                                                        \
         const int64_t first = window > 0 && len > window ? len - window : 0;                     \
         for (int64_t t0 = first; t0 < len; t0 += TILE) {                                         \
             const int64_t n = len - t0 < TILE ? len - t0 : TILE;                                 \
-            for (int64_t i = 0; i < n; i++) {                                                    \
-                const int64_t pos = t0 + i;                                                      \
-                const T *kr = k_cache + ((int64_t)table[pos / block_size] * block_size           \
-                                         + pos % block_size) * row + h0 * head_dim;              \
+            int64_t base[TILE]; /* rows of the tile's positions: no division per position */     \
+            for (int64_t i = 0, blk = t0 / block_size, o = t0 % block_size; i < n; i++) {        \
+                base[i] = ((int64_t)table[blk] * block_size + o) * row + h0 * head_dim;          \
+                if (++o == block_size) { o = 0; blk++; }                                         \
+            }                                                                                    \
+            if (use_dp)                                                                          \
+                tile_scores_dp((const uint16_t *)k_cache, base, span, group, head_dim, n,        \
+                               (const uint16_t (*)[MAX_DIM])qb, scale, softcap, score);          \
+            else for (int64_t i = 0; i < n; i++) {                                               \
+                const T *kr = k_cache + base[i];                                                 \
                 for (int64_t hh = 0; hh < span; hh++) {                                          \
                     for (int64_t d = 0; d < head_dim; d++) kv[d] = LOAD(kr[hh * head_dim + d]);  \
                     for (int64_t g = 0; g < group; g++) {                                        \
@@ -102,6 +195,7 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
             }                                                                                    \
             for (int64_t j = 0; j < nq; j++) {                                                   \
                 float m = run_max[j];                                                            \
+                _Pragma("omp simd reduction(max:m)")                                             \
                 for (int64_t i = 0; i < n; i++) m = score[j][i] > m ? score[j][i] : m;           \
                 const float correction = expf(run_max[j] - m); /* 0 on the first tile */         \
                 float sum = 0.f;                                                                 \
@@ -112,9 +206,7 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
                     for (int64_t d = 0; d < head_dim; d++) acc[j][d] *= correction;              \
             }                                                                                    \
             for (int64_t i = 0; i < n; i++) {                                                    \
-                const int64_t pos = t0 + i;                                                      \
-                const T *vr = v_cache + ((int64_t)table[pos / block_size] * block_size           \
-                                         + pos % block_size) * row + h0 * head_dim;              \
+                const T *vr = v_cache + base[i];                                                 \
                 for (int64_t hh = 0; hh < span; hh++) {                                          \
                     for (int64_t d = 0; d < head_dim; d++) kv[d] = LOAD(vr[hh * head_dim + d]);  \
                     for (int64_t g = 0; g < group; g++) {                                        \
@@ -136,8 +228,8 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
 
 #define LOAD_F32(x) (x)
 #define LOAD_BF16(x) bf16_to_f32(x)
-DEFINE_DECODE(paged_decode_f32, float, LOAD_F32)
-DEFINE_DECODE(paged_decode_bf16, uint16_t, LOAD_BF16)
+DEFINE_DECODE(paged_decode_f32, float, LOAD_F32, 0)
+DEFINE_DECODE(paged_decode_bf16, uint16_t, LOAD_BF16, 1)
 
 int max_q_heads(void) { return MAX_QHEADS; }
 int max_head_dim(void) { return MAX_DIM; }

@@ -53,6 +53,23 @@ def test_bf16_cache_widens_to_fp32_and_returns_the_query_dtype() -> None:
     assert rel_err(out, reference.paged_decode_attention(*args)) < 1e-2
 
 
+@pytest.mark.parametrize("dim", [64, 128, 80], ids=["dp-64", "dp-128", "no-dp-80"])
+@pytest.mark.parametrize("batch", [3, 12], ids=["head-tasks", "sequence-tasks"])
+def test_bf16_queries_meet_bf16_keys_in_bf16_products(dim: int, batch: int) -> None:
+    """A bf16 model's queries and keys (AVX-512 BF16 dot products where the CPU has them and the
+    head dim is a multiple of 32, else widened to fp32): the fp32 reference on the same values,
+    within fp32 summation error, over contexts that span several softmax tiles and 16-position
+    groups with remainders."""
+    lens = [1, 17, 300, 129, 40, 5, 250, 16, 31, 64, 200, 3][:batch]
+    case = make_paged_case(lens, 16, 2, dim, dtype=torch.bfloat16, device=CPU)
+    q = torch.randn(batch, 4, dim).to(torch.bfloat16)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, dim**-0.5)
+    out = cpu_decode.paged_decode_attention(*args)
+    ref = reference.paged_decode_attention(q.float(), case.k_cache.float(), case.v_cache.float(),
+                                           *args[3:])
+    assert rel_err(out.float(), ref) < 1e-2  # the output's own bf16 rounding
+
+
 def test_the_cpu_backend_takes_the_strided_query_view_the_model_passes() -> None:
     case = make_paged_case([40, 3, 70], 16, 2, 16, dtype=torch.float32, device=CPU)
     qkv = torch.randn(3, 4 + 2 + 2, 16)  # q heads, then k and v heads, as the fused projection
