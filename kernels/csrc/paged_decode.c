@@ -106,6 +106,54 @@ static inline void scores_bf16(const __m512bh *qv, int64_t chunks, const uint16_
 #else
 #define HAVE_DP_BF16 0
 #endif
+#if HAVE_DP_BF16
+/* The tile's values into each query head's accumulator: for one query head at a time the
+ * accumulator stays in CH registers over the whole tile (the generic loop reads and writes it
+ * in memory for every position), and each bfloat16 value row is widened as it is loaded. */
+#define DEFINE_VALUES(CH)                                                                        \
+static void values_bf16_##CH(const uint16_t *v_cache, const int64_t *base, int64_t span,         \
+                             int64_t group, int64_t n, float score[][TILE],                      \
+                             float acc[][MAX_DIM]) {                                             \
+    for (int64_t hh = 0; hh < span; hh++)                                                        \
+        for (int64_t g = 0; g < group; g++) {                                                    \
+            const int64_t j = hh * group + g;                                                    \
+            __m512 a[CH];                                                                        \
+            for (int c = 0; c < CH; c++) a[c] = _mm512_loadu_ps(acc[j] + 16 * c);               \
+            for (int64_t i = 0; i < n; i++) {                                                    \
+                const uint16_t *vr = v_cache + base[i] + hh * 16 * CH;                           \
+                const __m512 p = _mm512_set1_ps(score[j][i]);                                    \
+                for (int c = 0; c < CH; c++) {                                                   \
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(vr + 16 * c));      \
+                    const __m512 v = _mm512_castsi512_ps(                                        \
+                        _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));                      \
+                    a[c] = _mm512_fmadd_ps(p, v, a[c]);                                          \
+                }                                                                                \
+            }                                                                                    \
+            for (int c = 0; c < CH; c++) _mm512_storeu_ps(acc[j] + 16 * c, a[c]);               \
+        }                                                                                        \
+}
+DEFINE_VALUES(4)
+DEFINE_VALUES(8)
+DEFINE_VALUES(16)
+#endif
+
+/* values_bf16 for head dims 64, 128 and 256 where the CPU has AVX-512; 0 when it did nothing. */
+static int tile_values_bf16(const uint16_t *v_cache, const int64_t *base, int64_t span,
+                            int64_t group, int64_t head_dim, int64_t n, float score[][TILE],
+                            float acc[][MAX_DIM]) {
+#if HAVE_DP_BF16
+    switch (head_dim) {
+    case 64: values_bf16_4(v_cache, base, span, group, n, score, acc); return 1;
+    case 128: values_bf16_8(v_cache, base, span, group, n, score, acc); return 1;
+    case 256: values_bf16_16(v_cache, base, span, group, n, score, acc); return 1;
+    default: return 0;
+    }
+#else
+    (void)v_cache; (void)base; (void)span; (void)group; (void)head_dim; (void)n; (void)score;
+    (void)acc;
+    return 0;
+#endif
+}
 
 /* The tile's scores of every query head of a task (scaled, soft-capped) by scores_bf16; base[i]:
  * position i's row in the cache, at the task's first KV head. */
@@ -205,6 +253,8 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
                 if (correction != 1.f)                                                           \
                     for (int64_t d = 0; d < head_dim; d++) acc[j][d] *= correction;              \
             }                                                                                    \
+            if (!(use_dp && tile_values_bf16((const uint16_t *)v_cache, base, span, group,      \
+                                             head_dim, n, score, acc)))                          \
             for (int64_t i = 0; i < n; i++) {                                                    \
                 const T *vr = v_cache + base[i];                                                 \
                 for (int64_t hh = 0; hh < span; hh++) {                                          \
