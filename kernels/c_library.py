@@ -3,9 +3,9 @@
 They need only a C compiler with OpenMP (``cc``, or ``$CC``) and no torch headers, so each builds
 in about a second. Libraries are cached under ``$PAGEWIRE_KERNEL_CACHE`` (default
 ``~/.cache/pagewire/kernels``), named by a hash of the source, the flags and this CPU's feature
-flags (they are built with ``-march=native``), so a changed source or another CPU gets its own
-build. The OpenMP runtime they link is the one torch has already loaded (same soname), so their
-parallel regions use the calling thread's team, not a second one.
+flags (they are built with ``-march=native``), so a changed source or header (``csrc/*.h``) or
+another CPU gets its own build. The OpenMP runtime they link is the one torch has already loaded
+(same soname), so their parallel regions use the calling thread's team, not a second one.
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ def load(
     if compiler is None:
         log.info("no C compiler: %s is not used", source_name)
         return None
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
     key = hashlib.sha256(
-        source.read_bytes() + " ".join([compiler, *flags, *libs]).encode() + _cpu_id().encode()
+        source.read_bytes() + headers + " ".join([compiler, *flags, *libs]).encode()
+        + _cpu_id().encode()
     ).hexdigest()[:16]
     path = _cache_dir() / f"{source.stem}-{platform.machine()}-{key}.so"
     try:

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
-from pagewire.testmodel import SIZES, _normal, generation_config
-from pagewire.testmodel_arch import _gain, arch_config
+from pagewire.testmodel import SIZES, generation_config
+from pagewire.testmodel_arch import arch_config
 from pagewire.testmodel_tokenizer import (
     SPECIAL_TOKENS,
     train_tokenizer,
     write_json,
     write_tokenizer_files,
 )
+from pagewire.testmodel_vlm import fill_vlm_weights
 
 VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = (
     "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
@@ -104,20 +105,9 @@ def _vision_std(name: str, shape: tuple[int, ...]) -> float | None:
     return gain / fan_in**0.5
 
 
-@torch.no_grad()
 def fill_qwenvl_weights(model: torch.nn.Module, seed: int) -> None:
-    """Name-keyed random weights: the decoder as the text test models, the vision side by
-    :func:`_vision_std`; norms 1 + noise and biases noise, so a parameter read wrongly shows."""
-    for name, p in model.named_parameters():
-        shape = tuple(p.shape)
-        flat = (1, p.numel())
-        std = _vision_std(name, shape) if ".visual." in f".{name}" else _gain(name, shape, False)
-        if std is not None:
-            p.copy_(_normal(seed, name, flat if len(shape) != 2 else shape, std).view(p.shape))
-        elif ("norm" in name or "ln_q" in name) and name.endswith("weight"):
-            p.copy_(_normal(seed, name, flat, 0.1).view(-1) + 1.0)
-        else:
-            p.copy_(_normal(seed, name, flat, 0.1).view(-1))
+    fill_vlm_weights(model, seed, _vision_std, lambda n: ".visual." in f".{n}",
+                     lambda n: "norm" in n or "ln_q" in n)
 
 
 def make_qwenvl_model(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:

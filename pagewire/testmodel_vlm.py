@@ -84,20 +84,26 @@ def _vision_std(name: str, shape: tuple[int, ...]) -> float | None:
 
 
 @torch.no_grad()
-def fill_llava_weights(model: torch.nn.Module, seed: int) -> None:
+def fill_vlm_weights(model: torch.nn.Module, seed: int, vision_std, is_vision, is_norm) -> None:
     """Name-keyed random weights: the text decoder as the text test models, the vision side by
-    :func:`_vision_std`; norms 1 + noise and biases noise, so a parameter read wrongly shows."""
+    ``vision_std(name, shape)``; norms 1 + noise and biases noise, so a parameter read wrongly
+    shows. ``is_vision(name)`` / ``is_norm(name)`` say which parameters are which."""
     for name, p in model.named_parameters():
         shape = tuple(p.shape)
         flat = (1, p.numel())
-        vision = "vision_tower" in name or "multi_modal_projector" in name
-        std = _vision_std(name, shape) if vision else _gain(name, shape, gemma=False)
+        std = vision_std(name, shape) if is_vision(name) else _gain(name, shape, gemma=False)
         if std is not None:
             p.copy_(_normal(seed, name, flat if len(shape) != 2 else shape, std).view(p.shape))
-        elif "norm" in name and name.endswith("weight"):
+        elif is_norm(name) and name.endswith("weight"):
             p.copy_(_normal(seed, name, flat, 0.1).view(-1) + 1.0)
         else:
             p.copy_(_normal(seed, name, flat, 0.1).view(-1))
+
+
+def fill_llava_weights(model: torch.nn.Module, seed: int) -> None:
+    fill_vlm_weights(model, seed, _vision_std,
+                     lambda n: "vision_tower" in n or "multi_modal_projector" in n,
+                     lambda n: "norm" in n)
 
 
 def make_llava_model(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:

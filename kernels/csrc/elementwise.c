@@ -15,24 +15,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #pragma omp declare simd notinbranch
 extern float expf(float); /* glibc's vector variants (libmvec) where the loop vectorises */
 
-static inline float bf(uint16_t x) {
-    uint32_t bits = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Round to nearest even, as torch converts float to bfloat16 (NaN stays a quiet NaN). */
-static inline uint16_t to_bf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#define bf bf16_to_f32
+#define to_bf f32_to_bf16
 
 static inline float round_bf(float f) { return bf(to_bf(f)); }
 

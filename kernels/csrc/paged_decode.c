@@ -23,16 +23,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define TILE 128   /* positions per softmax tile */
 #define MAX_QHEADS 64 /* query heads one task may hold: the whole layer's, when span is all */
 #define MAX_DIM 256
 
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t bits = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
 
 /* One task is a sequence and a run of its KV heads: all of them when the batch alone keeps every
  * core busy (the task then streams whole cached rows, every byte it loads is used), one at a time
@@ -182,13 +178,6 @@ static void tile_scores_dp(const uint16_t *k_cache, const int64_t *base, int64_t
 #endif
 }
 
-/* Round to nearest even. */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 #define DEFINE_DECODE(NAME, T, LOAD, DP)                                                             \
 void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *block_tables,       \

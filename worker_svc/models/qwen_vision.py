@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from pagewire.model_dir import FLAT_TEXT_KEYS, text_config
 from worker_svc.models.layers import RMSNorm
 from worker_svc.models.refusal import Unsupported, check_keys, require
-from worker_svc.models.vision import ACTS
+from worker_svc.models.vision import ACTS, load_exactly
 
 ARCHITECTURES = frozenset({"Qwen2_5_VLForConditionalGeneration"})
 _TOP_KEYS = frozenset({
@@ -274,20 +274,7 @@ class QwenVision(nn.Module):
 
     def load(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Copy ``visual.*`` tensors in; fail on anything missing, unexpected or misshapen."""
-        params = dict(self.named_parameters())
-        seen: set[str] = set()
-        for name, tensor in weights:
-            name = name.removeprefix("visual.")
-            if name not in params:
-                raise KeyError(f"unexpected vision weight {name!r} in checkpoint")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"vision weight {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(params[name].shape)}")
-            params[name].data.copy_(tensor)
-            seen.add(name)
-        missing = sorted(set(params) - seen)
-        if missing:
-            raise KeyError(f"checkpoint lacks vision weights: {missing[:8]}")
+        load_exactly(self, ((name.removeprefix("visual."), t) for name, t in weights))
 
 
 def split_checkpoint_name(name: str) -> tuple[str, str]:

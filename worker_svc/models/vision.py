@@ -209,21 +209,30 @@ class LlavaVision(nn.Module):
     def load(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Copy ``vision_tower.*`` / ``multi_modal_projector.*`` tensors in; fail on anything
         missing, unexpected or misshapen."""
-        params = dict(self.named_parameters())
-        seen: set[str] = set()
-        for name, tensor in weights:
-            name = name.replace("vision_tower.vision_model.", "vision_tower.")
-            name = name.replace("embeddings.", "").replace("encoder.layers.", "layers.")
-            if name not in params:
-                raise KeyError(f"unexpected vision weight {name!r} in checkpoint")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"vision weight {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(params[name].shape)}")
-            params[name].data.copy_(tensor)
-            seen.add(name)
-        missing = sorted(set(params) - seen)
-        if missing:
-            raise KeyError(f"checkpoint lacks vision weights: {missing[:8]}")
+        load_exactly(self, ((_clip_name(name), t) for name, t in weights))
+
+
+def _clip_name(name: str) -> str:
+    name = name.replace("vision_tower.vision_model.", "vision_tower.")
+    return name.replace("embeddings.", "").replace("encoder.layers.", "layers.")
+
+
+def load_exactly(module: nn.Module, weights: Iterable[tuple[str, Tensor]]) -> None:
+    """Copy (name, tensor) pairs, named as ``module`` names its parameters, into ``module``;
+    an unexpected, misshapen or missing vision weight is an error, never a silent default."""
+    params = dict(module.named_parameters())
+    seen: set[str] = set()
+    for name, tensor in weights:
+        if name not in params:
+            raise KeyError(f"unexpected vision weight {name!r} in checkpoint")
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"vision weight {name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(params[name].shape)}")
+        params[name].data.copy_(tensor)
+        seen.add(name)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise KeyError(f"checkpoint lacks vision weights: {missing[:8]}")
 
 
 def split_checkpoint_name(name: str) -> tuple[str, str]:
