@@ -19,15 +19,13 @@ from pathlib import Path
 
 import torch
 
-from pagewire.testmodel import SIZES, generation_config
 from pagewire.testmodel_arch import arch_config
 from pagewire.testmodel_tokenizer import (
     SPECIAL_TOKENS,
-    train_tokenizer,
+    chatml_template,
     write_json,
-    write_tokenizer_files,
 )
-from pagewire.testmodel_vlm import fill_vlm_weights
+from pagewire.testmodel_vlm import fill_vlm_weights, save_vlm
 
 VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = (
     "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
@@ -39,23 +37,7 @@ MIN_PIXELS = 4 * FACTOR * FACTOR  # at least 4 placeholders
 MAX_PIXELS = 48 * FACTOR * FACTOR  # at most 48
 VISION_GAIN = 1.0
 
-QWENVL_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}"
-    "{{- message['content'] }}"
-    "{%- else %}"
-    "{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'text' %}{{- part['text'] }}"
-    "{%- elif part['type'] in ('image', 'image_url') %}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+QWENVL_CHAT_TEMPLATE = chatml_template("<|vision_start|><|image_pad|><|vision_end|>")
 
 
 def qwenvl_config(size: str = "tiny"):  # -> Qwen2_5_VLConfig
@@ -119,15 +101,10 @@ def make_qwenvl_model(out_dir: str | Path, seed: int = 0, size: str = "tiny") ->
         Qwen2VLImageProcessorPil,
     )
 
-    cfg = qwenvl_config(size)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.float32)
+    model = Qwen2_5_VLForConditionalGeneration(qwenvl_config(size)).to(torch.float32)
     fill_qwenvl_weights(model, seed)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    shape = SIZES[size]
-    write_tokenizer_files(train_tokenizer(shape.vocab_size, EXTRA), out,
-                          shape.max_position_embeddings, EXTRA, QWENVL_CHAT_TEMPLATE)
+    out = save_vlm(model, out_dir, size, EXTRA, QWENVL_CHAT_TEMPLATE)
     # The tokenizer names its image token, which the processor reads (tokenizer.image_token).
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     tok_config["extra_special_tokens"] = {"image_token": IMAGE_PAD}
@@ -144,5 +121,4 @@ def make_qwenvl_model(out_dir: str | Path, seed: int = 0, size: str = "tiny") ->
                                      tokenizer=AutoTokenizer.from_pretrained(out),
                                      chat_template=QWENVL_CHAT_TEMPLATE)
     processor.save_pretrained(out)
-    write_json(out / "generation_config.json", generation_config())
     return out

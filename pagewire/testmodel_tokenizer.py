@@ -24,24 +24,32 @@ SPECIAL_TOKENS = (BOS, EOS, PAD, IM_START, IM_END)
 
 CORPUS_PATH = Path(__file__).with_name("testmodel_corpus.txt")
 
-# ChatML turns. The template starts with BOS because transformers' apply_chat_template encodes
-# with add_special_tokens=False (Llama 3 does the same); a server that renders the template must
-# then encode without adding special tokens, or BOS appears twice.
-CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}"
-    "{{- message['content'] }}"
-    "{%- else %}"
-    "{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+def chatml_template(image: str | None = None) -> str:
+    """ChatML turns. The template starts with BOS because transformers' apply_chat_template
+    encodes with add_special_tokens=False (Llama 3 does the same); a server that renders the
+    template must then encode without adding special tokens, or BOS appears twice. ``image``:
+    what an image part (transformers' {"type": "image"}, OpenAI's {"type": "image_url"}) renders
+    as, the placeholder a vision model's processor expands; None: text parts only."""
+    image_part = ("" if image is None else
+                  "{%- elif part['type'] in ('image', 'image_url') %}{{- '" + image + "' }}")
+    return (
+        "{{- bos_token }}"
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string %}"
+        "{{- message['content'] }}"
+        "{%- else %}"
+        "{%- for part in message['content'] %}"
+        "{%- if part['type'] == 'text' %}{{- part['text'] }}" + image_part + "{%- endif %}"
+        "{%- endfor %}"
+        "{%- endif %}"
+        "{{- '<|im_end|>\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+
+
+CHAT_TEMPLATE = chatml_template()
 
 
 def train_tokenizer(vocab_size: int, extra_specials: tuple[str, ...] = ()) -> Tokenizer:

@@ -17,31 +17,19 @@ import torch
 
 from pagewire.testmodel import SIZES, _normal, generation_config
 from pagewire.testmodel_arch import _gain, arch_config
-from pagewire.testmodel_tokenizer import train_tokenizer, write_json, write_tokenizer_files
+from pagewire.testmodel_tokenizer import (
+    chatml_template,
+    train_tokenizer,
+    write_json,
+    write_tokenizer_files,
+)
 
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 48  # pixels per side after resize and crop
 PATCH_SIZE = 8  # so an image is (48 / 8) ** 2 = 36 placeholder tokens: more than one KV block
 VISION_GAIN = 1.0
 
-# ChatML as the text models have it, plus image parts (transformers' {"type": "image"} and
-# OpenAI's {"type": "image_url"}) as the placeholder the processor expands.
-VLM_CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}"
-    "{{- message['content'] }}"
-    "{%- else %}"
-    "{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'text' %}{{- part['text'] }}"
-    "{%- elif part['type'] in ('image', 'image_url') %}{{- '<image>' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+VLM_CHAT_TEMPLATE = chatml_template("<image>")
 
 
 def llava_config(size: str = "tiny"):  # -> LlavaConfig
@@ -106,6 +94,19 @@ def fill_llava_weights(model: torch.nn.Module, seed: int) -> None:
                      lambda n: "norm" in n)
 
 
+def save_vlm(model: torch.nn.Module, out_dir: str | Path, size: str,
+             extra_tokens: tuple[str, ...], chat_template: str) -> Path:
+    """Save ``model`` with the corpus tokenizer (plus the family's image tokens), its chat
+    template and the generation config; the processor is the caller's to add."""
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    shape = SIZES[size]
+    write_tokenizer_files(train_tokenizer(shape.vocab_size, extra_tokens), out,
+                          shape.max_position_embeddings, extra_tokens, chat_template)
+    write_json(out / "generation_config.json", generation_config())
+    return out
+
+
 def make_llava_model(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write a random-weight LLaVA with its processor files into ``out_dir``."""
     from transformers import (
@@ -115,16 +116,10 @@ def make_llava_model(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> 
         LlavaProcessor,
     )
 
-    cfg = llava_config(size)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).to(torch.float32)
+    model = LlavaForConditionalGeneration(llava_config(size)).to(torch.float32)
     fill_llava_weights(model, seed)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    shape = SIZES[size]
-    extra = (IMAGE_TOKEN,)
-    write_tokenizer_files(train_tokenizer(shape.vocab_size, extra), out,
-                          shape.max_position_embeddings, extra, VLM_CHAT_TEMPLATE)
+    out = save_vlm(model, out_dir, size, (IMAGE_TOKEN,), VLM_CHAT_TEMPLATE)
     images = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
     )
@@ -134,5 +129,4 @@ def make_llava_model(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> 
         num_additional_image_tokens=1, chat_template=VLM_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
-    write_json(out / "generation_config.json", generation_config())
     return out
