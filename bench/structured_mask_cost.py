@@ -68,8 +68,8 @@ class MaskTimer:
     """Wraps the runner's mask stage (bitmask fill, upload, masked fill) to time it alone."""
 
     def __init__(self, runner: ModelRunner) -> None:
-        self.inner, self.seconds = runner._constrain, []
-        runner._constrain = self  # type: ignore[method-assign]
+        self.inner, self.seconds = runner.sampler._constrain, []
+        runner.sampler._constrain = self  # type: ignore[method-assign]
 
     def __call__(self, *args: object) -> object:
         start = time.perf_counter()
