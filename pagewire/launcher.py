@@ -189,6 +189,17 @@ class Stack:
             self.redis = None
 
 
+def shared_cores(worker_args: list[str], num_workers: int) -> list[str]:
+    """``--threads`` for workers that share this machine's cores, unless one was chosen: each
+    worker's torch threads default to every core, and several workers' OpenMP teams spinning on
+    the same cores stall one another at every parallel region (docs/BENCHMARKS.md, "A busy
+    neighbour")."""
+    chosen = any(a == "--threads" or a.startswith("--threads=") for a in worker_args)
+    if num_workers <= 1 or chosen or os.environ.get("PAGEWIRE_THREADS"):
+        return []
+    return ["--threads", str(max(1, (os.cpu_count() or 1) // num_workers))]
+
+
 async def start_stack(
     model: str,
     *,
@@ -210,9 +221,8 @@ async def start_stack(
         if not stack.redis_url:
             stack.redis = start_redis()
             stack.redis_url = stack.redis.url
-        workers = [
-            await stack.start_worker(f"worker-{i}", worker_args) for i in range(num_workers)
-        ]
+        args = [*shared_cores(worker_args or [], num_workers), *(worker_args or [])]
+        workers = [await stack.start_worker(f"worker-{i}", args) for i in range(num_workers)]
         sched = await stack.start_scheduler(workers, scheduler_args)
         await stack.start_router(sched, router_port, router_args)
     except BaseException:

@@ -1,4 +1,4 @@
-/* bfloat16 <-> float32, shared by the CPU kernels (kernels/csrc/*.c). */
+/* bfloat16 <-> float32, shared by the CPU kernels in this folder. */
 #ifndef PAGEWIRE_BF16_H
 #define PAGEWIRE_BF16_H
 #include <stdint.h>

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pagewire.launcher import Stack, free_port
+from pagewire.launcher import Stack, free_port, shared_cores
 
 
 def test_a_service_that_exits_while_starting_fails_fast_with_its_exit_code() -> None:
@@ -64,3 +65,19 @@ def test_pagewire_up_passes_the_parser_flags_to_the_router(tmp_path: Path, tiny_
     assert "--tool-call-parser: unknown parser 'bogus'; known: hermes, llama3_json, mistral" in (
         done.stderr
     )
+
+
+def test_workers_sharing_the_machine_split_its_cores_unless_threads_are_chosen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Several workers' OpenMP teams spinning on the same cores stall each other: N workers get
+    cores // N threads each by default; a chosen --threads (flag or PAGEWIRE_THREADS) stands."""
+    monkeypatch.delenv("PAGEWIRE_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert shared_cores([], 1) == []
+    assert shared_cores(["--dtype", "bfloat16"], 4) == ["--threads", "4"]
+    assert shared_cores([], 32) == ["--threads", "1"]
+    assert shared_cores(["--threads", "8"], 4) == []
+    assert shared_cores(["--threads=8"], 4) == []
+    monkeypatch.setenv("PAGEWIRE_THREADS", "3")
+    assert shared_cores([], 4) == []
