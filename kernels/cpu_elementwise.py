@@ -29,7 +29,6 @@ def load() -> ctypes.CDLL | None:
     i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     signatures = {
         "rms_norm_bf16": [ptr, i64, ptr, ptr, i64, i64, f32, i32, i32],
-        "add_rms_norm_bf16": [ptr, ptr, ptr, ptr, i64, i64, f32, i32, i32],
         "rope_bf16": [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i32],
         "silu_mul_bf16": [ptr, i64, ptr, i64, i64, i32],
     }
@@ -54,19 +53,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
     w = weight.contiguous()
     lib.rms_norm_bf16(x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), rows, dim, eps,
                       int(gemma), torch.get_num_threads())
-    return out
-
-
-def add_rms_norm_(x: Tensor, residual: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
-    """kernels.elementwise.add_rms_norm's contract for contiguous 2-D ``x`` and ``residual``:
-    ``residual`` becomes x + residual in place; returns its norm."""
-    lib = load()
-    assert lib is not None and x.dim() == 2 and x.is_contiguous() and residual.is_contiguous()
-    rows, dim = x.shape
-    out = torch.empty((rows, dim), dtype=x.dtype)
-    w = weight.contiguous()
-    lib.add_rms_norm_bf16(x.data_ptr(), residual.data_ptr(), w.data_ptr(), out.data_ptr(), rows,
-                          dim, eps, int(gemma), torch.get_num_threads())
     return out
 
 

@@ -45,19 +45,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tens
     return rms_norm_torch(x, weight, eps, gemma)
 
 
-def add_rms_norm(
-    x: Tensor, residual: Tensor, weight: Tensor, eps: float, gemma: bool = False
-) -> tuple[Tensor, Tensor]:
-    """(x + residual, its rms_norm): a sublayer's output joining the residual stream and the
-    next sublayer's normed input, in one pass for bfloat16 on the CPU (``residual`` is then
-    updated in place), as two ops elsewhere."""
-    if (x.dim() == 2 and x.is_contiguous() and residual.is_contiguous()
-            and residual.dtype == x.dtype and cpu_elementwise.takes(x)):
-        return residual, cpu_elementwise.add_rms_norm_(x, residual, weight, eps, gemma)
-    total = x + residual
-    return total, rms_norm(total, weight, eps, gemma)
-
-
 def rms_norm_torch(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
     """The definition of :func:`rms_norm` (transformers' modules, op for op)."""
     xf = x.float()

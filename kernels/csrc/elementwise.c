@@ -50,32 +50,6 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, uint1
     }
 }
 
-/* The residual stream and its norm in one pass: sum = bf16(x + residual) (the decoder's
- * "x = x + sublayer(x)"), written over residual, then out = rms_norm_bf16 of it. x, residual and
- * out are contiguous [rows, dim]. */
-void add_rms_norm_bf16(const uint16_t *x, uint16_t *residual, const uint16_t *w, uint16_t *out,
-                       int64_t rows, int64_t dim, float eps, int gemma, int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim >= PARALLEL_MIN)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * dim;
-        uint16_t *res = residual + r * dim, *o = out + r * dim;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < dim; j++) {
-            res[j] = to_bf(bf(xr[j]) + bf(res[j]));
-            s += bf(res[j]) * bf(res[j]);
-        }
-        const float inv = 1.0f / sqrtf(s / (float)dim + eps);
-        if (gemma) {
-#pragma omp simd
-            for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(res[j]) * inv * (1.0f + bf(w[j])));
-        } else {
-#pragma omp simd
-            for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(w[j]) * round_bf(bf(res[j]) * inv));
-        }
-    }
-}
-
 /* Rotate-half RoPE in place on the first 2 * half dims of each of `heads` heads of `tokens`
  * tokens (token t, head h starts at x + t * token_stride + h * head_dim): transformers'
  * x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin, each product and sum rounded to bfloat16.

@@ -40,24 +40,6 @@ def test_rms_norm_rounds_as_transformers_does(rows: int, dim: int, gemma: bool) 
                  elementwise.rms_norm_torch(x, w, 1e-6, gemma))
 
 
-@pytest.mark.parametrize("rows,dim", [(1, 64), (9, 896), (300, 512)])
-@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
-def test_add_rms_norm_joins_the_residual_stream_then_norms_it(
-    rows: int, dim: int, gemma: bool
-) -> None:
-    """The residual becomes bf16(x + residual) in place, exactly the decoder's add; the norm of
-    it as rms_norm's."""
-    g = torch.Generator().manual_seed(rows * dim)
-    x = (torch.randn(rows, dim, generator=g) * 2).to(BF16)
-    residual = (torch.randn(rows, dim, generator=g) * 3).to(BF16)
-    w = (1 + torch.randn(dim, generator=g) * 0.3).to(BF16)
-    want_sum = x + residual
-    got = residual.clone()
-    normed = cpu_elementwise.add_rms_norm_(x, got, w, 1e-6, gemma)
-    assert torch.equal(got, want_sum)
-    nearly_equal(normed, elementwise.rms_norm_torch(want_sum, w, 1e-6, gemma))
-
-
 def test_rms_norm_reads_rows_of_a_wider_tensor() -> None:
     """A view whose rows are further apart than their length (a slice of a fused output)."""
     wide = torch.randn(5, 96).to(BF16)

@@ -21,10 +21,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return elementwise.rms_norm(x, self.weight, self.eps, self.gemma)  # one kernel on CUDA
 
-    def add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """(x + residual, the norm of that): the residual stream and the next sublayer's input."""
-        return elementwise.add_rms_norm(x, residual, self.weight, self.eps, self.gemma)
-
 
 class MLP(nn.Module):
     """Gated feed-forward: down(act(gate(x)) * up(x)), gate and up as one fused projection."""

@@ -142,26 +142,15 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(*norm)
 
     def forward(
-        self, x: Tensor, residual: Tensor | None, rope: dict[str, tuple[Tensor, Tensor]],
-        kv: tuple[Tensor, Tensor], meta: AttentionMetadata,
-    ) -> tuple[Tensor, Tensor | None]:
-        """(the last sublayer's output, the residual stream it has yet to join); the stream is
-        ``x + residual`` (``x`` alone where ``residual`` is None). Carrying the two apart lets
-        each add join the norm that follows it in one pass (``RMSNorm.add``); the sums and their
-        roundings are the decoder's ``x = x + sublayer(norm(x))``, in the same order."""
-        if self.sandwich:
-            x = x if residual is None else x + residual
-            h = self.self_attn(self.input_layernorm(x), rope, kv, meta)
-            x = x + self.post_attention_layernorm(h)
-            mlp = self.mlp(self.pre_feedforward_layernorm(x))
-            return x + self.post_feedforward_layernorm(mlp), None
-        if residual is None:
-            residual, normed = x, self.input_layernorm(x)
-        else:
-            residual, normed = self.input_layernorm.add(x, residual)
-        h = self.self_attn(normed, rope, kv, meta)
-        residual, normed = self.post_attention_layernorm.add(h, residual)
-        return self.mlp(normed), residual
+        self, x: Tensor, rope: dict[str, tuple[Tensor, Tensor]], kv: tuple[Tensor, Tensor],
+        meta: AttentionMetadata,
+    ) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, kv, meta)
+        if not self.sandwich:
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class DecoderForCausalLM(nn.Module):
@@ -214,10 +203,9 @@ class DecoderForCausalLM(nn.Module):
             rows = table[positions] if positions.dim() == 1 else mrope_rows(
                 table, positions, self.cfg.mrope_section or ())
             rope[key] = rows.to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
-        residual = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, rope, kv, meta)
-        return self.norm(x) if residual is None else self.norm.add(x, residual)[1]
+            x = layer(x, rope, kv, meta)
+        return self.norm(x)
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
