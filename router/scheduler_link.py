@@ -79,6 +79,7 @@ class SchedulerLink:
                 stub = scheduler_pb2_grpc.SchedulerStub(channel)
                 while self.address == address:
                     await self._stream(stub)
+                    _raise_if_cancelled()
                     self._check_timeout()
                     await asyncio.sleep(0.2)
 
@@ -175,3 +176,12 @@ async def _drain(
 ) -> AsyncIterator[scheduler_pb2.RouterMessage]:
     while (msg := await queue.get()) is not None:
         yield msg
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that gRPC turned into the end of the call: a task cancelled
+    while its stream is being torn down can see AioRpcError(CANCELLED) instead of
+    CancelledError, and the link would then redial forever while ``close`` waits for it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
