@@ -44,6 +44,14 @@ def takes(x: Tensor) -> bool:
             and load() is not None)
 
 
+def takes_rope(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    """Whether :func:`rope_` takes this call: heads contiguous in a token, cos/sin rows with a
+    common stride and contiguous values (else the torch definition runs)."""
+    return (x.dim() == 3 and x.stride(1) == x.shape[2] and cos.stride(0) == sin.stride(0)
+            and cos.stride(-1) == sin.stride(-1) == 1 and cos.dtype == sin.dtype == x.dtype
+            and takes(x))
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
     """kernels.elementwise.rms_norm's contract for 2-D ``x`` whose rows are evenly strided."""
     lib = load()

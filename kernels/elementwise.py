@@ -62,7 +62,7 @@ def rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     if ops is not None:
         ops.rope_(x, cos, sin)
         return
-    if x.stride(1) == x.shape[2] and cpu_elementwise.takes(x):
+    if cpu_elementwise.takes_rope(x, cos, sin):
         cpu_elementwise.rope_(x, cos, sin)
         return
     rope_torch_(x, cos, sin)

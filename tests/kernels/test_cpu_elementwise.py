@@ -82,6 +82,20 @@ def test_the_decoder_uses_them_for_bfloat16_on_the_cpu_only() -> None:
     assert not cpu_elementwise.takes(x.to(BF16).t())  # last dim not contiguous
 
 
+def test_a_rope_table_laid_out_otherwise_goes_to_the_torch_definition() -> None:
+    """cos and sin with different row strides (not the halves of one gathered table) are not
+    the compiled kernel's layout: the dispatcher falls back instead of failing."""
+    x = torch.randn(3, 4, 64).to(BF16)
+    table = torch.randn(3, 1, 64).to(BF16)
+    cos, sin = table.chunk(2, dim=-1)
+    assert cpu_elementwise.takes_rope(x, cos, sin)
+    assert not cpu_elementwise.takes_rope(x, cos, sin.contiguous())
+    got, want = x.clone(), x.clone()
+    elementwise.rope_(got, cos, sin.contiguous())
+    elementwise.rope_torch_(want, cos, sin)
+    assert torch.equal(got, want)
+
+
 def test_turned_off_by_environment() -> None:
     code = "from kernels import cpu_elementwise\nassert cpu_elementwise.load() is None\n"
     env = {**os.environ, "PAGEWIRE_CPU_ELEMENTWISE": "0"}
