@@ -28,7 +28,7 @@ from pagewire.store_outage import STORE_DOWN, STORE_ERRORS
 from pagewire.tls import TLSFiles
 from pagewire.v1 import worker_pb2, worker_pb2_grpc
 from pagewire.worker_registry import WorkerEntry
-from worker_svc import compute_thread
+from worker_svc import compute_thread, cpu_heap
 from worker_svc.constraints import Constraints
 from worker_svc.cuda_graphs import DecodeGraphs
 from worker_svc.loader import load_model, read_model_dir, resolve_dtype
@@ -52,6 +52,8 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
         torch.set_num_threads(cfg.threads)
     files = read_model_dir(cfg.model)
     device = pick_device(cfg.device)
+    if device.type == "cpu":
+        cpu_heap.keep_freed_memory()
     dtype = resolve_dtype(cfg.dtype, files.hf_config, device)
     max_len = cfg.max_model_len or files.max_position_embeddings
     if max_len > files.max_position_embeddings:  # positions the model was never trained on
@@ -238,6 +240,8 @@ async def serve(cfg: pwconfig.WorkerConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = pwconfig.parse(pwconfig.WorkerConfig, argv, prog="pagewire-worker")
+    if pick_device(cfg.device).type == "cpu":
+        cpu_heap.keep_freed_memory()  # before any thread takes an arena of its own
     logs.setup_logging(cfg.log_level, f"worker[{socket.gethostname()}]", cfg.log_format)
     tracing.init_tracing("pagewire-worker")
     if not cfg.model:
