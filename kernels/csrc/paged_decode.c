@@ -56,125 +56,28 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-/* Where the CPU has AVX-512 BF16, the scores of a bfloat16 cache: each key row meets the query
- * (rounded to bfloat16: exact for the bfloat16 queries of the worker's bfloat16 models, and only
- * used for them) in vdpbf16ps products summed in fp32, with no widening of the key; the 16
- * per-position partial sums of a group of 16 positions are then added across in one
- * transpose-and-add tree instead of 16 horizontal sums. */
+/* Where the CPU has AVX-512 BF16, a bfloat16 cache met by a bfloat16 query: decode_bf16_dp.h. */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
 #define HAVE_DP_BF16 1
-
-/* Lane i of the result: the sum of the 16 lanes of v[i]. */
-static inline __m512 sum_across16(__m512 v[16]) {
-    __m512 u[8], w[4];
-    for (int k = 0; k < 8; k++)
-        u[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
-                             _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
-    for (int k = 0; k < 4; k++)
-        w[k] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0x44),
-                             _mm512_shuffle_ps(u[2 * k], u[2 * k + 1], 0xEE));
-    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x44),
-                                     _mm512_shuffle_f32x4(w[0], w[1], 0xEE));
-    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x44),
-                                     _mm512_shuffle_f32x4(w[2], w[3], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88),
-                         _mm512_shuffle_f32x4(s01, s23, 0xDD));
-}
-
-/* score[i] = dot(q, rows[i]) for i < n; q in `chunks` registers of 32 bfloat16. */
-static inline void scores_bf16(const __m512bh *qv, int64_t chunks, const uint16_t *const *rows,
-                               int64_t n, float *score) {
-    for (int64_t i0 = 0; i0 < n; i0 += 16) {
-        __m512 acc[16];
-        for (int i = 0; i < 16; i++) {
-            acc[i] = _mm512_setzero_ps();
-            if (i0 + i >= n) continue;
-            for (int64_t c = 0; c < chunks; c++)
-                acc[i] = _mm512_dpbf16_ps(
-                    acc[i], (__m512bh)_mm512_loadu_si512(rows[i0 + i] + 32 * c), qv[c]);
-        }
-        float out[16];
-        _mm512_storeu_ps(out, sum_across16(acc));
-        for (int i = 0; i < 16 && i0 + i < n; i++) score[i0 + i] = out[i];
-    }
-}
+#include "decode_bf16_dp.h"
 #else
 #define HAVE_DP_BF16 0
 #endif
-#if HAVE_DP_BF16
-/* The tile's values into each query head's accumulator: for one query head at a time the
- * accumulator stays in CH registers over the whole tile (the generic loop reads and writes it
- * in memory for every position), and each bfloat16 value row is widened as it is loaded. */
-#define DEFINE_VALUES(CH)                                                                        \
-static void values_bf16_##CH(const uint16_t *v_cache, const int64_t *base, int64_t span,         \
-                             int64_t group, int64_t n, float score[][TILE],                      \
-                             float acc[][MAX_DIM]) {                                             \
-    for (int64_t hh = 0; hh < span; hh++)                                                        \
-        for (int64_t g = 0; g < group; g++) {                                                    \
-            const int64_t j = hh * group + g;                                                    \
-            __m512 a[CH];                                                                        \
-            for (int c = 0; c < CH; c++) a[c] = _mm512_loadu_ps(acc[j] + 16 * c);               \
-            for (int64_t i = 0; i < n; i++) {                                                    \
-                const uint16_t *vr = v_cache + base[i] + hh * 16 * CH;                           \
-                const __m512 p = _mm512_set1_ps(score[j][i]);                                    \
-                for (int c = 0; c < CH; c++) {                                                   \
-                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(vr + 16 * c));      \
-                    const __m512 v = _mm512_castsi512_ps(                                        \
-                        _mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));                      \
-                    a[c] = _mm512_fmadd_ps(p, v, a[c]);                                          \
-                }                                                                                \
-            }                                                                                    \
-            for (int c = 0; c < CH; c++) _mm512_storeu_ps(acc[j] + 16 * c, a[c]);               \
-        }                                                                                        \
-}
-DEFINE_VALUES(4)
-DEFINE_VALUES(8)
-DEFINE_VALUES(16)
-#endif
 
-/* values_bf16 for head dims 64, 128 and 256 where the CPU has AVX-512; 0 when it did nothing. */
-static int tile_values_bf16(const uint16_t *v_cache, const int64_t *base, int64_t span,
-                            int64_t group, int64_t head_dim, int64_t n, float score[][TILE],
-                            float acc[][MAX_DIM]) {
+/* decode_bf16_dp.h's task where it is built and takes this head dim; 0 when it did nothing. */
+static int bf16_dp_task(const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
+                        int64_t block_size, int64_t row, int64_t h0, int64_t span, int64_t group,
+                        int64_t head_dim, int64_t first, int64_t len, const uint16_t qb[][MAX_DIM],
+                        float scale, float softcap, float acc[][MAX_DIM], float *run_max,
+                        float *run_sum) {
 #if HAVE_DP_BF16
-    switch (head_dim) {
-    case 64: values_bf16_4(v_cache, base, span, group, n, score, acc); return 1;
-    case 128: values_bf16_8(v_cache, base, span, group, n, score, acc); return 1;
-    case 256: values_bf16_16(v_cache, base, span, group, n, score, acc); return 1;
-    default: return 0;
-    }
+    return dp_task(k_cache, v_cache, table, block_size, row, h0, span, group, head_dim, first, len,
+                   qb, scale, softcap, acc, run_max, run_sum);
 #else
-    (void)v_cache; (void)base; (void)span; (void)group; (void)head_dim; (void)n; (void)score;
-    (void)acc;
+    (void)k_cache; (void)v_cache; (void)table; (void)block_size; (void)row; (void)h0; (void)span;
+    (void)group; (void)head_dim; (void)first; (void)len; (void)qb; (void)scale; (void)softcap;
+    (void)acc; (void)run_max; (void)run_sum;
     return 0;
-#endif
-}
-
-/* The tile's scores of every query head of a task (scaled, soft-capped) by scores_bf16; base[i]:
- * position i's row in the cache, at the task's first KV head. */
-static void tile_scores_dp(const uint16_t *k_cache, const int64_t *base, int64_t span,
-                           int64_t group, int64_t head_dim, int64_t n, const uint16_t qb[][MAX_DIM],
-                           float scale, float softcap, float score[][TILE]) {
-#if HAVE_DP_BF16
-    const uint16_t *rows[TILE];
-    __m512bh qv[MAX_DIM / 32];
-    const int64_t chunks = head_dim / 32;
-    for (int64_t hh = 0; hh < span; hh++) {
-        for (int64_t i = 0; i < n; i++) rows[i] = k_cache + base[i] + hh * head_dim;
-        for (int64_t g = 0; g < group; g++) {
-            const int64_t j = hh * group + g;
-            for (int64_t c = 0; c < chunks; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qb[j] + 32 * c);
-            scores_bf16(qv, chunks, rows, n, score[j]);
-            for (int64_t i = 0; i < n; i++) {
-                const float sc = score[j][i] * scale;
-                score[j][i] = softcap > 0.f ? softcap * tanhf(sc / softcap) : sc;
-            }
-        }
-    }
-#else
-    (void)k_cache; (void)base; (void)span; (void)group; (void)head_dim; (void)n; (void)qb;
-    (void)scale; (void)softcap; (void)score;
 #endif
 }
 
@@ -207,17 +110,17 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
             run_sum[j] = 0.f;                                                                    \
         }                                                                                        \
         const int64_t first = window > 0 && len > window ? len - window : 0;                     \
-        for (int64_t t0 = first; t0 < len; t0 += TILE) {                                         \
+        const int done = use_dp && bf16_dp_task((const uint16_t *)k_cache,                       \
+            (const uint16_t *)v_cache, table, block_size, row, h0, span, group, head_dim, first, \
+            len, (const uint16_t (*)[MAX_DIM])qb, scale, softcap, acc, run_max, run_sum);        \
+        for (int64_t t0 = done ? len : first; t0 < len; t0 += TILE) {                            \
             const int64_t n = len - t0 < TILE ? len - t0 : TILE;                                 \
             int64_t base[TILE]; /* rows of the tile's positions: no division per position */     \
             for (int64_t i = 0, blk = t0 / block_size, o = t0 % block_size; i < n; i++) {        \
                 base[i] = ((int64_t)table[blk] * block_size + o) * row + h0 * head_dim;          \
                 if (++o == block_size) { o = 0; blk++; }                                         \
             }                                                                                    \
-            if (use_dp)                                                                          \
-                tile_scores_dp((const uint16_t *)k_cache, base, span, group, head_dim, n,        \
-                               (const uint16_t (*)[MAX_DIM])qb, scale, softcap, score);          \
-            else for (int64_t i = 0; i < n; i++) {                                               \
+            for (int64_t i = 0; i < n; i++) {                                                    \
                 const T *kr = k_cache + base[i];                                                 \
                 for (int64_t hh = 0; hh < span; hh++) {                                          \
                     for (int64_t d = 0; d < head_dim; d++) kv[d] = LOAD(kr[hh * head_dim + d]);  \
@@ -242,8 +145,6 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
                 if (correction != 1.f)                                                           \
                     for (int64_t d = 0; d < head_dim; d++) acc[j][d] *= correction;              \
             }                                                                                    \
-            if (!(use_dp && tile_values_bf16((const uint16_t *)v_cache, base, span, group,      \
-                                             head_dim, n, score, acc)))                          \
             for (int64_t i = 0; i < n; i++) {                                                    \
                 const T *vr = v_cache + base[i];                                                 \
                 for (int64_t hh = 0; hh < span; hh++) {                                          \
