@@ -56,29 +56,37 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-/* Where the CPU has AVX-512 BF16, a bfloat16 cache met by a bfloat16 query: decode_bf16_dp.h. */
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#define HAVE_DP_BF16 1
-#include "decode_bf16_dp.h"
+/* Where the CPU has AVX-512, the task of decode_grouped.h for head dims 64, 128 and 256. */
+#if defined(__AVX512F__)
+#include "decode_grouped.h"
+#define HAVE_GROUPED 1
 #else
-#define HAVE_DP_BF16 0
+#define HAVE_GROUPED 0
+#define HAVE_GROUPED_BF16 0
 #endif
 
-/* decode_bf16_dp.h's task where it is built and takes this head dim; 0 when it did nothing. */
-static int bf16_dp_task(const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
+/* The grouped task over fp32 caches (qs: the queries), or over bf16 caches with bf16 queries
+ * (qb), where it is built and takes this head dim; 0 when it did nothing (the caller walks the
+ * generic tiles). */
+static int grouped_task(int bf16, const void *k_cache, const void *v_cache, const int32_t *table,
                         int64_t block_size, int64_t row, int64_t h0, int64_t span, int64_t group,
-                        int64_t head_dim, int64_t first, int64_t len, const uint16_t qb[][MAX_DIM],
-                        float scale, float softcap, float acc[][MAX_DIM], float *run_max,
-                        float *run_sum) {
-#if HAVE_DP_BF16
-    return dp_task(k_cache, v_cache, table, block_size, row, h0, span, group, head_dim, first, len,
-                   qb, scale, softcap, acc, run_max, run_sum);
-#else
-    (void)k_cache; (void)v_cache; (void)table; (void)block_size; (void)row; (void)h0; (void)span;
-    (void)group; (void)head_dim; (void)first; (void)len; (void)qb; (void)scale; (void)softcap;
-    (void)acc; (void)run_max; (void)run_sum;
-    return 0;
+                        int64_t head_dim, int64_t first, int64_t len, const float qs[][MAX_DIM],
+                        const uint16_t qb[][MAX_DIM], float scale, float softcap,
+                        float acc[][MAX_DIM], float *run_max, float *run_sum) {
+#if HAVE_GROUPED_BF16
+    if (bf16)
+        return grouped_task_bf16(k_cache, v_cache, table, block_size, row, h0, span, group,
+                                 head_dim, first, len, qb, scale, softcap, acc, run_max, run_sum);
 #endif
+#if HAVE_GROUPED
+    if (!bf16)
+        return grouped_task_f32(k_cache, v_cache, table, block_size, row, h0, span, group,
+                                head_dim, first, len, qs, scale, softcap, acc, run_max, run_sum);
+#endif
+    (void)bf16; (void)k_cache; (void)v_cache; (void)table; (void)block_size; (void)row; (void)h0;
+    (void)span; (void)group; (void)head_dim; (void)first; (void)len; (void)qs; (void)qb;
+    (void)scale; (void)softcap; (void)acc; (void)run_max; (void)run_sum;
+    return 0;
 }
 
 
@@ -91,7 +99,7 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
     const int64_t row = num_kv_heads * head_dim; /* elements per cached token */                 \
     const int64_t span = batch >= 8 ? num_kv_heads : 1; /* KV heads per task */                  \
     const int64_t tasks = batch * (num_kv_heads / span);                                         \
-    const int use_dp = DP && HAVE_DP_BF16 && q_bf16 && head_dim % 32 == 0;                       \
+    const int use_dp = DP && HAVE_GROUPED_BF16 && q_bf16 && head_dim % 32 == 0;                  \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads)")                   \
     for (int64_t task = 0; task < tasks; task++) {                                               \
         const int64_t b = task / (num_kv_heads / span), h0 = task % (num_kv_heads / span) * span; \
@@ -110,9 +118,10 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
             run_sum[j] = 0.f;                                                                    \
         }                                                                                        \
         const int64_t first = window > 0 && len > window ? len - window : 0;                     \
-        const int done = use_dp && bf16_dp_task((const uint16_t *)k_cache,                       \
-            (const uint16_t *)v_cache, table, block_size, row, h0, span, group, head_dim, first, \
-            len, (const uint16_t (*)[MAX_DIM])qb, scale, softcap, acc, run_max, run_sum);        \
+        const int done = (use_dp || !DP) && grouped_task(DP, k_cache, v_cache, table, block_size, \
+            row, h0, span, group, head_dim, first, len, (const float (*)[MAX_DIM])qs,            \
+            (const uint16_t (*)[MAX_DIM])qb, DP ? scale : 1.f /* qs is scaled */, softcap, acc,  \
+            run_max, run_sum);                                                                   \
         for (int64_t t0 = done ? len : first; t0 < len; t0 += TILE) {                            \
             const int64_t n = len - t0 < TILE ? len - t0 : TILE;                                 \
             int64_t base[TILE]; /* rows of the tile's positions: no division per position */     \
