@@ -6,8 +6,8 @@ value once, where the torch path gathers them into a copy first. ``PAGEWIRE_CPU_
 it off.
 
 :func:`load` returns None when there is no compiler or the build fails; callers then use the
-torch path. The kernel handles fp32 and bf16 caches with fp32 queries, up to 64 query heads and
-head dims up to 256; :func:`supports` says whether a call fits.
+torch path. The kernel handles fp32 and bf16 caches with fp32 or bf16 queries, up to 64 query
+heads and head dims up to 256; :func:`supports` says whether a call fits.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def load() -> ctypes.CDLL | None:
     for name in _SYMBOLS.values():
         fn = getattr(lib, name)
         fn.restype = None
-        fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr,
+        fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr,
                        ctypes.c_int, i64, f32, ctypes.c_int]
     return lib
 
@@ -59,22 +59,30 @@ def paged_decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
     scale: float, window: int | None = None, softcap: float | None = None,
 ) -> Tensor:
-    """Same contract as :func:`kernels.reference.paged_decode_attention` (check :func:`supports`)."""
+    """Same contract as :func:`kernels.reference.paged_decode_attention` (check :func:`supports`).
+
+    A float32 or bfloat16 query is read where it lies (the strided view of the fused q/k/v
+    projection the model passes: only its heads need be contiguous) and the output is written
+    in its dtype, so a layer's call is one kernel, no conversions around it."""
     lib = load()
     assert lib is not None
     batch, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches are allocated contiguous"
-    qf = q.contiguous().float()
+    native = q.dtype in (torch.float32, torch.bfloat16)
+    qk = q if native else q.float()
+    if qk.stride(2) != 1 or qk.stride(1) != dim:
+        qk = qk.contiguous()
     tables = block_tables.to(torch.int32).contiguous()
     lens = context_lens.to(torch.int32).contiguous()
-    out = torch.empty((batch, heads, dim), dtype=torch.float32)
+    out = torch.empty((batch, heads, dim), dtype=qk.dtype)
     if batch:
         getattr(lib, _SYMBOLS[k_cache.dtype])(
-            qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+            qk.data_ptr(), qk.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
             tables.stride(0), lens.data_ptr(), batch, heads, kv_heads, dim, block_size,
             scale, out.data_ptr(), torch.get_num_threads(),  # the worker's --threads
             window or 0, softcap or 0.0,
-            int(q.dtype == torch.bfloat16),  # bf16 keys may meet the query in bf16 products
+            # a bf16 query (and output); bf16 keys may then meet it in bf16 products
+            int(qk.dtype == torch.bfloat16),
         )
-    return out.to(q.dtype)
+    return out if native else out.to(q.dtype)

@@ -10,9 +10,9 @@
  * and sum are rescaled once per tile (online softmax), and the tile's probabilities weight the
  * values. A sliding window (window > 0) starts the walk at the window's first position; a
  * soft-cap (softcap > 0, Gemma 2) maps each scaled score s to softcap * tanh(s / softcap).
- * Caches are fp32 or bf16 (widened to fp32 on load); q and out are fp32. With a bf16 cache and a
- * query that was bf16 (q_bf16), scores are bf16 products summed in fp32 where the CPU has
- * AVX-512 BF16 (below). Built with reassociation and FMA contraction allowed (the sums vectorize;
+ * Caches are fp32 or bf16 (widened to fp32 on load); q and out are fp32, or both bf16 (q_bf16;
+ * q's sequences q_stride elements apart, its heads contiguous). With a bf16 cache and a bf16
+ * query, scores are bf16 products summed in fp32 where the CPU has AVX-512 BF16 (below). Built with reassociation and FMA contraction allowed (the sums vectorize;
  * results stay within 1e-6 of the reference) but not -ffast-math, whose start-up code would flush
  * subnormals to zero in the whole process.
  *
@@ -91,10 +91,11 @@ static int grouped_task(int bf16, const void *k_cache, const void *v_cache, cons
 
 
 #define DEFINE_DECODE(NAME, T, LOAD, DP)                                                             \
-void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *block_tables,       \
-          int64_t table_stride, const int32_t *context_lens, int64_t batch, int64_t num_q_heads, \
-          int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, float *out,   \
-          int num_threads, int64_t window, float softcap, int q_bf16) {                          \
+void NAME(const void *q, int64_t q_stride, const T *k_cache, const T *v_cache,                    \
+          const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens,         \
+          int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,             \
+          int64_t block_size, float scale, void *out, int num_threads, int64_t window,            \
+          float softcap, int q_bf16) {                                                            \
     const int64_t group = num_q_heads / num_kv_heads;                                            \
     const int64_t row = num_kv_heads * head_dim; /* elements per cached token */                 \
     const int64_t span = batch >= 8 ? num_kv_heads : 1; /* KV heads per task */                  \
@@ -111,9 +112,14 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
         const int64_t len = context_lens[b];                                                     \
         const int32_t *table = block_tables + b * table_stride;                                  \
         for (int64_t j = 0; j < nq; j++) {                                                       \
-            const float *src = q + (b * num_q_heads + h0 * group + j) * head_dim;                \
-            for (int64_t d = 0; d < head_dim; d++) { qs[j][d] = src[d] * scale; acc[j][d] = 0.f; } \
-            if (use_dp) for (int64_t d = 0; d < head_dim; d++) qb[j][d] = f32_to_bf16(src[d]);  \
+            const int64_t at = b * q_stride + (h0 * group + j) * head_dim;                       \
+            for (int64_t d = 0; d < head_dim; d++) {                                             \
+                const float x = q_bf16 ? bf16_to_f32(((const uint16_t *)q)[at + d])              \
+                                       : ((const float *)q)[at + d];                             \
+                qs[j][d] = x * scale;                                                            \
+                acc[j][d] = 0.f;                                                                 \
+                if (use_dp) qb[j][d] = f32_to_bf16(x); /* exact: x came from a bf16 */           \
+            }                                                                                    \
             run_max[j] = -FLT_MAX; /* finite: exp(run_max - m) is 0 on the first tile */      \
             run_sum[j] = 0.f;                                                                    \
         }                                                                                        \
@@ -168,9 +174,12 @@ void NAME(const float *q, const T *k_cache, const T *v_cache, const int32_t *blo
             }                                                                                    \
         }                                                                                        \
         for (int64_t j = 0; j < nq; j++) {                                                       \
-            float *dst = out + (b * num_q_heads + h0 * group + j) * head_dim;                    \
+            const int64_t at = (b * num_q_heads + h0 * group + j) * head_dim;                    \
             const float inv = 1.f / run_sum[j];                                                  \
-            for (int64_t d = 0; d < head_dim; d++) dst[d] = acc[j][d] * inv;                     \
+            for (int64_t d = 0; d < head_dim; d++) {                                             \
+                if (q_bf16) ((uint16_t *)out)[at + d] = f32_to_bf16(acc[j][d] * inv);            \
+                else ((float *)out)[at + d] = acc[j][d] * inv;                                   \
+            }                                                                                    \
         }                                                                                        \
     }                                                                                            \
 }
