@@ -52,6 +52,8 @@ class AttentionBackend:
     # takes decode(..., plan=) and extend(..., plan=, new_kv=(k, v) of the chunks' own tokens).
     plan_decode: Callable[..., object] | None = None
     plan_extend: Callable[..., object] | None = None
+    # write_kv for a slot mapping its caller knows holds no -1 (None: write_kv does for all).
+    store_kv: Callable[..., None] | None = None
 
 
 def get_backend(name: str) -> AttentionBackend:
@@ -59,11 +61,11 @@ def get_backend(name: str) -> AttentionBackend:
     if name == "cpu" and cpu_decode.load() is not None:
         c = cpu_attention
         return AttentionBackend("cpu", c.write_kv, _cpu_decode, c.paged_extend_attention,
-                                None, c.plan_extend)
+                                None, c.plan_extend, c.store_kv)
     if name in ("torch", "cpu"):
         c = cpu_attention
         return AttentionBackend("torch", c.write_kv, c.paged_decode_attention,
-                                c.paged_extend_attention, c.plan_decode, c.plan_extend)
+                                c.paged_extend_attention, c.plan_decode, c.plan_extend, c.store_kv)
     if name == "reference":
         return AttentionBackend("reference", reference.write_kv, reference.paged_decode_attention,
                                 reference.paged_extend_attention)

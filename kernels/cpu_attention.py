@@ -38,7 +38,7 @@ from torch import Tensor
 from kernels import reference
 
 __all__ = [
-    "write_kv", "paged_decode_attention", "paged_extend_attention", "decode_groups",
+    "write_kv", "store_kv", "paged_decode_attention", "paged_extend_attention", "decode_groups",
     "plan_decode", "plan_extend", "DecodePlan", "ExtendPlan",
 ]
 
@@ -67,6 +67,15 @@ def write_kv(
     if slot_mapping.numel() and bool((slot_mapping < 0).any()):
         reference.write_kv(key, value, k_cache, v_cache, slot_mapping)
         return
+    store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def store_kv(
+    key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+) -> None:
+    """:func:`write_kv` for a slot mapping the caller knows has no -1: the worker checks its
+    step's slots once, on the host, instead of every layer asking the tensor (three small ops
+    and a wait, per layer)."""
     slots = slot_mapping.long()
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))

@@ -243,6 +243,7 @@ class ModelRunner:
             cu_seqlens_q=t.cu_seqlens_q,
             num_decode=num_decode,
             backend=self.backend,
+            every_slot_stored=bool((slots >= 0).all()),
         )
         rope_pos = t.positions if rope_3d is None else torch.from_numpy(rope_3d).to(self.device)
         hidden = self.model(t.token_ids(self.sampler.last_tokens), rope_pos, self.kv_caches, meta, embeds)

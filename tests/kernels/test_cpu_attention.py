@@ -136,3 +136,14 @@ def test_write_kv_stores_like_the_reference_with_and_without_skipped_slots(skip_
     cpu_attention.write_kv(key, value, *ours, slots)
     reference.write_kv(key, value, *theirs, slots)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_store_kv_stores_a_mapping_without_skipped_slots_as_write_kv_does() -> None:
+    shape = (6, 4, 2, 8)
+    key, value = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    slots = torch.tensor([3, 9, 17, 22, 0])
+    stored = [torch.zeros(shape), torch.zeros(shape)]
+    written = [torch.zeros(shape), torch.zeros(shape)]
+    cpu_attention.store_kv(key, value, *stored, slots)
+    cpu_attention.write_kv(key, value, *written, slots)
+    assert torch.equal(stored[0], written[0]) and torch.equal(stored[1], written[1])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -63,6 +66,32 @@ def test_mixed_chunked_prefill_and_decode_steps_match_transformers(
                               token_ids=[outputs[sid][-1]] if explicit else [], sample=True)
         run(step)
     assert outputs == expected
+
+
+def test_a_step_stores_kv_without_asking_each_layer_for_skipped_slots(
+    runner: ModelRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner knows its step has no -1 slot (it checked on the host), so every layer stores
+    through the backend's store_kv, not the write_kv that inspects the mapping per call."""
+    assert runner.backend.store_kv is not None
+    calls = {"store": 0}
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("write_kv called: a layer checked the slot mapping itself")
+
+    def store(*args: object) -> None:
+        calls["store"] += 1
+        store_kv(*args)
+
+    store_kv = runner.backend.store_kv
+    monkeypatch.setattr(runner, "backend", dataclasses.replace(runner.backend, write_kv=refuse,
+                                                               store_kv=store))
+    runner.reset()
+    step = worker_pb2.Step(step_id=1)
+    step.seqs.add(seq_id=5, start_pos=0, token_ids=[0, 1, 2], block_ids=[0], sample=True, new=True,
+                  sampling=GREEDY)
+    assert runner.execute(step).token_ids
+    assert calls["store"] == runner.model.cfg.num_hidden_layers
 
 
 def test_unknown_sequence_is_reported_not_guessed(runner: ModelRunner) -> None:

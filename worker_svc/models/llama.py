@@ -37,6 +37,13 @@ class AttentionMetadata:
     backend: AttentionBackend
     decode_plan: object | None = None  # the backend's per-step layout, made by plan()
     extend_plan: object | None = None
+    every_slot_stored: bool = False  # slot_mapping holds no -1 (the runner checked, on the host)
+
+    def write_kv(self, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
+        """Store this layer's new K/V at the step's slots."""
+        b = self.backend
+        store = b.store_kv if self.every_slot_stored and b.store_kv is not None else b.write_kv
+        store(k, v, k_cache, v_cache, self.slot_mapping)
 
     def plan(self, k_cache: Tensor) -> None:
         """Let the backend lay the step out once for all layers (a no-op for backends without)."""
@@ -113,7 +120,7 @@ class Attention(nn.Module):
         apply_rope_(qkv[:, : H + self.n_kv], *rope[self.rope_key])
         q, k, v = qkv.split([H, self.n_kv, self.n_kv], dim=1)
         k_cache, v_cache = kv
-        meta.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        meta.write_kv(k, v, k_cache, v_cache)
         nd, layer_args = meta.num_decode, (self.scale, self.window, self.softcap)
         parts = []
         if nd:
