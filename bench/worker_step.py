@@ -11,6 +11,8 @@ For each batch size: the batch's prompts are prefilled, then ``--steps`` decode 
 way the scheduler sends them (two in flight, each decode feeding the token the step before it
 sampled) through the worker's own step loop. Reported per step:
 
+- ``prefill_ms``: the batch's prefill, ``--prefill-chunk`` prompt tokens per step (after a
+  first batch of other prompts: warm, but with lengths it has not seen with ``--prompt-jitter``);
 - ``wall_ms``: wall time per step in that loop (launch of step N+1 overlapping step N);
 - ``serial_ms``: wall time per step when each step is launched and awaited before the next;
 - ``device_ms``: the summed kernel time of a step (torch profiler, CUDA only);
@@ -74,15 +76,16 @@ def copy_bandwidth(device: torch.device, gib: float = 4.0) -> float:
 class Batch:
     """B sequences of one prompt length, with their block tables, driven as the scheduler does."""
 
-    def __init__(self, batch: int, prompt_len: int, vocab: int, seed: int) -> None:
+    def __init__(self, batch: int, prompt_len: int, vocab: int, seed: int, jitter: float = 0.0) -> None:
         rng = np.random.default_rng(seed)
-        self.prompts = rng.integers(0, vocab, size=(batch, prompt_len)).tolist()
-        self.fed = [prompt_len] * batch
+        lens = rng.integers(int(prompt_len * (1 - jitter)), prompt_len + 1, size=batch)
+        self.prompts = [rng.integers(0, vocab, size=n).tolist() for n in lens]
+        self.fed = [len(p) for p in self.prompts]
         self.blocks: list[list[int]] = []
         self.next_block = 0
         self.step_id = 0
-        for _ in range(batch):
-            n = -(-prompt_len // BLOCK)
+        for p in self.prompts:
+            n = -(-len(p) // BLOCK)
             self.blocks.append(list(range(self.next_block, self.next_block + n)))
             self.next_block += n
 
@@ -152,10 +155,18 @@ def device_seconds(runner: ModelRunner, steps: list[worker_pb2.Step]) -> tuple[f
 
 
 def measure(runner: ModelRunner, batch: int, args: argparse.Namespace, vocab: int) -> dict:
+    """Prefill the batch's prompts (after a first batch of other prompts, so the worker is warm
+    but this batch's lengths are new to it, as in serving), then time its decode steps."""
     runner.reset()
-    b = Batch(batch, args.prompt_len, vocab, seed=batch)
-    for step in b.prefills(8192):
+    warm = Batch(batch, args.prompt_len, vocab, seed=10_000 + batch, jitter=args.prompt_jitter)
+    for step in warm.prefills(args.prefill_chunk):
         compute_thread.call(runner.execute, step)
+    runner.reset()
+    b = Batch(batch, args.prompt_len, vocab, seed=batch, jitter=args.prompt_jitter)
+    t0 = time.perf_counter()
+    for step in b.prefills(args.prefill_chunk):
+        compute_thread.call(runner.execute, step)
+    prefill_s = time.perf_counter() - t0
     run_loop(runner, b.decodes(8))  # warm-up: allocator, autotuning, lazy init
     steps = args.steps
     serial = []
@@ -166,7 +177,7 @@ def measure(runner: ModelRunner, batch: int, args: argparse.Namespace, vocab: in
     wall = run_loop(runner, b.decodes(steps)) / steps
     dev = device_seconds(runner, b.decodes(steps))
     out = {"batch": batch, "wall_ms": wall * 1e3, "serial_ms": statistics.median(serial) * 1e3,
-           "tok_s": batch / wall}
+           "tok_s": batch / wall, "prefill_ms": prefill_s * 1e3}
     if dev is not None:
         out["device_ms"] = dev[0] / steps * 1e3
         out["host_share"] = 1 - out["device_ms"] / out["wall_ms"]
@@ -204,7 +215,7 @@ def use_elementwise(on: bool) -> None:
 
 def print_table(runs: list[dict]) -> None:
     """One row per variant and batch: medians over rounds, [min-max] when there were several."""
-    cols = ["wall_ms", "serial_ms", "device_ms", "host_share", "tok_s", "of_bound"]
+    cols = ["prefill_ms", "wall_ms", "serial_ms", "device_ms", "host_share", "tok_s", "of_bound"]
     print(" | ".join([*VARIANT, "batch", *cols]))
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
@@ -261,6 +272,9 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,64,256")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=8192, help="prompt tokens per prefill step")
+    p.add_argument("--prompt-jitter", type=float, default=0.0,
+                   help="prompt lengths uniform in [len * (1 - jitter), len]")
     p.add_argument("--graphs", default="on,off", help="on, off, or on,off")
     p.add_argument("--packed", default="on", help="on, off, or on,off (CPU bfloat16 weights)")
     p.add_argument("--elementwise", default="on", help="on, off, or on,off (CPU bfloat16 C ops)")
@@ -289,7 +303,7 @@ def main() -> None:
                 for e in args.elementwise.split(",")]
     for graphs, packed, elementwise in variants * args.rounds:
         use_elementwise(elementwise == "on")
-        cfg = WorkerConfig(model=str(model_dir), load_format="" if args.model else "dummy",
+        cfg = WorkerConfig(model=str(model_dir), load_format="auto" if args.model else "dummy",
                            dtype=args.dtype,
                            device=args.device, num_blocks=blocks, block_size=BLOCK,
                            max_model_len=args.max_model_len, cuda_graphs=graphs == "on",
