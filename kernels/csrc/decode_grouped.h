@@ -194,65 +194,52 @@ static void NAME(const T *k_cache, const T *v_cache, const int32_t *table, int64
     }                                                                                             \
 }
 
-DEFINE_VALUES(values_f32_4_4, float, LOAD_V_F32, 4, 4)
-DEFINE_VALUES(values_f32_4_1, float, LOAD_V_F32, 4, 1)
-DEFINE_VALUES(values_f32_8_2, float, LOAD_V_F32, 8, 2)
-DEFINE_VALUES(values_f32_8_1, float, LOAD_V_F32, 8, 1)
-DEFINE_VALUES(values_f32_16_1, float, LOAD_V_F32, 16, 1)
-DEFINE_TASK(task_f32_64, float, 4, __m512, 4, QLOAD_F32, DOT_F32, values_f32_4_4, values_f32_4_1, 4)
-DEFINE_TASK(task_f32_128, float, 8, __m512, 8, QLOAD_F32, DOT_F32, values_f32_8_2, values_f32_8_1, 2)
-DEFINE_TASK(task_f32_256, float, 16, __m512, 16, QLOAD_F32, DOT_F32, values_f32_16_1, values_f32_16_1, 1)
-
-/* A task over fp32 caches (q: the task's fp32 queries); 0 when the head dim has none. */
-static int grouped_task_f32(const float *k_cache, const float *v_cache, const int32_t *table,
-                            int64_t block_size, int64_t row, int64_t h0, int64_t span,
-                            int64_t group, int64_t head_dim, int64_t first, int64_t len,
-                            const float q[][MAX_DIM], float scale, float softcap,
-                            float acc[][MAX_DIM], float *run_max, float *run_sum) {
-#define ARGS k_cache, v_cache, table, block_size, row, h0, span, group, first, len, q, scale, \
-             softcap, acc, run_max, run_sum
-    switch (head_dim) {
-    case 64: task_f32_64(ARGS); return 1;
-    case 128: task_f32_128(ARGS); return 1;
-    case 256: task_f32_256(ARGS); return 1;
-    default: return 0;
-    }
-#undef ARGS
+/* NAME: the task for this head dim (TASK64/128/256); 0 when the head dim has none. */
+#define DEFINE_DISPATCH(NAME, T, TASK64, TASK128, TASK256)                                        \
+static int NAME(const T *k_cache, const T *v_cache, const int32_t *table, int64_t block_size,     \
+                int64_t row, int64_t h0, int64_t span, int64_t group, int64_t head_dim,          \
+                int64_t first, int64_t len, const T q[][MAX_DIM], float scale, float softcap,    \
+                float acc[][MAX_DIM], float *run_max, float *run_sum) {                          \
+    void (*task)(const T *, const T *, const int32_t *, int64_t, int64_t, int64_t, int64_t,       \
+                 int64_t, int64_t, int64_t, const T[][MAX_DIM], float, float, float[][MAX_DIM], \
+                 float *, float *) =                                                              \
+        head_dim == 64 ? TASK64 : head_dim == 128 ? TASK128 : head_dim == 256 ? TASK256 : NULL;   \
+    if (task == NULL) return 0;                                                                   \
+    task(k_cache, v_cache, table, block_size, row, h0, span, group, first, len, q, scale, softcap, \
+         acc, run_max, run_sum);                                                                  \
+    return 1;                                                                                     \
 }
+
+/* Every task of one cache dtype TY (values in registers for 4, 2 and 1 query heads by head
+ * dim; QDIV: fp32 values per query-vector lane, 1 for fp32, 2 for bf16 pairs) and its dispatch,
+ * grouped_task_TY. */
+#define DEFINE_TASKS(TY, T, LOAD_V, QT, QDIV, QLOAD, DOT)                                          \
+DEFINE_VALUES(values_##TY##_4_4, T, LOAD_V, 4, 4)                                                 \
+DEFINE_VALUES(values_##TY##_4_1, T, LOAD_V, 4, 1)                                                 \
+DEFINE_VALUES(values_##TY##_8_2, T, LOAD_V, 8, 2)                                                 \
+DEFINE_VALUES(values_##TY##_8_1, T, LOAD_V, 8, 1)                                                 \
+DEFINE_VALUES(values_##TY##_16_1, T, LOAD_V, 16, 1)                                               \
+DEFINE_TASK(task_##TY##_64, T, 4, QT, 4 / QDIV, QLOAD, DOT, values_##TY##_4_4, values_##TY##_4_1, 4) \
+DEFINE_TASK(task_##TY##_128, T, 8, QT, 8 / QDIV, QLOAD, DOT, values_##TY##_8_2, values_##TY##_8_1, 2) \
+DEFINE_TASK(task_##TY##_256, T, 16, QT, 16 / QDIV, QLOAD, DOT, values_##TY##_16_1, values_##TY##_16_1, 1) \
+DEFINE_DISPATCH(grouped_task_##TY, T, task_##TY##_64, task_##TY##_128, task_##TY##_256)
+
+/* Tasks over fp32 caches (q: the task's fp32 queries). */
+DEFINE_TASKS(f32, float, LOAD_V_F32, __m512, 1, QLOAD_F32, DOT_F32)
 
 #if defined(__AVX512BF16__)
 #define HAVE_GROUPED_BF16 1
-DEFINE_VALUES(values_bf16_4_4, uint16_t, LOAD_V_BF16, 4, 4)
-DEFINE_VALUES(values_bf16_4_1, uint16_t, LOAD_V_BF16, 4, 1)
-DEFINE_VALUES(values_bf16_8_2, uint16_t, LOAD_V_BF16, 8, 2)
-DEFINE_VALUES(values_bf16_8_1, uint16_t, LOAD_V_BF16, 8, 1)
-DEFINE_VALUES(values_bf16_16_1, uint16_t, LOAD_V_BF16, 16, 1)
-DEFINE_TASK(task_bf16_64, uint16_t, 4, __m512bh, 2, QLOAD_BF16, DOT_BF16, values_bf16_4_4, values_bf16_4_1, 4)
-DEFINE_TASK(task_bf16_128, uint16_t, 8, __m512bh, 4, QLOAD_BF16, DOT_BF16, values_bf16_8_2, values_bf16_8_1, 2)
-DEFINE_TASK(task_bf16_256, uint16_t, 16, __m512bh, 8, QLOAD_BF16, DOT_BF16, values_bf16_16_1, values_bf16_16_1, 1)
+/* Tasks over bf16 caches with the task's queries rounded to bf16 (exact for a bf16 model's);
+ * their accumulators come back in the widened order: natural_order puts them back. */
+DEFINE_TASKS(bf16, uint16_t, LOAD_V_BF16, __m512bh, 2, QLOAD_BF16, DOT_BF16)
 
-/* A task over bf16 caches with the task's queries rounded to bf16 (exact for a bf16 model's);
- * 0 when the head dim has none. The accumulators come back in the natural order. */
-static int grouped_task_bf16(const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
-                             int64_t block_size, int64_t row, int64_t h0, int64_t span,
-                             int64_t group, int64_t head_dim, int64_t first, int64_t len,
-                             const uint16_t q[][MAX_DIM], float scale, float softcap,
-                             float acc[][MAX_DIM], float *run_max, float *run_sum) {
-#define ARGS k_cache, v_cache, table, block_size, row, h0, span, group, first, len, q, scale, \
-             softcap, acc, run_max, run_sum
-    switch (head_dim) {
-    case 64: task_bf16_64(ARGS); break;
-    case 128: task_bf16_128(ARGS); break;
-    case 256: task_bf16_256(ARGS); break;
-    default: return 0;
-    }
-#undef ARGS
+/* The nq accumulators of a bf16 task, from the unpacks' interleaved lanes to value order. */
+static void natural_order(float acc[][MAX_DIM], int64_t nq, int64_t head_dim) {
     float natural[MAX_DIM];
-    for (int64_t j = 0; j < span * group; j++) {
+    for (int64_t j = 0; j < nq; j++) {
         for (int64_t d = 0; d < head_dim; d++) natural[d] = acc[j][d / 32 * 32 + widened_lane(d % 32)];
         memcpy(acc[j], natural, head_dim * sizeof(float));
     }
-    return 1;
 }
 #else
 #define HAVE_GROUPED_BF16 0

@@ -74,9 +74,13 @@ static int grouped_task(int bf16, const void *k_cache, const void *v_cache, cons
                         const uint16_t qb[][MAX_DIM], float scale, float softcap,
                         float acc[][MAX_DIM], float *run_max, float *run_sum) {
 #if HAVE_GROUPED_BF16
-    if (bf16)
-        return grouped_task_bf16(k_cache, v_cache, table, block_size, row, h0, span, group,
-                                 head_dim, first, len, qb, scale, softcap, acc, run_max, run_sum);
+    if (bf16) {
+        if (!grouped_task_bf16(k_cache, v_cache, table, block_size, row, h0, span, group,
+                               head_dim, first, len, qb, scale, softcap, acc, run_max, run_sum))
+            return 0;
+        natural_order(acc, span * group, head_dim);
+        return 1;
+    }
 #endif
 #if HAVE_GROUPED
     if (!bf16)

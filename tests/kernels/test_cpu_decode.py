@@ -70,13 +70,42 @@ def test_bf16_queries_meet_bf16_keys_in_bf16_products(dim: int, batch: int) -> N
     assert rel_err(out.float(), ref) < 1e-2  # the output's own bf16 rounding
 
 
-def test_the_cpu_backend_takes_the_strided_query_view_the_model_passes() -> None:
-    case = make_paged_case([40, 3, 70], 16, 2, 16, dtype=torch.float32, device=CPU)
-    qkv = torch.randn(3, 4 + 2 + 2, 16)  # q heads, then k and v heads, as the fused projection
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (8, 2), (4, 4)], ids=["group3", "group4", "mha"])
+def test_grouped_walk_over_every_head_dim_and_group_size(
+    dtype: torch.dtype, dim: int, heads: int, kv_heads: int
+) -> None:
+    """The 16-position walk of decode_grouped.h for each head dim it takes, with query heads per
+    KV head that fill its register blocks exactly and ones that leave a remainder; contexts with
+    partial groups, many groups and single positions; a bf16 query and output with a bf16 cache."""
+    lens = [1, 17, 300, 129, 40, 5, 250, 16, 31, 64, 200, 3]
+    case = make_paged_case(lens, 16, kv_heads, dim, dtype=dtype, device=CPU)
+    q = torch.randn(len(lens), heads, dim).to(dtype)
+    args = (q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, dim**-0.5)
+    out = cpu_decode.paged_decode_attention(*args)
+    assert out.dtype == dtype
+    ref = reference.paged_decode_attention(q.float(), case.k_cache.float(), case.v_cache.float(),
+                                           *args[3:])
+    assert rel_err(out.float(), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize(("dtype", "dim"), [(torch.float32, 16), (torch.bfloat16, 64)])
+def test_the_cpu_backend_takes_the_strided_query_view_the_model_passes(
+    dtype: torch.dtype, dim: int
+) -> None:
+    """Read where it lies: the query heads of the fused q/k/v projection's output, rows apart by
+    the whole projection."""
+    case = make_paged_case([40, 3, 70], 16, 2, dim, dtype=dtype, device=CPU)
+    qkv = torch.randn(3, 4 + 2 + 2, dim).to(dtype)  # q heads, then k and v heads
     args = (qkv[:, :4], case.k_cache, case.v_cache, case.block_tables, case.context_lens, 0.25)
     backend = kernels.get_backend("cpu")
     assert backend.name == "cpu"
-    assert rel_err(backend.decode(*args), reference.paged_decode_attention(*args)) < 1e-5
+    expected = reference.paged_decode_attention(qkv[:, :4].float(), case.k_cache.float(),
+                                                case.v_cache.float(), *args[3:])
+    out = backend.decode(*args)
+    assert out.dtype == dtype
+    assert rel_err(out.float(), expected) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_without_the_kernel_the_cpu_backend_is_the_torch_path() -> None:
