@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from kernels import c_library
+from kernels.row_buckets import empty_rows
 
 FLAGS = [*c_library.BASE_FLAGS, "-mprefer-vector-width=512", "-ffp-contract=off"]
 
@@ -57,7 +58,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
     lib = load()
     assert lib is not None and x.dim() == 2
     rows, dim = x.shape
-    out = torch.empty((rows, dim), dtype=x.dtype)
+    out = empty_rows(rows, dim, dtype=x.dtype)  # a product's input: room for its bucketed rows
     w = weight.contiguous()
     lib.rms_norm_bf16(x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), rows, dim, eps,
                       int(gemma), torch.get_num_threads())
@@ -80,7 +81,7 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     lib = load()
     assert lib is not None and gate_up.dim() == 2
     tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty((tokens, inter), dtype=gate_up.dtype)
+    out = empty_rows(tokens, inter, dtype=gate_up.dtype)  # the down projection's input
     lib.silu_mul_bf16(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), tokens, inter,
                       torch.get_num_threads())
     return out

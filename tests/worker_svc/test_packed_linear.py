@@ -12,9 +12,10 @@ from torch import nn
 from worker_steps import BS, Driver
 
 from kernels import cpu_elementwise
+from kernels.row_buckets import bucket_rows, empty_rows, padded
 from pagewire.config import WorkerConfig
 from pagewire.v1 import common_pb2
-from worker_svc.models.packed_linear import PackedLinear, bucket_rows, can_pack
+from worker_svc.models.packed_linear import PackedLinear, can_pack
 from worker_svc.server import build_runner
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
@@ -41,6 +42,17 @@ def test_row_counts_fall_in_few_buckets_each_a_little_larger() -> None:
     assert all(m <= b <= m * 17 / 16 for m, b in buckets.items())
     assert len(set(buckets.values())) <= 176
     assert all(bucket_rows(b) == b for b in buckets.values())
+
+
+def test_a_product_over_an_activation_with_room_runs_in_place_and_equals_the_plain_one() -> None:
+    """An input allocated by the elementwise ops (kernels.row_buckets.empty_rows) is extended to
+    its bucketed rows in place, garbage rows and all; the rows asked for are exact."""
+    torch.manual_seed(0)
+    plain = nn.Linear(96, 40).to(torch.bfloat16)
+    x = empty_rows(300, 96, dtype=torch.bfloat16)
+    x.copy_(torch.randn(300, 96).to(torch.bfloat16))
+    assert padded(x, bucket_rows(300)).data_ptr() == x.data_ptr()
+    assert torch.equal(PackedLinear(plain)(x), plain(x))
 
 
 def greedy(path: Path, packed: bool) -> tuple[dict[int, list[int]], list[float]]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kernels.row_buckets import bucket_rows, padded
+
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """bfloat16 on a CPU whose oneDNN has bfloat16 kernels (AVX-512 BF16 or AMX)."""
@@ -33,23 +35,11 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
-        padded = bucket_rows(rows)
-        if padded != rows:
-            flat = torch.cat([flat, flat.new_zeros(padded - rows, self.in_features)])
+        run_rows = bucket_rows(rows)  # kernels/row_buckets.py: why, and where the rows come from
+        if run_rows != rows:
+            flat = padded(flat, run_rows)
         out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
         return out[:rows].view(*x.shape[:-1], self.out_features)
-
-
-def bucket_rows(rows: int) -> int:
-    """The row count a product of ``rows`` rows runs at. oneDNN builds (and JIT-compiles) a
-    primitive for every distinct row count, 1-5 ms per projection shape; the token counts of
-    chunked-prefill steps rarely repeat, so every such step paid it. Past 64 rows the count is
-    rounded up to one of 16 steps per doubling (at most 1/16 more rows), so the cache of
-    primitives stays warm."""
-    if rows <= 64:
-        return rows
-    step = 1 << (rows.bit_length() - 5)
-    return -(-rows // step) * step
 
 
 def pack_linears(model: nn.Module) -> int:
