@@ -4,7 +4,7 @@ A prefill step's activations are megabytes each (a 2,048-token chunk's gate/up p
 small test model is 11.5 MB in bfloat16). glibc serves blocks that large with ``mmap`` and
 returns them with ``munmap`` on free, trims the top of its heaps, and gives each thread that
 allocates (the compute thread, OpenMP's) an arena of 64 MiB heaps that are unmapped once empty,
-so the next step gets fresh pages and faults on every one of them: 50,000-165,000 page faults per
+so the next step gets fresh pages and faults on every one of them: 50,000-166,000 page faults per
 64 x 256 prefill, 15 % of its time (docs/BENCHMARKS.md). vLLM's CPU worker preloads tcmalloc for
 the same reason; here three ``mallopt`` settings do it: one arena (the main heap, which grows
 without a cap), blocks up to 32 MiB (glibc's largest mmap threshold) from it, and no trimming

@@ -11,8 +11,10 @@
  * values. A sliding window (window > 0) starts the walk at the window's first position; a
  * soft-cap (softcap > 0, Gemma 2) maps each scaled score s to softcap * tanh(s / softcap).
  * Caches are fp32 or bf16 (widened to fp32 on load); q and out are fp32, or both bf16 (q_bf16;
- * q's sequences q_stride elements apart, its heads contiguous). With a bf16 cache and a bf16
- * query, scores are bf16 products summed in fp32 where the CPU has AVX-512 BF16 (below). Built with reassociation and FMA contraction allowed (the sums vectorize;
+ * q's sequences q_stride elements apart, its heads contiguous). Head dims 64, 128 and 256 take
+ * the grouped walk of decode_grouped.h where the CPU has AVX-512 (fp32 caches, and bf16 caches
+ * with a bf16 query, whose scores are then bf16 products summed in fp32); others the tile walk
+ * below. Built with reassociation and FMA contraction allowed (the sums vectorize;
  * results stay within 1e-6 of the reference) but not -ffast-math, whose start-up code would flush
  * subnormals to zero in the whole process.
  *
@@ -57,6 +59,7 @@ static inline float exp_nonpositive(float x) {
 }
 
 /* Where the CPU has AVX-512, the task of decode_grouped.h for head dims 64, 128 and 256. */
+#define GROUPED_DIM(d) ((d) == 64 || (d) == 128 || (d) == 256)
 #if defined(__AVX512F__)
 #include "decode_grouped.h"
 #define HAVE_GROUPED 1
@@ -104,7 +107,7 @@ void NAME(const void *q, int64_t q_stride, const T *k_cache, const T *v_cache,  
     const int64_t row = num_kv_heads * head_dim; /* elements per cached token */                 \
     const int64_t span = batch >= 8 ? num_kv_heads : 1; /* KV heads per task */                  \
     const int64_t tasks = batch * (num_kv_heads / span);                                         \
-    const int use_dp = DP && HAVE_GROUPED_BF16 && q_bf16 && head_dim % 32 == 0;                  \
+    const int use_dp = DP && HAVE_GROUPED_BF16 && q_bf16 && GROUPED_DIM(head_dim);               \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads)")                   \
     for (int64_t task = 0; task < tasks; task++) {                                               \
         const int64_t b = task / (num_kv_heads / span), h0 = task % (num_kv_heads / span) * span; \
