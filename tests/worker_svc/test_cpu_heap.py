@@ -21,10 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 PREFILLS = """
 import resource, sys, tempfile
 from worker_svc import compute_thread, cpu_heap
-if sys.argv[1] == "keep":
-    assert cpu_heap.keep_freed_memory()
-else:
-    cpu_heap.keep_freed_memory = lambda: False
+assert cpu_heap.keep_freed_memory()
 from pagewire.config import WorkerConfig
 from pagewire.testmodel_arch import make_arch_model
 from pagewire.v1 import common_pb2, worker_pb2
@@ -52,8 +49,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PREFILLS, mode], capture_output=True, text=True,
+def faults() -> int:
+    out = subprocess.run([sys.executable, "-c", PREFILLS], capture_output=True, text=True,
                          cwd=REPO, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"},
                          check=True, timeout=300)
     return int(out.stdout.split()[-1])
@@ -63,6 +60,7 @@ def faults(mode: str) -> int:
 def test_a_prefill_reuses_the_memory_the_last_one_freed() -> None:
     if not cpu_heap.keep_freed_memory():
         pytest.skip("libc is not glibc")
-    default, kept = faults("default"), faults("keep")
-    assert default > 2_000  # glibc's own thresholds: megabytes of pages fault in again
-    assert kept < default / 10
+    # glibc's own thresholds fault 14,000-24,000 pages in again over these two prefills on most
+    # runs (measured), but not on every one: its dynamic thresholds sometimes settle. The
+    # worker's settings must keep it to a handful of pages on every run.
+    assert faults() < 2_000
