@@ -212,20 +212,37 @@ def _window_bias(p: DecodePlan, context_lens: Tensor, window: int) -> Tensor:
     return p.bias.masked_fill(pos[None, :] < lens[:, None] - window, float("-inf"))
 
 
+# Reduced-precision extend attention runs on AMX tiles of 16 rows (bfloat16). A chunk whose query
+# or key count is not a multiple of 16 takes the fused kernel's slow tail path, and every new
+# length JIT-compiles new tail kernels. Rounding both counts up to 16 made a 64-prompt burst of
+# lengths 32-512 take 204-233 ms of attention instead of 363-368 (bench in docs/BENCHMARKS.md).
+# float32 gains nothing from it, so it is left exact.
+_EXTEND_ROWS = 16
+
+
+def _extend_rows(dtype: torch.dtype) -> int:
+    return 1 if dtype == torch.float32 else _EXTEND_ROWS
+
+
+def _round_up(n: int, quantum: int) -> int:
+    return -(-n // quantum) * quantum
+
+
 @dataclass(frozen=True)
 class ExtendChunk:
-    """One sequence's chunk of an extend batch."""
+    """One sequence's chunk of an extend batch, with its rows rounded up to ``ExtendPlan.rows``."""
 
     q_start: int  # first query row
     q_end: int
     context: int  # tokens in cache including the chunk
-    slots: Tensor  # [context] cache slot of each position
-    mask: Tensor | None  # [q_len, context] bool; None when there is no prefix: plain causal
+    slots: Tensor  # [context + rows] cache slot of each position; past the context, its last one
+    mask: Tensor | None  # [padded q_len, padded context] bool; None: plain causal, no prefix
 
 
 @dataclass(frozen=True)
 class ExtendPlan:
     chunks: list[ExtendChunk]
+    rows: int  # query and key counts are rounded up to a multiple of this
 
 
 def plan_extend(
@@ -233,6 +250,7 @@ def plan_extend(
 ) -> ExtendPlan:
     """Per chunk: its query rows, its cache slots, and after a cached prefix its mask."""
     block_size = k_cache.shape[1]
+    rows = _extend_rows(k_cache.dtype)
     starts, lens = cu_seqlens_q.tolist(), context_lens.tolist()
     dev = block_tables.device
     chunks = []
@@ -241,13 +259,39 @@ def plan_extend(
         q_len = q_end - q_start
         if q_len == 0:
             continue
-        slots = _token_slots(block_tables[b : b + 1], context_lens[b : b + 1], ctx, block_size)[0]
+        slots = _token_slots(block_tables[b : b + 1], context_lens[b : b + 1], ctx + rows,
+                             block_size)[0]
         mask = None
         if q_len != ctx:
-            q_pos = ctx - q_len + torch.arange(q_len, device=dev)
-            mask = torch.arange(ctx, device=dev)[None, :] <= q_pos[:, None]
+            mask = _padded_mask(ctx - q_len, q_len, 0, ctx, None, rows, dev)
         chunks.append(ExtendChunk(q_start, q_end, ctx, slots, mask))
-    return ExtendPlan(chunks)
+    return ExtendPlan(chunks, rows)
+
+
+def _padded_mask(prefix: int, q_len: int, lo: int, context: int, window: int | None, rows: int,
+                 device: torch.device) -> Tensor:
+    """Which keys ``lo..context-1`` each query ``prefix..prefix+q_len-1`` sees, both counts
+    rounded up to ``rows``. Padding keys come after every real query, so causality hides them;
+    a padding query sees key ``lo`` only (its output is dropped; a row with no key is 0/0)."""
+    lq, lk = _round_up(q_len, rows), _round_up(context - lo, rows)
+    q_pos = prefix + torch.arange(lq, device=device)
+    diff = q_pos[:, None] - torch.arange(lo, lo + lk, device=device)[None, :]
+    mask = diff >= 0
+    if window is not None:
+        mask &= diff < window
+    mask[q_len:, 0] = True
+    return mask
+
+
+def _padded_rows(src: Tensor, rows: int, name: str) -> Tensor:
+    """``src`` ``[n, ...]`` copied into workspace ``name`` with zero rows up to ``rows`` (finite:
+    a masked key still multiplies its value by 0)."""
+    if rows == src.shape[0]:
+        return src
+    out = _WORKSPACE.take(name, (rows, *src.shape[1:]), src)
+    out[: src.shape[0]].copy_(src)
+    out[src.shape[0] :].zero_()
+    return out
 
 
 def paged_extend_attention(
@@ -280,32 +324,34 @@ def paged_extend_attention(
     p = plan if plan is not None else plan_extend(block_tables, cu_seqlens_q, context_lens, k_cache)
     for c in p.chunks:
         q_len = c.q_end - c.q_start
-        lo, mask = _chunk_keys(c, q_len, window)
+        lo, mask = _chunk_keys(c, q_len, window, p.rows)
+        lq, lk = _round_up(q_len, p.rows), _round_up(c.context - lo, p.rows)
         if lo == 0 and c.mask is None and new_kv is not None:  # no prefix: the chunk's own K/V
-            k, v = (t[c.q_start : c.q_end].to(k_cache.dtype) for t in new_kv)
-        else:
-            k, v = _gather(k_cache, c.slots[lo:], "k"), _gather(v_cache, c.slots[lo:], "v")
+            k, v = (_padded_rows(t[c.q_start : c.q_end].to(k_cache.dtype), lk, name)
+                    for t, name in zip(new_kv, ("k", "v"), strict=True))
+        else:  # past the context the slots repeat its last token: finite, and masked
+            keys = c.slots[lo : lo + lk]
+            k, v = _gather(k_cache, keys, "k"), _gather(v_cache, keys, "v")
         # [Hkv, 1, L, D] broadcast over the group: the query heads of one KV head share it.
         k, v = k.transpose(0, 1)[:, None], v.transpose(0, 1)[:, None]
-        shape = (num_kv_heads, group, c.context - lo, head_dim)
-        qs = q[c.q_start : c.q_end].view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        shape = (num_kv_heads, group, lk, head_dim)
+        qs = _padded_rows(q[c.q_start : c.q_end].to(k.dtype), lq, "q")
+        qs = qs.view(lq, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         o = F.scaled_dot_product_attention(
-            qs.to(k.dtype), k.expand(shape), v.expand(shape), attn_mask=mask,
-            is_causal=mask is None, scale=scale,
-        )  # [Hkv, group, q_len, D]
-        out[c.q_start : c.q_end] = o.permute(2, 0, 1, 3).reshape(q_len, num_q_heads, head_dim)
+            qs, k.expand(shape), v.expand(shape), attn_mask=mask, is_causal=mask is None,
+            scale=scale,
+        )  # [Hkv, group, lq, D]
+        out[c.q_start : c.q_end] = o[:, :, :q_len].permute(2, 0, 1, 3).reshape(
+            q_len, num_q_heads, head_dim)
     return out
 
 
-def _chunk_keys(c: ExtendChunk, q_len: int, window: int | None) -> tuple[int, Tensor | None]:
-    """The first key position any query of the chunk sees, and the mask over keys from there
-    (None: plain causal over the chunk's own keys)."""
+def _chunk_keys(c: ExtendChunk, q_len: int, window: int | None,
+                rows: int) -> tuple[int, Tensor | None]:
+    """The first key position any query of the chunk sees, and the (padded) mask over keys from
+    there (None: plain causal over the chunk's own keys)."""
     prefix = c.context - q_len
     if window is None or prefix + q_len <= window:  # every query sees back to position 0
         return 0, c.mask
     lo = max(0, prefix - window + 1)
-    dev = c.slots.device
-    q_pos = prefix + torch.arange(q_len, device=dev)
-    k_pos = torch.arange(lo, c.context, device=dev)
-    diff = q_pos[:, None] - k_pos[None, :]
-    return lo, (diff >= 0) & (diff < window)
+    return lo, _padded_mask(prefix, q_len, lo, c.context, window, rows, c.slots.device)

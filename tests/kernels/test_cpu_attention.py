@@ -55,8 +55,17 @@ def test_decode_of_an_empty_batch_is_empty() -> None:
     assert out.shape == (0, 2, 16)
 
 
+@pytest.fixture(params=[1, 16], ids=["exact", "rows-of-16"])
+def extend_rows(request, monkeypatch) -> int:
+    """Extend attention with its query/key counts exact, and rounded up to 16 as it runs in
+    bfloat16 (here in float32, so the padding is checked to a tight tolerance)."""
+    monkeypatch.setattr(cpu_attention, "_extend_rows", lambda dtype: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("group", [1, 4])
-def test_extend_matches_reference_with_and_without_a_cached_prefix(group: int) -> None:
+def test_extend_matches_reference_with_and_without_a_cached_prefix(group: int,
+                                                                   extend_rows: int) -> None:
     q_lens = [1, 7, 16, 0, 40, 33]
     prefixes = [0, 33, 0, 5, 100, 0]  # the empty chunk is skipped; no prefix takes the causal path
     lens = [p + n for p, n in zip(prefixes, q_lens, strict=True)]
@@ -79,6 +88,7 @@ def test_bf16_cache_gives_bf16_output_close_to_reference() -> None:
     args = (qe, case.k_cache, case.v_cache, case.block_tables, cu, case.context_lens, 0.2)
     ext = cpu_attention.paged_extend_attention(*args)
     assert ext.dtype == torch.bfloat16
+    assert cpu_attention.plan_extend(case.block_tables, cu, case.context_lens, case.k_cache).rows == 16
     assert rel_err(ext, reference.paged_extend_attention(*args)) < 1e-2
 
 
@@ -102,7 +112,7 @@ def test_a_plan_made_once_gives_every_layer_the_same_result_as_planning_per_call
         assert rel_err(planned, reference.paged_decode_attention(*args)) < 1e-5
 
 
-def test_extend_attends_to_the_chunks_own_kv_when_there_is_no_prefix() -> None:
+def test_extend_attends_to_the_chunks_own_kv_when_there_is_no_prefix(extend_rows: int) -> None:
     """new_kv is what a chunk without a cached prefix reads: with its cache rows poisoned after
     the fact, the result is still the reference's on the intact cache."""
     q_lens, prefixes = [20, 9, 33], [0, 40, 0]

@@ -56,7 +56,11 @@ def test_reference_decode_and_extend_match_dense_windowed_attention(window, soft
 
 @pytest.mark.parametrize("window,softcap", VARIANTS)
 @pytest.mark.parametrize("planned", [False, True])
-def test_torch_path_matches_the_reference(window, softcap, planned: bool) -> None:
+@pytest.mark.parametrize("rows", [1, 16])
+def test_torch_path_matches_the_reference(window, softcap, planned: bool, rows: int,
+                                          monkeypatch) -> None:
+    """rows: extend's query/key counts exact, or rounded up as in bfloat16 (checked in float32)."""
+    monkeypatch.setattr(cpu_attention, "_extend_rows", lambda dtype: rows)
     kw = {"window": window, "softcap": softcap}
     case, args = decode_case(CPU)
     plan = cpu_attention.plan_decode(args[3], args[4], args[1]) if planned else None
