@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", default="", help="Poisson req/s (default per dtype: 2,4,8 / 4,8,16)")
     p.add_argument("--concurrency", default=",".join(map(str, wl.SWEEP_CONCURRENCY)),
                    help="the sweep's stream counts; empty: no sweep")
+    p.add_argument("--only", default="", help="comma list: run only the workloads whose name "
+                   "contains one of these (e.g. 'mixed,Poisson')")
     p.add_argument("--vllm-bind", default="", help="VLLM_CPU_OMP_THREADS_BIND (default: cores "
                    "0..threads-1; 'auto' is vLLM's own default, which keeps a core for its front end)")
     p.add_argument("--log-dir", default="", help="server and client logs (default: a temp dir)")
@@ -165,6 +167,8 @@ def bench_dtype(args: argparse.Namespace, dtype: str, venv: Path, work: Path) ->
         print(parity.describe(par, dtype), flush=True)
         warm_up(servers, venv, settings, work)
         loads = wl.workloads(args.quick, dtype, tuple(args.rates), tuple(args.concurrency))
+        if args.only:
+            loads = [w for w in loads if any(k in w.name for k in parse_list(args.only, str))]
         return run_rounds(servers, loads, venv, settings, args.rounds, work), par
     finally:
         for server in servers.values():

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import reference
+from kernels.row_buckets import empty_rows
 
 __all__ = [
     "write_kv", "store_kv", "paged_decode_attention", "paged_extend_attention", "decode_groups",
@@ -320,7 +321,7 @@ def paged_extend_attention(
     if softcap is not None:
         return reference.paged_extend_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q,
                                                 context_lens, scale, window, softcap)
-    out = torch.empty_like(q)
+    out = empty_rows(num_tokens, num_q_heads, head_dim, dtype=q.dtype, device=q.device)  # o_proj's
     p = plan if plan is not None else plan_extend(block_tables, cu_seqlens_q, context_lens, k_cache)
     for c in p.chunks:
         q_len = c.q_end - c.q_start

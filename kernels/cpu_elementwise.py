@@ -30,6 +30,7 @@ def load() -> ctypes.CDLL | None:
     i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     signatures = {
         "rms_norm_bf16": [ptr, i64, ptr, ptr, i64, i64, f32, i32, i32],
+        "add_rms_norm_bf16": [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32, i32],
         "rope_bf16": [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i32],
         "silu_mul_bf16": [ptr, i64, ptr, i64, i64, i32],
     }
@@ -62,6 +63,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
     w = weight.contiguous()
     lib.rms_norm_bf16(x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), rows, dim, eps,
                       int(gemma), torch.get_num_threads())
+    return out
+
+
+def add_rms_norm_(x: Tensor, h: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
+    """kernels.elementwise.add_rms_norm_'s contract for contiguous 2-D ``x`` and ``h``."""
+    lib = load()
+    assert lib is not None and x.dim() == 2 and x.is_contiguous() and h.is_contiguous()
+    rows, dim = x.shape
+    out = empty_rows(rows, dim, dtype=x.dtype)  # a product's input: room for its bucketed rows
+    w = weight.contiguous()
+    lib.add_rms_norm_bf16(x.data_ptr(), h.data_ptr(), w.data_ptr(), x.data_ptr(), out.data_ptr(),
+                          rows, dim, eps, int(gemma), torch.get_num_threads())
     return out
 
 

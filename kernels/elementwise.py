@@ -54,6 +54,16 @@ def rms_norm_torch(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -
     return weight * xf.to(x.dtype)
 
 
+def add_rms_norm_(x: Tensor, h: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
+    """The residual stream between sublayers: ``x += h`` in place (rounded to x's dtype, as
+    torch adds), then :func:`rms_norm` of the sum. One pass in bfloat16 on the CPU, where the
+    add and the norm each read the whole stream."""
+    if (x.dim() == 2 and cpu_elementwise.takes(x) and x.is_contiguous() and h.is_contiguous()
+            and h.dtype == x.dtype):
+        return cpu_elementwise.add_rms_norm_(x, h, weight, eps, gemma)
+    return rms_norm(x.add_(h), weight, eps, gemma)
+
+
 def rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     """Rotate-half RoPE (the Hugging Face convention) in place on the first ``2 * cos.shape[-1]``
     dims of each head (all of them unless the rope is partial). x [T, H, D]; cos/sin [T, 1, R/2]

@@ -5,8 +5,8 @@ per projection shape; the token counts of chunked-prefill steps rarely repeat, s
 step paid it (docs/BENCHMARKS.md). A product of more than 64 rows therefore runs at a bucketed
 count, one of 16 per doubling (at most 1/16 more rows), so the cache of primitives stays warm.
 
-The extra rows must come from somewhere. The elementwise ops that feed the products (RMSNorm,
-SiLU-and-multiply) allocate their output with the bucketed count of rows and return the first
+The extra rows must come from somewhere. The ops that feed the products (RMSNorm, SiLU-and-multiply,
+extend attention) allocate their output with the bucketed count of rows and return the first
 ``rows`` of it: the product then runs over the whole buffer in place, the extra rows being
 whatever memory holds (a product's output row depends only on its own input row, and the extra
 output rows are dropped). Any other input is copied into a padded buffer.
@@ -28,9 +28,10 @@ def bucket_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def empty_rows(rows: int, *shape: int, dtype: torch.dtype) -> Tensor:
+def empty_rows(rows: int, *shape: int, dtype: torch.dtype, device: torch.device | None = None
+               ) -> Tensor:
     """An uninitialised ``[rows, *shape]`` whose storage holds ``bucket_rows(rows)`` rows."""
-    return torch.empty((bucket_rows(rows), *shape), dtype=dtype)[:rows]
+    return torch.empty((bucket_rows(rows), *shape), dtype=dtype, device=device)[:rows]
 
 
 def padded(x: Tensor, rows: int) -> Tensor:

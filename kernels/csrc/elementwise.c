@@ -25,6 +25,13 @@ extern float expf(float); /* glibc's vector variants (libmvec) where the loop ve
 
 static inline float round_bf(float f) { return bf(to_bf(f)); }
 
+#if defined(__AVX512BW__)
+#include "elementwise_avx512.h"
+#define AVX512_ROWS 1
+#else
+#define AVX512_ROWS 0
+#endif
+
 /* Rows in parallel only when there is enough work to pay for waking the team. */
 #define PARALLEL_MIN 32768
 
@@ -36,6 +43,9 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, uint1
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *xr = x + r * x_stride;
         uint16_t *o = out + r * dim;
+#if AVX512_ROWS
+        rms_row(xr, w, o, dim, eps, gemma);
+#else
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < dim; j++) s += bf(xr[j]) * bf(xr[j]);
@@ -47,6 +57,40 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, uint1
 #pragma omp simd
             for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(w[j]) * round_bf(bf(xr[j]) * inv));
         }
+#endif
+    }
+}
+
+/* The residual stream's step between sublayers: sum = bf16(x + h) (rounded as torch adds two
+ * bfloat16 tensors), then out = rms_norm_bf16(sum). One pass where torch reads x and h, writes
+ * the sum, and the norm reads it back. x, h, sum and out are contiguous [rows, dim]; sum may
+ * be x itself. */
+void add_rms_norm_bf16(const uint16_t *x, const uint16_t *h, const uint16_t *w, uint16_t *sum,
+                       uint16_t *out, int64_t rows, int64_t dim, float eps, int gemma,
+                       int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * dim, *hr = h + r * dim;
+        uint16_t *sr = sum + r * dim, *o = out + r * dim;
+#if AVX512_ROWS
+        add_rms_row(xr, hr, w, sr, o, dim, eps, gemma);
+#else
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < dim; j++) {
+            const float v = round_bf(bf(xr[j]) + bf(hr[j]));
+            sr[j] = to_bf(v);
+            s += v * v;
+        }
+        const float inv = 1.0f / sqrtf(s / (float)dim + eps);
+        if (gemma) {
+#pragma omp simd
+            for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(sr[j]) * inv * (1.0f + bf(w[j])));
+        } else {
+#pragma omp simd
+            for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(w[j]) * round_bf(bf(sr[j]) * inv));
+        }
+#endif
     }
 }
 
@@ -82,10 +126,14 @@ void silu_mul_bf16(const uint16_t *gate_up, int64_t stride, uint16_t *out, int64
     for (int64_t t = 0; t < tokens; t++) {
         const uint16_t *g = gate_up + t * stride, *u = g + inter;
         uint16_t *o = out + t * inter;
+#if AVX512_ROWS
+        silu_mul_row(g, u, o, inter);
+#else
 #pragma omp simd
         for (int64_t j = 0; j < inter; j++) {
             const float x = bf(g[j]);
             o[j] = to_bf(round_bf(x / (1.0f + expf(-x))) * bf(u[j]));
         }
+#endif
     }
 }

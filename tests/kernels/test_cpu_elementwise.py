@@ -40,6 +40,28 @@ def test_rms_norm_rounds_as_transformers_does(rows: int, dim: int, gemma: bool) 
                  elementwise.rms_norm_torch(x, w, 1e-6, gemma))
 
 
+@pytest.mark.parametrize("rows,dim", [(1, 64), (7, 896), (300, 512)])
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+def test_add_rms_norm_adds_in_place_as_torch_does_then_norms(rows: int, dim: int,
+                                                             gemma: bool) -> None:
+    """The sum is torch's bf16 add exactly (it is the residual stream); the norm of it as
+    rms_norm's."""
+    g = torch.Generator().manual_seed(rows * dim)
+    x = (torch.randn(rows, dim, generator=g) * 3).to(BF16)
+    h = (torch.randn(rows, dim, generator=g) * 0.5).to(BF16)
+    w = (1 + torch.randn(dim, generator=g) * 0.3).to(BF16)
+    x[:, ::7] = 3e-39  # float32 denormals in the sum: rounded exactly too (not flushed to 0)
+    h[:, ::7] = -1e-39
+    want_sum = x + h
+    got_sum = x.clone()
+    normed = cpu_elementwise.add_rms_norm_(got_sum, h, w, 1e-6, gemma)
+    assert torch.equal(got_sum, want_sum)
+    nearly_equal(normed, elementwise.rms_norm_torch(want_sum, w, 1e-6, gemma))
+    torch_sum = x.clone()  # the dispatcher's definition path (float32 here takes it)
+    assert torch.equal(elementwise.add_rms_norm_(torch_sum.float(), h.float(), w, 1e-6, gemma),
+                       elementwise.rms_norm_torch(x.float() + h.float(), w, 1e-6, gemma))
+
+
 def test_rms_norm_reads_rows_of_a_wider_tensor() -> None:
     """A view whose rows are further apart than their length (a slice of a fused output)."""
     wide = torch.randn(5, 96).to(BF16)

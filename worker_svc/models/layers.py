@@ -21,6 +21,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return elementwise.rms_norm(x, self.weight, self.eps, self.gemma)  # one kernel on CUDA
 
+    def after_add(self, x: Tensor, h: Tensor | None) -> Tensor:
+        """The norm of ``x + h``, the sum left in ``x`` (in place; ``h`` None: just the norm)."""
+        if h is None:
+            return self(x)
+        return elementwise.add_rms_norm_(x, h, self.weight, self.eps, self.gemma)
+
 
 class MLP(nn.Module):
     """Gated feed-forward: down(act(gate(x)) * up(x)), gate and up as one fused projection."""

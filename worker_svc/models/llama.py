@@ -133,7 +133,11 @@ class Attention(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention and feed-forward; Gemma 2/3 also norm each sublayer's output
-    ("sandwich" norms) before it joins the residual stream."""
+    ("sandwich" norms) before it joins the residual stream.
+
+    The residual stream is carried as ``(x, pending)``: the stream is ``x + pending``, and the
+    sum is formed by the next norm's fused add (elementwise.add_rms_norm_), so every add of the
+    stream shares its pass over the stream with a norm."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -149,15 +153,15 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(*norm)
 
     def forward(
-        self, x: Tensor, rope: dict[str, tuple[Tensor, Tensor]], kv: tuple[Tensor, Tensor],
-        meta: AttentionMetadata,
-    ) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), rope, kv, meta)
+        self, x: Tensor, pending: Tensor | None, rope: dict[str, tuple[Tensor, Tensor]],
+        kv: tuple[Tensor, Tensor], meta: AttentionMetadata,
+    ) -> tuple[Tensor, Tensor]:
+        """``(x, pending)`` in, ``(x, pending)`` out; ``x`` is updated in place."""
+        h = self.self_attn(self.input_layernorm.after_add(x, pending), rope, kv, meta)
         if not self.sandwich:
-            x = x + h
-            return x + self.mlp(self.post_attention_layernorm(x))
-        x = x + self.post_attention_layernorm(h)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x, self.mlp(self.post_attention_layernorm.after_add(x, h))
+        normed = self.pre_feedforward_layernorm.after_add(x, self.post_attention_layernorm(h))
+        return x, self.post_feedforward_layernorm(self.mlp(normed))
 
 
 class DecoderForCausalLM(nn.Module):
@@ -210,9 +214,10 @@ class DecoderForCausalLM(nn.Module):
             rows = table[positions] if positions.dim() == 1 else mrope_rows(
                 table, positions, self.cfg.mrope_section or ())
             rope[key] = rows.to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
+        pending = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv, meta)
-        return self.norm(x)
+            x, pending = layer(x, pending, rope, kv, meta)
+        return self.norm.after_add(x, pending)
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
