@@ -1,14 +1,16 @@
-"""CPU prefill attention of a burst of prompts: query/key counts exact against rounded up to 16.
+"""CPU prefill attention of a burst of prompts: the compiled AMX kernel, and torch's fused
+attention with query/key counts exact or rounded up to 16.
 
     python bench/cpu_extend.py --dtype bfloat16 --prompts 64 --min-len 32 --max-len 512
 
 The extend attention of kernels.cpu_attention for ``--prompts`` prompts with no cached prefix,
 lengths uniform in [min, max], every layer (``--layers`` calls per prompt, the chunk's own K/V
-as the model passes them), once with the counts exact and once rounded up to a multiple of
-``--rows``. Each round draws new lengths (as a server meets them: a length it has not run
-before), and the two variants alternate within a round on the same lengths, so the fused
-kernel's per-shape set-up costs count for both alike. Prints medians and ranges, writes JSON
-and a plot.
+as the model passes them), three ways: kernels.cpu_extend (bfloat16 only), torch's
+``scaled_dot_product_attention`` with the counts exact, and with them rounded up to a multiple
+of ``--rows``. Each round draws new lengths (as a server meets them: a length it has not run
+before), and the variants alternate within a round on the same lengths, so per-shape set-up
+costs count for all alike. Prints medians and ranges (and each variant's time over the exact
+one's, per round), writes JSON and a plot.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu_attention
+from kernels import cpu_attention, cpu_extend
 
 
 def burst(lens: list[int], args: argparse.Namespace, dtype: torch.dtype) -> list[tuple]:
@@ -65,16 +67,21 @@ def main() -> None:
     cache = torch.zeros(-(-(args.max_len + args.rows) // 16), 16, args.kv_heads, args.head_dim,
                         dtype=dtype)
     gen = torch.Generator().manual_seed(0)
-    variants = {"exact": 1, f"rows of {args.rows}": args.rows}
+    takes = cpu_extend.takes
+    variants = {"exact": (1, False), f"rows of {args.rows}": (args.rows, False)}
+    if takes(torch.empty(0, dtype=dtype), args.head_dim):
+        variants["compiled (AMX)"] = (1, True)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.rounds):
         lens = torch.randint(args.min_len, args.max_len + 1, (args.prompts,), generator=gen).tolist()
         prompts = burst(lens, args, dtype)
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for name in order:
-            rows = variants[name]
+            rows, compiled = variants[name]
             cpu_attention._extend_rows = lambda _dtype, rows=rows: rows
+            cpu_extend.takes = takes if compiled else (lambda q, head_dim: False)
             times[name].append(run(prompts, cache, args) * 1e3)
+    cpu_extend.takes = takes
     exact = times["exact"]
     print(f"{args.prompts} prompts of {args.min_len}-{args.max_len} tokens, {args.layers} layers, "
           f"{args.dtype}, {args.rounds} rounds")

@@ -15,7 +15,8 @@ memory traffic, which is what bounds attention on a CPU:
 - Attention itself is ``torch.nn.functional.scaled_dot_product_attention`` (a fused CPU kernel
   with an fp32 softmax). GQA is free: the query heads that share a KV head become extra query
   rows of that head in decode, and in extend K/V are broadcast to the query heads by a stride-0
-  view. Neither copies K/V.
+  view. Neither copies K/V. In bfloat16 (head dims 64 and 128, a CPU with AMX) an extend chunk
+  goes to the compiled kernel of :mod:`kernels.cpu_extend` instead, with the same K/V rows.
 
 Per layer, ``window`` (sliding-window attention) masks keys before the window and, in extend,
 skips gathering them; ``softcap`` (Gemma 2) has no fused SDPA equivalent, so a soft-capped call
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import reference
+from kernels import cpu_extend, reference
 from kernels.row_buckets import empty_rows
 
 __all__ = [
@@ -323,7 +324,10 @@ def paged_extend_attention(
                                                 context_lens, scale, window, softcap)
     out = empty_rows(num_tokens, num_q_heads, head_dim, dtype=q.dtype, device=q.device)  # o_proj's
     p = plan if plan is not None else plan_extend(block_tables, cu_seqlens_q, context_lens, k_cache)
+    compiled = cpu_extend.takes(q, head_dim) and k_cache.dtype == q.dtype
     for c in p.chunks:
+        if compiled and _attend_compiled(c, q, k_cache, v_cache, new_kv, window, scale, out):
+            continue
         q_len = c.q_end - c.q_start
         lo, mask = _chunk_keys(c, q_len, window, p.rows)
         lq, lk = _round_up(q_len, p.rows), _round_up(c.context - lo, p.rows)
@@ -345,6 +349,22 @@ def paged_extend_attention(
         out[c.q_start : c.q_end] = o[:, :, :q_len].permute(2, 0, 1, 3).reshape(
             q_len, num_q_heads, head_dim)
     return out
+
+
+def _attend_compiled(c: ExtendChunk, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                     new_kv: tuple[Tensor, Tensor] | None, window: int | None, scale: float,
+                     out: Tensor) -> bool:
+    """One chunk through the compiled kernel (kernels.cpu_extend): its own new K/V rows when it
+    has no cached prefix, else its cache rows from the first one its window sees."""
+    prefix = c.context - (c.q_end - c.q_start)
+    lo = 0 if window is None else max(0, prefix - window + 1)
+    if prefix == 0 and new_kv is not None:
+        k, v = new_kv[0][c.q_start : c.q_end], new_kv[1][c.q_start : c.q_end]
+    else:
+        keys = c.slots[lo : c.context]
+        k, v = _gather(k_cache, keys, "k"), _gather(v_cache, keys, "v")
+    return cpu_extend.attend(q[c.q_start : c.q_end], k, v, prefix - lo, window, scale,
+                             out[c.q_start : c.q_end])
 
 
 def _chunk_keys(c: ExtendChunk, q_len: int, window: int | None,
