@@ -105,6 +105,9 @@ void rope_bf16(uint16_t *x, int64_t token_stride, int64_t head_dim, int64_t toke
     if (tokens * heads * half >= PARALLEL_MIN)
     for (int64_t t = 0; t < tokens; t++) {
         const uint16_t *c = cos + t * cs_stride, *s = sin + t * cs_stride;
+#if AVX512_ROWS
+        rope_token(x + t * token_stride, head_dim, heads, half, c, s);
+#else
         for (int64_t h = 0; h < heads; h++) {
             uint16_t *x1 = x + t * token_stride + h * head_dim, *x2 = x1 + half;
 #pragma omp simd
@@ -114,6 +117,7 @@ void rope_bf16(uint16_t *x, int64_t token_stride, int64_t head_dim, int64_t toke
                 x2[j] = to_bf(round_bf(b * cj) + round_bf(a * sj));
             }
         }
+#endif
     }
 }
 

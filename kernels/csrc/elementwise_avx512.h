@@ -126,3 +126,21 @@ static inline void silu_mul_row(const uint16_t *g, const uint16_t *u, uint16_t *
         bf16x16_store(o + j, _mm512_mul_ps(silu, bf16x16_load(u + j, m)), m);
     }
 }
+
+/* RoPE of every head of one token (rope_bf16 of elementwise.c): cos/sin widened once per 16
+ * values for all heads. */
+static inline void rope_token(uint16_t *x, int64_t head_dim, int64_t heads, int64_t half,
+                              const uint16_t *cos, const uint16_t *sin) {
+    for (int64_t j = 0; j < half; j += 16) {
+        const __mmask16 m = lanes(half - j);
+        const __m512 c = bf16x16_load(cos + j, m), s = bf16x16_load(sin + j, m);
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t *x1 = x + h * head_dim + j, *x2 = x1 + half;
+            const __m512 a = bf16x16_load(x1, m), b = bf16x16_load(x2, m);
+            bf16x16_store(x1, _mm512_sub_ps(bf16x16_round(_mm512_mul_ps(a, c)),
+                                            bf16x16_round(_mm512_mul_ps(b, s))), m);
+            bf16x16_store(x2, _mm512_add_ps(bf16x16_round(_mm512_mul_ps(b, c)),
+                                            bf16x16_round(_mm512_mul_ps(a, s))), m);
+        }
+    }
+}
