@@ -61,7 +61,7 @@ def get_backend(name: str) -> AttentionBackend:
     if name == "cpu" and cpu_decode.load() is not None:
         c = cpu_attention
         return AttentionBackend("cpu", c.write_kv, _cpu_decode, c.paged_extend_attention,
-                                None, c.plan_extend, c.store_kv)
+                                None, c.plan_extend, cpu_decode.store_kv)
     if name in ("torch", "cpu"):
         c = cpu_attention
         return AttentionBackend("torch", c.write_kv, c.paged_decode_attention,

@@ -39,6 +39,8 @@ def load() -> ctypes.CDLL | None:
         fn.restype = None
         fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr,
                        ctypes.c_int, i64, f32, ctypes.c_int]
+    lib.store_kv_rows.restype = None
+    lib.store_kv_rows.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     return lib
 
 
@@ -86,3 +88,25 @@ def paged_decode_attention(
             int(qk.dtype == torch.bfloat16),
         )
     return out if native else out.to(q.dtype)
+
+
+def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+             ) -> None:
+    """kernels.cpu_attention.store_kv's contract (no -1 slot) in one call for both caches, for
+    rows whose heads are contiguous (the fused projection's views) in the caches' dtype; other
+    layouts go to the torch version."""
+    lib = load()
+    rows, row = key.shape[0], key[0].numel() if key.shape[0] else 0
+    if (lib is None or key.dtype != k_cache.dtype or value.dtype != v_cache.dtype
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+            or key.stride() != value.stride() or slot_mapping.dtype != torch.int64
+            or not slot_mapping.is_contiguous() or not rows
+            or key[0].stride()[-1] != 1 or key.stride(1) * key.shape[1] != row):
+        from kernels import cpu_attention
+
+        cpu_attention.store_kv(key, value, k_cache, v_cache, slot_mapping)
+        return
+    size = key.element_size()
+    lib.store_kv_rows(key.data_ptr(), value.data_ptr(), key.stride(0) * size, k_cache.data_ptr(),
+                      v_cache.data_ptr(), slot_mapping.data_ptr(), rows, row * size,
+                      torch.get_num_threads())

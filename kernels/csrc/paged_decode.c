@@ -198,3 +198,15 @@ DEFINE_DECODE(paged_decode_bf16, uint16_t, LOAD_BF16, 1)
 
 int max_q_heads(void) { return MAX_QHEADS; }
 int max_head_dim(void) { return MAX_DIM; }
+
+/* K/V rows of one step into their cache slots: row i of k and v (src_stride bytes apart; the
+ * strided views of the fused projection) to row slots[i] of each cache, row_bytes each. One call
+ * for both caches where index_copy_ took two, plus a dispatch each, per layer. */
+void store_kv_rows(const char *k, const char *v, int64_t src_stride, char *k_cache, char *v_cache,
+                   const int64_t *slots, int64_t rows, int64_t row_bytes, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * row_bytes >= (1 << 20))
+    for (int64_t i = 0; i < rows; i++) {
+        memcpy(k_cache + slots[i] * row_bytes, k + i * src_stride, row_bytes);
+        memcpy(v_cache + slots[i] * row_bytes, v + i * src_stride, row_bytes);
+    }
+}

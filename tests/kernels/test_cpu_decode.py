@@ -14,7 +14,7 @@ import torch
 from paged_case import make_paged_case, rel_err
 
 import kernels
-from kernels import cpu_decode, reference
+from kernels import cpu_attention, cpu_decode, reference
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(cpu_decode.load() is None, reason="no C compiler with OpenMP")
@@ -150,3 +150,22 @@ def test_flat_and_sharply_peaked_softmax_match_the_reference(scale: float) -> No
     # probability by up to ~2e-5 relative (measured against a float64 reference), whatever exp
     # is used; the exp itself is held to 1e-5 at the smaller scales.
     assert rel_err(out, reference.paged_decode_attention(*args)) < (1e-5 if scale <= 4 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_writes_the_projections_rows_into_their_slots(dtype: torch.dtype,
+                                                               monkeypatch) -> None:
+    """The K and V views of a fused q/k/v projection (rows further apart than their length) go
+    to their slots in one call, as the torch store puts them; nothing else is touched."""
+    shape = (6, 4, 2, 8)  # blocks, block size, KV heads, head dim
+    qkv = torch.randn(5, 4 + 2 + 2, 8).to(dtype)
+    key, value = qkv[:, 4:6], qkv[:, 6:8]
+    slots = torch.tensor([3, 9, 17, 22, 0])
+    got = [torch.full(shape, float("nan")).to(dtype) for _ in range(2)]
+    want = [t.clone() for t in got]
+    cpu_attention.store_kv(key, value, *want, slots)
+    monkeypatch.setattr(cpu_attention, "store_kv", None)  # the compiled copy, not the fallback
+    cpu_decode.store_kv(key, value, *got, slots)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.nan_to_num(7.0), w.nan_to_num(7.0))
+    assert kernels.get_backend("cpu").store_kv is cpu_decode.store_kv
