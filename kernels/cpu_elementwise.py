@@ -24,7 +24,13 @@ FLAGS = [*c_library.BASE_FLAGS, "-mprefer-vector-width=512", "-ffp-contract=off"
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    lib = c_library.load("elementwise.c", FLAGS, "PAGEWIRE_CPU_ELEMENTWISE", ("-lmvec", "-lm"))
+    return build(FLAGS)
+
+
+def build(flags: list[str]) -> ctypes.CDLL | None:
+    """The library compiled with ``flags`` (tests also build it with AVX-512 off: the plain C
+    rows a CPU without it runs)."""
+    lib = c_library.load("elementwise.c", flags, "PAGEWIRE_CPU_ELEMENTWISE", ("-lmvec", "-lm"))
     if lib is None:
         return None
     i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int

@@ -1,6 +1,6 @@
 /* One decode task over fp32 caches, or over bfloat16 caches met by a bfloat16 query where the
- * CPU has AVX-512 BF16: head dims 64, 128 and 256. Included by paged_decode.c (exp_nonpositive
- * and MAX_* come from it) where the CPU has AVX-512.
+ * CPU has AVX-512 BF16: head dims 64, 128 and 256. Included by paged_decode.c (MAX_* come from
+ * it) where the CPU has AVX-512; exp16 from exp_avx512.h.
  *
  * The task walks its context 16 positions at a time. Each group's key rows (all the task's KV
  * heads of a position are one contiguous row) are read once for every query head and the
@@ -19,6 +19,8 @@
 #ifndef PAGEWIRE_DECODE_GROUPED_H
 #define PAGEWIRE_DECODE_GROUPED_H
 #include <immintrin.h>
+
+#include "exp_avx512.h"
 
 #define GROUP 16 /* positions per step of the walk */
 
@@ -46,23 +48,6 @@ static inline int widened_lane(int d) {
     return e < 4 ? lane * 4 + e : 16 + lane * 4 + (e - 4);
 }
 
-/* exp_nonpositive on 16 lanes: the same polynomial, 2^n applied by vscalefps. */
-static inline __m512 exp_nonpositive16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.42860682030941723e-6f), r);
-    __m512 p = _mm512_set1_ps(1.f / 720.f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* One query head's scores for a group of n rows, folded into its online softmax: p the group's
  * weights (0 past n); returns the factor the head's accumulator must be scaled by (the values
  * step applies it as it loads the accumulator). */
@@ -79,7 +64,7 @@ static inline float group_softmax(__m512 dots[GROUP], int64_t n, float scale, fl
     s = _mm512_mask_mov_ps(_mm512_set1_ps(-FLT_MAX), valid, s);
     const float group_max = _mm512_reduce_max_ps(s);
     const float m = group_max > *run_max ? group_max : *run_max;
-    const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive16(_mm512_sub_ps(s, _mm512_set1_ps(m))));
+    const __m512 e = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m))));
     _mm512_storeu_ps(p, e);
     const float correction = expf(*run_max - m); /* 0 on the first group */
     *run_sum = *run_sum * correction + _mm512_reduce_add_ps(e);

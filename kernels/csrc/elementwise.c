@@ -35,6 +35,22 @@ static inline float round_bf(float f) { return bf(to_bf(f)); }
 /* Rows in parallel only when there is enough work to pay for waking the team. */
 #define PARALLEL_MIN 32768
 
+#if !AVX512_ROWS
+/* One row's output given its sum of squares s: Llama's bf16(w * bf16(y)), or Gemma's
+ * bf16(y * (1 + w)), y = x / sqrt(s / dim + eps). */
+static void rms_row_out(const uint16_t *x, const uint16_t *w, uint16_t *o, int64_t dim, float s,
+                        float eps, int gemma) {
+    const float inv = 1.0f / sqrtf(s / (float)dim + eps);
+    if (gemma) {
+#pragma omp simd
+        for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(x[j]) * inv * (1.0f + bf(w[j])));
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(w[j]) * round_bf(bf(x[j]) * inv));
+    }
+}
+#endif
+
 /* y = x / sqrt(mean(x^2) + eps) in float32, then Llama's bf16(w * bf16(y)) or, gemma != 0,
  * Gemma's bf16(y * (1 + w)). x rows are x_stride apart; out is contiguous [rows, dim]. */
 void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, uint16_t *out,
@@ -49,14 +65,7 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, uint1
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < dim; j++) s += bf(xr[j]) * bf(xr[j]);
-        const float inv = 1.0f / sqrtf(s / (float)dim + eps);
-        if (gemma) {
-#pragma omp simd
-            for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(xr[j]) * inv * (1.0f + bf(w[j])));
-        } else {
-#pragma omp simd
-            for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(w[j]) * round_bf(bf(xr[j]) * inv));
-        }
+        rms_row_out(xr, w, o, dim, s, eps, gemma);
 #endif
     }
 }
@@ -82,14 +91,7 @@ void add_rms_norm_bf16(const uint16_t *x, const uint16_t *h, const uint16_t *w, 
             sr[j] = to_bf(v);
             s += v * v;
         }
-        const float inv = 1.0f / sqrtf(s / (float)dim + eps);
-        if (gemma) {
-#pragma omp simd
-            for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(sr[j]) * inv * (1.0f + bf(w[j])));
-        } else {
-#pragma omp simd
-            for (int64_t j = 0; j < dim; j++) o[j] = to_bf(bf(w[j]) * round_bf(bf(sr[j]) * inv));
-        }
+        rms_row_out(sr, w, o, dim, s, eps, gemma);
 #endif
     }
 }

@@ -118,6 +118,32 @@ def test_a_rope_table_laid_out_otherwise_goes_to_the_torch_definition() -> None:
     assert torch.equal(got, want)
 
 
+def test_the_plain_c_rows_agree_too(monkeypatch) -> None:
+    """A CPU without AVX-512 runs the plain C loops: built here with AVX-512 off, each op still
+    rounds as its definition does."""
+    plain = cpu_elementwise.build([*cpu_elementwise.FLAGS, "-mno-avx512f"])
+    assert plain is not None and plain is not cpu_elementwise.load()
+    monkeypatch.setattr(cpu_elementwise, "load", lambda: plain)
+    g = torch.Generator().manual_seed(5)
+    x, h = ((torch.randn(40, 512, generator=g) * 3).to(BF16) for _ in range(2))
+    w = (1 + torch.randn(512, generator=g) * 0.3).to(BF16)
+    for gemma in (False, True):
+        nearly_equal(cpu_elementwise.rms_norm(x, w, 1e-6, gemma),
+                     elementwise.rms_norm_torch(x, w, 1e-6, gemma))
+        summed = x.clone()
+        normed = cpu_elementwise.add_rms_norm_(summed, h, w, 1e-6, gemma)
+        assert torch.equal(summed, x + h)
+        nearly_equal(normed, elementwise.rms_norm_torch(x + h, w, 1e-6, gemma))
+    gate_up = (torch.randn(9, 2 * 300, generator=g) * 4).to(BF16)
+    nearly_equal(cpu_elementwise.silu_mul(gate_up), act_and_mul_(gate_up.clone(), "silu"))
+    qkv = torch.randn(9, 8, 64, generator=g).to(BF16)
+    cos, sin = torch.randn(9, 1, 64, generator=g).to(BF16).chunk(2, dim=-1)
+    got, want = qkv.clone(), qkv.clone()
+    cpu_elementwise.rope_(got[:, :6], cos, sin)
+    elementwise.rope_torch_(want[:, :6], cos, sin)
+    nearly_equal(got, want)
+
+
 def test_turned_off_by_environment() -> None:
     code = "from kernels import cpu_elementwise\nassert cpu_elementwise.load() is None\n"
     env = {**os.environ, "PAGEWIRE_CPU_ELEMENTWISE": "0"}
