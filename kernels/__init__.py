@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cpu_attention, cpu_decode, reference
+from kernels import cpu_attention, cpu_decode, cpu_extend, reference
 from kernels.reference import paged_decode_attention, paged_extend_attention, write_kv
 
 __all__ = [
@@ -59,6 +59,7 @@ class AttentionBackend:
 def get_backend(name: str) -> AttentionBackend:
     """The backend called ``name`` (one of BACKEND_NAMES); raises ValueError for any other name."""
     if name == "cpu" and cpu_decode.load() is not None:
+        cpu_extend.load()  # built (once per machine) when the worker starts, not at its first prefill
         c = cpu_attention
         return AttentionBackend("cpu", c.write_kv, _cpu_decode, c.paged_extend_attention,
                                 None, c.plan_extend, cpu_decode.store_kv)
