@@ -67,7 +67,7 @@ def main() -> None:
     cache = torch.zeros(-(-(args.max_len + args.rows) // 16), 16, args.kv_heads, args.head_dim,
                         dtype=dtype)
     gen = torch.Generator().manual_seed(0)
-    takes = cpu_extend.takes
+    takes, extend_rows = cpu_extend.takes, cpu_attention._extend_rows
     variants = {"exact": (1, False), f"rows of {args.rows}": (args.rows, False)}
     if takes(torch.empty(0, dtype=dtype), args.head_dim):
         variants["compiled (AMX)"] = (1, True)
@@ -81,7 +81,7 @@ def main() -> None:
             cpu_attention._extend_rows = lambda _dtype, rows=rows: rows
             cpu_extend.takes = takes if compiled else (lambda q, head_dim: False)
             times[name].append(run(prompts, cache, args) * 1e3)
-    cpu_extend.takes = takes
+    cpu_extend.takes, cpu_attention._extend_rows = takes, extend_rows
     exact = times["exact"]
     print(f"{args.prompts} prompts of {args.min_len}-{args.max_len} tokens, {args.layers} layers, "
           f"{args.dtype}, {args.rounds} rounds")

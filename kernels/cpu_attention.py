@@ -216,9 +216,9 @@ def _window_bias(p: DecodePlan, context_lens: Tensor, window: int) -> Tensor:
 
 # Reduced-precision extend attention runs on AMX tiles of 16 rows (bfloat16). A chunk whose query
 # or key count is not a multiple of 16 takes the fused kernel's slow tail path, and every new
-# length JIT-compiles new tail kernels. Rounding both counts up to 16 made a 64-prompt burst of
-# lengths 32-512 take 204-233 ms of attention instead of 363-368 (bench in docs/BENCHMARKS.md).
-# float32 gains nothing from it, so it is left exact.
+# length sets up new kernels. Rounding both counts up to 16 made a 64-prompt burst of new lengths
+# 32-512 take 274 ms of attention instead of 349 (bench/cpu_extend.py, docs/BENCHMARKS.md).
+# float32 gains nothing from it (5 % slower), so it is left exact.
 _EXTEND_ROWS = 16
 
 

@@ -18,7 +18,7 @@ import functools
 import torch
 from torch import Tensor
 
-from kernels import c_library
+from kernels import c_library, cpu_attention
 
 # The reductions may reorder and products fuse into FMAs (they vectorise, in 512-bit registers;
 # results stay within 1e-6 of the reference).
@@ -102,8 +102,6 @@ def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
             or key.stride() != value.stride() or slot_mapping.dtype != torch.int64
             or not slot_mapping.is_contiguous() or not rows
             or key[0].stride()[-1] != 1 or key.stride(1) * key.shape[1] != row):
-        from kernels import cpu_attention
-
         cpu_attention.store_kv(key, value, k_cache, v_cache, slot_mapping)
         return
     size = key.element_size()

@@ -3,9 +3,10 @@
  * chunk whose K/V rows the caller hands over token-major (its own new rows, or its cache rows
  * gathered), so no block table is read here.
  *
- * Why: torch's fused CPU attention spent 0.7 ms per 358-token chunk and layer (about 280
- * GFLOP/s); its tiles are sized for long sequences, it re-packs K/V for every query head of a
- * GQA group, and every new length JIT-compiles new kernels. Here K and V are packed once per KV
+ * Why: torch's fused CPU attention spent 0.7 ms per ~358-token chunk and layer in a prefill step
+ * (about 280 GFLOP/s), more at a length it had not run before (its first call at a new length
+ * sets up new kernels) or one not a multiple of 16 (docs/BENCHMARKS.md: a burst of 64 new lengths
+ * 349 ms, 135 here; bench/cpu_extend.py). Here K and V are packed once per KV
  * head into the layouts the tile multiply reads, and each task (a query head, 16 query rows)
  * walks key blocks: scores S = Q K^T on tiles in float32, an online softmax over S in AVX-512
  * (exact float32 maximum and sum, probabilities rounded to bfloat16 for the second product as

@@ -48,23 +48,15 @@ def test_compiled_extend_matches_the_reference(head_dim: int, group: int, window
     assert rel_err(out, reference.paged_extend_attention(*args, window=window)) < 1e-2
 
 
-def test_its_error_is_the_torch_paths_error() -> None:
+def test_its_error_is_the_torch_paths_error(monkeypatch) -> None:
     """Against a float64 oracle the kernel is as close as the fused torch attention it replaces."""
     case, args, new_kv = extend_case(64, 2, [(300, 0), (45, 100)])
     oracle = reference.paged_extend_attention(args[0].double(), case.k_cache.double(),
                                               case.v_cache.double(), *args[3:])
     compiled = cpu_attention.paged_extend_attention(*args, new_kv=new_kv)
-    torch_path = _without_kernel(lambda: cpu_attention.paged_extend_attention(*args, new_kv=new_kv))
+    monkeypatch.setattr(cpu_extend, "takes", lambda q, head_dim: False)  # the torch path
+    torch_path = cpu_attention.paged_extend_attention(*args, new_kv=new_kv)
     assert rel_err(compiled, oracle) < 1.1 * rel_err(torch_path, oracle)
-
-
-def _without_kernel(fn):
-    mp = pytest.MonkeyPatch()
-    mp.setattr(cpu_extend, "takes", lambda q, head_dim: False)
-    try:
-        return fn()
-    finally:
-        mp.undo()
 
 
 def test_calls_it_does_not_take_are_refused_untouched() -> None:
