@@ -15,6 +15,8 @@ fill (C++, threaded over the rows; no Python over the vocabulary), and after the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -83,21 +85,27 @@ class GrammarState:
 
 
 class Constraints:
-    """The worker's compiler (built on first use: loading the tokenizer is not free) and the
-    per-step bitmask fill."""
+    """The worker's compiler and the per-step bitmask fill."""
 
     def __init__(self, model_dir: str | Path, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
         self.model_dir, self.vocab_size = str(model_dir), vocab_size
         self.eos = list(eos_token_ids)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
-        # Loading the tokenizer and the engine's vocabulary table takes up to a second on a
-        # 128k vocabulary: started now, in the background, so the first request finds it done.
+        # Importing transformers and loading the tokenizer and the engine's vocabulary table
+        # is 1-2 s of Python holding the GIL: started now, on its own thread, so it overlaps the
+        # weights' load (torch releases the GIL) and is done before the first step
+        # (:meth:`built`); the first steps beside it ran 2-10x slower.
         self._compiler: Future[Compiler] = self._pool.submit(self._build)
         self._batch: xgr.BatchGrammarMatcher | None = None
         self._width = (vocab_size + 31) // 32
         self._eos_only = torch.zeros(self._width, dtype=torch.int32)
         for t in self.eos:
             self._eos_only[t // 32] |= _bit(t % 32)
+
+    async def built(self) -> None:
+        """Return once the compiler is built, or failed to (the first request says why)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(self._compiler)
 
     def start(self, spec: StructuredOutput, output_ids: Sequence[int]) -> GrammarState:
         """Begin compiling ``spec`` (cached per spec) for a sequence sent ``new``."""

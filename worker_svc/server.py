@@ -54,6 +54,9 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
     device = pick_device(cfg.device)
     if device.type == "cpu":
         cpu_heap.keep_freed_memory()
+    # Started first, so its tokenizer load (seconds of Python holding the GIL) overlaps the
+    # weights' load rather than the first steps; serve() waits for it before reporting healthy.
+    constraints = Constraints(cfg.model, int(files.text_config["vocab_size"]), files.eos_token_ids)
     dtype = resolve_dtype(cfg.dtype, files.hf_config, device)
     max_len = cfg.max_model_len or files.max_position_embeddings
     if max_len > files.max_position_embeddings:  # positions the model was never trained on
@@ -80,7 +83,6 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
     if cfg.cuda_graphs and device.type == "cuda":
         graphs = DecodeGraphs(model, caches, backend, device, cfg.block_size, max_len,
                               cfg.max_num_seqs)
-    constraints = Constraints(cfg.model, model.cfg.vocab_size, files.eos_token_ids)
     runner = ModelRunner(model, caches, cfg.block_size, backend, device, files.eos_token_ids,
                          graphs, constraints)
     info = worker_pb2.WorkerInfo(
@@ -213,6 +215,8 @@ async def serve(cfg: pwconfig.WorkerConfig) -> None:
     if metrics_server.port >= 0:
         log.info("metrics on http://%s:%d/metrics", cfg.host, metrics_server.port)
     address = cfg.advertise or f"{cfg.host}:{port}"
+    if runner.constraints is not None:
+        await runner.constraints.built()  # its thread holds the GIL: not during the first steps
     heartbeat = asyncio.create_task(register(cfg, r, info, address)) if r is not None else None
     await serving.set_serving(health_servicer, [SERVICE], True)
     log.info(
