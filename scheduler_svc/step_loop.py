@@ -3,7 +3,8 @@
 One ``WorkerEngine`` per worker. Each step: the scheduler's decision (``scheduler``) becomes a
 ``Step`` message (``step_encoding``), the worker answers with one token per sampling sequence,
 the scheduler appends them, and the step's Redis write goes out before its token events
-(``step_writer``). Step N+1 is scheduled and sent while the worker computes step N.
+(``step_writer``). Step N+1 is scheduled and sent while the worker computes step N, shortly
+before N is expected to end (``step_clock``), so that what arrives meanwhile still gets into it.
 
 When the worker's stream breaks or its heartbeat lapses, every request it held goes back to the
 fleet to be recomputed elsewhere (``Fleet.worker_lost``), and the engine keeps trying to
@@ -36,6 +37,7 @@ from scheduler_svc.recovery import recover
 from scheduler_svc.request import Request
 from scheduler_svc.scheduler import Scheduler, SchedulerLimits
 from scheduler_svc.state_store import StateStore
+from scheduler_svc.step_clock import StepClock
 from scheduler_svc.step_encoding import encode_step
 from scheduler_svc.step_results import add_prompt_logprobs, read_result
 from scheduler_svc.step_writer import StepWriter
@@ -72,6 +74,9 @@ class WorkerEngine:
         self._draining_published: bool | None = None  # what Redis's load figures say (None: unknown)
         self.check_invariants = False
         self._release_ids: list[int] = []  # sequences the worker may release, sent with the next step
+        self.step_clock = StepClock()
+        # The next result's read, started while the next step was held back (step_clock).
+        self._reader: asyncio.Future[worker_pb2.StepResult] | None = None
 
     @property
     def worker_id(self) -> str:
@@ -150,21 +155,46 @@ class WorkerEngine:
             self.connected = True
             self.wakeup.set()
             inflight: deque[ScheduledBatch] = deque()
-            while True:
-                await self._hand_over_at_boundary(call, inflight)
-                scheduled = False
-                if len(inflight) < PIPELINE_DEPTH and self.scheduler.has_work:
-                    batch = self._schedule()
-                    if batch.num_seqs:
-                        await call.write(self._encode(batch))
-                        inflight.append(batch)
-                        scheduled = True
-                    elif batch.ended:
-                        await self._complete(batch, None)
-                if inflight and (len(inflight) == PIPELINE_DEPTH or not scheduled):
-                    await self._complete(inflight.popleft(), await read_result(call))
-                elif not scheduled and not inflight:
-                    await self._idle(call)
+            try:
+                while True:
+                    await self._hand_over_at_boundary(call, inflight)
+                    scheduled = False
+                    if len(inflight) < PIPELINE_DEPTH and self.scheduler.has_work:
+                        batch = self._schedule()
+                        if batch.num_seqs:
+                            await call.write(self._encode(batch))
+                            inflight.append(batch)
+                            scheduled = True
+                        elif batch.ended:
+                            await self._complete(batch, None)
+                    if inflight and (len(inflight) == PIPELINE_DEPTH or not scheduled):
+                        await self._complete_next(call, inflight)
+                    elif not scheduled and not inflight:
+                        await self._idle(call)
+            finally:
+                if self._reader is not None:
+                    self._reader.cancel()
+                    self._reader = None
+
+    async def _next_result(self, call: grpc.aio.StreamStreamCall) -> worker_pb2.StepResult:
+        reader, self._reader = self._reader, None
+        return await (reader if reader is not None else read_result(call))
+
+    async def _complete_next(self, call: grpc.aio.StreamStreamCall,
+                             inflight: deque[ScheduledBatch]) -> None:
+        """Complete the oldest step in flight; then, with a step still computing and more to
+        schedule, hold the next one back until shortly before that step should end, or until its
+        result comes, whichever is first."""
+        result = await self._next_result(call)
+        arrived = time.perf_counter()
+        await self._complete(inflight.popleft(), result)
+        if not (inflight and self.scheduler.has_work):
+            return
+        running = inflight[0]
+        delay = self.step_clock.delay_s(running, max(arrived, running.sent_at), time.perf_counter())
+        if delay > 0:
+            self._reader = asyncio.ensure_future(read_result(call))
+            await asyncio.wait({self._reader}, timeout=delay)
 
     async def _hand_over_at_boundary(self, call: grpc.aio.StreamStreamCall,
                                      inflight: deque[ScheduledBatch]) -> None:
@@ -178,14 +208,14 @@ class WorkerEngine:
         if hand_over is None:
             return  # no other worker takes them: they run here
         while inflight:
-            await self._complete(inflight.popleft(), await read_result(call))
+            await self._complete(inflight.popleft(), await self._next_result(call))
         await hand_over
 
     async def _idle(self, call: grpc.aio.StreamStreamCall) -> None:
         """Nothing in flight and nothing to send: tidy up, then wait for work."""
         if self._release_ids:  # let the worker release finished sequences now
             await call.write(self._encode(ScheduledBatch()))
-            await read_result(call)
+            await self._next_result(call)
         if self._draining_published is not self.draining:  # idle: no step publishes it
             self.store.publish_draining(self.draining)
             self._draining_published = self.draining
@@ -233,6 +263,7 @@ class WorkerEngine:
                 add_prompt_logprobs(batch, result)
             embeddings = {e.seq_id: e.values for e in result.embeddings}
             touched = sched.update(batch, result.token_ids, result.logprobs, embeddings)
+            self.step_clock.observe(batch, result.compute_ms)
         # Finished this step, or aborted since the last one (finished ones were recorded already).
         done = sched.finished_now + [r for r in batch.ended if r.aborted]
         self.writer.record(touched, done, load_figures(sched, self.steps_done + 1, self.draining))

@@ -1,0 +1,195 @@
+"""When the engine sends a worker its next step (scheduler_svc.step_clock): shortly before the
+step the worker computes should end, so that a request arriving meanwhile joins the next step
+instead of the one after it, and still before the worker needs it. Against a real gRPC worker
+that takes a fixed time per step (the null worker, slowed) and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from fleet_util import attach, scenario, worker_info
+
+from pagewire import guarded_service
+from pagewire.redis_keys import RedisKeys
+from pagewire.sampling import SamplingParams
+from pagewire.v1 import worker_pb2
+from scheduler_svc.batch import ScheduledBatch, ScheduledSeq
+from scheduler_svc.events import RouterConn
+from scheduler_svc.fleet import Fleet
+from scheduler_svc.request import Request
+from scheduler_svc.step_clock import MIN_SAMPLES, SHADE, StepClock
+from scheduler_svc.step_loop import WorkerEngine
+from worker_svc.null_worker import NullWorker
+
+STEP_S = 0.04
+
+
+def batch(decodes: int, prefill: int = 0, position: int = 100) -> ScheduledBatch:
+    b = ScheduledBatch()
+    for _ in range(decodes):
+        b.decodes.append(None)  # type: ignore[arg-type]  # only counted
+        b.decode_positions.append(position)
+    if prefill:
+        b.seqs.append(ScheduledSeq(None, 0, prefill, [], True, True))  # type: ignore[arg-type]
+    return b
+
+
+def cost_ms(b: ScheduledBatch) -> float:
+    """A worker whose step costs 2 ms, 0.1 per sequence, 0.02 per token, 0.5 per 1k positions."""
+    tokens = len(b.decodes) + sum(s.num_tokens for s in b.seqs)
+    context = sum(b.decode_positions) + sum(s.start + s.num_tokens for s in b.seqs)
+    return 2 + 0.1 * b.num_seqs + 0.02 * tokens + 0.5 * context / 1000
+
+
+def test_the_clock_learns_what_a_step_costs_and_predicts_it_shaded_down() -> None:
+    """Fitted to the worker's reported times; shaded and capped so that a wrong guess errs
+    early (the next step sent sooner than needed, never later)."""
+    clock = StepClock()
+    seen = [batch(d, p, pos) for d, p, pos in
+            [(8, 0, 100), (16, 0, 200), (32, 0, 300), (4, 500, 50), (64, 0, 400), (1, 1000, 10),
+             (20, 200, 250), (48, 0, 350), (2, 0, 20), (10, 100, 500)]]
+    assert clock.predict_ms(seen[0]) is None, "nothing seen yet: no guess"
+    for b in seen[:MIN_SAMPLES - 1]:
+        clock.observe(b, cost_ms(b))
+    assert clock.predict_ms(seen[0]) is None, "too few steps seen"
+    for b in seen[MIN_SAMPLES - 1:]:
+        clock.observe(b, cost_ms(b))
+    for b in (batch(40, 0, 300), batch(12, 300, 150)):
+        assert clock.predict_ms(b) == pytest.approx(SHADE * cost_ms(b), rel=1e-6)
+    longest = max(cost_ms(b) for b in seen)
+    assert clock.predict_ms(batch(0, 100_000)) == pytest.approx(SHADE * longest), (
+        "never longer than the longest step seen")
+
+
+def test_the_next_step_is_held_until_the_lead_before_the_running_one_should_end() -> None:
+    clock = StepClock(lead_s=0.003)
+    steady = batch(16)
+    for _ in range(MIN_SAMPLES):
+        clock.observe(steady, 40.0)
+    expected = SHADE * 0.040 - 0.003
+    assert clock.delay_s(steady, started=10.0, now=10.0) == pytest.approx(expected)
+    assert clock.delay_s(steady, started=10.0, now=10.0 + expected + 0.001) == 0.0
+    assert StepClock(lead_s=-1).delay_s(steady, 10.0, 10.0) == 0.0, "negative lead: no holding"
+
+
+@dataclass
+class Ran:
+    step_id: int
+    arrived: float  # when the step reached the worker
+    started: float
+    ended: float
+    new_seq_ids: list[int]
+
+
+class TimedWorker(NullWorker):
+    """The null worker taking STEP_S per step, reported as its compute_ms; logs every step."""
+
+    def __init__(self, info: worker_pb2.WorkerInfo) -> None:
+        super().__init__(info)
+        self.ran: list[Ran] = []
+        self.current = 0  # the step being computed
+
+    async def Execute(self, request_iterator: AsyncIterator[worker_pb2.Step],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.StepResult]:
+        inbox: asyncio.Queue[tuple[worker_pb2.Step, float] | None] = asyncio.Queue()
+
+        async def receive() -> None:
+            async for step in request_iterator:
+                inbox.put_nowait((step, time.perf_counter()))
+            inbox.put_nowait(None)
+
+        started: dict[int, tuple[worker_pb2.Step, float, float]] = {}
+
+        async def steps() -> AsyncIterator[worker_pb2.Step]:
+            while (item := await inbox.get()) is not None:
+                step, arrived = item
+                started[step.step_id] = (step, arrived, time.perf_counter())
+                self.current = step.step_id
+                yield step
+
+        reader = asyncio.create_task(receive())
+        try:
+            async for result in super().Execute(steps(), context):
+                step, arrived, began = started.pop(result.step_id)
+                await asyncio.sleep(STEP_S)
+                result.compute_ms = STEP_S * 1e3
+                self.ran.append(Ran(step.step_id, arrived, began, time.perf_counter(),
+                                    [s.seq_id for s in step.seqs if s.new]))
+                yield result
+        finally:
+            reader.cancel()
+
+
+@contextlib.asynccontextmanager
+async def timed_worker(fleet: Fleet, r: aioredis.Redis, keys: RedisKeys, lead_ms: float
+                       ) -> AsyncIterator[tuple[WorkerEngine, TimedWorker]]:
+    info = worker_info("w-a", num_blocks=256, max_model_len=1 << 20)
+    worker = TimedWorker(info)
+    server = grpc.aio.server()
+    guarded_service.add_service(server, worker_pb2.DESCRIPTOR.services_by_name["Worker"], worker)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    engine = attach(fleet, r, keys, "w-a", connected=False, address=f"127.0.0.1:{port}", info=info)
+    engine.step_clock.lead_s = lead_ms / 1e3
+    await engine.recover(await engine.store.load())
+    loop = asyncio.create_task(engine.run(r, 0.2))
+    try:
+        yield engine, worker
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        await server.stop(0)
+
+
+def place(fleet: Fleet, engine: WorkerEngine, rid: str, max_tokens: int, conn: RouterConn) -> Request:
+    req = Request(rid, [5, 6, 7, 8, 9], SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                      ignore_eos=True), conn=conn)
+    fleet.place(req, engine)
+    return req
+
+
+async def steps_later(fleet: Fleet, engine: WorkerEngine, worker: TimedWorker, conn: RouterConn,
+                      rid: str) -> int:
+    """Place a request 10 ms into a step; how many steps after that one it first runs in."""
+    done = len(worker.ran)
+    while len(worker.ran) == done:  # a step just ended: the next one is starting
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.01)
+    computing = worker.current
+    req = place(fleet, engine, rid, 1, conn)
+    while not any(req.seq_id in r.new_seq_ids for r in worker.ran):
+        await asyncio.sleep(0.005)
+    return next(r.step_id for r in worker.ran if req.seq_id in r.new_seq_ids) - computing
+
+
+@pytest.mark.parametrize("lead_ms, later", [(5.0, 1), (-1.0, 2)])
+def test_a_request_arriving_during_a_step_runs_in_the_next_one(redis_url: str, lead_ms: float,
+                                                                later: int) -> None:
+    """Held back (lead 5 ms), the next step is decided after the arrival: the request runs in
+    the step after the one computing. Sent at once (negative lead), it was decided before: the
+    request waits one more step."""
+    async def body(r: aioredis.Redis, keys: RedisKeys) -> None:
+        fleet, conn = Fleet(), RouterConn()
+        async with timed_worker(fleet, r, keys, lead_ms) as (engine, worker):
+            place(fleet, engine, "steady", 1_000_000, conn)
+            async with asyncio.timeout(60):
+                while len(worker.ran) < MIN_SAMPLES + 2:
+                    await asyncio.sleep(0.01)
+                assert [await steps_later(fleet, engine, worker, conn, f"new-{i}")
+                        for i in range(4)] == [later] * 4
+                steady = [(a, b) for a, b in itertools.pairwise(worker.ran)
+                          if a.step_id > MIN_SAMPLES + 1]
+                on_time = sum(b.arrived <= a.ended for a, b in steady)
+                assert on_time >= 0.9 * len(steady), (
+                    f"held steps must still reach the worker before it is free: "
+                    f"{on_time} of {len(steady)} did")
+
+    scenario(redis_url, body)
