@@ -87,7 +87,10 @@ async def attach_worker(
     store = StateStore(r, RedisKeys(cfg.deployment, model), info.worker_id)
     engine = WorkerEngine(address, info, store, limits_for(cfg, info), fleet, tls=tls, metrics=sm)
     engine.check_invariants = cfg.check_invariants
-    engine.step_clock.lead_s = cfg.step_lead_ms / 1e3
+    # Held steps (step_clock) are for workers whose launch is the whole computation, where they
+    # were measured; a GPU worker launches a step's host work while the previous one computes,
+    # so it gets each step as soon as it may go.
+    engine.step_clock.lead_s = cfg.step_lead_ms / 1e3 if info.device == "cpu" else -1.0
     recovered = await engine.recover(await store.load())
     fleet.adopt(engine, recovered)
     log.info("attached worker %s at %s (%d blocks, %d requests recovered with %d output tokens)",

@@ -3,17 +3,16 @@
 Two steps are in flight to a worker: while it computes step N+1, step N+2 waits in its inbox, so
 the worker never idles between steps. Sent the moment N's result came back, N+2 was decided
 before anything that arrives during N+1: a request arriving then waits for the rest of N+1, all
-of N+2 and its own step, one whole step longer than it must (on this project's 2-core CPU bench,
-20-35 ms of a 50-100 ms TTFT at Poisson rates). So N+2 is decided and sent ``lead_s`` before N+1
-is expected to end, and the worker still finds it waiting.
+of N+2 and its own step, one whole step longer than it must (on this project's 2-core CPU bench
+at 16 req/s, TTFT p50 75 -> 51 ms once held; docs/BENCHMARKS.md). So N+2 is decided and sent
+``lead_s`` before N+1 is expected to end, and the worker still finds it waiting.
 
 N+1's duration is predicted from the worker's own ``compute_ms`` of recent steps, fitted by least
 squares to what costs time in a step (its rows, its tokens, the context its attention reads),
 capped at the longest recent step and shaded down, so that a wrong guess sends early, as
-before, rather than late. A late guess
-costs little anyway: the engine reads N+1's result while it waits, and decides N+2 at once if the
-result comes first (the worker idles only while N+2 is decided and sent, as with one step in
-flight).
+before, rather than late. A late guess costs little anyway: the engine reads N+1's result while
+it waits, and decides N+2 at once if the result comes first (the worker idles only while N+2 is
+decided and sent, as with one step in flight).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ that takes a fixed time per step (the null worker, slowed) and a real Redis."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -15,16 +14,15 @@ from dataclasses import dataclass
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from fleet_util import attach, scenario, worker_info
+from fleet_util import place, scenario, served, worker_info
 
-from pagewire import guarded_service
+from pagewire.config import SchedulerConfig
 from pagewire.redis_keys import RedisKeys
-from pagewire.sampling import SamplingParams
 from pagewire.v1 import worker_pb2
 from scheduler_svc.batch import ScheduledBatch, ScheduledSeq
+from scheduler_svc.discovery import attach_worker
 from scheduler_svc.events import RouterConn
 from scheduler_svc.fleet import Fleet
-from scheduler_svc.request import Request
 from scheduler_svc.step_clock import MIN_SAMPLES, SHADE, StepClock
 from scheduler_svc.step_loop import WorkerEngine
 from worker_svc.null_worker import NullWorker
@@ -128,34 +126,6 @@ class TimedWorker(NullWorker):
             reader.cancel()
 
 
-@contextlib.asynccontextmanager
-async def timed_worker(fleet: Fleet, r: aioredis.Redis, keys: RedisKeys, lead_ms: float
-                       ) -> AsyncIterator[tuple[WorkerEngine, TimedWorker]]:
-    info = worker_info("w-a", num_blocks=256, max_model_len=1 << 20)
-    worker = TimedWorker(info)
-    server = grpc.aio.server()
-    guarded_service.add_service(server, worker_pb2.DESCRIPTOR.services_by_name["Worker"], worker)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    engine = attach(fleet, r, keys, "w-a", connected=False, address=f"127.0.0.1:{port}", info=info)
-    engine.step_clock.lead_s = lead_ms / 1e3
-    await engine.recover(await engine.store.load())
-    loop = asyncio.create_task(engine.run(r, 0.2))
-    try:
-        yield engine, worker
-    finally:
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)
-        await server.stop(0)
-
-
-def place(fleet: Fleet, engine: WorkerEngine, rid: str, max_tokens: int, conn: RouterConn) -> Request:
-    req = Request(rid, [5, 6, 7, 8, 9], SamplingParams(temperature=0, max_tokens=max_tokens,
-                                                      ignore_eos=True), conn=conn)
-    fleet.place(req, engine)
-    return req
-
-
 async def steps_later(fleet: Fleet, engine: WorkerEngine, worker: TimedWorker, conn: RouterConn,
                       rid: str) -> int:
     """Place a request 10 ms into a step; how many steps after that one it first runs in."""
@@ -178,7 +148,9 @@ def test_a_request_arriving_during_a_step_runs_in_the_next_one(redis_url: str, l
     request waits one more step."""
     async def body(r: aioredis.Redis, keys: RedisKeys) -> None:
         fleet, conn = Fleet(), RouterConn()
-        async with timed_worker(fleet, r, keys, lead_ms) as (engine, worker):
+        info = worker_info("w-a", num_blocks=256, max_model_len=1 << 20)
+        worker = TimedWorker(info)
+        async with served(fleet, r, keys, info, worker, lead_ms) as (engine, _):
             place(fleet, engine, "steady", 1_000_000, conn)
             async with asyncio.timeout(60):
                 while len(worker.ran) < MIN_SAMPLES + 2:
@@ -191,5 +163,19 @@ def test_a_request_arriving_during_a_step_runs_in_the_next_one(redis_url: str, l
                 assert on_time >= 0.9 * len(steady), (
                     f"held steps must still reach the worker before it is free: "
                     f"{on_time} of {len(steady)} did")
+
+    scenario(redis_url, body)
+
+
+@pytest.mark.parametrize("device, lead_s", [("cpu", 0.004), ("cuda:0", -1.0)])
+def test_only_cpu_workers_get_held_steps(redis_url: str, device: str, lead_s: float) -> None:
+    """A GPU worker launches a step's host work while the previous one computes: it gets each
+    step as soon as it may go, whatever --step-lead-ms says."""
+    async def body(r: aioredis.Redis, keys: RedisKeys) -> None:
+        cfg = SchedulerConfig(step_lead_ms=4.0, deployment=keys.deployment, model_name="m")
+        info = worker_info("w-a")
+        info.device = device
+        engine, _ = await attach_worker(Fleet(), cfg, r, "addr-w-a", None, None, info)  # type: ignore[arg-type]
+        assert engine.step_clock.lead_s == pytest.approx(lead_s)
 
     scenario(redis_url, body)

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import grpc
 import redis.asyncio as aioredis
-from fleet_util import attach, scenario, worker_info
+from fleet_util import place, scenario, served, worker_info
 
-from pagewire import guarded_service
 from pagewire.redis_keys import RedisKeys
-from pagewire.sampling import SamplingParams
-from pagewire.v1 import common_pb2, worker_pb2
+from pagewire.v1 import common_pb2
 from scheduler_svc.events import RouterConn
 from scheduler_svc.fleet import Fleet
 from scheduler_svc.request import Request
@@ -30,33 +27,11 @@ def null_token(req: Request, index: int) -> int:
     return FIRST_TOKEN + (req.seq_id * 31 + index) % (VOCAB - FIRST_TOKEN)
 
 
-@contextlib.asynccontextmanager
-async def null_worker(fleet: Fleet, r: aioredis.Redis, keys: RedisKeys,
-                      wid: str) -> AsyncIterator[tuple[WorkerEngine, grpc.aio.Server]]:
+def null_worker(fleet: Fleet, r: aioredis.Redis, keys: RedisKeys, wid: str
+                ) -> contextlib.AbstractAsyncContextManager[tuple[WorkerEngine, grpc.aio.Server]]:
     """A null worker serving on a free port, and its engine driving it (step loop running)."""
     info = worker_info(wid, num_blocks=256, max_model_len=4096)
-    server = grpc.aio.server()
-    guarded_service.add_service(server, worker_pb2.DESCRIPTOR.services_by_name["Worker"],
-                                NullWorker(info))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    engine = attach(fleet, r, keys, wid, connected=False, address=f"127.0.0.1:{port}", info=info)
-    await engine.recover(await engine.store.load())
-    loop = asyncio.create_task(engine.run(r, 0.2))
-    try:
-        yield engine, server
-    finally:
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)
-        with contextlib.suppress(TimeoutError):  # a server the test stopped already may not answer
-            await asyncio.wait_for(server.stop(0), 5)
-
-
-def place(fleet: Fleet, engine: WorkerEngine, rid: str, max_tokens: int, conn: RouterConn) -> Request:
-    req = Request(rid, [5, 6, 7, 8, 9], SamplingParams(temperature=0, max_tokens=max_tokens,
-                                                      ignore_eos=True), conn=conn)
-    fleet.place(req, engine)
-    return req
+    return served(fleet, r, keys, info, NullWorker(info))
 
 
 async def stored_tokens(r: aioredis.Redis, keys: RedisKeys, wid: str, req: Request) -> int:
