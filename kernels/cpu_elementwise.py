@@ -48,8 +48,7 @@ def build(flags: list[str]) -> ctypes.CDLL | None:
 
 def takes(x: Tensor) -> bool:
     """Whether the compiled operations take ``x``: bfloat16 on the CPU, last dim contiguous."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.stride(-1) == 1
-            and load() is not None)
+    return x.dtype == torch.bfloat16 and x.is_cpu and x.stride(-1) == 1 and load() is not None
 
 
 def takes_rope(x: Tensor, cos: Tensor, sin: Tensor) -> bool:

@@ -31,6 +31,8 @@ def bucket_rows(rows: int) -> int:
 def empty_rows(rows: int, *shape: int, dtype: torch.dtype, device: torch.device | None = None
                ) -> Tensor:
     """An uninitialised ``[rows, *shape]`` whose storage holds ``bucket_rows(rows)`` rows."""
+    if rows <= EXACT_UP_TO:  # no view on top: the decode path calls this a few times per layer
+        return torch.empty((rows, *shape), dtype=dtype, device=device)
     return torch.empty((bucket_rows(rows), *shape), dtype=dtype, device=device)[:rows]
 
 

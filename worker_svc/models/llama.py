@@ -104,6 +104,7 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale or self.head_dim**-0.5
         self.window, self.softcap = cfg.window(layer), cfg.attn_softcap
         self.rope_key = cfg.layer_types[layer]
+        self.qk_norm = cfg.qk_norm  # a plain flag: hasattr on a Module misses through __getattr__
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, gemma=cfg.gemma > 0)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, gemma=cfg.gemma > 0)
@@ -114,7 +115,7 @@ class Attention(nn.Module):
     ) -> Tensor:
         T, H = x.shape[0], self.n_heads
         qkv = self.qkv_proj(x).view(T, H + 2 * self.n_kv, self.head_dim)
-        if hasattr(self, "q_norm"):  # per-head norms before rope (Qwen3, Gemma 3)
+        if self.qk_norm:  # per-head norms before rope (Qwen3, Gemma 3)
             qkv[:, :H] = self.q_norm(qkv[:, :H])
             qkv[:, H : H + self.n_kv] = self.k_norm(qkv[:, H : H + self.n_kv])
         apply_rope_(qkv[:, : H + self.n_kv], *rope[self.rope_key])
