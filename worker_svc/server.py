@@ -32,7 +32,7 @@ from worker_svc import compute_thread, cpu_heap
 from worker_svc.constraints import Constraints
 from worker_svc.cuda_graphs import DecodeGraphs
 from worker_svc.loader import load_model, read_model_dir, resolve_dtype
-from worker_svc.models.packed_linear import can_pack, pack_linears
+from worker_svc.models.packed_linear import can_pack, pack_linears, warm
 from worker_svc.runner import ModelRunner, PendingStep, allocate_kv_cache, kv_block_bytes
 from worker_svc.step_pipeline import StepPipeline
 
@@ -209,6 +209,12 @@ async def serve(cfg: pwconfig.WorkerConfig) -> None:
     log.info("loading %s", cfg.model)
     runner, info = await compute_thread.run(build_runner, cfg)  # the thread every CPU step runs on
     service.runner, service.info = runner, info
+    if cfg.warmup_s > 0:  # CPU bfloat16: the packed products' builds, now (see packed_linear.warm)
+        t0 = time.perf_counter()
+        rows = await compute_thread.run(warm, runner.model, cfg.max_num_batched_tokens, cfg.warmup_s)
+        if rows:
+            log.info("built the packed products for %d row counts (1-%d) in %.1f s", len(rows),
+                     rows[-1], time.perf_counter() - t0)
     registry = metrics.new_registry()
     service.metrics = metrics.worker_metrics(registry, info.model, info.worker_id)
     metrics_server = metrics.serve_metrics(cfg.metrics_port, registry, cfg.host)

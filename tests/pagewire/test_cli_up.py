@@ -35,7 +35,7 @@ def test_each_setting_reaches_every_service_that_has_it() -> None:
     ])
     assert args["worker"] == ["--served-model-name", "m", "--dtype", "bfloat16",
                               "--kv-cache-gb", "1.5", "--max-model-len", "2048", "--threads", "2",
-                              "--max-num-seqs", "8"]
+                              "--max-num-seqs", "8", "--max-num-batched-tokens", "512"]
     assert args["scheduler"] == ["--max-num-seqs", "8", "--max-num-batched-tokens", "512",
                                  "--no-prefix-caching"]
     assert args["router"] == ["--served-model-name", "m", "--chat-template", "t.jinja",

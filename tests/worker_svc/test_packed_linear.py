@@ -15,7 +15,7 @@ from kernels import cpu_elementwise
 from kernels.row_buckets import bucket_rows, empty_rows, padded
 from pagewire.config import WorkerConfig
 from pagewire.v1 import common_pb2
-from worker_svc.models.packed_linear import PackedLinear, can_pack
+from worker_svc.models.packed_linear import PackedLinear, can_pack, warm
 from worker_svc.server import build_runner
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
@@ -88,3 +88,40 @@ def test_the_compiled_elementwise_ops_decode_as_the_torch_definitions(
     plain_tokens, plain_logprobs = greedy(path, packed=True)
     assert tokens == plain_tokens
     assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs, strict=True)) < 1e-2
+
+
+def _odd_shaped_model() -> nn.Module:
+    """Projections of shapes no other test runs, so oneDNN's process-wide cache of built
+    products holds none of them before the test."""
+    torch.manual_seed(1)
+    return nn.Sequential(PackedLinear(nn.Linear(104, 72).to(torch.bfloat16)),
+                         PackedLinear(nn.Linear(72, 104, bias=False).to(torch.bfloat16)))
+
+
+def _built(model: nn.Module, rows: list[int], capfd: pytest.CaptureFixture[str]) -> list[str]:
+    """oneDNN's own account (its verbose log) of the products it had to build to run ``model``
+    at each of ``rows``."""
+    capfd.readouterr()
+    with torch.inference_mode(), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+        for n in rows:
+            model(empty_rows(n, 104, dtype=torch.bfloat16).zero_())
+    out = capfd.readouterr().out
+    return [ln for ln in out.splitlines() if "inner_product" in ln and "cache_miss" in ln]
+
+
+def test_the_warm_up_builds_every_product_a_step_of_up_to_the_budget_runs(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """After the warm-up no step of up to ``max_rows`` tokens builds a product (decode batches,
+    prefill sizes, the budget itself); a larger one still does, so the check can see one."""
+    model = _odd_shaped_model()
+    done = warm(model, max_rows=200, budget_s=120.0)
+    assert done == sorted({bucket_rows(n) for n in range(1, 201)})
+    assert done[:64] == list(range(1, 65))  # decode batches first
+    assert _built(model, [1, 17, 64, 65, 97, 130, 200], capfd) == []
+    assert len(_built(model, [300], capfd)) == 2  # one per projection
+
+
+def test_the_warm_up_stops_at_its_budget_and_skips_unpacked_models() -> None:
+    assert warm(_odd_shaped_model(), max_rows=200, budget_s=0.0) == []
+    assert warm(nn.Sequential(nn.Linear(8, 8)), max_rows=200, budget_s=60.0) == []

@@ -11,6 +11,8 @@ except where the embedding shares it (tied ``lm_head``): that one stays plain.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor, nn
 
@@ -59,3 +61,33 @@ def pack_linears(model: nn.Module) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child))
     return len(swaps)
+
+
+def warm(model: nn.Module, max_rows: int, budget_s: float) -> list[int]:
+    """Run each distinct packed projection of ``model`` once at every row count a step of up to
+    ``max_rows`` tokens runs it at (kernels/row_buckets.py), smallest first, until ``budget_s``
+    seconds have passed; the row counts done.
+
+    oneDNN builds a product the first time it sees its shape, ~2 ms each (measured: 144 row
+    counts x 5 shapes of the small test model, 1.9 s first calls against 0.5 s again), and a
+    fresh worker's first requests met all of them in their steps; a served burst's first round
+    ran 15-25 % slower than the next (docs/BENCHMARKS.md). A product's arithmetic does not depend
+    on when it was built, so stopping at the budget changes only how soon, never what, a step
+    computes; on a large model, where one product's run outweighs its build, the budget ends the
+    warm-up early."""
+    shapes = {}
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            shapes.setdefault((m.in_features, m.out_features, m.bias is None), m)
+    if not shapes:
+        return []
+    counts = sorted({bucket_rows(r) for r in range(1, max_rows + 1)})
+    deadline, done = time.monotonic() + budget_s, []
+    with torch.inference_mode():
+        for rows in counts:
+            if time.monotonic() >= deadline:
+                break
+            for m in shapes.values():
+                m(torch.zeros(rows, m.in_features, dtype=torch.bfloat16))
+            done.append(rows)
+    return done
