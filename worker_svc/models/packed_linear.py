@@ -11,12 +11,21 @@ except where the embedding shares it (tied ``lm_head``): that one stays plain.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 from torch import Tensor, nn
 
 from kernels.row_buckets import EXACT_UP_TO, bucket_rows, padded
+
+# oneDNN keeps the products it has built in one process-wide cache, 1,024 entries by default, read
+# once at its first product. Each row count of each projection shape takes two (the product and
+# the matmul inside it): the small test model's 5 shapes x 144 row counts of steps of up to
+# 2,048 tokens need 1,440, and at the default a warm-up (or a long-running server) evicted the
+# decode batches' products to rebuild them mid-step (measured with oneDNN's verbose log). Set
+# when this module is imported, before any weight is packed; an explicit setting wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
 
 _LINEAR = torch.ops.mkldnn._linear_pointwise.default
 
