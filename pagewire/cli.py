@@ -26,7 +26,8 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi
 # The service settings ``pagewire up`` offers, as ``vllm serve`` does: each flag named, typed and
 # documented as the service's own (pagewire/config.py) and handed to every service that has it
 # (``--served-model-name`` and ``--max-model-len`` reach worker and router, ``--max-num-seqs``
-# and ``--max-num-batched-tokens`` scheduler and worker). Every other setting stays reachable as PAGEWIRE_<FLAG>.
+# and ``--max-num-batched-tokens`` scheduler and worker). Every other setting stays reachable
+# as PAGEWIRE_<FLAG>.
 UP_FLAGS = {
     "scheduler": ("max_num_seqs", "max_num_batched_tokens", "max_queue", "prefix_caching"),
     "worker": ("dtype", "device", "max_model_len", "kv_cache_gb", "num_blocks", "block_size",

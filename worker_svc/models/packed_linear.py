@@ -79,8 +79,9 @@ def warm(model: nn.Module, max_rows: int, budget_s: float) -> list[int]:
 
     oneDNN builds a product the first time it sees its shape, ~2 ms each (measured: 144 row
     counts x 5 shapes of the small test model, 1.9 s first calls against 0.5 s again), and a
-    fresh worker's first requests met all of them in their steps; a served burst's first round
-    ran 15-25 % slower than the next (docs/BENCHMARKS.md). A product's arithmetic does not depend
+    fresh worker's first requests met all of them in their steps: served, each first request of
+    a new size took 10-18 ms longer than the same size later, and none does after the warm-up
+    (docs/BENCHMARKS.md). A product's arithmetic does not depend
     on when it was built, so stopping at the budget changes only how soon, never what, a step
     computes; on a large model, where one product's run outweighs its build, the budget ends the
     warm-up early."""
