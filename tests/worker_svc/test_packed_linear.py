@@ -1,5 +1,6 @@
-"""bfloat16 projections pre-packed for oneDNN give exactly what plain ``F.linear`` gives; the
-compiled bfloat16 elementwise ops decode as their torch definitions do."""
+"""Projections pre-packed for oneDNN give what plain ``F.linear`` gives: exactly in bfloat16 (the
+same oneDNN kernels), to rounding in float32 (oneDNN's sum order, not MKL's), and the same greedy
+tokens in both; the compiled bfloat16 elementwise ops decode as their torch definitions do."""
 
 from __future__ import annotations
 
@@ -18,19 +19,24 @@ from pagewire.v1 import common_pb2
 from worker_svc.models.packed_linear import PackedLinear, can_pack, warm
 from worker_svc.server import build_runner
 
-pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
-                                reason="this CPU's oneDNN has no bfloat16 kernels")
+BF16 = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
+                          reason="this CPU's oneDNN has no bfloat16 kernels")
+pytestmark = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.float32), reason="no oneDNN")
+DTYPES = [pytest.param(torch.bfloat16, marks=BF16), torch.float32]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 64, 65, 300, 2049])
-def test_a_packed_projection_equals_the_plain_one(rows: int, bias: bool) -> None:
+def test_a_packed_projection_equals_the_plain_one(rows: int, bias: bool, dtype: torch.dtype) -> None:
     torch.manual_seed(rows)
-    plain = nn.Linear(96, 40, bias=bias).to(torch.bfloat16)
-    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    plain = nn.Linear(96, 40, bias=bias).to(dtype)
+    x = torch.randn(rows, 96, dtype=dtype)
     packed = PackedLinear(plain)
-    assert torch.equal(packed(x), plain(x))
-    assert torch.equal(packed(x.view(1, rows, 96)), plain(x).view(1, rows, 40))
+    same = torch.equal if dtype == torch.bfloat16 else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert same(packed(x), plain(x))
+    assert same(packed(x.view(1, rows, 96)), plain(x).view(1, rows, 40))
+    assert packed(x).dtype == dtype
 
 
 def test_row_counts_fall_in_few_buckets_each_a_little_larger() -> None:
@@ -44,6 +50,7 @@ def test_row_counts_fall_in_few_buckets_each_a_little_larger() -> None:
     assert all(bucket_rows(b) == b for b in buckets.values())
 
 
+@BF16
 def test_a_product_over_an_activation_with_room_runs_in_place_and_equals_the_plain_one() -> None:
     """An input allocated by the elementwise ops (kernels.row_buckets.empty_rows) is extended to
     its bucketed rows in place, garbage rows and all; the rows asked for are exact."""
@@ -55,8 +62,9 @@ def test_a_product_over_an_activation_with_room_runs_in_place_and_equals_the_pla
     assert torch.equal(PackedLinear(plain)(x), plain(x))
 
 
-def greedy(path: Path, packed: bool) -> tuple[dict[int, list[int]], list[float]]:
-    cfg = WorkerConfig(model=str(path), dtype="bfloat16", num_blocks=256, block_size=BS,
+def greedy(path: Path, packed: bool, dtype: str = "bfloat16"
+           ) -> tuple[dict[int, list[int]], list[float]]:
+    cfg = WorkerConfig(model=str(path), dtype=dtype, num_blocks=256, block_size=BS,
                        packed_weights=packed)
     runner = build_runner(cfg)[0]
     kinds = {type(m) for m in runner.model.modules()}
@@ -68,6 +76,7 @@ def greedy(path: Path, packed: bool) -> tuple[dict[int, list[int]], list[float]]
     return out, [lp.logprob for t in driver.tracks.values() for lp in t.logprobs]
 
 
+@BF16
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "mixtral"])
 def test_a_packed_model_decodes_exactly_as_the_plain_one(arch: str) -> None:
     """Qwen2's q/k/v biases, Gemma's tied embedding (its lm_head stays plain), Mixtral's router."""
@@ -75,6 +84,17 @@ def test_a_packed_model_decodes_exactly_as_the_plain_one(arch: str) -> None:
     assert greedy(path, packed=True) == greedy(path, packed=False)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "mixtral"])
+def test_a_packed_float32_model_decodes_the_plain_ones_tokens(arch: str) -> None:
+    """The same greedy tokens; logprobs equal to float32 rounding."""
+    path = model_dir(arch)
+    tokens, logprobs = greedy(path, packed=True, dtype="float32")
+    plain_tokens, plain_logprobs = greedy(path, packed=False, dtype="float32")
+    assert tokens == plain_tokens
+    assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs, strict=True)) < 1e-4
+
+
+@BF16
 @pytest.mark.skipif(cpu_elementwise.load() is None, reason="no C compiler")
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
 def test_the_compiled_elementwise_ops_decode_as_the_torch_definitions(
@@ -110,6 +130,7 @@ def _built(model: nn.Module, rows: list[int], capfd: pytest.CaptureFixture[str])
     return [ln for ln in out.splitlines() if "inner_product" in ln and "cache_miss" in ln]
 
 
+@BF16
 def test_the_warm_up_builds_every_product_a_step_of_up_to_the_budget_runs(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
@@ -125,6 +146,12 @@ def test_the_warm_up_builds_every_product_a_step_of_up_to_the_budget_runs(
     assert len(_built(model, [2100], capfd)) == 4
 
 
+@BF16
 def test_the_warm_up_stops_at_its_budget_and_skips_unpacked_models() -> None:
     assert warm(_odd_shaped_model(), max_rows=200, budget_s=0.0) == []
     assert warm(nn.Sequential(nn.Linear(8, 8)), max_rows=200, budget_s=60.0) == []
+
+
+def test_the_warm_up_runs_a_float32_model_in_float32() -> None:
+    model = nn.Sequential(PackedLinear(nn.Linear(24, 8)))
+    assert warm(model, max_rows=70, budget_s=60.0) == list(range(1, 65)) + [68, 72]

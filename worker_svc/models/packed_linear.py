@@ -1,12 +1,16 @@
-"""Projection weights pre-packed for oneDNN's AMX kernels, for bfloat16 on the CPU.
+"""Projection weights pre-packed for oneDNN on the CPU, in bfloat16 and float32.
 
 A bfloat16 ``F.linear`` on the CPU hands oneDNN a plain row-major weight, which it re-lays into
 the AMX tile layout on every call: at decode batch sizes that reorder costs about as much as the
 product itself, so bfloat16 decoding was no faster than float32 (measured, docs/BENCHMARKS.md).
 Packing each projection once at start-up, as vLLM's CPU backend and torch.compile's freezing pass
 do, removes it; the products are the same oneDNN kernels with fp32 accumulation, so the results
-equal the unpacked ones. The packed tensor replaces the plain weight (no second copy is kept),
-except where the embedding shares it (tied ``lm_head``): that one stays plain.
+equal the unpacked ones. A float32 ``F.linear`` goes to MKL's sgemm, which is slow at a few rows
+(2 rows cost twice 1 row); oneDNN's product over a packed float32 weight is 1.2-2.2x faster at 2-32
+rows and no slower at any other count (measured, docs/BENCHMARKS.md). It sums in another order
+than MKL, so float32 results differ from plain ``F.linear`` by rounding, not more (strict fp32:
+no reduced-precision math mode). The packed tensor replaces the plain weight (no second copy is
+kept), except where the embedding shares it (tied ``lm_head``): that one stays plain.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ _LINEAR = torch.ops.mkldnn._linear_pointwise.default
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """bfloat16 on a CPU whose oneDNN has bfloat16 kernels (AVX-512 BF16 or AMX)."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    """float32, or bfloat16 where oneDNN has bfloat16 kernels (AVX-512 BF16 or AMX), on a CPU."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16
+                                      and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 class PackedLinear(nn.Module):
@@ -42,6 +48,7 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype = linear.weight.dtype
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
@@ -98,6 +105,6 @@ def warm(model: nn.Module, max_rows: int, budget_s: float) -> list[int]:
             if time.monotonic() >= deadline:
                 break
             for m in shapes.values():
-                m(torch.zeros(rows, m.in_features, dtype=torch.bfloat16))
+                m(torch.zeros(rows, m.in_features, dtype=m.dtype))
             done.append(rows)
     return done
