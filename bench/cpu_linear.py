@@ -1,15 +1,17 @@
-"""bfloat16 projections on the CPU: plain ``F.linear`` against weights pre-packed once for oneDNN
-(``worker_svc/models/packed_linear.py``), with float32 ``F.linear`` for scale.
+"""Projections on the CPU: plain ``F.linear`` against weights pre-packed once for oneDNN
+(``worker_svc/models/packed_linear.py``), in bfloat16 (with float32 ``F.linear`` for scale) or
+float32.
 
     python bench/cpu_linear.py                       # the small test model's and Qwen2.5-0.5B's shapes
     python bench/cpu_linear.py --threads 2 --rows 1,8,64,256
     python bench/cpu_linear.py --step-batches 1,16      # also whole decode steps of the small model
+    python bench/cpu_linear.py --dtype float32 --threads 2 --rows 1,2,4,8,16,32,64,256,2048
 
 Each cell is the fastest of ``--repeats`` timed calls (after a warm-up), the variants of a cell
 timed in alternation: the minimum is what the kernel costs when nothing else takes the core,
 which a shared machine's medians do not show. ``--step-batches`` adds whole worker decode steps
-(``ModelRunner.execute``) of the small test model at 256-token contexts in float32, bfloat16
-plain and bfloat16 packed, fastest of 64 each. Prints tables, writes JSON and a PNG plot.
+(``ModelRunner.execute``) of the small test model at 256-token contexts, plain and packed (and,
+in bfloat16, float32 for scale), fastest of 64 each. Prints tables, writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
@@ -45,15 +47,15 @@ def fastest(fn, repeats: int) -> float:
     return best
 
 
-def measure(k: int, n: int, rows: int, repeats: int) -> dict[str, float]:
-    plain = nn.Linear(k, n, bias=False).to(torch.bfloat16)
+def measure(k: int, n: int, rows: int, repeats: int, dtype: torch.dtype) -> dict[str, float]:
+    plain = nn.Linear(k, n, bias=False).to(dtype)
     packed = PackedLinear(plain)
-    w32 = plain.weight.float()
-    x = torch.randn(rows, k, dtype=torch.bfloat16)
-    x32 = x.float()
-    assert torch.equal(packed(x), plain(x))
-    variants = {"bf16_plain": lambda: F.linear(x, plain.weight),
-                "bf16_packed": lambda: packed(x), "fp32": lambda: F.linear(x32, w32)}
+    x = torch.randn(rows, k, dtype=dtype)
+    assert torch.allclose(packed(x), plain(x), rtol=1e-5, atol=1e-5)  # bf16: equal (tests)
+    variants = {"plain": lambda: F.linear(x, plain.weight), "packed": lambda: packed(x)}
+    if dtype == torch.bfloat16:
+        w32, x32 = plain.weight.float(), x.float()
+        variants["fp32"] = lambda: F.linear(x32, w32)
     times: dict[str, float] = dict.fromkeys(variants, float("inf"))
     for _ in range(repeats // 10):  # alternate in rounds of 10 calls
         for name, fn in variants.items():
@@ -61,12 +63,12 @@ def measure(k: int, n: int, rows: int, repeats: int) -> dict[str, float]:
     return {name: t * 1e6 for name, t in times.items()}
 
 
-STEP_VARIANTS = {"fp32": {"dtype": "float32"},
-                 "bf16_plain": {"dtype": "bfloat16", "packed_weights": False},
-                 "bf16_packed": {"dtype": "bfloat16"}}
+def step_variants(dtype: str) -> dict[str, dict]:
+    scale = {"fp32": {"dtype": "float32"}} if dtype == "bfloat16" else {}
+    return {**scale, "plain": {"dtype": dtype, "packed_weights": False}, "packed": {"dtype": dtype}}
 
 
-def decode_steps(batches: list[int], threads: int) -> list[dict]:
+def decode_steps(batches: list[int], threads: int, dtype: str) -> list[dict]:
     """Fastest whole decode step per variant and batch (the variants alternate in rounds of 8)."""
     from pagewire.config import WorkerConfig
     from pagewire.testmodel import ensure_model
@@ -76,7 +78,7 @@ def decode_steps(batches: list[int], threads: int) -> list[dict]:
     model = ensure_model(Path(tempfile.gettempdir()) / "pagewire-small-seed0", seed=0, size="small")
     runners = {name: build_runner(WorkerConfig(model=str(model), num_blocks=64 * max(batches) + 64,
                                                threads=threads, **kw))[0]
-               for name, kw in STEP_VARIANTS.items()}
+               for name, kw in step_variants(dtype).items()}
     out = []
     for batch in batches:
         last: dict[str, list[int]] = {}
@@ -101,14 +103,14 @@ def decode_steps(batches: list[int], threads: int) -> list[dict]:
                     last[name] = list(r.execute(step).token_ids)
                     best[name] = min(best[name], time.perf_counter() - t0)
         row = {"batch": batch, **{n: t * 1e3 for n, t in best.items()}}
-        print(f"decode step | batch {batch} | fp32 {row['fp32']:.2f} ms | bf16 plain "
-              f"{row['bf16_plain']:.2f} ms | bf16 packed {row['bf16_packed']:.2f} ms | plain/packed "
-              f"{row['bf16_plain'] / row['bf16_packed']:.2f}", flush=True)
+        print(f"decode step | batch {batch} | " + " | ".join(f"{n} {t:.2f} ms" for n, t in row.items()
+                                                              if n != "batch")
+              + f" | plain/packed {row['plain'] / row['packed']:.2f}", flush=True)
         out.append(row)
     return out
 
 
-def plot(rows: list[dict], out: Path) -> Path:
+def plot(rows: list[dict], out: Path, dtype: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,14 +121,14 @@ def plot(rows: list[dict], out: Path) -> Path:
         sel = [r for r in rows if r["shape"] == shape]
         by_rows: dict[int, list[float]] = {}
         for r in sel:
-            by_rows.setdefault(r["rows"], []).append(r["bf16_plain"] / r["bf16_packed"])
+            by_rows.setdefault(r["rows"], []).append(r["plain"] / r["packed"])
         xs = sorted(by_rows)
         ax.plot(xs, [sum(by_rows[m]) / len(by_rows[m]) for m in xs], marker="o", label=shape)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rows (tokens in the step)")
     ax.set_ylabel("plain / packed time (mean over projections)")
-    ax.set_title("bfloat16 projections: packed speed-up")
+    ax.set_title(f"{dtype} projections: packed speed-up")
     ax.legend()
     fig.tight_layout()
     path = out.with_suffix(".png")
@@ -139,27 +141,30 @@ def main() -> None:
     p.add_argument("--shapes", default="small,qwen2.5-0.5b")
     p.add_argument("--rows", default="1,8,64,256")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--step-batches", default="", help="also whole decode steps at these batches")
     p.add_argument("--out", default="bench_cpu_linear.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     results = []
-    print("shape | proj | rows | bf16 plain us | bf16 packed us | fp32 us | plain/packed")
+    print(f"shape | proj | rows | {args.dtype}: plain us | packed us"
+          + (" | fp32 us" if args.dtype == "bfloat16" else "") + " | plain/packed")
     for shape in args.shapes.split(","):
         for proj, k, n in SHAPES[shape]:
             for rows in map(int, args.rows.split(",")):
-                t = measure(k, n, rows, args.repeats)
+                t = measure(k, n, rows, args.repeats, dtype)
                 row = {"shape": shape, "proj": proj, "k": k, "n": n, "rows": rows, **t}
                 results.append(row)
-                print(f"{shape} | {proj} | {rows} | {t['bf16_plain']:.1f} | {t['bf16_packed']:.1f} | "
-                      f"{t['fp32']:.1f} | {t['bf16_plain'] / t['bf16_packed']:.2f}", flush=True)
-    steps = decode_steps([int(b) for b in args.step_batches.split(",")], args.threads) \
-        if args.step_batches else []
+                print(f"{shape} | {proj} | {rows} | " + " | ".join(f"{v:.1f}" for v in t.values())
+                      + f" | {t['plain'] / t['packed']:.2f}", flush=True)
+    steps = decode_steps([int(b) for b in args.step_batches.split(",")], args.threads,
+                         args.dtype) if args.step_batches else []
     out = Path(args.out)
     out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "rows": results,
                                "decode_steps": steps}, indent=2))
-    print(f"json: {out}\nplot: {plot(results, out)}")
+    print(f"json: {out}\nplot: {plot(results, out, args.dtype)}")
 
 
 if __name__ == "__main__":
