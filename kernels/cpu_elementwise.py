@@ -1,8 +1,9 @@
 """The compiled bfloat16 elementwise operations of the CPU (``csrc/elementwise.c``), one pass and
 one call each where the torch definitions (kernels/elementwise.py) take several.
 
-Used for bfloat16 only: in float32 the torch path stays, so float32 outputs keep equalling
-transformers' bit for bit (a C sum of squares or expf may differ in the last bit). In bfloat16
+Used for bfloat16 only: in float32 the torch path stays, computing what transformers computes
+op for op (a C sum of squares or expf may differ in the last bit); float32's products, packed
+for oneDNN, already differ from transformers' MKL ones by rounding. In bfloat16
 the C results equal the torch ones except where such a last bit decides a rounding
 (tests/kernels/test_cpu_elementwise.py bounds how often). ``PAGEWIRE_CPU_ELEMENTWISE=0`` turns
 them off.
