@@ -56,7 +56,7 @@ class WorkerConfig(CommonConfig):
     heartbeat_s: float = opt(2.0, "Seconds between registry heartbeats (TTL is 3x).")
     load_format: str = opt("auto", "auto (safetensors from --model), or dummy (random weights from config.json).")
     group: str = opt("default", "Worker group to join: a scheduler without --workers drives the registered workers of its --group.")
-    packed_weights: bool = opt(True, "On a CPU (float32, or bfloat16 with AVX-512 BF16/AMX): pack the projection weights once at start-up for oneDNN's kernels (--no-packed-weights: plain F.linear, which in bfloat16 re-lays the weight on every call and in float32 runs MKL's sgemm, slow at a few rows).")
+    packed_weights: bool = opt(True, "On a CPU (float32, or bfloat16 with AVX-512 BF16/AMX): pack the projection weights once at start-up for oneDNN's kernels; bfloat16 on a CPU without bfloat16 kernels: products of 8+ rows run in float32 (widened per call, rounded once). --no-packed-weights: plain F.linear, which in bfloat16 re-lays the weight on every call (or runs a slow reference loop without AVX-512 BF16) and in float32 runs MKL's sgemm, slow at a few rows.")
     cuda_graphs: bool = opt(True, "On CUDA: capture decode steps as CUDA graphs at start-up and replay them (--no-cuda-graphs: launch every kernel eagerly).")
     max_num_seqs: int = opt(256, "Largest decode batch captured as a CUDA graph (match the scheduler's --max-num-seqs); larger batches run eagerly.")
     max_num_batched_tokens: int = opt(2048, "Most tokens in one step (match the scheduler's --max-num-batched-tokens): the largest row count the CPU warm-up builds products for.")

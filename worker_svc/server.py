@@ -32,7 +32,14 @@ from worker_svc import compute_thread, cpu_heap
 from worker_svc.constraints import Constraints
 from worker_svc.cuda_graphs import DecodeGraphs
 from worker_svc.loader import load_model, read_model_dir, resolve_dtype
-from worker_svc.models.packed_linear import can_pack, pack_linears, warm
+from worker_svc.models.packed_linear import (
+    WIDEN_FROM_ROWS,
+    WidenedLinear,
+    can_pack,
+    pack_linears,
+    warm,
+    widens,
+)
 from worker_svc.runner import ModelRunner, PendingStep, allocate_kv_cache, kv_block_bytes
 from worker_svc.step_pipeline import StepPipeline
 
@@ -65,6 +72,9 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
     model = load_model(files, device, dtype, max_len, cfg.load_format)
     if cfg.packed_weights and can_pack(device, dtype):
         log.info("packed %d projection weights for oneDNN", pack_linears(model))
+    elif cfg.packed_weights and widens(device, dtype):
+        log.info("bfloat16 on a CPU without bfloat16 kernels: %d projections run their products of "
+                 "%d rows or more in float32", pack_linears(model, WidenedLinear), WIDEN_FROM_ROWS)
     block_bytes = kv_block_bytes(model, cfg.block_size, dtype)
     num_blocks = cfg.num_blocks
     if num_blocks <= 0:

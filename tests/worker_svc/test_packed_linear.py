@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from family_models import model_dir, prompts
 from torch import nn
 from worker_steps import BS, Driver
@@ -16,7 +17,15 @@ from kernels import cpu_elementwise
 from kernels.row_buckets import bucket_rows, empty_rows, padded
 from pagewire.config import WorkerConfig
 from pagewire.v1 import common_pb2
-from worker_svc.models.packed_linear import PackedLinear, can_pack, warm
+from worker_svc import server
+from worker_svc.models import packed_linear
+from worker_svc.models.packed_linear import (
+    WIDEN_FROM_ROWS,
+    PackedLinear,
+    WidenedLinear,
+    can_pack,
+    warm,
+)
 from worker_svc.server import build_runner
 
 BF16 = pytest.mark.skipif(not can_pack(torch.device("cpu"), torch.bfloat16),
@@ -37,6 +46,43 @@ def test_a_packed_projection_equals_the_plain_one(rows: int, bias: bool, dtype: 
     assert same(packed(x), plain(x))
     assert same(packed(x.view(1, rows, 96)), plain(x).view(1, rows, 40))
     assert packed(x).dtype == dtype
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 8, 64, 300])
+def test_a_widened_projection_is_the_float32_product_rounded_once(rows: int, bias: bool) -> None:
+    """Few rows: the bfloat16 product itself. More: the exact product to within one bfloat16
+    step, and nearly always its nearest bfloat16 (one rounding, of a float32 sum)."""
+    torch.manual_seed(rows)
+    plain = nn.Linear(96, 40, bias=bias).to(torch.bfloat16)
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    out = WidenedLinear(plain)(x.view(1, rows, 96)).view(rows, 40)
+    assert out.dtype == torch.bfloat16
+    if rows < WIDEN_FROM_ROWS:
+        assert torch.equal(out, plain(x))
+        return
+    bias64 = None if plain.bias is None else plain.bias.double()
+    exact = F.linear(x.double(), plain.weight.double(), bias64)
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+    assert (out == exact.to(torch.bfloat16)).float().mean() > 0.98
+
+
+def test_a_widened_bfloat16_model_decodes_the_plain_ones_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU without bfloat16 kernels (forced here on any CPU) the worker widens its
+    projections; greedy tokens as the plain bfloat16 model's, logprobs within bfloat16 noise."""
+    path = model_dir("qwen2")  # q/k/v biases
+    plain_tokens, plain_logprobs = greedy(path, packed=False)
+    monkeypatch.setattr(packed_linear, "can_pack", lambda device, dtype: False)
+    monkeypatch.setattr(server, "can_pack", lambda device, dtype: False)
+    cfg = WorkerConfig(model=str(path), dtype="bfloat16", num_blocks=256, block_size=BS)
+    runner = build_runner(cfg)[0]
+    assert WidenedLinear in {type(m) for m in runner.model.modules()}
+    driver = Driver(runner)
+    for sid, prompt in prompts(runner.model.cfg.vocab_size).items():
+        driver.add(sid, prompt, common_pb2.SamplingParams(temperature=0.0, logprobs=1))
+    assert driver.run(8, chunk=8) == plain_tokens
+    logprobs = [lp.logprob for t in driver.tracks.values() for lp in t.logprobs]
+    assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs, strict=True)) < 1e-2
 
 
 def test_row_counts_fall_in_few_buckets_each_a_little_larger() -> None:
