@@ -6,8 +6,10 @@ product itself, so bfloat16 decoding was no faster than float32 (measured, docs/
 Packing each projection once at start-up, as vLLM's CPU backend and torch.compile's freezing pass
 do, removes it; the products are the same oneDNN kernels with fp32 accumulation, so the results
 equal the unpacked ones. A float32 ``F.linear`` goes to MKL's sgemm, which is slow at a few rows
-(2 rows cost twice 1 row); oneDNN's product over a packed float32 weight is 1.2-2.2x faster at 2-32
-rows and no slower at any other count (measured, docs/BENCHMARKS.md). It sums in another order
+(2 rows cost twice 1 row); oneDNN's product over a packed float32 weight is 1.4-3.4x faster over a
+layer's projections at 2-64 rows, equal at 1 and 256, 10 % slower at 2,048 (measured on an AVX2
+CPU, docs/BENCHMARKS.md): keeping both layouts would double the weights' memory, and decode steps
+are most of a server's. It sums in another order
 than MKL, so float32 results differ from plain ``F.linear`` by rounding, not more (strict fp32:
 no reduced-precision math mode). The packed tensor replaces the plain weight (no second copy is
 kept), except where the embedding shares it (tied ``lm_head``): that one stays plain.
