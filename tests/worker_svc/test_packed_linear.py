@@ -74,14 +74,8 @@ def test_a_widened_bfloat16_model_decodes_the_plain_ones_tokens(monkeypatch: pyt
     plain_tokens, plain_logprobs = greedy(path, packed=False)
     monkeypatch.setattr(packed_linear, "can_pack", lambda device, dtype: False)
     monkeypatch.setattr(server, "can_pack", lambda device, dtype: False)
-    cfg = WorkerConfig(model=str(path), dtype="bfloat16", num_blocks=256, block_size=BS)
-    runner = build_runner(cfg)[0]
-    assert WidenedLinear in {type(m) for m in runner.model.modules()}
-    driver = Driver(runner)
-    for sid, prompt in prompts(runner.model.cfg.vocab_size).items():
-        driver.add(sid, prompt, common_pb2.SamplingParams(temperature=0.0, logprobs=1))
-    assert driver.run(8, chunk=8) == plain_tokens
-    logprobs = [lp.logprob for t in driver.tracks.values() for lp in t.logprobs]
+    tokens, logprobs = greedy(path, packed=True, kind=WidenedLinear)
+    assert tokens == plain_tokens
     assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs, strict=True)) < 1e-2
 
 
@@ -108,13 +102,13 @@ def test_a_product_over_an_activation_with_room_runs_in_place_and_equals_the_pla
     assert torch.equal(PackedLinear(plain)(x), plain(x))
 
 
-def greedy(path: Path, packed: bool, dtype: str = "bfloat16"
+def greedy(path: Path, packed: bool, dtype: str = "bfloat16", kind: type[nn.Module] = PackedLinear
            ) -> tuple[dict[int, list[int]], list[float]]:
     cfg = WorkerConfig(model=str(path), dtype=dtype, num_blocks=256, block_size=BS,
                        packed_weights=packed)
     runner = build_runner(cfg)[0]
     kinds = {type(m) for m in runner.model.modules()}
-    assert (PackedLinear in kinds) == packed
+    assert (kind in kinds) == packed
     driver = Driver(runner)
     for sid, prompt in prompts(runner.model.cfg.vocab_size).items():
         driver.add(sid, prompt, common_pb2.SamplingParams(temperature=0.0, logprobs=1))
