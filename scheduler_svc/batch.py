@@ -47,6 +47,7 @@ class ScheduledBatch:
     preempted: list[Request] = field(default_factory=list)
     # Finished or aborted since the last step: the worker may release their sequences.
     ended: list[Request] = field(default_factory=list)
+    first_tokens: bool = False  # it gives some request its first output token
     sent_at: float = 0.0  # perf_counter when the step went to the worker (step time metric)
 
     def decode_columns(self) -> tuple[Callable[[Any], None], ...]:

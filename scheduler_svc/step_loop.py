@@ -6,6 +6,13 @@ the scheduler appends them, and the step's Redis write goes out before its token
 (``step_writer``). Step N+1 is scheduled and sent while the worker computes step N, shortly
 before N is expected to end (``step_clock``), so that what arrives meanwhile still gets into it.
 
+Except after a step that gives some request its first token, on a CPU worker
+(``hold_after_first_token``): that step's tokens go to Redis and to the routers before the
+worker gets anything more. There the worker's compute threads take every core, and a delivery
+made while the next step computes waits for CPU at each of its hops (worker -> scheduler -> Redis
+-> scheduler -> router): 6-15 ms for a first token on the 2-core bench machine, against ~2 ms
+for the worker's wait, once per request (docs/BENCHMARKS.md).
+
 When the worker's stream breaks or its heartbeat lapses, every request it held goes back to the
 fleet to be recomputed elsewhere (``Fleet.worker_lost``), and the engine keeps trying to
 reconnect. A draining worker (``set_draining``, from its health status) runs what it holds to the
@@ -75,6 +82,7 @@ class WorkerEngine:
         self.check_invariants = False
         self._release_ids: list[int] = []  # sequences the worker may release, sent with the next step
         self.step_clock = StepClock()
+        self.hold_after_first_token = False  # see the module's docstring; CPU workers only
         # The next result's read, started while the next step was held back (step_clock).
         self._reader: asyncio.Future[worker_pb2.StepResult] | None = None
 
@@ -159,7 +167,8 @@ class WorkerEngine:
                 while True:
                     await self._hand_over_at_boundary(call, inflight)
                     scheduled = False
-                    if len(inflight) < PIPELINE_DEPTH and self.scheduler.has_work:
+                    if (len(inflight) < PIPELINE_DEPTH and self.scheduler.has_work
+                            and not self._held_after_first_tokens(inflight)):
                         batch = self._schedule()
                         if batch.num_seqs:
                             await call.write(self._encode(batch))
@@ -187,7 +196,11 @@ class WorkerEngine:
         result comes, whichever is first."""
         result = await self._next_result(call)
         arrived = time.perf_counter()
-        await self._complete(inflight.popleft(), result)
+        batch = inflight.popleft()
+        await self._complete(batch, result)
+        if batch.first_tokens and self.hold_after_first_token:
+            await self.writer.wait()  # in Redis and with the routers: the worker may go on
+            return
         if not (inflight and self.scheduler.has_work):
             return
         running = inflight[0]
@@ -195,6 +208,10 @@ class WorkerEngine:
         if delay > 0:
             self._reader = asyncio.ensure_future(read_result(call))
             await asyncio.wait({self._reader}, timeout=delay)
+
+    def _held_after_first_tokens(self, inflight: deque[ScheduledBatch]) -> bool:
+        """Nothing more goes to the worker until the latest step's first tokens are delivered."""
+        return self.hold_after_first_token and bool(inflight) and inflight[-1].first_tokens
 
     async def _hand_over_at_boundary(self, call: grpc.aio.StreamStreamCall,
                                      inflight: deque[ScheduledBatch]) -> None:
@@ -235,6 +252,7 @@ class WorkerEngine:
         """Decide the next step and queue its block-table writes."""
         batch = self.scheduler.schedule()
         batch.sent_at = time.perf_counter()
+        batch.first_tokens = any(s.samples_token and not s.request.output for s in batch.seqs)
         store = self.store
         for victim in batch.preempted:
             store.dropped_table(victim)

@@ -167,15 +167,73 @@ def test_a_request_arriving_during_a_step_runs_in_the_next_one(redis_url: str, l
     scenario(redis_url, body)
 
 
-@pytest.mark.parametrize("device, lead_s", [("cpu", 0.004), ("cuda:0", -1.0)])
-def test_only_cpu_workers_get_held_steps(redis_url: str, device: str, lead_s: float) -> None:
+@pytest.mark.parametrize("device, lead_s, hold", [("cpu", 0.004, True), ("cuda:0", -1.0, False)])
+def test_only_cpu_workers_get_held_steps(redis_url: str, device: str, lead_s: float,
+                                         hold: bool) -> None:
     """A GPU worker launches a step's host work while the previous one computes: it gets each
-    step as soon as it may go, whatever --step-lead-ms says."""
+    step as soon as it may go, whatever --step-lead-ms and --hold-after-first-token say."""
     async def body(r: aioredis.Redis, keys: RedisKeys) -> None:
         cfg = SchedulerConfig(step_lead_ms=4.0, deployment=keys.deployment, model_name="m")
         info = worker_info("w-a")
         info.device = device
         engine, _ = await attach_worker(Fleet(), cfg, r, "addr-w-a", None, None, info)  # type: ignore[arg-type]
         assert engine.step_clock.lead_s == pytest.approx(lead_s)
+        assert engine.hold_after_first_token is hold
+
+    scenario(redis_url, body)
+
+
+async def first_tokens(conn: RouterConn, arrived: dict[str, float]) -> None:
+    """Read the router's stream for good, noting when each request's first token came."""
+    while True:
+        await conn.ready.wait()
+        now = time.perf_counter()
+        for b in conn.take():
+            firsts = [e.request_id for e in b.events if e.index == 0]
+            firsts += [rid for rid, i in zip(b.token_request_ids, b.token_indices, strict=True) if i == 0]
+            for rid in firsts:
+                arrived.setdefault(rid, now)
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_after_a_first_token_the_worker_gets_nothing_until_the_router_has_it(redis_url: str,
+                                                                              hold: bool) -> None:
+    """Held (CPU workers), the step after one that gave a request its first token reaches the
+    worker only once that token reached the router: the worker waits for it, once per request,
+    while every other step still reaches it before it is free. Not held, that step was already
+    waiting in the worker's inbox while the token was delivered."""
+    async def body(r: aioredis.Redis, keys: RedisKeys) -> None:
+        fleet, conn = Fleet(), RouterConn()
+        info = worker_info("w-a", num_blocks=256, max_model_len=1 << 20)
+        worker = TimedWorker(info)
+        firsts: dict[str, float] = {}
+        reader = asyncio.create_task(first_tokens(conn, firsts))
+        async with served(fleet, r, keys, info, worker, 5.0) as (engine, _):
+            engine.hold_after_first_token = hold
+            place(fleet, engine, "steady", 1_000_000, conn)
+            async with asyncio.timeout(60):
+                while len(worker.ran) < MIN_SAMPLES + 2:
+                    await asyncio.sleep(0.01)
+                reqs = []
+                for i in range(4):
+                    reqs.append(place(fleet, engine, f"new-{i}", 1_000_000, conn))
+                    while reqs[-1].request_id not in firsts:
+                        await asyncio.sleep(0.005)
+                    await asyncio.sleep(3 * STEP_S)
+            by_id = {ran.step_id: ran for ran in worker.ran}
+            held = []
+            for req in reqs:
+                first = next(ran for ran in worker.ran if req.seq_id in ran.new_seq_ids)
+                after = by_id[first.step_id + 1]
+                held.append(after.arrived > firsts[req.request_id] and after.arrived > first.ended)
+            others = [(a, b) for a, b in itertools.pairwise(worker.ran)
+                      if a.step_id > MIN_SAMPLES + 1 and not a.new_seq_ids]
+            on_time = sum(b.arrived <= a.ended for a, b in others)
+        reader.cancel()
+        if hold:
+            assert held == [True] * 4
+        else:
+            assert sum(held) <= 1, held
+        assert on_time >= 0.9 * len(others), f"{on_time} of {len(others)} steps reached the worker in time"
 
     scenario(redis_url, body)
