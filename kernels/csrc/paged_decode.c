@@ -13,7 +13,8 @@
  * Caches are fp32 or bf16 (widened to fp32 on load); q and out are fp32, or both bf16 (q_bf16;
  * q's sequences q_stride elements apart, its heads contiguous). Head dims 64, 128 and 256 take
  * the grouped walk of decode_grouped.h where the CPU has AVX-512 (fp32 caches, and bf16 caches
- * with a bf16 query, whose scores are then bf16 products summed in fp32); others the tile walk
+ * with a bf16 query, whose scores are then bf16 products summed in fp32), or of
+ * decode_grouped_avx2.h where it has AVX2 and FMA only (fp32 caches); others the tile walk
  * below. Built with reassociation and FMA contraction allowed (the sums vectorize;
  * results stay within 1e-6 of the reference) but not -ffast-math, whose start-up code would flush
  * subnormals to zero in the whole process.
@@ -58,11 +59,16 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-/* Where the CPU has AVX-512, the task of decode_grouped.h for head dims 64, 128 and 256. */
+/* Where the CPU has AVX-512, the task of decode_grouped.h for head dims 64, 128 and 256; where it
+ * has only AVX2 and FMA, that of decode_grouped_avx2.h (fp32 caches). */
 #define GROUPED_DIM(d) ((d) == 64 || (d) == 128 || (d) == 256)
 #if defined(__AVX512F__)
 #include "decode_grouped.h"
 #define HAVE_GROUPED 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "decode_grouped_avx2.h" /* fp32 caches only */
+#define HAVE_GROUPED 1
+#define HAVE_GROUPED_BF16 0
 #else
 #define HAVE_GROUPED 0
 #define HAVE_GROUPED_BF16 0

@@ -73,13 +73,16 @@ def test_bf16_queries_meet_bf16_keys_in_bf16_products(dim: int, batch: int) -> N
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [64, 128, 256])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (8, 2), (4, 4)], ids=["group3", "group4", "mha"])
+@pytest.mark.parametrize("batch", [3, 12], ids=["head-tasks", "sequence-tasks"])
 def test_grouped_walk_over_every_head_dim_and_group_size(
-    dtype: torch.dtype, dim: int, heads: int, kv_heads: int
+    dtype: torch.dtype, dim: int, heads: int, kv_heads: int, batch: int
 ) -> None:
-    """The 16-position walk of decode_grouped.h for each head dim it takes, with query heads per
-    KV head that fill its register blocks exactly and ones that leave a remainder; contexts with
-    partial groups, many groups and single positions; a bf16 query and output with a bf16 cache."""
-    lens = [1, 17, 300, 129, 40, 5, 250, 16, 31, 64, 200, 3]
+    """The grouped walks (16 positions, decode_grouped.h, with AVX-512; 8 positions,
+    decode_grouped_avx2.h, with AVX2 only, tasks of one KV head) for each head dim they take, with
+    query heads per KV head that fill their register blocks exactly and ones that leave a
+    remainder; contexts with partial groups, many groups and single positions; a bf16 query and
+    output with a bf16 cache."""
+    lens = [1, 17, 300, 129, 40, 5, 250, 16, 31, 64, 200, 3][:batch]
     case = make_paged_case(lens, 16, kv_heads, dim, dtype=dtype, device=CPU)
     q = torch.randn(len(lens), heads, dim).to(dtype)
     args = (q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, dim**-0.5)

@@ -1,0 +1,193 @@
+/* One decode task over fp32 caches where the CPU has AVX2 and FMA but not AVX-512: head dims 64,
+ * 128 and 256, for tasks of one KV head (batches under 8). Included by paged_decode.c (MAX_* come
+ * from it) in place of decode_grouped.h, whose walk it follows at half the width.
+ *
+ * The task walks its context 8 positions at a time: the group's key rows are read once for every
+ * query head, and its scores, online-softmax update and weighted values are done before the next
+ * group's rows are touched. Against the tile walk of paged_decode.c, on a Zen 3 (2 threads, fp32,
+ * head dim 64, 8 query and 4 KV heads, caches evicted by a product before each call): 1 sequence
+ * of 200 positions 98-118 -> 78-92 us, 4 of 300 294-312 -> 221-231 us. Tasks of every KV head of
+ * a sequence (8 sequences and more) read memory as fast through the tile walk, which streams 128
+ * rows of keys, then their values (16 of 400 positions: 723-810 us there, 851-1,046 here; 64 of
+ * 300 equal within noise), so they keep it. Prefetching the rows two groups ahead, as
+ * decode_grouped.h does, measured no better here.
+ *
+ * Scores: 8 positions' fp32 dot products added across in one hadd tree. Values: a head's row
+ * is loaded in chunks of four vectors, each chunk once for up to two query heads of its KV head,
+ * whose accumulators stay in registers over the group (AVX2 has 16 vector registers). */
+#ifndef PAGEWIRE_DECODE_GROUPED_AVX2_H
+#define PAGEWIRE_DECODE_GROUPED_AVX2_H
+#include <immintrin.h>
+
+#define GROUP8 8 /* positions per step of the walk */
+#define CHUNK 4  /* value vectors per pass */
+
+/* exp on 8 lanes, as exp16 of exp_avx512.h: 2^n p(r), x clamped to [-87.3, 89] (2^n built in
+ * the exponent bits: n = 128 gives inf, as exp overflows). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(89.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693145751953125f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.42860682030941723e-6f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                            _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* Lane i of the result: the sum of the 8 lanes of v[i]. */
+static inline __m256 sum_across8(const __m256 v[8]) {
+    const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static inline float max8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+static inline float add8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* One query head's scores for a group of n rows, folded into its online softmax: p the group's
+ * weights (0 past n); returns the factor the head's accumulator must be scaled by. */
+static inline float group_softmax8(const __m256 dots[GROUP8], int64_t n, float scale,
+                                   float softcap, float *p, float *run_max, float *run_sum) {
+    __m256 s = _mm256_mul_ps(sum_across8(dots), _mm256_set1_ps(scale));
+    if (softcap > 0.f) {
+        float t[GROUP8];
+        _mm256_storeu_ps(t, s);
+        for (int i = 0; i < GROUP8; i++) t[i] = softcap * tanhf(t[i] / softcap);
+        s = _mm256_loadu_ps(t);
+    }
+    const __m256 valid = _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7),
+                                       _mm256_set1_ps((float)n), _CMP_LT_OQ);
+    s = _mm256_blendv_ps(_mm256_set1_ps(-FLT_MAX), s, valid);
+    const float group_max = max8(s);
+    const float m = group_max > *run_max ? group_max : *run_max;
+    const __m256 e = _mm256_and_ps(valid, exp8(_mm256_sub_ps(s, _mm256_set1_ps(m))));
+    _mm256_storeu_ps(p, e);
+    const float correction = expf(*run_max - m); /* 0 on the first group */
+    *run_sum = *run_sum * correction + add8(e);
+    *run_max = m;
+    return correction;
+}
+
+/* The walk's position: a block of the table and an offset in it. */
+struct cursor8 { int64_t blk, off; };
+
+/* Rows (element offsets, at the task's KV head) of the next min(count, GROUP8) positions from
+ * the cursor, which moves past them. */
+static inline void group_rows8(struct cursor8 *cur, const int32_t *table, int64_t block_size,
+                               int64_t row, int64_t head_offset, int64_t count, int64_t *rows) {
+    for (int64_t i = 0; i < GROUP8 && i < count; i++) {
+        rows[i] = ((int64_t)table[cur->blk] * block_size + cur->off) * row + head_offset;
+        if (++cur->off == block_size) { cur->off = 0; cur->blk++; }
+    }
+}
+
+/* The weighted values of a group's n rows into K query heads' accumulators (j0 .. j0+K-1, all
+ * of KV head hh), rescaled by the softmax's correction, CHUNK vectors of the head at a time. */
+#define DEFINE_VALUES8(NAME, NV, K)                                                               \
+static inline void NAME(const float *v_cache, const int64_t *base, int64_t hh, int64_t n,         \
+                        int64_t j0, float p[][GROUP8], const float *correction,                   \
+                        float acc[][MAX_DIM]) {                                                   \
+    for (int c0 = 0; c0 < NV; c0 += CHUNK) {                                                      \
+        __m256 a[K][CHUNK];                                                                       \
+        for (int k = 0; k < K; k++)                                                               \
+            for (int c = 0; c < CHUNK; c++)                                                       \
+                a[k][c] = _mm256_mul_ps(_mm256_loadu_ps(acc[j0 + k] + 8 * (c0 + c)),              \
+                                        _mm256_set1_ps(correction[j0 + k]));                      \
+        for (int64_t i = 0; i < n; i++) {                                                         \
+            const float *vr = v_cache + base[i] + hh * 8 * NV + 8 * c0;                           \
+            __m256 v[CHUNK];                                                                      \
+            for (int c = 0; c < CHUNK; c++) v[c] = _mm256_loadu_ps(vr + 8 * c);                   \
+            for (int k = 0; k < K; k++) {                                                         \
+                const __m256 w = _mm256_set1_ps(p[j0 + k][i]);                                    \
+                for (int c = 0; c < CHUNK; c++) a[k][c] = _mm256_fmadd_ps(w, v[c], a[k][c]);      \
+            }                                                                                     \
+        }                                                                                         \
+        for (int k = 0; k < K; k++)                                                               \
+            for (int c = 0; c < CHUNK; c++)                                                       \
+                _mm256_storeu_ps(acc[j0 + k] + 8 * (c0 + c), a[k][c]);                            \
+    }                                                                                             \
+}
+
+/* The task: NV fp32 vectors per head (head_dim / 8); q the task's (scaled) queries. */
+#define DEFINE_TASK8(NAME, NV, VAL2, VAL1)                                                        \
+static void NAME(const float *k_cache, const float *v_cache, const int32_t *table,                \
+                 int64_t block_size, int64_t row, int64_t h0, int64_t span, int64_t group,        \
+                 int64_t first, int64_t len, const float q[][MAX_DIM], float scale,               \
+                 float softcap, float acc[][MAX_DIM], float *run_max, float *run_sum) {           \
+    const int64_t head_dim = 8 * NV;                                                              \
+    struct cursor8 cur = {first / block_size, first % block_size};                                \
+    int64_t base[GROUP8];                                                                         \
+    for (int64_t t0 = first; t0 < len; t0 += GROUP8) {                                            \
+        const int64_t n = len - t0 < GROUP8 ? len - t0 : GROUP8;                                  \
+        group_rows8(&cur, table, block_size, row, h0 * head_dim, n, base);                        \
+        float p[MAX_QHEADS][GROUP8], correction[MAX_QHEADS];                                      \
+        for (int64_t hh = 0; hh < span; hh++)                                                     \
+            for (int64_t g = 0; g < group; g++) {                                                 \
+                const int64_t j = hh * group + g;                                                 \
+                __m256 dots[GROUP8];                                                              \
+                for (int64_t i = 0; i < GROUP8; i++) {                                            \
+                    dots[i] = _mm256_setzero_ps();                                                \
+                    if (i >= n) continue;                                                         \
+                    const float *kr = k_cache + base[i] + hh * head_dim;                          \
+                    for (int c = 0; c < NV; c++)                                                  \
+                        dots[i] = _mm256_fmadd_ps(_mm256_loadu_ps(kr + 8 * c),                    \
+                                                  _mm256_loadu_ps(q[j] + 8 * c), dots[i]);        \
+                }                                                                                 \
+                correction[j] = group_softmax8(dots, n, scale, softcap, p[j], &run_max[j],       \
+                                               &run_sum[j]);                                      \
+            }                                                                                     \
+        for (int64_t hh = 0; hh < span; hh++) {                                                   \
+            int64_t g0 = 0;                                                                       \
+            for (; g0 + 2 <= group; g0 += 2) VAL2(v_cache, base, hh, n, hh * group + g0, p, correction, acc); \
+            for (; g0 < group; g0++) VAL1(v_cache, base, hh, n, hh * group + g0, p, correction, acc); \
+        }                                                                                         \
+    }                                                                                             \
+}
+
+DEFINE_VALUES8(values8_8_2, 8, 2)
+DEFINE_VALUES8(values8_8_1, 8, 1)
+DEFINE_VALUES8(values8_16_2, 16, 2)
+DEFINE_VALUES8(values8_16_1, 16, 1)
+DEFINE_VALUES8(values8_32_2, 32, 2)
+DEFINE_VALUES8(values8_32_1, 32, 1)
+DEFINE_TASK8(task8_64, 8, values8_8_2, values8_8_1)
+DEFINE_TASK8(task8_128, 16, values8_16_2, values8_16_1)
+DEFINE_TASK8(task8_256, 32, values8_32_2, values8_32_1)
+
+/* The task for this head dim over fp32 caches; 0 when the head dim has none or the task holds
+ * more than one KV head (the tile walk takes it). */
+static int grouped_task_f32(const float *k_cache, const float *v_cache, const int32_t *table,
+                            int64_t block_size, int64_t row, int64_t h0, int64_t span,
+                            int64_t group, int64_t head_dim, int64_t first, int64_t len,
+                            const float q[][MAX_DIM], float scale, float softcap,
+                            float acc[][MAX_DIM], float *run_max, float *run_sum) {
+    void (*task)(const float *, const float *, const int32_t *, int64_t, int64_t, int64_t,
+                 int64_t, int64_t, int64_t, int64_t, const float[][MAX_DIM], float, float,
+                 float[][MAX_DIM], float *, float *) =
+        head_dim == 64 ? task8_64 : head_dim == 128 ? task8_128 : head_dim == 256 ? task8_256 : NULL;
+    if (task == NULL || span != 1) return 0;
+    task(k_cache, v_cache, table, block_size, row, h0, span, group, first, len, q, scale, softcap,
+         acc, run_max, run_sum);
+    return 1;
+}
+#endif
