@@ -19,7 +19,7 @@ sampled) through the worker's own step loop. Reported per step:
 - ``host_share``: 1 - device_ms / wall_ms, the time the device sat idle waiting for the host.
 
 ``--packed on,off`` compares the CPU's pre-packed bfloat16 projections with plain ``F.linear``;
-``--elementwise on,off`` the CPU's compiled bfloat16 RMSNorm/RoPE/SiLU (kernels/cpu_elementwise.py)
+``--elementwise on,off`` the CPU's compiled RMSNorm/RoPE/SiLU (kernels/cpu_elementwise.py)
 with their torch definitions; ``--rounds N`` repeats every variant N times, alternating, and the
 table gives medians and ranges. ``--model DIR`` runs a model directory (its real weights) instead
 of a dummy-weight ``--shape``.
@@ -277,7 +277,7 @@ def main() -> None:
                    help="prompt lengths uniform in [len * (1 - jitter), len]")
     p.add_argument("--graphs", default="on,off", help="on, off, or on,off")
     p.add_argument("--packed", default="on", help="on, off, or on,off (CPU bfloat16 weights)")
-    p.add_argument("--elementwise", default="on", help="on, off, or on,off (CPU bfloat16 C ops)")
+    p.add_argument("--elementwise", default="on", help="on, off, or on,off (CPU compiled elementwise ops)")
     p.add_argument("--model", default="", help="a model directory (real weights) instead of --shape")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)

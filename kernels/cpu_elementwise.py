@@ -1,12 +1,13 @@
-"""The compiled bfloat16 elementwise operations of the CPU (``csrc/elementwise.c``), one pass and
-one call each where the torch definitions (kernels/elementwise.py) take several.
+"""The compiled bfloat16 and float32 elementwise operations of the CPU (``csrc/elementwise.c``),
+one pass and one call each where the torch definitions (kernels/elementwise.py) take several.
 
-Used for bfloat16 only: in float32 the torch path stays, computing what transformers computes
-op for op (a C sum of squares or expf may differ in the last bit); float32's products, packed
-for oneDNN, already differ from transformers' MKL ones by rounding. In bfloat16
-the C results equal the torch ones except where such a last bit decides a rounding
-(tests/kernels/test_cpu_elementwise.py bounds how often). ``PAGEWIRE_CPU_ELEMENTWISE=0`` turns
-them off.
+They round where the torch definitions round; what may differ is the last bit of a float32 sum
+of squares (its order) or of expf. In bfloat16 that bit shows only where it decides a bfloat16
+rounding (tests/kernels/test_cpu_elementwise.py bounds how often); in float32 the outputs are
+within a few units in the last place of torch's, as float32's products, packed for oneDNN,
+already are of transformers' MKL ones. A float32 decode step of one sequence spent ~0.9 ms of
+its ~9 in the torch definitions' dispatches (docs/BENCHMARKS.md). ``PAGEWIRE_CPU_ELEMENTWISE=0``
+turns them off.
 """
 
 from __future__ import annotations
@@ -36,20 +37,30 @@ def build(flags: list[str]) -> ctypes.CDLL | None:
         return None
     i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     signatures = {
-        "rms_norm_bf16": [ptr, i64, ptr, ptr, i64, i64, f32, i32, i32],
-        "add_rms_norm_bf16": [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32, i32],
-        "rope_bf16": [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i32],
-        "silu_mul_bf16": [ptr, i64, ptr, i64, i64, i32],
+        "rms_norm": [ptr, i64, ptr, ptr, i64, i64, f32, i32, i32],
+        "add_rms_norm": [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32, i32],
+        "rope": [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i32],
+        "silu_mul": [ptr, i64, ptr, i64, i64, i32],
     }
     for name, args in signatures.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = None, args
+        for suffix in SUFFIX.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.restype, fn.argtypes = None, args
     return lib
 
 
+SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def _fn(name: str, x: Tensor):  # noqa: ANN202
+    """The library's ``name`` for x's dtype."""
+    return getattr(load(), f"{name}_{SUFFIX[x.dtype]}")
+
+
 def takes(x: Tensor) -> bool:
-    """Whether the compiled operations take ``x``: bfloat16 on the CPU, last dim contiguous."""
-    return x.dtype == torch.bfloat16 and x.is_cpu and x.stride(-1) == 1 and load() is not None
+    """Whether the compiled operations take ``x``: bfloat16 or float32 on the CPU, last dim
+    contiguous."""
+    return x.dtype in SUFFIX and x.is_cpu and x.stride(-1) == 1 and load() is not None
 
 
 def takes_rope(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
@@ -62,45 +73,40 @@ def takes_rope(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
     """kernels.elementwise.rms_norm's contract for 2-D ``x`` whose rows are evenly strided."""
-    lib = load()
-    assert lib is not None and x.dim() == 2
+    assert x.dim() == 2
     rows, dim = x.shape
     out = empty_rows(rows, dim, dtype=x.dtype)  # a product's input: room for its bucketed rows
-    w = weight.contiguous()
-    lib.rms_norm_bf16(x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), rows, dim, eps,
-                      int(gemma), torch.get_num_threads())
+    w = weight.to(x.dtype).contiguous()
+    _fn("rms_norm", x)(x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), rows, dim, eps,
+                       int(gemma), torch.get_num_threads())
     return out
 
 
 def add_rms_norm_(x: Tensor, h: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
     """kernels.elementwise.add_rms_norm_'s contract for contiguous 2-D ``x`` and ``h``."""
-    lib = load()
-    assert lib is not None and x.dim() == 2 and x.is_contiguous() and h.is_contiguous()
+    assert x.dim() == 2 and x.is_contiguous() and h.is_contiguous()
     rows, dim = x.shape
     out = empty_rows(rows, dim, dtype=x.dtype)  # a product's input: room for its bucketed rows
-    w = weight.contiguous()
-    lib.add_rms_norm_bf16(x.data_ptr(), h.data_ptr(), w.data_ptr(), x.data_ptr(), out.data_ptr(),
-                          rows, dim, eps, int(gemma), torch.get_num_threads())
+    w = weight.to(x.dtype).contiguous()
+    _fn("add_rms_norm", x)(x.data_ptr(), h.data_ptr(), w.data_ptr(), x.data_ptr(), out.data_ptr(),
+                           rows, dim, eps, int(gemma), torch.get_num_threads())
     return out
 
 
 def rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
     """kernels.elementwise.rope_'s contract: x [T, H, D] with heads contiguous in a token,
     cos/sin [T, 1, R/2] views with a common row stride."""
-    lib = load()
-    assert lib is not None
     tokens, heads, dim = x.shape
     assert x.stride(1) == dim and cos.stride(0) == sin.stride(0) and cos.stride(-1) == 1
-    lib.rope_bf16(x.data_ptr(), x.stride(0), dim, tokens, heads, cos.shape[-1], cos.data_ptr(),
-                  sin.data_ptr(), cos.stride(0), torch.get_num_threads())
+    _fn("rope", x)(x.data_ptr(), x.stride(0), dim, tokens, heads, cos.shape[-1], cos.data_ptr(),
+                   sin.data_ptr(), cos.stride(0), torch.get_num_threads())
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:
     """silu(gate) * up of a fused 2-D [T, 2 * I] projection -> a new contiguous [T, I]."""
-    lib = load()
-    assert lib is not None and gate_up.dim() == 2
+    assert gate_up.dim() == 2
     tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = empty_rows(tokens, inter, dtype=gate_up.dtype)  # the down projection's input
-    lib.silu_mul_bf16(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), tokens, inter,
-                      torch.get_num_threads())
+    _fn("silu_mul", gate_up)(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), tokens, inter,
+                             torch.get_num_threads())
     return out

@@ -1,11 +1,13 @@
-/* The decoder's elementwise operations for bfloat16 on the CPU, one pass each.
+/* The decoder's elementwise operations for bfloat16 and float32 on the CPU, one pass each.
  *
  * The torch versions (kernels/elementwise.py) are the definitions; each takes several passes
  * over the tensor and as many dispatches (an RMSNorm is eight ops, a RoPE six), which at decode
  * sizes cost more than the arithmetic. These compute the same thing in one pass, rounding to
  * bfloat16 exactly where transformers' bfloat16 modules round (after every op they run in the
  * model's dtype), so results equal transformers' bit for bit except where a float32 sum or expf
- * differs in its last bit and that bit decides a bfloat16 rounding.
+ * differs in its last bit and that bit decides a bfloat16 rounding. In float32 every op rounds
+ * as torch's does (a product before the sum that uses it, 1 / sqrt as torch's rsqrt); only the
+ * order of the sum of squares and expf's last bit may differ.
  *
  * Built without contraction (-ffp-contract=off: a product rounds before the sum that uses it, as
  * in torch) and without reassociation except the sum of squares (an OpenMP simd reduction).
@@ -141,5 +143,71 @@ void silu_mul_bf16(const uint16_t *gate_up, int64_t stride, uint16_t *out, int64
             o[j] = to_bf(round_bf(x / (1.0f + expf(-x))) * bf(u[j]));
         }
 #endif
+    }
+}
+
+/* float32: the same operations, rounded only where torch rounds (after each op). */
+
+static void rms_row_f32(const float *x, const float *w, float *o, int64_t dim, float eps,
+                        int gemma) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < dim; j++) s += x[j] * x[j];
+    const float inv = 1.0f / sqrtf(s / (float)dim + eps);
+    if (gemma) {
+#pragma omp simd
+        for (int64_t j = 0; j < dim; j++) o[j] = x[j] * inv * (1.0f + w[j]);
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < dim; j++) o[j] = w[j] * (x[j] * inv);
+    }
+}
+
+void rms_norm_f32(const float *x, int64_t x_stride, const float *w, float *out, int64_t rows,
+                  int64_t dim, float eps, int gemma, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) rms_row_f32(x + r * x_stride, w, out + r * dim, dim, eps, gemma);
+}
+
+void add_rms_norm_f32(const float *x, const float *h, const float *w, float *sum, float *out,
+                      int64_t rows, int64_t dim, float eps, int gemma, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * dim, *hr = h + r * dim;
+        float *sr = sum + r * dim;
+#pragma omp simd
+        for (int64_t j = 0; j < dim; j++) sr[j] = xr[j] + hr[j];
+        rms_row_f32(sr, w, out + r * dim, dim, eps, gemma);
+    }
+}
+
+void rope_f32(float *x, int64_t token_stride, int64_t head_dim, int64_t tokens, int64_t heads,
+              int64_t half, const float *cos, const float *sin, int64_t cs_stride,
+              int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) \
+    if (tokens * heads * half >= PARALLEL_MIN)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *c = cos + t * cs_stride, *s = sin + t * cs_stride;
+        for (int64_t h = 0; h < heads; h++) {
+            float *x1 = x + t * token_stride + h * head_dim, *x2 = x1 + half;
+#pragma omp simd
+            for (int64_t j = 0; j < half; j++) {
+                const float a = x1[j], b = x2[j];
+                x1[j] = a * c[j] - b * s[j];
+                x2[j] = b * c[j] + a * s[j];
+            }
+        }
+    }
+}
+
+void silu_mul_f32(const float *gate_up, int64_t stride, float *out, int64_t tokens,
+                  int64_t inter, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) \
+    if (tokens * inter >= PARALLEL_MIN)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *g = gate_up + t * stride, *u = g + inter;
+        float *o = out + t * inter;
+#pragma omp simd
+        for (int64_t j = 0; j < inter; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
     }
 }
