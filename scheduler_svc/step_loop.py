@@ -10,8 +10,8 @@ Except after a step that gives some request its first token, on a CPU worker
 (``hold_after_first_token``): that step's tokens go to Redis and to the routers before the
 worker gets anything more. There the worker's compute threads take every core, and a delivery
 made while the next step computes waits for CPU at each of its hops (worker -> scheduler -> Redis
--> scheduler -> router): 6-15 ms for a first token on the 2-core bench machine, against ~2 ms
-for the worker's wait, once per request (docs/BENCHMARKS.md).
+-> scheduler -> router): 6-15 ms for a first token on the 2-core bench machine; held, 2.5-8.5 ms,
+while the worker waits 2-7 ms, once per request (docs/BENCHMARKS.md).
 
 When the worker's stream breaks or its heartbeat lapses, every request it held goes back to the
 fleet to be recomputed elsewhere (``Fleet.worker_lost``), and the engine keeps trying to
