@@ -191,9 +191,10 @@ class WorkerEngine:
 
     async def _complete_next(self, call: grpc.aio.StreamStreamCall,
                              inflight: deque[ScheduledBatch]) -> None:
-        """Complete the oldest step in flight; then, with a step still computing and more to
-        schedule, hold the next one back until shortly before that step should end, or until its
-        result comes, whichever is first."""
+        """Complete the oldest step in flight; if it gave first tokens (held), wait until they
+        are delivered; else, with a step still computing and more to schedule, hold the next one
+        back until shortly before that step should end, or until its result comes, whichever is
+        first."""
         result = await self._next_result(call)
         arrived = time.perf_counter()
         batch = inflight.popleft()
