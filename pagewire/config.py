@@ -82,6 +82,7 @@ class SchedulerConfig(CommonConfig):
     store_timeout_s: float = opt(10.0, "Redis silent for longer than this: health NOT_SERVING until it answers (streams wait meanwhile).")
     advertise: str = opt("", "Address routers should dial, published in Redis. Empty: host:port.")
     hold_after_first_token: bool = opt(True, "CPU workers: a step that gives a request its first token is written to Redis and sent to the routers before the worker gets its next step, so that this delivery does not wait for CPU behind the worker's compute (TTFT; the worker waits a few ms, once per request). GPU workers always get the next step at once.")
+    join_new_requests: bool = opt(True, "CPU workers: a request that arrives after the worker's next step was sent (--step-lead-ms) but before the worker began it is sent at once as a step the worker runs inside that one, instead of waiting for it to end (TTFT). GPU workers get each step at once anyway.")
     step_lead_ms: float = opt(3.0, "Send each worker its next step this long before the step it is computing should end (predicted from its recent step times), so requests arriving meanwhile join it. CPU workers only (a GPU worker gets each step at once). Negative: send as soon as it may go.")
 
 

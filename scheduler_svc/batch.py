@@ -49,6 +49,8 @@ class ScheduledBatch:
     ended: list[Request] = field(default_factory=list)
     first_tokens: bool = False  # it gives some request its first output token
     sent_at: float = 0.0  # perf_counter when the step went to the worker (step time metric)
+    step_id: int = 0  # set when encoded
+    joins: int = 0  # the step this one may run inside (worker_svc.step_join); 0: none
 
     def decode_columns(self) -> tuple[Callable[[Any], None], ...]:
         """The appends of the decode columns, in the order requests, positions, blocks, output
@@ -59,6 +61,10 @@ class ScheduledBatch:
     @property
     def num_seqs(self) -> int:
         return len(self.seqs) + len(self.decodes)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs) + len(self.decodes)
 
     def requests(self) -> list[Request]:
         return [*self.decodes, *(s.request for s in self.seqs)]

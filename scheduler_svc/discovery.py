@@ -92,6 +92,7 @@ async def attach_worker(
     # so it gets each step as soon as it may go.
     engine.step_clock.lead_s = cfg.step_lead_ms / 1e3 if info.device == "cpu" else -1.0
     engine.hold_after_first_token = cfg.hold_after_first_token and info.device == "cpu"
+    engine.join_new_requests = cfg.join_new_requests and info.device == "cpu"
     recovered = await engine.recover(await store.load())
     fleet.adopt(engine, recovered)
     log.info("attached worker %s at %s (%d blocks, %d requests recovered with %d output tokens)",

@@ -101,6 +101,19 @@ class Scheduler:
         self._schedule_waiting(batch, budget, nseqs)
         return batch
 
+    def schedule_joining(self, tokens: int, seqs: int) -> ScheduledBatch:
+        """New requests only, for a step the worker may run inside one already sent that holds
+        ``tokens`` tokens of ``seqs`` sequences (worker_svc.step_join): what is left of the budget.
+
+        Nothing joins after an abort since that step was decided: the aborted request's blocks
+        are free, and the step sent may still write them in the same pass as a joiner."""
+        batch = ScheduledBatch()
+        if self._ended:
+            return batch
+        self._schedule_waiting(batch, self.limits.max_num_batched_tokens - tokens, seqs,
+                               only_new=True)
+        return batch
+
     def _age_waiting(self) -> None:
         """With mixed priorities, let waiting requests climb with age so none waits forever."""
         aging = self.limits.priority_aging_s
@@ -176,13 +189,17 @@ class Scheduler:
                 return False
         return True
 
-    def _schedule_waiting(self, batch: ScheduledBatch, budget: int, nseqs: int) -> None:
-        """Waiting requests, in order, while budget, sequence slots and blocks last."""
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int, nseqs: int,
+                          only_new: bool = False) -> None:
+        """Waiting requests, in order, while budget, sequence slots and blocks last.
+        ``only_new``: stop at one that has run before or has images to encode."""
         kv = self.kv
         while self.waiting and budget > 0 and nseqs < self.limits.max_num_seqs:
             req = self.waiting[0]
             if req in batch.preempted or req.pending:
                 break  # preempted this step, or its last tokens are still in flight
+            if only_new and (req.images or not req.unstarted):
+                break
             hits = kv.cached_prefix(req)
             n = min(req.num_tokens - len(hits) * self.limits.block_size, budget)
             if not kv.can_admit(req, hits, n):

@@ -15,7 +15,7 @@ from scheduler_svc.batch import ScheduledBatch
 
 def encode_step(batch: ScheduledBatch, step_id: int, release_seq_ids: list[int]) -> worker_pb2.Step:
     """Step ``step_id`` of this stream; ``release_seq_ids``: sequences the worker may forget."""
-    step = worker_pb2.Step(step_id=step_id, release_seq_ids=release_seq_ids)
+    step = worker_pb2.Step(step_id=step_id, release_seq_ids=release_seq_ids, joins=batch.joins)
     if batch.decodes:
         d = step.decodes
         d.seq_ids.extend([r.seq_id for r in batch.decodes])

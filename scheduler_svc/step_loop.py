@@ -13,6 +13,10 @@ made while the next step computes waits for CPU at each of its hops (worker -> s
 -> scheduler -> router): 6-15 ms for a first token on the 2-core bench machine; held, 2.5-8.5 ms,
 while the worker waits 2-7 ms, once per request (docs/BENCHMARKS.md).
 
+A request that arrives after N+1 was sent but while N still computes is sent at once, as a step
+that joins N+1 (``join_new_requests``, CPU workers): the worker runs it inside N+1 if it has not
+begun N+1 (``worker_svc.step_join``), so the request does not wait for N+1 to end first.
+
 When the worker's stream breaks or its heartbeat lapses, every request it held goes back to the
 fleet to be recomputed elsewhere (``Fleet.worker_lost``), and the engine keeps trying to
 reconnect. A draining worker (``set_draining``, from its health status) runs what it holds to the
@@ -83,6 +87,7 @@ class WorkerEngine:
         self._release_ids: list[int] = []  # sequences the worker may release, sent with the next step
         self.step_clock = StepClock()
         self.hold_after_first_token = False  # see the module's docstring; CPU workers only
+        self.join_new_requests = False  # likewise
         # The next result's read, started while the next step was held back (step_clock).
         self._reader: asyncio.Future[worker_pb2.StepResult] | None = None
 
@@ -176,7 +181,7 @@ class WorkerEngine:
                             scheduled = True
                         elif batch.ended:
                             await self._complete(batch, None)
-                    if inflight and (len(inflight) == PIPELINE_DEPTH or not scheduled):
+                    if inflight and (len(inflight) >= PIPELINE_DEPTH or not scheduled):
                         await self._complete_next(call, inflight)
                     elif not scheduled and not inflight:
                         await self._idle(call)
@@ -195,7 +200,7 @@ class WorkerEngine:
         are delivered; else, with a step still computing and more to schedule, hold the next one
         back until shortly before that step should end, or until its result comes, whichever is
         first."""
-        result = await self._next_result(call)
+        result = await self._result_joining(call, inflight)
         arrived = time.perf_counter()
         batch = inflight.popleft()
         await self._complete(batch, result)
@@ -209,6 +214,40 @@ class WorkerEngine:
         if delay > 0:
             self._reader = asyncio.ensure_future(read_result(call))
             await asyncio.wait({self._reader}, timeout=delay)
+
+    async def _result_joining(self, call: grpc.aio.StreamStreamCall,
+                              inflight: deque[ScheduledBatch]) -> worker_pb2.StepResult:
+        """The oldest step's result. Meanwhile, with the step after it sent, requests that
+        arrive are sent at once as steps that join that one."""
+        if not (self.join_new_requests and len(inflight) > 1 and not inflight[1].joins):
+            return await self._next_result(call)
+        reader = self._reader = self._reader or asyncio.ensure_future(read_result(call))
+        while not reader.done():
+            self.wakeup.clear()
+            if self.scheduler.waiting and not self.draining:
+                await self._join(call, inflight)
+            woken = asyncio.ensure_future(self.wakeup.wait())
+            try:
+                await asyncio.wait({reader, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+        self._reader = None
+        return reader.result()
+
+    async def _join(self, call: grpc.aio.StreamStreamCall, inflight: deque[ScheduledBatch]) -> None:
+        """Send the waiting requests that fit beside ``inflight[1]`` as a step joining it."""
+        target = inflight[1]
+        beside = [b for b in inflight if b is target or b.joins == target.step_id]
+        batch = self.scheduler.schedule_joining(sum(b.num_tokens for b in beside),
+                                                sum(b.num_seqs for b in beside))
+        if not batch.num_seqs:
+            return
+        batch.joins = target.step_id
+        self._record_decision(batch)
+        self.steps_sent += 1
+        batch.step_id = self.steps_sent
+        inflight.append(batch)
+        await call.write(encode_step(batch, batch.step_id, []))  # releases wait for the next step
 
     def _held_after_first_tokens(self, inflight: deque[ScheduledBatch]) -> bool:
         """Nothing more goes to the worker until the latest step's first tokens are delivered."""
@@ -246,12 +285,19 @@ class WorkerEngine:
 
     def _encode(self, batch: ScheduledBatch) -> worker_pb2.Step:
         self.steps_sent += 1
+        batch.step_id = self.steps_sent
         release, self._release_ids = self._release_ids, []
         return encode_step(batch, self.steps_sent, release)
 
     def _schedule(self) -> ScheduledBatch:
         """Decide the next step and queue its block-table writes."""
         batch = self.scheduler.schedule()
+        self._record_decision(batch)
+        self._release_ids.extend(r.seq_id for r in batch.ended)
+        return batch
+
+    def _record_decision(self, batch: ScheduledBatch) -> None:
+        """Queue a decided step's block-table writes; note its first-token and send times."""
         batch.sent_at = time.perf_counter()
         batch.first_tokens = any(s.samples_token and not s.request.output for s in batch.seqs)
         store = self.store
@@ -268,8 +314,6 @@ class WorkerEngine:
                     first_scheduled(s.request, self.metrics, self.worker_id)
             else:
                 store.appended(s.request, s.new_blocks)
-        self._release_ids.extend(r.seq_id for r in batch.ended)
-        return batch
 
     async def _complete(self, batch: ScheduledBatch, result: worker_pb2.StepResult | None) -> None:
         """Apply a step's tokens and hand the step to the writer (Redis first, then events)."""

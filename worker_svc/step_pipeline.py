@@ -9,7 +9,9 @@ each as soon as its tokens are on the host:
   whole computation, this keeps the loop exactly sequential: no result waits behind a later step);
 - a step that reads host state an unfinished step writes (penalties need the token history) waits
   until every launched step is finished;
-- at most ``depth`` steps are launched and unanswered at once.
+- at most ``depth`` steps are launched and unanswered at once;
+- steps waiting right behind the one launched that join it (:mod:`worker_svc.step_join`) run
+  inside it, and each gets its own result.
 
 Where a launch only queues device work (CUDA) it runs on the event loop's own thread, as does a
 finish, which runs once the tokens are on the host: a thread hand-off costs more than either.
@@ -28,7 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from pagewire.v1 import worker_pb2
-from worker_svc import compute_thread
+from worker_svc import compute_thread, step_join
 from worker_svc.runner import PendingStep
 
 
@@ -51,18 +53,21 @@ class StepPipeline:
         self.arrived = asyncio.Event()
         self.closed = False
         self.pending: deque[PendingStep] = deque()
+        self.joined: dict[int, list[worker_pb2.Step]] = {}  # step id -> the steps run inside it
 
     async def run(self, steps: AsyncIterator[worker_pb2.Step]) -> AsyncIterator[worker_pb2.StepResult]:
         reader = asyncio.create_task(self._read(steps))
         try:
             while True:
                 if self.pending and self.pending[0].ready():
-                    yield await self._finish()
+                    for result in await self._finish():
+                        yield result
                 elif self.inbox and len(self.pending) < self.depth:
-                    step = self.inbox.popleft()
+                    step = self._take_step()
                     if self.pending and self.runner.depends_on_pending(step):
                         while self.pending:
-                            yield await self._finish()
+                            for result in await self._finish():
+                                yield result
                     self.pending.append(await self._call(self.runner.launch, step))
                 elif self.pending:
                     await self._wait_head()
@@ -101,9 +106,19 @@ class StepPipeline:
     async def _call(self, fn: Callable[..., Any], arg: Any) -> Any:
         return fn(arg) if self.inline else await compute_thread.run(fn, arg)
 
-    async def _finish(self) -> worker_pb2.StepResult:
+    def _take_step(self) -> worker_pb2.Step:
+        """The next step to launch, with the steps that join it merged in."""
+        step = self.inbox.popleft()
+        joiners = step_join.take_joiners(step, self.inbox)
+        if not joiners:
+            return step
+        self.joined[step.step_id] = joiners
+        return step_join.merged(step, joiners)
+
+    async def _finish(self) -> list[worker_pb2.StepResult]:
+        """The oldest launched step's result; one per step if others ran inside it."""
         pending = self.pending.popleft()
         result = await self._call(self.runner.finish, pending)
         if self.on_result is not None:
             self.on_result(pending)
-        return result
+        return step_join.split(result, self.joined.pop(result.step_id, []))

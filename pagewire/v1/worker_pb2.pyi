@@ -87,16 +87,18 @@ class DecodeBatch(_message.Message):
     def __init__(self, seq_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., output_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "seqs", "release_seq_ids", "decodes")
+    __slots__ = ("step_id", "seqs", "release_seq_ids", "decodes", "joins")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODES_FIELD_NUMBER: _ClassVar[int]
+    JOINS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     seqs: _containers.RepeatedCompositeFieldContainer[SequenceStep]
     release_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     decodes: DecodeBatch
-    def __init__(self, step_id: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., release_seq_ids: _Optional[_Iterable[int]] = ..., decodes: _Optional[_Union[DecodeBatch, _Mapping]] = ...) -> None: ...
+    joins: int
+    def __init__(self, step_id: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., release_seq_ids: _Optional[_Iterable[int]] = ..., decodes: _Optional[_Union[DecodeBatch, _Mapping]] = ..., joins: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("step_id", "seq_ids", "token_ids", "compute_ms", "unknown_seq_ids", "logprobs", "prompt_logprobs", "embeddings")

@@ -271,3 +271,47 @@ def test_cached_prefix_is_shared_only_between_requests_of_the_same_salt() -> Non
         batch = s.schedule()
         assert r.num_cached == cached, rid
         s.update(batch, [7] * len(batch.sampling_order()))
+
+
+def test_a_joining_step_takes_new_requests_within_what_the_step_sent_left() -> None:
+    """The step sent ahead holds a's decode; b and c arrive: a step joining it takes them, in
+    order, within the rest of the token budget (c's prompt chunked), and nothing running."""
+    s = make(budget=32)
+    a = req("a", 5, max_tokens=10)
+    s.add(a)
+    run_step(s)
+    sent = s.schedule()
+    b, c = req("b", 20), req("c", 20)
+    s.add(b)
+    s.add(c)
+    joining = s.schedule_joining(sent.num_tokens, sent.num_seqs)
+    assert not joining.decodes
+    assert [(x.request, x.num_tokens, x.sample) for x in joining.seqs] == [(b, 20, True), (c, 11, False)]
+    s.update(sent, [7])
+    s.update(joining, [7])
+    s.check_invariants()
+    assert set(s.schedule().requests()) == {a, b, c}  # c's next chunk with the decodes
+
+
+def test_nothing_joins_after_an_abort_or_behind_a_request_that_ran_before() -> None:
+    s = make()
+    a = req("a", 5, max_tokens=10)
+    s.add(a)
+    run_step(s)
+    sent = s.schedule()
+    b, c = req("b", 5, max_tokens=10), req("c", 3)
+    b.output.append(9)  # preempted after a token: it recomputes prompt and output, as resent
+    s.add(b)
+    s.add(c)
+    assert not s.schedule_joining(sent.num_tokens, sent.num_seqs).num_seqs
+    assert s.waiting == [b, c]
+
+    s = make()
+    a, b = req("a", 5, max_tokens=10), req("b", 5, max_tokens=10)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    sent = s.schedule()
+    s.abort(b)  # its blocks are free, and the step sent still writes them
+    s.add(req("c", 3))
+    assert not s.schedule_joining(sent.num_tokens, sent.num_seqs).num_seqs

@@ -6,9 +6,11 @@ that takes a fixed time per step (the null worker, slowed) and a real Redis."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -23,8 +25,10 @@ from scheduler_svc.batch import ScheduledBatch, ScheduledSeq
 from scheduler_svc.discovery import attach_worker
 from scheduler_svc.events import RouterConn
 from scheduler_svc.fleet import Fleet
+from scheduler_svc.request import Request
 from scheduler_svc.step_clock import MIN_SAMPLES, SHADE, StepClock
 from scheduler_svc.step_loop import WorkerEngine
+from worker_svc import step_join
 from worker_svc.null_worker import NullWorker
 
 STEP_S = 0.04
@@ -88,40 +92,56 @@ class Ran:
 
 
 class TimedWorker(NullWorker):
-    """The null worker taking STEP_S per step, reported as its compute_ms; logs every step."""
+    """The null worker taking STEP_S per step, reported as its compute_ms; logs every step. Steps
+    waiting behind the one it takes up that join it run inside it, as on a real worker."""
 
     def __init__(self, info: worker_pb2.WorkerInfo) -> None:
         super().__init__(info)
         self.ran: list[Ran] = []
         self.current = 0  # the step being computed
+        self.received: set[int] = set()
 
     async def Execute(self, request_iterator: AsyncIterator[worker_pb2.Step],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.StepResult]:
-        inbox: asyncio.Queue[tuple[worker_pb2.Step, float] | None] = asyncio.Queue()
+        inbox: deque[tuple[worker_pb2.Step, float]] = deque()
+        more, closed = asyncio.Event(), asyncio.Event()
 
         async def receive() -> None:
             async for step in request_iterator:
-                inbox.put_nowait((step, time.perf_counter()))
-            inbox.put_nowait(None)
+                inbox.append((step, time.perf_counter()))
+                self.received.add(step.step_id)
+                more.set()
+            closed.set()
+            more.set()
 
-        started: dict[int, tuple[worker_pb2.Step, float, float]] = {}
+        started: dict[int, tuple[worker_pb2.Step, list[worker_pb2.Step], float, float]] = {}
 
         async def steps() -> AsyncIterator[worker_pb2.Step]:
-            while (item := await inbox.get()) is not None:
-                step, arrived = item
-                started[step.step_id] = (step, arrived, time.perf_counter())
+            while True:
+                while not inbox and not closed.is_set():
+                    more.clear()
+                    await more.wait()
+                if not inbox:
+                    return
+                step, arrived = inbox.popleft()
+                joiners = step_join.take_joiners(step, deque(s for s, _ in inbox))
+                for _ in joiners:
+                    inbox.popleft()
+                started[step.step_id] = (step, joiners, arrived, time.perf_counter())
                 self.current = step.step_id
-                yield step
+                yield step_join.merged(step, joiners)
 
         reader = asyncio.create_task(receive())
         try:
             async for result in super().Execute(steps(), context):
-                step, arrived, began = started.pop(result.step_id)
+                step, joiners, arrived, began = started.pop(result.step_id)
                 await asyncio.sleep(STEP_S)
-                result.compute_ms = STEP_S * 1e3
-                self.ran.append(Ran(step.step_id, arrived, began, time.perf_counter(),
-                                    [s.seq_id for s in step.seqs if s.new]))
-                yield result
+                new = [s.seq_id for s in step_join.merged(step, joiners).seqs if s.new]
+                self.ran.append(Ran(step.step_id, arrived, began, time.perf_counter(), new))
+                if not joiners:
+                    result.compute_ms = STEP_S * 1e3
+                for part in step_join.split(result, joiners):
+                    yield part
         finally:
             reader.cancel()
 
@@ -167,6 +187,46 @@ def test_a_request_arriving_during_a_step_runs_in_the_next_one(redis_url: str, l
     scenario(redis_url, body)
 
 
+async def steps_later_if_sent_ahead(worker: TimedWorker, place_one: Callable[[], Request]) -> int:
+    """Place a request once the step after the one computing has reached the worker; how many
+    steps after the one computing it first runs in."""
+    done = len(worker.ran)
+    while len(worker.ran) == done:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.005)
+    computing = worker.current
+    while computing + 1 not in worker.received:
+        await asyncio.sleep(0.001)
+    assert worker.current == computing, "the next step must arrive while this one computes"
+    req = place_one()
+    while not any(req.seq_id in r.new_seq_ids for r in worker.ran):
+        await asyncio.sleep(0.005)
+    return next(r.step_id for r in worker.ran if req.seq_id in r.new_seq_ids) - computing
+
+
+@pytest.mark.parametrize("join, later", [(True, 1), (False, 2)])
+def test_a_request_arriving_after_the_next_step_was_sent_joins_it(redis_url: str, join: bool,
+                                                                   later: int) -> None:
+    """Step N+1 reached the worker while it computes N; a request arriving now is sent at once
+    as a step joining N+1, which the worker runs inside N+1: the request runs 1 step after the
+    one computing. Not joining (GPU workers, or --no-join-new-requests), 2 steps after it."""
+    async def body(r: aioredis.Redis, keys: RedisKeys) -> None:
+        fleet, conn = Fleet(), RouterConn()
+        info = worker_info("w-a", num_blocks=256, max_model_len=1 << 20)
+        worker = TimedWorker(info)
+        async with served(fleet, r, keys, info, worker, 15.0) as (engine, _):
+            engine.join_new_requests = join
+            place(fleet, engine, "steady", 1_000_000, conn)
+            async with asyncio.timeout(60):
+                while len(worker.ran) < MIN_SAMPLES + 2:
+                    await asyncio.sleep(0.01)
+                assert [await steps_later_if_sent_ahead(
+                    worker, functools.partial(place, fleet, engine, f"new-{i}", 4, conn))
+                    for i in range(4)] == [later] * 4
+
+    scenario(redis_url, body)
+
+
 @pytest.mark.parametrize("device, lead_s, hold", [("cpu", 0.004, True), ("cuda:0", -1.0, False)])
 def test_only_cpu_workers_get_held_steps(redis_url: str, device: str, lead_s: float,
                                          hold: bool) -> None:
@@ -179,6 +239,7 @@ def test_only_cpu_workers_get_held_steps(redis_url: str, device: str, lead_s: fl
         engine, _ = await attach_worker(Fleet(), cfg, r, "addr-w-a", None, None, info)  # type: ignore[arg-type]
         assert engine.step_clock.lead_s == pytest.approx(lead_s)
         assert engine.hold_after_first_token is hold
+        assert engine.join_new_requests is hold
 
     scenario(redis_url, body)
 
