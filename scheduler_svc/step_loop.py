@@ -90,6 +90,7 @@ class WorkerEngine:
         self.join_new_requests = False  # likewise
         # The next result's read, started while the next step was held back (step_clock).
         self._reader: asyncio.Future[worker_pb2.StepResult] | None = None
+        self._arrival: asyncio.Future[None] | None = None  # set by submit() while joining
 
     @property
     def worker_id(self) -> str:
@@ -100,6 +101,8 @@ class WorkerEngine:
         self.scheduler.add(req)
         self.store.admitted(req)
         self.wakeup.set()
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
 
     def abort(self, req: Request) -> None:
         self.scheduler.abort(req)
@@ -222,15 +225,16 @@ class WorkerEngine:
         if not (self.join_new_requests and len(inflight) > 1 and not inflight[1].joins):
             return await self._next_result(call)
         reader = self._reader = self._reader or asyncio.ensure_future(read_result(call))
-        while not reader.done():
-            self.wakeup.clear()
-            if self.scheduler.waiting and not self.draining:
-                await self._join(call, inflight)
-            woken = asyncio.ensure_future(self.wakeup.wait())
-            try:
-                await asyncio.wait({reader, woken}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                woken.cancel()
+        loop = asyncio.get_running_loop()
+        try:
+            while not reader.done():
+                arrival = self._arrival = loop.create_future()  # before the check: none is missed
+                if self.scheduler.waiting and not self.draining:
+                    await self._join(call, inflight)
+                if not arrival.done():
+                    await asyncio.wait({reader, arrival}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._arrival = None
         self._reader = None
         return reader.result()
 
