@@ -146,6 +146,13 @@ class TimedWorker(NullWorker):
             reader.cancel()
 
 
+async def warm(fleet: Fleet, engine: WorkerEngine, worker: TimedWorker, conn: RouterConn) -> None:
+    """A long request running, and enough steps done for the clock to predict."""
+    place(fleet, engine, "steady", 1_000_000, conn)
+    while len(worker.ran) < MIN_SAMPLES + 2:
+        await asyncio.sleep(0.01)
+
+
 async def steps_later(fleet: Fleet, engine: WorkerEngine, worker: TimedWorker, conn: RouterConn,
                       rid: str) -> int:
     """Place a request 10 ms into a step; how many steps after that one it first runs in."""
@@ -171,10 +178,8 @@ def test_a_request_arriving_during_a_step_runs_in_the_next_one(redis_url: str, l
         info = worker_info("w-a", num_blocks=256, max_model_len=1 << 20)
         worker = TimedWorker(info)
         async with served(fleet, r, keys, info, worker, lead_ms) as (engine, _):
-            place(fleet, engine, "steady", 1_000_000, conn)
             async with asyncio.timeout(60):
-                while len(worker.ran) < MIN_SAMPLES + 2:
-                    await asyncio.sleep(0.01)
+                await warm(fleet, engine, worker, conn)
                 assert [await steps_later(fleet, engine, worker, conn, f"new-{i}")
                         for i in range(4)] == [later] * 4
                 steady = [(a, b) for a, b in itertools.pairwise(worker.ran)
@@ -216,10 +221,8 @@ def test_a_request_arriving_after_the_next_step_was_sent_joins_it(redis_url: str
         worker = TimedWorker(info)
         async with served(fleet, r, keys, info, worker, 15.0) as (engine, _):
             engine.join_new_requests = join
-            place(fleet, engine, "steady", 1_000_000, conn)
             async with asyncio.timeout(60):
-                while len(worker.ran) < MIN_SAMPLES + 2:
-                    await asyncio.sleep(0.01)
+                await warm(fleet, engine, worker, conn)
                 assert [await steps_later_if_sent_ahead(
                     worker, functools.partial(place, fleet, engine, f"new-{i}", 4, conn))
                     for i in range(4)] == [later] * 4
@@ -271,10 +274,8 @@ def test_after_a_first_token_the_worker_gets_nothing_until_the_router_has_it(red
         reader = asyncio.create_task(first_tokens(conn, firsts))
         async with served(fleet, r, keys, info, worker, 5.0) as (engine, _):
             engine.hold_after_first_token = hold
-            place(fleet, engine, "steady", 1_000_000, conn)
             async with asyncio.timeout(60):
-                while len(worker.ran) < MIN_SAMPLES + 2:
-                    await asyncio.sleep(0.01)
+                await warm(fleet, engine, worker, conn)
                 reqs = []
                 for i in range(4):
                     reqs.append(place(fleet, engine, f"new-{i}", 1_000_000, conn))
