@@ -248,10 +248,9 @@ class WorkerEngine:
             return
         batch.joins = target.step_id
         self._record_decision(batch)
-        self.steps_sent += 1
-        batch.step_id = self.steps_sent
+        step = self._encode(batch, release=False)  # releases wait for the next step
         inflight.append(batch)
-        await call.write(encode_step(batch, batch.step_id, []))  # releases wait for the next step
+        await call.write(step)
 
     def _held_after_first_tokens(self, inflight: deque[ScheduledBatch]) -> bool:
         """Nothing more goes to the worker until the latest step's first tokens are delivered."""
@@ -287,11 +286,13 @@ class WorkerEngine:
         else:  # work that cannot run yet (blocks, tokens in flight): poll gently
             await asyncio.wait([asyncio.ensure_future(self.wakeup.wait())], timeout=0.01)
 
-    def _encode(self, batch: ScheduledBatch) -> worker_pb2.Step:
+    def _encode(self, batch: ScheduledBatch, release: bool = True) -> worker_pb2.Step:
         self.steps_sent += 1
         batch.step_id = self.steps_sent
-        release, self._release_ids = self._release_ids, []
-        return encode_step(batch, self.steps_sent, release)
+        released: list[int] = []
+        if release:
+            released, self._release_ids = self._release_ids, []
+        return encode_step(batch, self.steps_sent, released)
 
     def _schedule(self) -> ScheduledBatch:
         """Decide the next step and queue its block-table writes."""
