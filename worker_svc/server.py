@@ -60,7 +60,7 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
     files = read_model_dir(cfg.model)
     device = pick_device(cfg.device)
     if device.type == "cpu":
-        cpu_heap.prepare_process()
+        cpu_heap.keep_freed_memory()
     # Started first, so its tokenizer load (seconds of Python holding the GIL) overlaps the
     # weights' load rather than the first steps; serve() waits for it before reporting healthy.
     constraints = Constraints(cfg.model, int(files.text_config["vocab_size"]), files.eos_token_ids)
@@ -89,9 +89,6 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
         backend_name = kernels.default_backend_name(device)
     backend = kernels.get_backend(backend_name)
     caches = allocate_kv_cache(model, num_blocks, cfg.block_size, dtype, device)
-    if device.type == "cpu":
-        log.info("KV cache %d MiB; %d MiB of the worker's memory on huge pages",
-                 num_blocks * block_bytes >> 20, cpu_heap.huge_page_bytes() >> 20)
     graphs = None
     if cfg.cuda_graphs and device.type == "cuda":
         graphs = DecodeGraphs(model, caches, backend, device, cfg.block_size, max_len,
@@ -264,7 +261,7 @@ async def serve(cfg: pwconfig.WorkerConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = pwconfig.parse(pwconfig.WorkerConfig, argv, prog="pagewire-worker")
     if pick_device(cfg.device).type == "cpu":
-        cpu_heap.prepare_process()  # before any thread takes an arena of its own
+        cpu_heap.keep_freed_memory()  # before any thread takes an arena of its own
     logs.setup_logging(cfg.log_level, f"worker[{socket.gethostname()}]", cfg.log_format)
     tracing.init_tracing("pagewire-worker")
     if not cfg.model:

@@ -11,11 +11,14 @@
  * tree. Values: a head's row is loaded in chunks of four vectors, each chunk once for up to two
  * query heads of its KV head, whose accumulators stay in registers over the group (AVX2 has 16
  * vector registers). Against paged_decode.c's tile walk on a Zen 3 (2 threads, fp32, head dim 64,
- * 8 query and 4 KV heads, caches on huge pages and evicted before each call, medians of 3 runs of
- * 9): 64 sequences of 256-384 positions over 8 layers 18.7-21.3 -> 18.1-19.7 ms, 4 of 300
- * 1.40-1.60 -> 1.17-1.34 ms, 1 of 200 0.33-0.40 -> 0.28-0.30 ms. Warm in L3 (8 of 320, 1 thread)
- * 13.6 -> 21.5 GB/s: from memory a thread still gets about half of that; prefetching into L2
- * (T1), every other line, or spread over the group measured no better. */
+ * 8 query and 4 KV heads, caches evicted before each call, medians of 9 calls in each of 3 runs
+ * on a VM whose speed moved between runs): 64 sequences of 256-384 positions over 8 layers
+ * 22.1 / 24.9 / 28.3 -> 21.6 / 23.4 / 26.4 ms, 4 of 300 1.74 / 2.54 / 2.56 -> 1.48 / 2.54 / 2.32,
+ * 1 of 200 0.36 / 0.40 / 0.56 -> 0.28 / 0.33 / 0.51; 16 of 256-384 no better (5.9 / 7.4 / 6.2 ->
+ * 6.5 / 8.7 / 6.1). Warm in L3 (8 of 320, 1 thread) 13.6 -> 21.5 GB/s; from memory a thread gets
+ * under half of that (8.5-10 GB/s, where a plain sum streams 19): prefetching into L2 (T1), every
+ * other line, or spread over the group measured no better, and the KV cache on transparent huge
+ * pages no better served (docs/BENCHMARKS.md). */
 #ifndef PAGEWIRE_DECODE_GROUPED_AVX2_H
 #define PAGEWIRE_DECODE_GROUPED_AVX2_H
 #include <immintrin.h>
