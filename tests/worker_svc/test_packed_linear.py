@@ -48,6 +48,24 @@ def test_a_packed_projection_equals_the_plain_one(rows: int, bias: bool, dtype: 
     assert packed(x).dtype == dtype
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 16])
+def test_float32_products_of_one_to_three_rows_read_the_packed_weight_themselves(
+    rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kernels/cpu_linear.py reads oneDNN's buffer for 1-3 rows (4 and more: oneDNN's product)."""
+    plain = nn.Linear(300, 1000, bias=True)
+    packed = PackedLinear(plain)
+    if packed.blocked is None:
+        pytest.skip("oneDNN packs float32 in another layout on this CPU")
+    calls = []
+    product = packed_linear.cpu_linear.product
+    monkeypatch.setattr(packed_linear.cpu_linear, "product",
+                        lambda *a: calls.append(a[0].shape[0]) or product(*a))
+    x = torch.randn(rows, 300)
+    assert torch.allclose(packed(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert calls == ([rows] if rows <= 3 else [])
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 8, 64, 300])
 def test_a_widened_projection_is_the_float32_product_rounded_once(rows: int, bias: bool) -> None:

@@ -1,0 +1,53 @@
+"""Products of one to three rows read oneDNN's packed float32 weight in place (csrc/small_rows.c):
+as close to a float64 product as oneDNN's own product over the same buffer, for any shape; a
+buffer in any other layout is never read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_linear
+
+pytestmark = pytest.mark.skipif(cpu_linear.load() is None, reason="no C compiler")
+
+
+def packed_pair(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, cpu_linear.BlockedWeight, torch.Tensor]:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    found = cpu_linear.blocked(w, packed)
+    if found is None:
+        pytest.skip("oneDNN packs float32 in another layout on this CPU")
+    return w, found, packed
+
+
+@pytest.mark.parametrize(("n", "k"), [(1024, 512), (1000, 300), (512, 1408), (70, 64)])
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_row_products_are_as_exact_as_onednns(n: int, k: int, rows: int, bias: bool) -> None:
+    w, found, packed = packed_pair(n, k)
+    x = torch.randn(rows, k + 5)[:, 2 : 2 + k]  # rows further apart than k, as views are
+    b = torch.randn(n) if bias else None
+    out = cpu_linear.product(x, found, b)
+    assert out is not None and out.shape == (rows, n)
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    onednn = torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
+
+    def err(y: torch.Tensor) -> float:
+        return float((y.double() - ref).abs().max() / ref.abs().max())
+
+    assert err(out) <= max(2 * err(onednn), 2e-7), (err(out), err(onednn))
+
+
+def test_four_rows_or_another_dtype_are_left_to_onednn() -> None:
+    w, found, _packed = packed_pair(256, 128)
+    assert cpu_linear.product(torch.randn(4, 128), found, None) is None
+    assert cpu_linear.product(torch.randn(1, 128).double(), found, None) is None
+    assert cpu_linear.product(torch.randn(2, 256)[:, ::2], found, None) is None  # strided columns
+
+
+def test_a_buffer_that_does_not_hold_the_weight_in_that_layout_is_not_read() -> None:
+    w, _, _packed = packed_pair(256, 128)
+    other = torch.ops.mkldnn._reorder_linear_weight(torch.randn(256, 128), None)
+    assert cpu_linear.blocked(w, other) is None
+    assert cpu_linear.blocked(w.bfloat16(), other) is None
