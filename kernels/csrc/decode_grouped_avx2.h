@@ -172,7 +172,7 @@ static inline void NAME(const float *v_cache, const int64_t *base, int64_t hh, i
 }
 
 /* The task: NV fp32 vectors per head (head_dim / 8); q the task's (scaled) queries. */
-#define DEFINE_TASK8(NAME, NV, SCO2, SCO1, VAL2, VAL1)                                                        \
+#define DEFINE_TASK8(NAME, NV, SCO2, SCO1, VAL2, VAL1)                                    \
 static void NAME(const float *k_cache, const float *v_cache, const int32_t *table,                \
                  int64_t block_size, int64_t row, int64_t h0, int64_t span, int64_t group,        \
                  int64_t first, int64_t len, const float q[][MAX_DIM], float scale,               \

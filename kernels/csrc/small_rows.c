@@ -1,5 +1,6 @@
 /* Products of a few rows against a float32 weight in the layout oneDNN packs it to on an AVX2
- * CPU: out[m][n] = sum_k x[m][k] w[n][k] (+ bias[n]) for M <= 4 rows.
+ * CPU: out[m][n] = sum_k x[m][k] w[n][k] (+ bias[n]) for M <= 3 rows (at 4, oneDNN's product is
+ * as fast).
  *
  * oneDNN's own product over its packed weight reads the weight at ~17 GB/s at one row on two
  * Zen 3 cores, where the cores stream memory at 33 GB/s: at decode batch sizes a product is the
@@ -19,10 +20,11 @@
 
 #define BLOCK 64 /* columns per packed block */
 
-/* Rows m0..m0+MB-1 of x against columns c0..c0+8*CV-1 of one packed block (wb: its [Kp][64]). */
+/* All MB rows of x against columns c0..c0+8*CV-1 of one packed block (wb: its [Kp][64]), into
+ * out (rows out_stride apart). */
 #define DEFINE_PASS(NAME, MB, CV)                                                                 \
 static inline void NAME(const float *x, int64_t x_stride, const float *wb, int64_t K, int c0,      \
-                        float acc_out[MB][8 * CV]) {                                               \
+                        float *out, int64_t out_stride) {                                          \
     __m256 acc[MB][CV];                                                                           \
     for (int m = 0; m < MB; m++)                                                                  \
         for (int c = 0; c < CV; c++) acc[m][c] = _mm256_setzero_ps();                             \
@@ -36,51 +38,35 @@ static inline void NAME(const float *x, int64_t x_stride, const float *wb, int64
         }                                                                                         \
     }                                                                                             \
     for (int m = 0; m < MB; m++)                                                                  \
-        for (int c = 0; c < CV; c++) _mm256_storeu_ps(acc_out[m] + 8 * c, acc[m][c]);             \
+        for (int c = 0; c < CV; c++) _mm256_storeu_ps(out + m * out_stride + c0 + 8 * c, acc[m][c]); \
 }
 
+/* Registers: MB x CV accumulators plus CV weight vectors within AVX2's 16. */
 DEFINE_PASS(pass_1x8, 1, 8)
 DEFINE_PASS(pass_2x4, 2, 4)
 DEFINE_PASS(pass_3x4, 3, 4)
-DEFINE_PASS(pass_4x2, 4, 2)
 
 /* One packed block's 64 columns for all M rows into out (columns past n_valid dropped). */
 static void block_product(const float *x, int64_t x_stride, int64_t M, const float *wb,
                           int64_t K, int64_t n0, int64_t n_valid, const float *bias, float *out,
                           int64_t out_stride) {
-    float part[4][BLOCK];
-    if (M == 1) {
-        pass_1x8(x, x_stride, wb, K, 0, (float (*)[64])part[0]);
-    } else if (M == 2) {
-        for (int c0 = 0; c0 < BLOCK; c0 += 32) {
-            float t[2][32];
-            pass_2x4(x, x_stride, wb, K, c0, t);
-            for (int m = 0; m < 2; m++) for (int c = 0; c < 32; c++) part[m][c0 + c] = t[m][c];
-        }
-    } else if (M == 3) {
-        for (int c0 = 0; c0 < BLOCK; c0 += 32) {
-            float t[3][32];
-            pass_3x4(x, x_stride, wb, K, c0, t);
-            for (int m = 0; m < 3; m++) for (int c = 0; c < 32; c++) part[m][c0 + c] = t[m][c];
-        }
-    } else {
-        for (int c0 = 0; c0 < BLOCK; c0 += 16) {
-            float t[4][16];
-            pass_4x2(x, x_stride, wb, K, c0, t);
-            for (int m = 0; m < 4; m++) for (int c = 0; c < 16; c++) part[m][c0 + c] = t[m][c];
-        }
-    }
+    float part[3][BLOCK];
+    if (M == 1)
+        pass_1x8(x, x_stride, wb, K, 0, part[0], BLOCK);
+    else
+        for (int c0 = 0; c0 < BLOCK; c0 += 32)
+            (M == 2 ? pass_2x4 : pass_3x4)(x, x_stride, wb, K, c0, part[0], BLOCK);
     for (int64_t m = 0; m < M; m++)
         for (int64_t c = 0; c < n_valid; c++)
             out[m * out_stride + n0 + c] = part[m][c] + (bias ? bias[n0 + c] : 0.f);
 }
 
-/* x: M (<= 4) rows of K, x_stride apart; wp: the packed weight, ceil(N / 64) blocks of
- * [Kp][64]; out: M rows of N, out_stride apart. Returns 0 (nothing done) for M outside 1..4. */
+/* x: M (<= 3) rows of K, x_stride apart; wp: the packed weight, ceil(N / 64) blocks of
+ * [Kp][64]; out: M rows of N, out_stride apart. Returns 0 (nothing done) for M outside 1..3. */
 int small_rows_f32(const float *x, int64_t x_stride, int64_t M, const float *wp, int64_t N,
                    int64_t K, int64_t Kp, const float *bias, float *out, int64_t out_stride,
                    int num_threads) {
-    if (M < 1 || M > 4) return 0;
+    if (M < 1 || M > 3) return 0;
     const int64_t blocks = (N + BLOCK - 1) / BLOCK;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t b = 0; b < blocks; b++) {

@@ -80,8 +80,8 @@ def test_grouped_walk_over_every_head_dim_and_group_size(
     """The grouped walks (16 positions, decode_grouped.h, with AVX-512; 8 positions,
     decode_grouped_avx2.h, with AVX2 only) for each head dim they take, tasks of one KV head and of
     all of a sequence's, with query heads per KV head that fill their register blocks exactly and
-    ones that leave a remainder; contexts with partial groups, many groups and single positions; a bf16 query and
-    output with a bf16 cache."""
+    ones that leave a remainder; contexts with partial groups, many groups and single positions;
+    a bf16 query and output with a bf16 cache."""
     lens = [1, 17, 300, 129, 40, 5, 250, 16, 31, 64, 200, 3][:batch]
     case = make_paged_case(lens, 16, kv_heads, dim, dtype=dtype, device=CPU)
     q = torch.randn(len(lens), heads, dim).to(dtype)
