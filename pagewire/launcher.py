@@ -1,9 +1,11 @@
 """Run the whole stack locally as separate processes: Redis, worker(s), scheduler, router.
 
 Used by ``pagewire up`` and by the end-to-end tests, so both exercise the same real processes on
-loopback. Each service is started as ``python -m <service>.server`` with flags; the launcher waits
-for gRPC health before starting the next one and stops everything (SIGTERM, then SIGKILL) in
-reverse order.
+loopback. Each service is started as ``python -m <service>.server`` with flags. The router starts
+beside the workers (it waits for its scheduler itself, and its imports and tokenizer take as long
+as a small model's load), the scheduler once every worker is healthy (so it attaches them all
+before it serves); the launcher returns when all report gRPC health and stops everything
+(SIGTERM, then SIGKILL) router first, workers last.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+START_S = 120.0  # for a service to report healthy
+WORKER_START_S = 300.0  # a worker loads its model first
+_ROLE_STOP_ORDER = ("router.server", "scheduler_svc.server", "worker_svc.server")
 TAIL_LINES = 20  # of a service's output, shown when it dies while starting
 
 
@@ -83,6 +88,11 @@ class Service:
                 + (f"; its last {len(lines)} lines of output:{tail}" if lines else ""))
 
 
+def _stop_rank(svc: Service) -> int:
+    module = svc.command[2] if len(svc.command) > 2 else ""
+    return _ROLE_STOP_ORDER.index(module) if module in _ROLE_STOP_ORDER else len(_ROLE_STOP_ORDER)
+
+
 @dataclass
 class Stack:
     """A running local deployment. ``router`` is the address clients dial."""
@@ -111,14 +121,19 @@ class Stack:
     def service(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
 
-    async def start_service(
-        self, name: str, module: str, args: list[str], port: int, timeout: float = 120
-    ) -> Service:
-        """Run ``python -m module args`` listening on ``port``; return once it reports healthy."""
+    def spawn(self, name: str, module: str, args: list[str], port: int) -> Service:
+        """Run ``python -m module args`` listening on ``port``, without waiting for it."""
         command = [sys.executable, "-m", module, *args, *self.tls_args()]
         output = self._output(name)
         svc = Service(name, f"127.0.0.1:{port}", self._popen(output, command), command, output)
         self.services.append(svc)
+        return svc
+
+    async def start_service(
+        self, name: str, module: str, args: list[str], port: int, timeout: float = START_S
+    ) -> Service:
+        """:meth:`spawn`, then return once it reports healthy."""
+        svc = self.spawn(name, module, args, port)
         await self._wait(svc, timeout)
         return svc
 
@@ -156,32 +171,66 @@ class Stack:
         finally:
             health.cancel()
 
-    async def start_worker(self, name: str = "worker", extra: list[str] | None = None) -> Service:
+    def spawn_worker(self, name: str = "worker", extra: list[str] | None = None) -> Service:
         port = free_port()
         args = ["--model", self.model, "--port", str(port), "--worker-id", name,
                 "--redis-url", self.redis_url, *(extra or [])]
-        return await self.start_service(name, "worker_svc.server", args, port, timeout=300)
+        return self.spawn(name, "worker_svc.server", args, port)
+
+    def spawn_scheduler(
+        self, workers: list[Service], extra: list[str] | None = None, name: str = "scheduler",
+        port: int = 0,
+    ) -> Service:
+        port = port or free_port()
+        args = ["--port", str(port), "--redis-url", self.redis_url,
+                "--workers", ",".join(w.address for w in workers), *(extra or [])]
+        return self.spawn(name, "scheduler_svc.server", args, port)
+
+    def spawn_router(
+        self, scheduler: str | None, port: int = 0, extra: list[str] | None = None
+    ) -> Service:
+        """A router bound to the scheduler at address ``scheduler``, or (None) to every
+        scheduler group found in Redis."""
+        port = port or free_port()
+        fixed = ["--scheduler", scheduler] if scheduler is not None else []
+        args = ["--model", self.model, "--port", str(port), *fixed,
+                "--redis-url", self.redis_url, *(extra or [])]
+        return self.spawn("router", "router.server", args, port)
+
+    async def start_worker(self, name: str = "worker", extra: list[str] | None = None) -> Service:
+        svc = self.spawn_worker(name, extra)
+        await self._wait(svc, WORKER_START_S)
+        return svc
 
     async def start_scheduler(
         self, workers: list[Service], extra: list[str] | None = None, name: str = "scheduler"
     ) -> Service:
-        port = free_port()
-        args = ["--port", str(port), "--redis-url", self.redis_url,
-                "--workers", ",".join(w.address for w in workers), *(extra or [])]
-        return await self.start_service(name, "scheduler_svc.server", args, port)
+        svc = self.spawn_scheduler(workers, extra, name)
+        await self._wait(svc, START_S)
+        return svc
 
     async def start_router(
         self, scheduler: Service | None, port: int = 0, extra: list[str] | None = None
     ) -> Service:
-        """A router bound to ``scheduler``, or (None) to every scheduler group found in Redis."""
-        port = port or free_port()
-        fixed = ["--scheduler", scheduler.address] if scheduler is not None else []
-        args = ["--model", self.model, "--port", str(port), *fixed,
-                "--redis-url", self.redis_url, *(extra or [])]
-        return await self.start_service("router", "router.server", args, port)
+        svc = self.spawn_router(scheduler.address if scheduler else None, port, extra)
+        await self._wait(svc, START_S)
+        return svc
+
+    async def wait_all(self, services: list[Service], timeout: float = WORKER_START_S) -> None:
+        """Until every one of ``services`` is healthy; the first failure raises, and the other
+        waits end with it."""
+        waits = [asyncio.ensure_future(self._wait(s, timeout)) for s in services]
+        try:
+            await asyncio.gather(*waits)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     def stop(self) -> None:
-        for svc in reversed(self.services):
+        """Routers first (no new requests), then schedulers, then workers; within a role, the
+        last started first."""
+        for svc in sorted(reversed(self.services), key=_stop_rank):
             svc.stop()
         self.services.clear()
         if self.redis is not None:
@@ -213,8 +262,8 @@ async def start_stack(
     env: dict[str, str] | None = None,
     redis_url: str = "",
 ) -> Stack:
-    """Redis (``redis_url``, else REDIS_URL, else a private redis-server), then workers,
-    scheduler, router."""
+    """Redis (``redis_url``, else REDIS_URL, else a private redis-server), then the workers and
+    the router together, then the scheduler once the workers serve."""
     stack = Stack(model=str(model), log_dir=log_dir, tls=tls, env=dict(env or {}))
     try:
         stack.redis_url = redis_url or os.environ.get("REDIS_URL", "")
@@ -222,9 +271,12 @@ async def start_stack(
             stack.redis = start_redis()
             stack.redis_url = stack.redis.url
         args = [*shared_cores(worker_args or [], num_workers), *(worker_args or [])]
-        workers = [await stack.start_worker(f"worker-{i}", args) for i in range(num_workers)]
-        sched = await stack.start_scheduler(workers, scheduler_args)
-        await stack.start_router(sched, router_port, router_args)
+        workers = [stack.spawn_worker(f"worker-{i}", args) for i in range(num_workers)]
+        sched_port = free_port()
+        router = stack.spawn_router(f"127.0.0.1:{sched_port}", router_port, router_args)
+        await stack.wait_all(workers)
+        sched = stack.spawn_scheduler(workers, scheduler_args, port=sched_port)
+        await stack.wait_all([sched, router])
     except BaseException:
         stack.stop()
         raise

@@ -8,6 +8,7 @@ benchmarking a model's shape without its checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -95,9 +96,9 @@ def load_model(
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load format {load_format!r} is not one of {LOAD_FORMATS}")
     cfg = ModelConfig.from_hf(files.text_config)
-    with torch.device("meta"):
+    with torch.device("meta"), _without_init():
         model = DecoderForCausalLM(cfg, max_len).to(dtype)
-    model = model.to_empty(device=device)
+    _allocate(model, device)
     vision = _vision(files, device, dtype)
     if load_format == "dummy":
         init_dummy_weights(model)
@@ -114,6 +115,41 @@ def load_model(
     model.init_rope(max_len, device)  # buffers: to_empty left them uninitialised
     model.vision = vision
     return model.eval()
+
+
+def _allocate(model: nn.Module, device: torch.device) -> None:
+    """Real, uninitialised storage on ``device`` for every parameter and buffer of a model built
+    on the meta device. (``Module.to_empty`` asks each meta tensor for its layout through torch's
+    reference ops, which import sympy and the symbolic-shape machinery: 1.4 s of a worker's
+    start.) Nothing is shared yet: tied weights are tied when loaded."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device=device), p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+
+
+# What torch's layers call from reset_parameters(); on the meta device they compute nothing, but
+# the first call imports torch._dynamo (their no-dynamo wrapper): 1.3 s of every worker's start.
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_",
+                   "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def _without_init() -> Iterator[None]:
+    """torch.nn.init's in-place initialisers as no-ops while a model is built on the meta device
+    (its weights are allocated and filled afterwards)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def _family(hf: dict) -> tuple[Any, Any, Callable[[str], tuple[str, str]]]:

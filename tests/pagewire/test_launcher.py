@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pagewire.launcher import Stack, free_port, shared_cores
+from pagewire.launcher import Service, Stack, free_port, shared_cores
 
 
 def test_a_service_that_exits_while_starting_fails_fast_with_its_exit_code() -> None:
@@ -81,3 +81,16 @@ def test_workers_sharing_the_machine_split_its_cores_unless_threads_are_chosen(
     assert shared_cores(["--threads=8"], 4) == []
     monkeypatch.setenv("PAGEWIRE_THREADS", "3")
     assert shared_cores([], 4) == []
+
+
+def test_a_stack_stops_its_router_first_and_its_workers_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router is started beside the workers, but stops first: no request arrives at a
+    scheduler or worker already gone. Within a role the last started stops first."""
+    stopped: list[str] = []
+    monkeypatch.setattr(Service, "stop", lambda self, timeout=10.0: stopped.append(self.name))
+    stack = Stack(model="unused")
+    for name, module in [("worker-0", "worker_svc.server"), ("router", "router.server"),
+                         ("worker-1", "worker_svc.server"), ("scheduler", "scheduler_svc.server")]:
+        stack.services.append(Service(name, "", None, [sys.executable, "-m", module]))  # type: ignore[arg-type]
+    stack.stop()
+    assert stopped == ["router", "scheduler", "worker-1", "worker-0"] and not stack.services

@@ -186,7 +186,7 @@ class DecoderForCausalLM(nn.Module):
         for key, spec in cfg.rope.items():
             check_max_len(spec, max_len, cfg.max_position_embeddings)
             table = rope_cache(spec, cfg.head_dim, max_len, cfg.max_position_embeddings)
-            self.register_buffer(f"rope_{key}", table if device is None else table.to(device),
+            self.register_buffer(f"rope_{key}", table.to(device or torch.get_default_device()),
                                  persistent=False)
 
     @torch.inference_mode()
