@@ -24,17 +24,37 @@ from typing import IO
 from pagewire import serving
 from pagewire.redis_server import RedisServer, start_redis, stop_process
 from pagewire.tls import TLSFiles
+from pagewire.v1 import generation_pb2, scheduler_pb2, worker_pb2
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free now: bound all at once, so none repeats another (one at a time,
+    the router was once handed the port its worker was about to listen on)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sockets.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sockets[-1].bind((host, 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
 
 
 START_S = 120.0  # for a service to report healthy
 WORKER_START_S = 300.0  # a worker loads its model first
 _ROLE_STOP_ORDER = ("router.server", "scheduler_svc.server", "worker_svc.server")
+# What the launcher asks each role's health for: its own gRPC service, so that another process
+# answering on the address (a port taken by someone else) is not taken for it.
+_HEALTH = {
+    "router.server": generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+    "scheduler_svc.server": scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
+    "worker_svc.server": worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name,
+}
 TAIL_LINES = 20  # of a service's output, shown when it dies while starting
 
 
@@ -77,6 +97,11 @@ class Service:
     command: list[str] = field(default_factory=list)
     output: Output = field(default_factory=lambda: Output(None))
 
+    @property
+    def module(self) -> str:
+        """The ``python -m`` module it runs (its role)."""
+        return self.command[2] if len(self.command) > 2 else ""
+
     def stop(self, timeout: float = 10.0) -> None:
         stop_process(self.process, timeout)
 
@@ -89,8 +114,8 @@ class Service:
 
 
 def _stop_rank(svc: Service) -> int:
-    module = svc.command[2] if len(svc.command) > 2 else ""
-    return _ROLE_STOP_ORDER.index(module) if module in _ROLE_STOP_ORDER else len(_ROLE_STOP_ORDER)
+    order = _ROLE_STOP_ORDER
+    return order.index(svc.module) if svc.module in order else len(order)
 
 
 @dataclass
@@ -157,7 +182,8 @@ class Stack:
     async def _wait(self, svc: Service, timeout: float) -> None:
         """Until ``svc`` is healthy; fails at once if its process exits first (a bad flag, an
         import error), rather than after the whole timeout."""
-        health = asyncio.ensure_future(serving.wait_healthy(svc.address, timeout, tls=self.tls))
+        health = asyncio.ensure_future(
+            serving.wait_healthy(svc.address, timeout, _HEALTH.get(svc.module, ""), self.tls))
         try:
             while not health.done():
                 await asyncio.wait([health], timeout=0.2)
@@ -171,8 +197,10 @@ class Stack:
         finally:
             health.cancel()
 
-    def spawn_worker(self, name: str = "worker", extra: list[str] | None = None) -> Service:
-        port = free_port()
+    def spawn_worker(
+        self, name: str = "worker", extra: list[str] | None = None, port: int = 0
+    ) -> Service:
+        port = port or free_port()
         args = ["--model", self.model, "--port", str(port), "--worker-id", name,
                 "--redis-url", self.redis_url, *(extra or [])]
         return self.spawn(name, "worker_svc.server", args, port)
@@ -271,9 +299,11 @@ async def start_stack(
             stack.redis = start_redis()
             stack.redis_url = stack.redis.url
         args = [*shared_cores(worker_args or [], num_workers), *(worker_args or [])]
-        workers = [stack.spawn_worker(f"worker-{i}", args) for i in range(num_workers)]
-        sched_port = free_port()
-        router = stack.spawn_router(f"127.0.0.1:{sched_port}", router_port, router_args)
+        *worker_ports, sched_port, own_port = free_ports(num_workers + 2)
+        workers = [stack.spawn_worker(f"worker-{i}", args, port)
+                   for i, port in enumerate(worker_ports)]
+        router = stack.spawn_router(f"127.0.0.1:{sched_port}", router_port or own_port,
+                                    router_args)
         await stack.wait_all(workers)
         sched = stack.spawn_scheduler(workers, scheduler_args, port=sched_port)
         await stack.wait_all([sched, router])

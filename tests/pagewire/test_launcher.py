@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pagewire.launcher import Service, Stack, free_port, shared_cores
+from pagewire import serving
+from pagewire.launcher import Service, Stack, free_port, free_ports, shared_cores
 
 
 def test_a_service_that_exits_while_starting_fails_fast_with_its_exit_code() -> None:
@@ -94,3 +95,28 @@ def test_a_stack_stops_its_router_first_and_its_workers_last(monkeypatch: pytest
         stack.services.append(Service(name, "", None, [sys.executable, "-m", module]))  # type: ignore[arg-type]
     stack.stop()
     assert stopped == ["router", "scheduler", "worker-1", "worker-0"] and not stack.services
+
+
+def test_ports_handed_out_together_are_distinct() -> None:
+    assert len(set(free_ports(64))) == 64
+
+
+def test_another_server_answering_on_the_port_is_not_taken_for_the_service(tiny_model: Path) -> None:
+    """A router whose port another gRPC server holds (healthy, but not a router) fails to bind
+    and exits: the launcher reports that instead of returning a stack whose router address
+    answers every Generate with UNIMPLEMENTED."""
+
+    async def body() -> None:
+        squatter, health_servicer = serving.new_server([])
+        port = serving.add_port(squatter, "127.0.0.1:0", None)
+        await squatter.start()
+        await serving.set_serving(health_servicer, [], True)
+        stack = Stack(model=str(tiny_model))
+        try:
+            with pytest.raises(RuntimeError, match="router exited with code 1 before it became healthy"):
+                await stack.start_router(None, port, ["--scheduler", "127.0.0.1:1", "--http-port", "-1"])
+        finally:
+            stack.stop()
+            await squatter.stop(None)
+
+    asyncio.run(body())
