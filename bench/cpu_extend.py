@@ -1,11 +1,11 @@
-"""CPU prefill attention of a burst of prompts: the compiled AMX kernel, and torch's fused
-attention with query/key counts exact or rounded up to 16.
+"""CPU prefill attention of a burst of prompts: the compiled kernel (bfloat16 on AMX, float32 on
+AVX2), and torch's fused attention with query/key counts exact or rounded up to 16.
 
     python bench/cpu_extend.py --dtype bfloat16 --prompts 64 --min-len 32 --max-len 512
 
 The extend attention of kernels.cpu_attention for ``--prompts`` prompts with no cached prefix,
 lengths uniform in [min, max], every layer (``--layers`` calls per prompt, the chunk's own K/V
-as the model passes them), three ways: kernels.cpu_extend (bfloat16 only), torch's
+as the model passes them), three ways: kernels.cpu_extend (where it takes the dtype), torch's
 ``scaled_dot_product_attention`` with the counts exact, and with them rounded up to a multiple
 of ``--rows``. Each round draws new lengths (as a server meets them: a length it has not run
 before), and the variants alternate within a round on the same lengths, so per-shape set-up
@@ -70,7 +70,7 @@ def main() -> None:
     takes, extend_rows = cpu_extend.takes, cpu_attention._extend_rows
     variants = {"exact": (1, False), f"rows of {args.rows}": (args.rows, False)}
     if takes(torch.empty(0, dtype=dtype), args.head_dim):
-        variants["compiled (AMX)"] = (1, True)
+        variants["compiled"] = (1, True)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.rounds):
         lens = torch.randint(args.min_len, args.max_len + 1, (args.prompts,), generator=gen).tolist()

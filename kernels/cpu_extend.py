@@ -1,12 +1,13 @@
-"""The compiled bfloat16 prefill attention of the CPU (``csrc/extend_amx.c``, AMX tiles): built on
-first use, loaded by ctypes (:mod:`kernels.c_library`).
+"""The compiled prefill attention of the CPU: built on first use, loaded by ctypes
+(:mod:`kernels.c_library`). bfloat16 on AMX tiles (``csrc/extend_amx.c``), float32 on AVX2 +
+FMA (``csrc/extend_f32.c``, CPUs without AVX-512).
 
 One chunk's queries against its keys, causal and optionally windowed, with K/V handed over
 token-major: kernels.cpu_attention calls it per chunk in place of the fused torch attention,
 with either the chunk's own new K/V rows or its cache rows gathered. It reads the query where
 the projection left it and writes the output rows in place, so no layout copies surround it.
-``PAGEWIRE_CPU_EXTEND=0`` turns it off; :func:`takes` says whether a call fits (bfloat16, head
-dim 64 or 128, a CPU whose kernel may use AMX), else the torch path runs.
+``PAGEWIRE_CPU_EXTEND=0`` turns both off; :func:`takes` says whether a call fits (its dtype's
+kernel built for this CPU, a head dim it takes), else the torch path runs.
 """
 
 from __future__ import annotations
@@ -19,27 +20,51 @@ from torch import Tensor
 
 from kernels import c_library
 
-FLAGS = [*c_library.BASE_FLAGS, "-mprefer-vector-width=512"]
-HEAD_DIMS = (64, 128)
+SWITCH = "PAGEWIRE_CPU_EXTEND"
+HEAD_DIMS = (64, 128)  # bfloat16 (AMX tiles)
+F32_HEAD_DIMS = tuple(range(16, 257, 16))  # float32
+
+
+def _declare(fn: ctypes._CFuncPtr) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float,
+                   ptr, i64, ctypes.c_int]
 
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    """The kernel library where it builds and the OS lets the process use AMX; else None."""
-    lib = c_library.load("extend_amx.c", FLAGS, "PAGEWIRE_CPU_EXTEND")
+    """The bfloat16 kernel library where it builds and the OS lets the process use AMX; else None."""
+    lib = c_library.load("extend_amx.c", [*c_library.BASE_FLAGS, "-mprefer-vector-width=512"],
+                         SWITCH)
     if lib is None:
         return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.extend_amx_init.restype, lib.extend_amx_init.argtypes = ctypes.c_int, []
-    lib.extend_attention_bf16.restype = ctypes.c_int
-    lib.extend_attention_bf16.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64,
-                                          i64, ctypes.c_float, ptr, i64, ctypes.c_int]
+    _declare(lib.extend_attention_bf16)
     return lib if lib.extend_amx_init() else None
 
 
+@functools.cache
+def load_f32() -> ctypes.CDLL | None:
+    """The float32 kernel library where it builds for this CPU (AVX2 + FMA, no AVX-512); else None."""
+    lib = c_library.load("extend_f32.c", c_library.BASE_FLAGS, SWITCH)
+    if lib is None:
+        return None
+    lib.extend_f32_available.restype, lib.extend_f32_available.argtypes = ctypes.c_int, []
+    _declare(lib.extend_attention_f32)
+    return lib if lib.extend_f32_available() else None
+
+
+def _kernel(dtype: torch.dtype, head_dim: int) -> ctypes._CFuncPtr | None:
+    if dtype == torch.bfloat16 and head_dim in HEAD_DIMS and (lib := load()) is not None:
+        return lib.extend_attention_bf16
+    if dtype == torch.float32 and head_dim in F32_HEAD_DIMS and (lib := load_f32()) is not None:
+        return lib.extend_attention_f32
+    return None
+
+
 def takes(q: Tensor, head_dim: int) -> bool:
-    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and head_dim in HEAD_DIMS
-            and load() is not None)
+    return q.device.type == "cpu" and _kernel(q.dtype, head_dim) is not None
 
 
 def _token_major(x: Tensor) -> bool:
@@ -52,14 +77,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_offset: int, window: int | None, s
     """``out`` [n, heads, dim] = attention of ``q`` [n, heads, dim] over ``k``/``v`` [len,
     kv_heads, dim] (equal token strides), query row i at key position ``q_offset + i``; False
     (nothing written) where the kernel does not take the call."""
-    lib = load()
-    if (lib is None or not all(_token_major(t) for t in (q, k, v, out))
-            or k.stride(0) != v.stride(0) or k.dtype != q.dtype or v.dtype != q.dtype
-            or k.data_ptr() % 4 or k.stride(0) % 2):  # K is read as bf16 pairs
-        return False
     n, heads, dim = q.shape
+    kernel = _kernel(q.dtype, dim)
+    if (kernel is None or not all(_token_major(t) for t in (q, k, v, out))
+            or k.stride(0) != v.stride(0) or k.dtype != q.dtype or v.dtype != q.dtype
+            or out.dtype != q.dtype
+            or (q.dtype == torch.bfloat16 and (k.data_ptr() % 4 or k.stride(0) % 2))):
+        return False  # bfloat16 K is read as pairs
     length, kv_heads = k.shape[0], k.shape[1]
-    return bool(lib.extend_attention_bf16(
+    return bool(kernel(
         q.data_ptr(), q.stride(0), n, k.data_ptr(), v.data_ptr(), k.stride(0), length, heads,
         kv_heads, dim, q_offset, window or 0, scale, out.data_ptr(), out.stride(0),
         torch.get_num_threads()))
