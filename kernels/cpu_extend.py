@@ -1,6 +1,8 @@
 """The compiled prefill attention of the CPU: built on first use, loaded by ctypes
 (:mod:`kernels.c_library`). bfloat16 on AMX tiles (``csrc/extend_amx.c``), float32 on AVX2 +
-FMA (``csrc/extend_f32.c``, CPUs without AVX-512).
+FMA (``csrc/extend_f32.c``, CPUs without AVX-512). On a CPU with the float32 kernel and no AMX,
+bfloat16 is widened to it (a copy of the chunk's Q/K/V in float32, the output rounded back):
+torch's bfloat16 attention there took twice the float32 kernel's time.
 
 One chunk's queries against its keys, causal and optionally windowed, with K/V handed over
 token-major: kernels.cpu_attention calls it per chunk in place of the fused torch attention,
@@ -55,11 +57,13 @@ def load_f32() -> ctypes.CDLL | None:
     return lib if lib.extend_f32_available() else None
 
 
-def _kernel(dtype: torch.dtype, head_dim: int) -> ctypes._CFuncPtr | None:
+def _kernel(dtype: torch.dtype, head_dim: int) -> tuple[ctypes._CFuncPtr, bool] | None:
+    """The kernel for ``dtype`` and whether it runs widened to float32; None: torch's path."""
     if dtype == torch.bfloat16 and head_dim in HEAD_DIMS and (lib := load()) is not None:
-        return lib.extend_attention_bf16
-    if dtype == torch.float32 and head_dim in F32_HEAD_DIMS and (lib := load_f32()) is not None:
-        return lib.extend_attention_f32
+        return lib.extend_attention_bf16, False
+    if dtype in (torch.float32, torch.bfloat16) and head_dim in F32_HEAD_DIMS and (
+            lib := load_f32()) is not None:
+        return lib.extend_attention_f32, dtype != torch.float32
     return None
 
 
@@ -78,12 +82,26 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_offset: int, window: int | None, s
     kv_heads, dim] (equal token strides), query row i at key position ``q_offset + i``; False
     (nothing written) where the kernel does not take the call."""
     n, heads, dim = q.shape
-    kernel = _kernel(q.dtype, dim)
-    if (kernel is None or not all(_token_major(t) for t in (q, k, v, out))
+    found = _kernel(q.dtype, dim)
+    if (found is None or not all(_token_major(t) for t in (q, k, v, out))
             or k.stride(0) != v.stride(0) or k.dtype != q.dtype or v.dtype != q.dtype
-            or out.dtype != q.dtype
-            or (q.dtype == torch.bfloat16 and (k.data_ptr() % 4 or k.stride(0) % 2))):
+            or out.dtype != q.dtype):
+        return False
+    kernel, widened = found
+    if widened:  # contiguous float32 copies, token-major; the result rounded into out
+        wide = torch.empty(n, heads, dim)
+        if not _attend_with(kernel, q.float(), k.float(), v.float(), q_offset, window, scale, wide):
+            return False
+        out.copy_(wide)
+        return True
+    if q.dtype == torch.bfloat16 and (k.data_ptr() % 4 or k.stride(0) % 2):
         return False  # bfloat16 K is read as pairs
+    return _attend_with(kernel, q, k, v, q_offset, window, scale, out)
+
+
+def _attend_with(kernel: ctypes._CFuncPtr, q: Tensor, k: Tensor, v: Tensor, q_offset: int,
+                window: int | None, scale: float, out: Tensor) -> bool:
+    n, heads, dim = q.shape
     length, kv_heads = k.shape[0], k.shape[1]
     return bool(kernel(
         q.data_ptr(), q.stride(0), n, k.data_ptr(), v.data_ptr(), k.stride(0), length, heads,

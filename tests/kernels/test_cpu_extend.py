@@ -1,5 +1,5 @@
-"""The compiled prefill attention (kernels.cpu_extend: bfloat16 on AMX tiles, float32 on AVX2)
-against the reference.
+"""The compiled prefill attention (kernels.cpu_extend: bfloat16 on AMX tiles or widened to the
+float32 kernel, float32 on AVX2) against the reference.
 
 Chunks with and without a cached prefix, lengths that fill no tile or key block evenly, GQA
 groups, sliding windows, the head dims each takes; the cache's unused memory is NaN
@@ -17,9 +17,10 @@ from paged_case import REL_TOL, make_paged_case, rel_err
 from kernels import cpu_attention, cpu_extend, reference
 
 BF16, F32 = torch.bfloat16, torch.float32
-KERNELS = [
-    pytest.param(BF16, marks=pytest.mark.skipif(cpu_extend.load() is None,
-                                                reason="no C compiler, or no AMX on this CPU")),
+KERNELS = [  # bfloat16: on AMX tiles, else widened to the float32 kernel
+    pytest.param(BF16, marks=pytest.mark.skipif(
+        not cpu_extend.takes(torch.empty(0, dtype=BF16), 64),
+        reason="no C compiler, or neither AMX nor AVX2 without AVX-512 on this CPU")),
     pytest.param(F32, marks=pytest.mark.skipif(cpu_extend.load_f32() is None,
                                                reason="no C compiler, or not AVX2 without AVX-512")),
 ]

@@ -87,14 +87,16 @@ def test_a_widened_projection_is_the_float32_product_rounded_once(rows: int, bia
 
 def test_a_widened_bfloat16_model_decodes_the_plain_ones_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU without bfloat16 kernels (forced here on any CPU) the worker widens its
-    projections; greedy tokens as the plain bfloat16 model's, logprobs within bfloat16 noise."""
+    projections; greedy tokens as the plain bfloat16 model's, logprobs within bfloat16 noise: a
+    product that rounds one activation to the neighbouring bfloat16 (2^-8 relative) moves a
+    logprob of order 1 by a few bfloat16 steps (0.015 measured), so the bound is 4 steps, 2^-5."""
     path = model_dir("qwen2")  # q/k/v biases
     plain_tokens, plain_logprobs = greedy(path, packed=False)
     monkeypatch.setattr(packed_linear, "can_pack", lambda device, dtype: False)
     monkeypatch.setattr(server, "can_pack", lambda device, dtype: False)
     tokens, logprobs = greedy(path, packed=True, kind=WidenedLinear)
     assert tokens == plain_tokens
-    assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs, strict=True)) < 1e-2
+    assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs, strict=True)) < 2**-5
 
 
 def test_row_counts_fall_in_few_buckets_each_a_little_larger() -> None:
@@ -165,7 +167,7 @@ def test_the_compiled_elementwise_ops_decode_as_the_torch_definitions(
     monkeypatch.setattr(cpu_elementwise, "takes", lambda x: False)
     plain_tokens, plain_logprobs = greedy(path, packed=True)
     assert tokens == plain_tokens
-    assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs, strict=True)) < 1e-2
+    assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs, strict=True)) < 2**-5
 
 
 def _odd_shaped_model() -> nn.Module:
