@@ -88,9 +88,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, q_offset: int, window: int | None, s
             or out.dtype != q.dtype):
         return False
     kernel, widened = found
-    if widened:  # contiguous float32 copies, token-major; the result rounded into out
+    if widened:  # contiguous float32 copies (token-major, K and V alike); the result rounded into out
+        q32, k32, v32 = (t.to(torch.float32, memory_format=torch.contiguous_format)
+                         for t in (q, k, v))
         wide = torch.empty(n, heads, dim)
-        if not _attend_with(kernel, q.float(), k.float(), v.float(), q_offset, window, scale, wide):
+        if not _attend_with(kernel, q32, k32, v32, q_offset, window, scale, wide):
             return False
         out.copy_(wide)
         return True
