@@ -171,12 +171,14 @@ class Stack:
     def _popen(self, output: Output, command: list[str]) -> subprocess.Popen[bytes]:
         return output.attach(command, {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"})
 
-    async def restart(self, name: str, timeout: float = 120) -> Service:
-        """Start a stopped (or killed) service again, same flags, same address."""
+    async def restart(self, name: str, timeout: float = 0) -> Service:
+        """Start a stopped (or killed) service again, same flags, same address; a worker gets
+        a worker's time to load (unless ``timeout`` says otherwise)."""
         svc = self.service(name)
         svc.stop()
         svc.process = self._popen(svc.output, svc.command)
-        await self._wait(svc, timeout)
+        worker = svc.module == "worker_svc.server"
+        await self._wait(svc, timeout or (WORKER_START_S if worker else START_S))
         return svc
 
     async def _wait(self, svc: Service, timeout: float) -> None:
