@@ -180,14 +180,19 @@ class DecoderForCausalLM(nn.Module):
 
     def init_rope(self, max_len: int, device: torch.device | None = None) -> None:
         """(Re)build one cos/sin table per layer type (Gemma 3's local layers have their own
-        base); refuses a length the rope type cannot serve exactly (see rope.check_max_len)."""
+        base); refuses a length the rope type cannot serve exactly (see rope.check_max_len). On
+        the meta device (the loader builds there, then calls this again on the real one) only
+        the shape: torch's reference ops would import torch._dynamo (1.3 s of a worker's start)
+        to compute nothing."""
         cfg = self.cfg
         assert cfg.rope is not None
+        target = device or torch.get_default_device()
         for key, spec in cfg.rope.items():
             check_max_len(spec, max_len, cfg.max_position_embeddings)
-            table = rope_cache(spec, cfg.head_dim, max_len, cfg.max_position_embeddings)
-            self.register_buffer(f"rope_{key}", table.to(device or torch.get_default_device()),
-                                 persistent=False)
+            table = (torch.empty(max_len, spec.rotary_dim(cfg.head_dim), device=target)
+                     if target.type == "meta" else
+                     rope_cache(spec, cfg.head_dim, max_len, cfg.max_position_embeddings).to(target))
+            self.register_buffer(f"rope_{key}", table, persistent=False)
 
     @torch.inference_mode()
     def forward(

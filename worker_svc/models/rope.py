@@ -173,13 +173,10 @@ def inv_freq_and_scale(spec: RopeSpec, dim: int, max_pos: int) -> tuple[Tensor, 
 
 
 def rope_cache(spec: RopeSpec, head_dim: int, max_len: int, max_pos: int) -> Tensor:
-    """cos/sin table [max_len, rotary_dim] (cos in the first half, sin in the second), fp32, on
-    the CPU: computed there even inside a model built on the meta device, whose reference ops
-    would import torch._dynamo (1.3 s of a worker's start) to compute nothing."""
-    with torch.device("cpu"):
-        inv_freq, scale = inv_freq_and_scale(spec, spec.rotary_dim(head_dim), max_pos)
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-        return (torch.cat([freqs.cos(), freqs.sin()], dim=-1) * scale).float()
+    """cos/sin table [max_len, rotary_dim] (cos in the first half, sin in the second), fp32."""
+    inv_freq, scale = inv_freq_and_scale(spec, spec.rotary_dim(head_dim), max_pos)
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return (torch.cat([freqs.cos(), freqs.sin()], dim=-1) * scale).float()
 
 
 def apply_rope_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
