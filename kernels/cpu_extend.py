@@ -1,6 +1,6 @@
 """The compiled prefill attention of the CPU: built on first use, loaded by ctypes
 (:mod:`kernels.c_library`). bfloat16 on AMX tiles (``csrc/extend_amx.c``), float32 on AVX2 +
-FMA (``csrc/extend_f32.c``, CPUs without AVX-512). On a CPU with the float32 kernel and no AMX,
+FMA (``csrc/extend_f32.c``; AVX-512 CPUs run it too). On a CPU with the float32 kernel and no AMX,
 bfloat16 is widened to it (a copy of the chunk's Q/K/V in float32, the output rounded back):
 torch's bfloat16 attention there took twice the float32 kernel's time.
 
@@ -48,7 +48,7 @@ def load() -> ctypes.CDLL | None:
 
 @functools.cache
 def load_f32() -> ctypes.CDLL | None:
-    """The float32 kernel library where it builds for this CPU (AVX2 + FMA, no AVX-512); else None."""
+    """The float32 kernel library where it builds for this CPU (AVX2 + FMA); else None."""
     lib = c_library.load("extend_f32.c", c_library.BASE_FLAGS, SWITCH)
     if lib is None:
         return None

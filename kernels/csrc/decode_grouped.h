@@ -5,10 +5,12 @@
  * The task walks its context 16 positions at a time. Each group's key rows (all the task's KV
  * heads of a position are one contiguous row) are read once for every query head and the
  * group's scores, online-softmax update and weighted values are done before the next group's
- * rows are touched, while the rows two groups ahead are prefetched: a group is at most 16 rows
- * of 512 bytes (4 bf16 KV heads of 64), so everything it reads stays in L1, and the memory
- * stream runs ahead of the arithmetic instead of stalling at every new page of a scattered
- * block (a step over 64 sequences of ~300 positions: 14.8 -> 10.7 ms, docs/BENCHMARKS.md).
+ * rows are touched, while the rows two groups ahead are prefetched into L2: a group is at most
+ * 16 rows of 512 bytes (4 bf16 KV heads of 64), so everything it reads stays in L1, and the
+ * memory stream runs ahead of the arithmetic instead of stalling at every new page of a
+ * scattered block (a step over 64 sequences of ~300 positions: 14.8 -> 10.7 ms on a Sapphire
+ * Rapids). Into L2, not L1: on a Zen 4 the L1 prefetch of two groups (up to 32 KiB, the whole
+ * L1) bought nothing over none, the L2 one 11-35 % (docs/BENCHMARKS.md).
  *
  * Scores: 16 positions' dot products (vdpbf16ps products of the bf16 query and key summed in
  * fp32; fp32 FMAs) added across in one transpose-and-add tree. Values: a bf16 row's 32-value
@@ -87,8 +89,8 @@ static inline void group_rows(struct cursor *cur, const int32_t *table, int64_t 
         rows[i] = ((int64_t)table[cur->blk] * block_size + cur->off) * row + head_offset;
         if (++cur->off == block_size) { cur->off = 0; cur->blk++; }
         for (int64_t l = 0; l < lines; l++) {
-            _mm_prefetch((const char *)k_cache + rows[i] * elem + 64 * l, _MM_HINT_T0);
-            _mm_prefetch((const char *)v_cache + rows[i] * elem + 64 * l, _MM_HINT_T0);
+            _mm_prefetch((const char *)k_cache + rows[i] * elem + 64 * l, _MM_HINT_T1);
+            _mm_prefetch((const char *)v_cache + rows[i] * elem + 64 * l, _MM_HINT_T1);
         }
     }
 }

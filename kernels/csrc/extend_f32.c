@@ -13,9 +13,9 @@
  * where it lies. Keys no row of the task sees (past the last row's position, before the first
  * row's window) are never visited.
  *
- * Head dims that are multiples of 16 up to 256, on CPUs with AVX2 and FMA but not AVX-512 (where
- * it was measured; on an AVX-512 CPU torch's kernel keeps the call). Returns 0 (nothing written)
- * for anything else; the caller then runs its torch path. Built at run time by kernels/cpu_extend.py
+ * Head dims that are multiples of 16 up to 256, on CPUs with AVX2 and FMA (AVX-512 ones too: on a
+ * Zen 4 it took 0.21-0.65 of torch's time, docs/BENCHMARKS.md). Returns 0 (nothing written) for
+ * anything else; the caller then runs its torch path. Built at run time by kernels/cpu_extend.py
  * (kernels/c_library.py); no torch headers.
  */
 #include <math.h>
@@ -23,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
 #include "vec_avx2.h"
 
 int extend_f32_available(void) { return 1; }

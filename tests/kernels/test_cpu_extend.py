@@ -20,9 +20,9 @@ BF16, F32 = torch.bfloat16, torch.float32
 KERNELS = [  # bfloat16: on AMX tiles, else widened to the float32 kernel
     pytest.param(BF16, marks=pytest.mark.skipif(
         not cpu_extend.takes(torch.empty(0, dtype=BF16), 64),
-        reason="no C compiler, or neither AMX nor AVX2 without AVX-512 on this CPU")),
+        reason="no C compiler, or neither AMX nor AVX2 on this CPU")),
     pytest.param(F32, marks=pytest.mark.skipif(cpu_extend.load_f32() is None,
-                                               reason="no C compiler, or not AVX2 without AVX-512")),
+                                               reason="no C compiler, or no AVX2 + FMA")),
 ]
 HEAD_DIMS = {BF16: cpu_extend.HEAD_DIMS, F32: (64, 80, 128)}
 # (new tokens, cached prefix) per chunk: none, a few, exactly a tile, across key blocks
