@@ -1,14 +1,15 @@
 """The compiled prefill attention of the CPU: built on first use, loaded by ctypes
-(:mod:`kernels.c_library`). bfloat16 on AMX tiles (``csrc/extend_amx.c``), float32 on AVX2 +
-FMA (``csrc/extend_f32.c``; AVX-512 CPUs run it too). On a CPU with the float32 kernel and no AMX,
-bfloat16 is widened to it (a copy of the chunk's Q/K/V in float32, the output rounded back):
-torch's bfloat16 attention there took twice the float32 kernel's time.
+(:mod:`kernels.c_library`). bfloat16 on AMX tiles (``csrc/extend_amx.c``), else in AVX-512 BF16
+dot products (``csrc/extend_avx512bf16.c``: Zen 4 and 5), float32 on AVX2 + FMA
+(``csrc/extend_f32.c``; AVX-512 CPUs run it too). On a CPU with neither bfloat16 kernel,
+bfloat16 is widened to the float32 one (a copy of the chunk's Q/K/V in float32, the output
+rounded back): torch's bfloat16 attention there took twice the float32 kernel's time.
 
 One chunk's queries against its keys, causal and optionally windowed, with K/V handed over
 token-major: kernels.cpu_attention calls it per chunk in place of the fused torch attention,
 with either the chunk's own new K/V rows or its cache rows gathered. It reads the query where
 the projection left it and writes the output rows in place, so no layout copies surround it.
-``PAGEWIRE_CPU_EXTEND=0`` turns both off; :func:`takes` says whether a call fits (its dtype's
+``PAGEWIRE_CPU_EXTEND=0`` turns them all off; :func:`takes` says whether a call fits (its dtype's
 kernel built for this CPU, a head dim it takes), else the torch path runs.
 """
 
@@ -24,7 +25,7 @@ from kernels import c_library
 
 SWITCH = "PAGEWIRE_CPU_EXTEND"
 HEAD_DIMS = (64, 128)  # bfloat16 (AMX tiles)
-F32_HEAD_DIMS = tuple(range(16, 257, 16))  # float32
+F32_HEAD_DIMS = tuple(range(16, 257, 16))  # float32, and bfloat16 on AVX-512 BF16
 
 
 def _declare(fn: ctypes._CFuncPtr) -> None:
@@ -47,6 +48,19 @@ def load() -> ctypes.CDLL | None:
 
 
 @functools.cache
+def load_avx512bf16() -> ctypes.CDLL | None:
+    """The bfloat16 kernel library of CPUs with AVX-512 BF16 (and no AMX) where it builds; else None."""
+    lib = c_library.load("extend_avx512bf16.c", [*c_library.BASE_FLAGS, "-mprefer-vector-width=512"],
+                         SWITCH)
+    if lib is None:
+        return None
+    lib.extend_avx512bf16_available.restype = ctypes.c_int
+    lib.extend_avx512bf16_available.argtypes = []
+    _declare(lib.extend_attention_avx512bf16)
+    return lib if lib.extend_avx512bf16_available() else None
+
+
+@functools.cache
 def load_f32() -> ctypes.CDLL | None:
     """The float32 kernel library where it builds for this CPU (AVX2 + FMA); else None."""
     lib = c_library.load("extend_f32.c", c_library.BASE_FLAGS, SWITCH)
@@ -61,6 +75,9 @@ def _kernel(dtype: torch.dtype, head_dim: int) -> tuple[ctypes._CFuncPtr, bool] 
     """The kernel for ``dtype`` and whether it runs widened to float32; None: torch's path."""
     if dtype == torch.bfloat16 and head_dim in HEAD_DIMS and (lib := load()) is not None:
         return lib.extend_attention_bf16, False
+    if dtype == torch.bfloat16 and head_dim in F32_HEAD_DIMS and (
+            lib := load_avx512bf16()) is not None:
+        return lib.extend_attention_avx512bf16, False
     if dtype in (torch.float32, torch.bfloat16) and head_dim in F32_HEAD_DIMS and (
             lib := load_f32()) is not None:
         return lib.extend_attention_f32, dtype != torch.float32

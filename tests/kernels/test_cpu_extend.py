@@ -1,5 +1,5 @@
-"""The compiled prefill attention (kernels.cpu_extend: bfloat16 on AMX tiles or widened to the
-float32 kernel, float32 on AVX2) against the reference.
+"""The compiled prefill attention (kernels.cpu_extend: bfloat16 on AMX tiles or in AVX-512 BF16
+dot products, or widened to the float32 kernel; float32 on AVX2) against the reference.
 
 Chunks with and without a cached prefix, lengths that fill no tile or key block evenly, GQA
 groups, sliding windows, the head dims each takes; the cache's unused memory is NaN
@@ -17,14 +17,29 @@ from paged_case import REL_TOL, make_paged_case, rel_err
 from kernels import cpu_attention, cpu_extend, reference
 
 BF16, F32 = torch.bfloat16, torch.float32
-KERNELS = [  # bfloat16: on AMX tiles, else widened to the float32 kernel
-    pytest.param(BF16, marks=pytest.mark.skipif(
+NATIVE_BF16 = cpu_extend.load() is not None or cpu_extend.load_avx512bf16() is not None
+KERNELS = [  # bfloat16: on AMX tiles or in AVX-512 BF16 dot products; else widened to float32
+    pytest.param("bfloat16", marks=pytest.mark.skipif(
         not cpu_extend.takes(torch.empty(0, dtype=BF16), 64),
-        reason="no C compiler, or neither AMX nor AVX2 on this CPU")),
-    pytest.param(F32, marks=pytest.mark.skipif(cpu_extend.load_f32() is None,
-                                               reason="no C compiler, or no AVX2 + FMA")),
+        reason="no C compiler, or none of AMX, AVX-512 BF16, AVX2 on this CPU")),
+    pytest.param("bfloat16-widened", marks=pytest.mark.skipif(
+        not NATIVE_BF16 or cpu_extend.load_f32() is None,
+        reason="bfloat16 runs widened here anyway (the case above), or no float32 kernel")),
+    pytest.param("float32", marks=pytest.mark.skipif(cpu_extend.load_f32() is None,
+                                                     reason="no C compiler, or no AVX2 + FMA")),
 ]
-HEAD_DIMS = {BF16: cpu_extend.HEAD_DIMS, F32: (64, 80, 128)}
+HEAD_DIMS = {BF16: (64, 80, 128), F32: (64, 80, 128)}
+
+
+@pytest.fixture
+def dtype(request, monkeypatch) -> torch.dtype:
+    """The kernel under test, by name; its dtype. "bfloat16-widened" hides the bfloat16 kernels."""
+    if request.param == "bfloat16-widened":
+        monkeypatch.setattr(cpu_extend, "load", lambda: None)
+        monkeypatch.setattr(cpu_extend, "load_avx512bf16", lambda: None)
+    return BF16 if request.param.startswith("bfloat16") else F32
+
+
 # (new tokens, cached prefix) per chunk: none, a few, exactly a tile, across key blocks
 CHUNKS = [(1, 0), (7, 0), (16, 0), (70, 0), (200, 0), (9, 40), (33, 64), (1, 130), (65, 64)]
 
@@ -40,7 +55,7 @@ def extend_case(dtype: torch.dtype, head_dim: int, group: int, chunks=CHUNKS):
     return case, (q, case.k_cache, case.v_cache, case.block_tables, cu, case.context_lens, 0.125), new_kv
 
 
-@pytest.mark.parametrize("dtype", KERNELS)
+@pytest.mark.parametrize("dtype", KERNELS, indirect=True)
 @pytest.mark.parametrize("group", [1, 2, 4, 7])
 @pytest.mark.parametrize("window", [None, 5, 16, 50])
 def test_compiled_extend_matches_the_reference(dtype: torch.dtype, group: int, window,
@@ -58,7 +73,7 @@ def test_compiled_extend_matches_the_reference(dtype: torch.dtype, group: int, w
         calls.clear()
 
 
-@pytest.mark.parametrize("dtype", KERNELS)
+@pytest.mark.parametrize("dtype", KERNELS, indirect=True)
 def test_its_error_is_the_torch_paths_error(dtype: torch.dtype, monkeypatch) -> None:
     """Against a float64 oracle the kernel is as close as the fused torch attention it replaces."""
     case, args, new_kv = extend_case(dtype, 64, 2, [(300, 0), (45, 100)])
@@ -70,7 +85,7 @@ def test_its_error_is_the_torch_paths_error(dtype: torch.dtype, monkeypatch) -> 
     assert rel_err(compiled, oracle) < 1.1 * rel_err(torch_path, oracle)
 
 
-@pytest.mark.parametrize("dtype", KERNELS)
+@pytest.mark.parametrize("dtype", KERNELS, indirect=True)
 def test_calls_it_does_not_take_are_refused_untouched(dtype: torch.dtype) -> None:
     q = torch.randn(5, 2, 72).to(dtype)  # head dim 72: neither kernel's
     kv = torch.randn(5, 1, 72).to(dtype)
