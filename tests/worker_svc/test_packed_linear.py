@@ -87,16 +87,23 @@ def test_a_widened_projection_is_the_float32_product_rounded_once(rows: int, bia
 
 def test_a_widened_bfloat16_model_decodes_the_plain_ones_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU without bfloat16 kernels (forced here on any CPU) the worker widens its
-    projections; greedy tokens as the plain bfloat16 model's, logprobs within bfloat16 noise: a
-    product that rounds one activation to the neighbouring bfloat16 (2^-8 relative) moves a
-    logprob of order 1 by a few bfloat16 steps (0.015 measured), so the bound is 4 steps, 2^-5."""
+    projections; greedy tokens as the plain bfloat16 model's, logprobs within bfloat16's own
+    noise: no further from the plain bfloat16 model's than those are from the float32 model's.
+    (A fixed bound does not hold: one activation rounded to its neighbouring bfloat16 moves a
+    logprob of order 1 by 0.015 with one prefill attention kernel and 0.057 with another, while
+    the plain model's own distance from float32 is 0.11.)"""
     path = model_dir("qwen2")  # q/k/v biases
     plain_tokens, plain_logprobs = greedy(path, packed=False)
+    _, float_logprobs = greedy(path, packed=False, dtype="float32")
     monkeypatch.setattr(packed_linear, "can_pack", lambda device, dtype: False)
     monkeypatch.setattr(server, "can_pack", lambda device, dtype: False)
     tokens, logprobs = greedy(path, packed=True, kind=WidenedLinear)
     assert tokens == plain_tokens
-    assert max(abs(a - b) for a, b in zip(logprobs, plain_logprobs, strict=True)) < 2**-5
+
+    def distance(a: list[float], b: list[float]) -> float:
+        return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+    assert distance(logprobs, plain_logprobs) <= distance(plain_logprobs, float_logprobs)
 
 
 def test_row_counts_fall_in_few_buckets_each_a_little_larger() -> None:
