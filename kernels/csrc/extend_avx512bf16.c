@@ -34,6 +34,7 @@ int extend_avx512bf16_available(void) { return 1; }
 #define KB 64     /* keys per block */
 #define PASS 4    /* blocks of rows per task, each key block read once for all of them */
 #define MAX_DIM 256
+#include "extend_rows.h"
 
 /* s[r][0 .. 16 nb) = q_r . k for the 16 nb keys from 16-key block kb16 of kp (nb 1 or 2). */
 static inline void scores(const uint32_t *const q[ROWS], const uint32_t *kp, int64_t kb16,
@@ -123,39 +124,15 @@ static void softmax_block(const float *s, uint16_t *p, int64_t kb, int64_t k0, c
     }
 }
 
-/* ROWS query rows of one KV head and their running state: row i of the chunk's (token, head of
- * the group) rows is token i / group, query head kvh * group + i % group. */
-typedef struct {
-    const uint32_t *q[ROWS];  /* each row's dim pairs */
-    int64_t lo[ROWS], hi[ROWS], first, last; /* row r sees keys [lo, hi); the block, [first, last) */
-    float run_max[ROWS], run_sum[ROWS], alpha[ROWS];
-    float acc[ROWS * MAX_DIM];
-} RowBlock;
-
-static void start_rows(RowBlock *b, const uint16_t *q, int64_t q_stride, int64_t r0, int rows,
-                       int64_t kvh, int64_t group, int64_t len, int64_t q_offset, int64_t window,
-                       int64_t dim) {
-    b->first = len, b->last = 0;
-    for (int r = 0; r < ROWS; r++) {
-        const int64_t i = r0 + (r < rows ? r : rows - 1);  /* spare rows repeat the last */
-        const int64_t t = i / group, pos = q_offset + t;
-        b->q[r] = (const uint32_t *)(q + t * q_stride + (kvh * group + i % group) * dim);
-        b->hi[r] = pos + 1 < len ? pos + 1 : len;
-        b->lo[r] = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-        b->first = b->lo[r] < b->first ? b->lo[r] : b->first;
-        b->last = b->hi[r] > b->last ? b->hi[r] : b->last;
-        b->run_max[r] = -INFINITY, b->run_sum[r] = 0.0f;
-    }
-    memset(b->acc, 0, ROWS * dim * 4);
-}
-
 /* The rows of b against keys [k0, k0 + KB): scores, online softmax, weighted values. */
-static void attend_block(RowBlock *b, int64_t k0, const uint32_t *kp, const uint32_t *vp,
-                         int64_t dim, float scale, float *s, uint16_t *p) {
+static void attend_block(RowBlock *b, const uint16_t *q, int64_t k0, const uint32_t *kp,
+                         const uint32_t *vp, int64_t dim, float scale, float *s, uint16_t *p) {
     const int64_t kb = b->last - k0 < KB ? (b->last - k0 + 15) / 16 * 16 : KB, pairs = dim / 2;
+    const uint32_t *qr[ROWS];  /* each row's dim pairs */
+    for (int r = 0; r < ROWS; r++) qr[r] = (const uint32_t *)(q + b->at[r]);
     int64_t j = 0;
-    for (; j + 32 <= kb; j += 32) scores(b->q, kp, (k0 + j) / 16, pairs, 2, s + j);
-    if (j < kb) scores(b->q, kp, (k0 + j) / 16, pairs, 1, s + j);
+    for (; j + 32 <= kb; j += 32) scores(qr, kp, (k0 + j) / 16, pairs, 2, s + j);
+    if (j < kb) scores(qr, kp, (k0 + j) / 16, pairs, 1, s + j);
     softmax_block(s, p, kb, k0, b->lo, b->hi, scale, b->run_max, b->run_sum, b->alpha);
     const uint32_t *pw = (const uint32_t *)p;
     const int64_t n2 = kb / 2;  /* key pairs; the packed V past len is 0, as are their weights */
@@ -173,24 +150,18 @@ static void extend_task(const uint16_t *q, int64_t q_stride, int64_t r0, int64_t
     RowBlock blocks[PASS];
     float s[ROWS * KB];
     uint16_t p[ROWS * KB] __attribute__((aligned(64)));
-    const int nb = (int)((rows + ROWS - 1) / ROWS);
-    int64_t first = len, last = 0;
-    for (int b = 0; b < nb; b++) {
-        const int n = (int)(rows - ROWS * b < ROWS ? rows - ROWS * b : ROWS);
-        start_rows(&blocks[b], q, q_stride, r0 + ROWS * b, n, kvh, group, len, q_offset, window,
-                   dim);
-        first = blocks[b].first < first ? blocks[b].first : first;
-        last = blocks[b].last > last ? blocks[b].last : last;
-    }
+    int64_t first, last;
+    const int nb = start_task(blocks, q_stride, r0, rows, kvh, group, len, q_offset, window, dim,
+                              &first, &last);
     for (int64_t k0 = first / KB * KB; k0 < last; k0 += KB)
         for (int b = 0; b < nb; b++)
-            if (k0 < blocks[b].last && k0 + KB > blocks[b].first)
-                attend_block(&blocks[b], k0, kp, vp, dim, scale, s, p);
+            if (sees(&blocks[b], k0, KB))
+                attend_block(&blocks[b], q, k0, kp, vp, dim, scale, s, p);
     for (int64_t r = 0; r < rows; r++) {
         const RowBlock *b = &blocks[r / ROWS];
-        const int64_t i = r0 + r, t = i / group, rr = r % ROWS;
+        const int64_t rr = r % ROWS;
         const __m512 inv = _mm512_set1_ps(b->run_sum[rr] > 0.0f ? 1.0f / b->run_sum[rr] : 0.0f);
-        uint16_t *o = out + t * out_stride + (kvh * group + i % group) * dim;
+        uint16_t *o = out + row_at(r0 + r, out_stride, kvh, group, dim);
         for (int64_t d = 0; d < dim; d += 16)
             _mm256_storeu_si256((__m256i *)(o + d), (__m256i)_mm512_cvtneps_pbh(
                 _mm512_mul_ps(_mm512_loadu_ps(b->acc + rr * dim + d), inv)));

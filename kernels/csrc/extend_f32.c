@@ -32,6 +32,7 @@ int extend_f32_available(void) { return 1; }
 #define KB 64     /* keys per block */
 #define PASS 4    /* blocks of rows per task, each key block read once for all of them */
 #define MAX_DIM 256
+#include "extend_rows.h"
 
 /* K of one KV head as [padded / 16][dim][16]: a pass of the score product loads 16 keys' values
  * of one dim as two vectors. Keys past len are 0. */
@@ -133,37 +134,13 @@ static void softmax_block(float *s, int64_t kb, int64_t k0, const int64_t *lo, c
     }
 }
 
-/* ROWS query rows of one KV head and their running state: row i of the chunk's (token, head of
- * the group) rows is token i / group, query head kvh * group + i % group. */
-typedef struct {
-    const float *q[ROWS];
-    int64_t lo[ROWS], hi[ROWS], first, last; /* row r sees keys [lo, hi); the block, [first, last) */
-    float run_max[ROWS], run_sum[ROWS], alpha[ROWS];
-    float acc[ROWS * MAX_DIM];
-} RowBlock;
-
-static void start_rows(RowBlock *b, const float *q, int64_t q_stride, int64_t r0, int rows,
-                       int64_t kvh, int64_t group, int64_t len, int64_t q_offset, int64_t window,
-                       int64_t dim) {
-    b->first = len, b->last = 0;
-    for (int r = 0; r < ROWS; r++) {
-        const int64_t i = r0 + (r < rows ? r : rows - 1);  /* spare rows repeat the last */
-        const int64_t t = i / group, pos = q_offset + t;
-        b->q[r] = q + t * q_stride + (kvh * group + i % group) * dim;
-        b->hi[r] = pos + 1 < len ? pos + 1 : len;
-        b->lo[r] = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-        b->first = b->lo[r] < b->first ? b->lo[r] : b->first;
-        b->last = b->hi[r] > b->last ? b->hi[r] : b->last;
-        b->run_max[r] = -INFINITY, b->run_sum[r] = 0.0f;
-    }
-    memset(b->acc, 0, ROWS * dim * 4);
-}
-
 /* The rows of b against keys [k0, k0 + KB): scores, online softmax, weighted values. */
-static void attend_block(RowBlock *b, int64_t k0, const float *kp, const float *v,
-                         int64_t kv_stride, int64_t dim, float scale, float *s) {
+static void attend_block(RowBlock *b, const float *q, int64_t k0, const float *kp,
+                         const float *v, int64_t kv_stride, int64_t dim, float scale, float *s) {
     const int64_t kb = b->last - k0 < KB ? (b->last - k0 + 15) / 16 * 16 : KB;
-    for (int64_t j = 0; j < kb; j += 16) scores16(b->q, kp + (k0 + j) * dim, dim, s + j);
+    const float *qr[ROWS];
+    for (int r = 0; r < ROWS; r++) qr[r] = q + b->at[r];
+    for (int64_t j = 0; j < kb; j += 16) scores16(qr, kp + (k0 + j) * dim, dim, s + j);
     softmax_block(s, kb, k0, b->lo, b->hi, scale, b->run_max, b->run_sum, b->alpha);
     const int64_t n = b->last - k0 < kb ? b->last - k0 : kb;  /* V rows past len are not read */
     for (int64_t d0 = 0; d0 < dim; d0 += 16)
@@ -179,24 +156,18 @@ static void extend_task(const float *q, int64_t q_stride, int64_t r0, int64_t ro
                         float *out, int64_t out_stride) {
     RowBlock blocks[PASS];
     float s[ROWS * KB];
-    const int nb = (int)((rows + ROWS - 1) / ROWS);
-    int64_t first = len, last = 0;
-    for (int b = 0; b < nb; b++) {
-        const int n = (int)(rows - ROWS * b < ROWS ? rows - ROWS * b : ROWS);
-        start_rows(&blocks[b], q, q_stride, r0 + ROWS * b, n, kvh, group, len, q_offset, window,
-                   dim);
-        first = blocks[b].first < first ? blocks[b].first : first;
-        last = blocks[b].last > last ? blocks[b].last : last;
-    }
+    int64_t first, last;
+    const int nb = start_task(blocks, q_stride, r0, rows, kvh, group, len, q_offset, window, dim,
+                              &first, &last);
     for (int64_t k0 = first / 16 * 16; k0 < last; k0 += KB)
         for (int b = 0; b < nb; b++)
-            if (k0 < blocks[b].last && k0 + KB > blocks[b].first)
-                attend_block(&blocks[b], k0, kp, v, kv_stride, dim, scale, s);
+            if (sees(&blocks[b], k0, KB))
+                attend_block(&blocks[b], q, k0, kp, v, kv_stride, dim, scale, s);
     for (int64_t r = 0; r < rows; r++) {
         const RowBlock *b = &blocks[r / ROWS];
-        const int64_t i = r0 + r, t = i / group, rr = r % ROWS;
+        const int64_t rr = r % ROWS;
         const __m256 inv = _mm256_set1_ps(b->run_sum[rr] > 0.0f ? 1.0f / b->run_sum[rr] : 0.0f);
-        float *o = out + t * out_stride + (kvh * group + i % group) * dim;
+        float *o = out + row_at(r0 + r, out_stride, kvh, group, dim);
         for (int64_t d = 0; d < dim; d += 8)
             _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(b->acc + rr * dim + d), inv));
     }
