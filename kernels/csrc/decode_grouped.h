@@ -10,7 +10,7 @@
  * memory stream runs ahead of the arithmetic instead of stalling at every new page of a
  * scattered block (a step over 64 sequences of ~300 positions: 14.8 -> 10.7 ms on a Sapphire
  * Rapids). Into L2, not L1: on a Zen 4 the L1 prefetch of two groups (up to 32 KiB, the whole
- * L1) bought nothing over none, the L2 one 11-35 % (docs/BENCHMARKS.md).
+ * L1) bought nothing over none, the L2 one 11-36 % (docs/BENCHMARKS.md).
  *
  * Scores: 16 positions' dot products (vdpbf16ps products of the bf16 query and key summed in
  * fp32; fp32 FMAs) added across in one transpose-and-add tree. Values: a bf16 row's 32-value

@@ -14,7 +14,7 @@
  * row's window) are never visited.
  *
  * Head dims that are multiples of 16 up to 256, on CPUs with AVX2 and FMA (AVX-512 ones too: on a
- * Zen 4 it took 0.21-0.65 of torch's time, docs/BENCHMARKS.md). Returns 0 (nothing written) for
+ * Zen 4 it took 0.38-0.73 of torch's time, docs/BENCHMARKS.md). Returns 0 (nothing written) for
  * anything else; the caller then runs its torch path. Built at run time by kernels/cpu_extend.py
  * (kernels/c_library.py); no torch headers.
  */
