@@ -1,5 +1,5 @@
-"""CPU prefill attention of a burst of prompts: the compiled kernel (bfloat16 on AMX or AVX-512 BF16, float32 on
-AVX2), and torch's fused attention with query/key counts exact or rounded up to 16.
+"""CPU prefill attention of a burst of prompts: the compiled kernel (bfloat16 on AMX or AVX-512
+BF16, float32 on AVX2), and torch's fused attention with query/key counts exact or rounded up to 16.
 
     python bench/cpu_extend.py --dtype bfloat16 --prompts 64 --min-len 32 --max-len 512
 
