@@ -15,9 +15,9 @@ memory traffic, which is what bounds attention on a CPU:
 - Attention itself is ``torch.nn.functional.scaled_dot_product_attention`` (a fused CPU kernel
   with an fp32 softmax). GQA is free: the query heads that share a KV head become extra query
   rows of that head in decode, and in extend K/V are broadcast to the query heads by a stride-0
-  view. Neither copies K/V. In bfloat16 (head dims 64 and 128, a CPU with AMX; widened to float32 without
-  AMX) and in float32 (an AVX2 CPU) an extend chunk goes to the compiled kernel of
-  :mod:`kernels.cpu_extend` instead, with the same K/V rows.
+  view. Neither copies K/V. In bfloat16 (on AMX tiles or AVX-512 BF16 dot products, else
+  widened to float32) and in float32 (an AVX2 CPU) an extend chunk goes to the compiled kernel
+  of :mod:`kernels.cpu_extend` instead, with the same K/V rows.
 
 Per layer, ``window`` (sliding-window attention) masks keys before the window and, in extend,
 skips gathering them; ``softcap`` (Gemma 2) has no fused SDPA equivalent, so a soft-capped call

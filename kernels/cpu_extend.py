@@ -49,7 +49,8 @@ def load() -> ctypes.CDLL | None:
 
 @functools.cache
 def load_avx512bf16() -> ctypes.CDLL | None:
-    """The bfloat16 kernel library of CPUs with AVX-512 BF16 (and no AMX) where it builds; else None."""
+    """The bfloat16 kernel library where this CPU has AVX-512 BF16; else None. It takes the calls
+    the AMX kernel does not: all of them without AMX, other head dims (80, 256, ...) with it."""
     lib = c_library.load("extend_avx512bf16.c", [*c_library.BASE_FLAGS, "-mprefer-vector-width=512"],
                          SWITCH)
     if lib is None:

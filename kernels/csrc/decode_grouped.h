@@ -9,8 +9,9 @@
  * 16 rows of 512 bytes (4 bf16 KV heads of 64), so everything it reads stays in L1, and the
  * memory stream runs ahead of the arithmetic instead of stalling at every new page of a
  * scattered block (a step over 64 sequences of ~300 positions: 14.8 -> 10.7 ms on a Sapphire
- * Rapids). Into L2, not L1: on a Zen 4 the L1 prefetch of two groups (up to 32 KiB, the whole
- * L1) bought nothing over none, the L2 one 11-36 % (docs/BENCHMARKS.md).
+ * Rapids, prefetched into L1 then). Into L2 now: on a Zen 4 the L1 prefetch of two groups (32
+ * KiB in bf16, 64 in fp32: the whole L1 or more) bought nothing over none, the L2 one 11-36 %
+ * (docs/BENCHMARKS.md; the Sapphire Rapids not measured with it).
  *
  * Scores: 16 positions' dot products (vdpbf16ps products of the bf16 query and key summed in
  * fp32; fp32 FMAs) added across in one transpose-and-add tree. Values: a bf16 row's 32-value

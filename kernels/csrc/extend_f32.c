@@ -6,8 +6,8 @@
  * Why: torch's fused CPU attention ran float32 prefill at 25-55 GFLOP/s on a 2-core Zen 3 (a
  * 256-token chunk 1.3 ms per layer, 2,048 tokens 120 ms: more than the layer's projections),
  * where the cores' FMA units give ~190 (docs/BENCHMARKS.md). Here each task takes one KV head
- * and 6 query rows (its query heads x consecutive tokens, so a GQA group reads each key once)
- * and walks key blocks of 64 as a register-blocked product: scores 6 rows x 16 keys per pass
+ * and 24 query rows in blocks of 6 (its query heads x consecutive tokens, so a GQA group reads
+ * each key once; extend_rows.h) and walks key blocks of 64 as a register-blocked product: scores 6 rows x 16 keys per pass
  * (12 accumulators; K of the head packed once per call as [16 keys] per dim), an online
  * softmax over the block in float32, then the weighted values 6 rows x 16 dims per pass over V
  * where it lies. Keys no row of the task sees (past the last row's position, before the first
