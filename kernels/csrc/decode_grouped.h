@@ -9,9 +9,19 @@
  * 16 rows of 512 bytes (4 bf16 KV heads of 64), so everything it reads stays in L1, and the
  * memory stream runs ahead of the arithmetic instead of stalling at every new page of a
  * scattered block (a step over 64 sequences of ~300 positions: 14.8 -> 10.7 ms on a Sapphire
- * Rapids, prefetched into L1 then). Into L2 now: on a Zen 4 the L1 prefetch of two groups (32
- * KiB in bf16, 64 in fp32: the whole L1 or more) bought nothing over none, the L2 one 11-36 %
- * (docs/BENCHMARKS.md; the Sapphire Rapids not measured with it).
+ * Rapids, prefetched into L1 then). Into L2: on a Zen 4 the L1 prefetch of two groups (32 KiB
+ * in bf16, 64 in fp32: the whole L1 or more) bought nothing over none, the L2 one 11-36 %.
+ *
+ * A task of several KV heads (batches of 8 and more) spreads those prefetches over the group's
+ * work: each KV head's key lines of the row two groups ahead as its first query head's score of
+ * that position is done, its value lines as its values are. Issued all at once at the group's
+ * start, its 256 prefetches (bf16) wait on the core's few outstanding-miss slots while the
+ * arithmetic that follows leaves them idle: memory and arithmetic took turns. Spread, they
+ * overlap: 64 sequences of 256-384 positions over 8 layers, 2 threads, from memory, Zen 4: bf16
+ * 11.6-12.6 -> 8.0-9.5 ms, fp32 19.2-19.8 -> 15.3-15.8 (docs/BENCHMARKS.md). A task of one KV head
+ * (smaller batches) reads a quarter of each row and keeps the prefetch at the group's start:
+ * spread, it measured a few per cent slower. The first two groups are prefetched at the task's
+ * start either way.
  *
  * Scores: 16 positions' dot products (vdpbf16ps products of the bf16 query and key summed in
  * fp32; fp32 FMAs) added across in one transpose-and-add tree. Values: a bf16 row's 32-value
@@ -79,9 +89,9 @@ static inline float group_softmax(__m512 dots[GROUP], int64_t n, float scale, fl
 struct cursor { int64_t blk, off; };
 
 /* Rows (element offsets, at the task's first KV head) of the next min(count, GROUP) positions
- * from the cursor, which moves past them, and a prefetch of each row's K and V cache lines
- * (`lines` of them from the row's start; `elem` bytes per element). A table entry is read only
- * for a position the sequence has (count > 0). */
+ * from the cursor, which moves past them, and a prefetch into L2 of each row's first `lines`
+ * cache lines of K and V (`elem` bytes per element). A table entry is read only for a position
+ * the sequence has (count > 0). */
 static inline void group_rows(struct cursor *cur, const int32_t *table, int64_t block_size,
                               int64_t row, int64_t head_offset, int64_t count, int64_t lines,
                               const void *k_cache, const void *v_cache, int64_t elem,
@@ -94,6 +104,14 @@ static inline void group_rows(struct cursor *cur, const int32_t *table, int64_t 
             _mm_prefetch((const char *)v_cache + rows[i] * elem + 64 * l, _MM_HINT_T1);
         }
     }
+}
+
+/* Every cache line of one head's `bytes` at element `at` of a cache (`elem` bytes each), into L2.
+ * A head's row starts on a cache line: torch aligns the cache to 64 bytes, and a row of the
+ * grouped head dims is a multiple of 128 bytes. */
+static inline void prefetch_head(const void *cache, int64_t at, int64_t elem, int64_t bytes) {
+    const char *from = (const char *)cache + at * elem;
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(from + off, _MM_HINT_T1);
 }
 
 /* Value rows: NV fp32 vectors per head; a bf16 row widened (lanes interleaved), fp32 as is. */
@@ -111,13 +129,15 @@ static inline void group_rows(struct cursor *cur, const int32_t *table, int64_t 
  * each row is loaded once for all K. NV: fp32 vectors per head (head_dim / 16). */
 #define DEFINE_VALUES(NAME, T, LOAD_V, NV, K)                                                     \
 static inline void NAME(const T *v_cache, const int64_t *base, int64_t hh, int64_t n, int64_t j0, \
-                        float p[][GROUP], const float *correction, float acc[][MAX_DIM]) {        \
+                        float p[][GROUP], const float *correction, float acc[][MAX_DIM],          \
+                        const int64_t *ahead, int64_t n_ahead) {                                  \
     __m512 a[K][NV];                                                                              \
     for (int k = 0; k < K; k++)                                                                   \
         for (int c = 0; c < NV; c++)                                                              \
             a[k][c] = _mm512_mul_ps(_mm512_loadu_ps(acc[j0 + k] + 16 * c),                        \
                                     _mm512_set1_ps(correction[j0 + k]));                          \
     for (int64_t i = 0; i < n; i++) {                                                             \
+        if (i < n_ahead) prefetch_head(v_cache, ahead[i] + hh * 16 * NV, sizeof(T), 16 * NV * sizeof(T)); \
         __m512 v[NV];                                                                             \
         LOAD_V(v, v_cache + base[i] + hh * 16 * NV, NV)                                           \
         for (int k = 0; k < K; k++) {                                                             \
@@ -139,25 +159,27 @@ static inline void NAME(const T *v_cache, const int64_t *base, int64_t hh, int64
 /* The task: NV fp32 vectors per head (head_dim / 16), QN query vectors, GB heads' accumulators
  * in registers at once (VAL: GB of them, VAL1: one, for a group's remainder). Q: the task's
  * queries, [MAX_QHEADS][MAX_DIM] of T. */
-#define DEFINE_TASK(NAME, T, NV, QT, QN, QLOAD, DOT, VAL, VAL1, GB)                               \
+#define DEFINE_TASK(NAME, T, NV, QT, QN, QLOAD, DOT, VAL, VAL1, GB, SPREAD)                       \
 static void NAME(const T *k_cache, const T *v_cache, const int32_t *table, int64_t block_size,    \
                  int64_t row, int64_t h0, int64_t span, int64_t group, int64_t first, int64_t len, \
                  const T q[][MAX_DIM], float scale, float softcap, float acc[][MAX_DIM],          \
                  float *run_max, float *run_sum) {                                                \
-    const int64_t head_dim = 16 * NV, elem = sizeof(T);                                           \
-    const int64_t lines = (span * head_dim * elem + 63) / 64; /* cache lines of a task's row */    \
+    const int64_t head_dim = 16 * NV, head_bytes = head_dim * sizeof(T);                          \
+    const int64_t lines = span * head_bytes / 64; /* of a task's row */                          \
+    const int spread = SPREAD;                                                                    \
     struct cursor cur = {first / block_size, first % block_size};                                 \
     int64_t base[GROUP], next[GROUP], ahead[GROUP];                                               \
     group_rows(&cur, table, block_size, row, h0 * head_dim, len - first, lines, k_cache, v_cache, \
-               elem, next);                                                                       \
+               sizeof(T), next);                                                                  \
     group_rows(&cur, table, block_size, row, h0 * head_dim, len - first - GROUP, lines, k_cache,  \
-               v_cache, elem, ahead);                                                             \
+               v_cache, sizeof(T), ahead);                                                        \
     for (int64_t t0 = first; t0 < len; t0 += GROUP) {                                             \
         const int64_t n = len - t0 < GROUP ? len - t0 : GROUP;                                    \
+        const int64_t left = len - t0 - 2 * GROUP, n_ahead = left < 0 ? 0 : left;                 \
         memcpy(base, next, sizeof base);                                                          \
         memcpy(next, ahead, sizeof next);                                                         \
-        group_rows(&cur, table, block_size, row, h0 * head_dim, len - t0 - 2 * GROUP, lines,      \
-                   k_cache, v_cache, elem, ahead);                                                \
+        group_rows(&cur, table, block_size, row, h0 * head_dim, left, spread ? 0 : lines,         \
+                   k_cache, v_cache, sizeof(T), ahead);                                           \
         float p[MAX_QHEADS][GROUP], correction[MAX_QHEADS];                                       \
         for (int64_t hh = 0; hh < span; hh++)                                                     \
             for (int64_t g = 0; g < group; g++) {                                                 \
@@ -168,6 +190,8 @@ static void NAME(const T *k_cache, const T *v_cache, const int32_t *table, int64
                 for (int64_t i = 0; i < GROUP; i++) {                                             \
                     dots[i] = _mm512_setzero_ps();                                                \
                     if (i >= n) continue;                                                         \
+                    if (spread && g == 0 && i < n_ahead)                                          \
+                        prefetch_head(k_cache, ahead[i] + hh * head_dim, sizeof(T), head_bytes);  \
                     const T *kr = k_cache + base[i] + hh * head_dim;                              \
                     for (int c = 0; c < QN; c++) dots[i] = DOT(dots[i], kr, qv[c], c);            \
                 }                                                                                 \
@@ -175,23 +199,29 @@ static void NAME(const T *k_cache, const T *v_cache, const int32_t *table, int64
                                               &run_sum[j]);                                       \
             }                                                                                     \
         for (int64_t hh = 0; hh < span; hh++) {                                                   \
-            int64_t g0 = 0;                                                                       \
-            for (; g0 + GB <= group; g0 += GB) VAL(v_cache, base, hh, n, hh * group + g0, p, correction, acc); \
-            for (; g0 < group; g0++) VAL1(v_cache, base, hh, n, hh * group + g0, p, correction, acc); \
+            int64_t g0 = 0, pf = spread ? n_ahead : 0; /* by the head's first call */           \
+            for (; g0 + GB <= group; g0 += GB, pf = 0)                                            \
+                VAL(v_cache, base, hh, n, hh * group + g0, p, correction, acc, ahead, pf);        \
+            for (; g0 < group; g0++, pf = 0)                                                      \
+                VAL1(v_cache, base, hh, n, hh * group + g0, p, correction, acc, ahead, pf);       \
         }                                                                                         \
     }                                                                                             \
 }
 
-/* NAME: the task for this head dim (TASK64/128/256); 0 when the head dim has none. */
-#define DEFINE_DISPATCH(NAME, T, TASK64, TASK128, TASK256)                                        \
-static int NAME(const T *k_cache, const T *v_cache, const int32_t *table, int64_t block_size,     \
-                int64_t row, int64_t h0, int64_t span, int64_t group, int64_t head_dim,          \
-                int64_t first, int64_t len, const T q[][MAX_DIM], float scale, float softcap,    \
-                float acc[][MAX_DIM], float *run_max, float *run_sum) {                          \
+/* grouped_task_TY: the task of TY for this head dim, its spread variant for a task of several
+ * KV heads; 0 when the head dim has none. */
+#define DEFINE_DISPATCH(TY, T)                                                                    \
+static int grouped_task_##TY(const T *k_cache, const T *v_cache, const int32_t *table,            \
+                             int64_t block_size, int64_t row, int64_t h0, int64_t span,           \
+                             int64_t group, int64_t head_dim, int64_t first, int64_t len,         \
+                             const T q[][MAX_DIM], float scale, float softcap,                    \
+                             float acc[][MAX_DIM], float *run_max, float *run_sum) {              \
     void (*task)(const T *, const T *, const int32_t *, int64_t, int64_t, int64_t, int64_t,       \
                  int64_t, int64_t, int64_t, const T[][MAX_DIM], float, float, float[][MAX_DIM], \
                  float *, float *) =                                                              \
-        head_dim == 64 ? TASK64 : head_dim == 128 ? TASK128 : head_dim == 256 ? TASK256 : NULL;   \
+        head_dim == 64 ? (span > 1 ? task_##TY##_64s : task_##TY##_64)                            \
+        : head_dim == 128 ? (span > 1 ? task_##TY##_128s : task_##TY##_128)                       \
+        : head_dim == 256 ? (span > 1 ? task_##TY##_256s : task_##TY##_256) : NULL;               \
     if (task == NULL) return 0;                                                                   \
     task(k_cache, v_cache, table, block_size, row, h0, span, group, first, len, q, scale, softcap, \
          acc, run_max, run_sum);                                                                  \
@@ -199,18 +229,21 @@ static int NAME(const T *k_cache, const T *v_cache, const int32_t *table, int64_
 }
 
 /* Every task of one cache dtype TY (values in registers for 4, 2 and 1 query heads by head
- * dim; QDIV: fp32 values per query-vector lane, 1 for fp32, 2 for bf16 pairs) and its dispatch,
- * grouped_task_TY. */
+ * dim; QDIV: fp32 values per query-vector lane, 1 for fp32, 2 for bf16 pairs), each plain and
+ * spread, and its dispatch, grouped_task_TY. */
 #define DEFINE_TASKS(TY, T, LOAD_V, QT, QDIV, QLOAD, DOT)                                          \
 DEFINE_VALUES(values_##TY##_4_4, T, LOAD_V, 4, 4)                                                 \
 DEFINE_VALUES(values_##TY##_4_1, T, LOAD_V, 4, 1)                                                 \
 DEFINE_VALUES(values_##TY##_8_2, T, LOAD_V, 8, 2)                                                 \
 DEFINE_VALUES(values_##TY##_8_1, T, LOAD_V, 8, 1)                                                 \
 DEFINE_VALUES(values_##TY##_16_1, T, LOAD_V, 16, 1)                                               \
-DEFINE_TASK(task_##TY##_64, T, 4, QT, 4 / QDIV, QLOAD, DOT, values_##TY##_4_4, values_##TY##_4_1, 4) \
-DEFINE_TASK(task_##TY##_128, T, 8, QT, 8 / QDIV, QLOAD, DOT, values_##TY##_8_2, values_##TY##_8_1, 2) \
-DEFINE_TASK(task_##TY##_256, T, 16, QT, 16 / QDIV, QLOAD, DOT, values_##TY##_16_1, values_##TY##_16_1, 1) \
-DEFINE_DISPATCH(grouped_task_##TY, T, task_##TY##_64, task_##TY##_128, task_##TY##_256)
+DEFINE_TASK(task_##TY##_64, T, 4, QT, 4 / QDIV, QLOAD, DOT, values_##TY##_4_4, values_##TY##_4_1, 4, 0) \
+DEFINE_TASK(task_##TY##_64s, T, 4, QT, 4 / QDIV, QLOAD, DOT, values_##TY##_4_4, values_##TY##_4_1, 4, 1) \
+DEFINE_TASK(task_##TY##_128, T, 8, QT, 8 / QDIV, QLOAD, DOT, values_##TY##_8_2, values_##TY##_8_1, 2, 0) \
+DEFINE_TASK(task_##TY##_128s, T, 8, QT, 8 / QDIV, QLOAD, DOT, values_##TY##_8_2, values_##TY##_8_1, 2, 1) \
+DEFINE_TASK(task_##TY##_256, T, 16, QT, 16 / QDIV, QLOAD, DOT, values_##TY##_16_1, values_##TY##_16_1, 1, 0) \
+DEFINE_TASK(task_##TY##_256s, T, 16, QT, 16 / QDIV, QLOAD, DOT, values_##TY##_16_1, values_##TY##_16_1, 1, 1) \
+DEFINE_DISPATCH(TY, T)
 
 /* Tasks over fp32 caches (q: the task's fp32 queries). */
 DEFINE_TASKS(f32, float, LOAD_V_F32, __m512, 1, QLOAD_F32, DOT_F32)
