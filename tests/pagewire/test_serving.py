@@ -84,3 +84,23 @@ def test_a_service_that_stops_cleanly_exits_with_its_logs_and_exit_handlers_run(
     assert done.returncode == 0, done.stderr
     assert done.stdout == "buffered, no newlineexit handler ran\n"
     assert "INFO:svc:stopped cleanly" in done.stderr
+
+
+@pytest.mark.parametrize(("setting", "loop"), [(None, "uvloop"), ("asyncio", "asyncio")])
+def test_a_service_runs_on_uvloop_unless_told_asyncio(setting: str | None, loop: str) -> None:
+    """run_main's event loop: uvloop's (installed with pagewire on Linux), or asyncio's own with
+    PAGEWIRE_EVENT_LOOP=asyncio."""
+    script = textwrap.dedent("""
+        import asyncio
+        from pagewire import serving
+        async def serve():
+            print(type(asyncio.get_running_loop()).__module__.split(".")[0])
+        serving.run_main(serve)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PAGEWIRE_EVENT_LOOP"}
+    if setting is not None:
+        env["PAGEWIRE_EVENT_LOOP"] = setting
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == loop
