@@ -126,7 +126,8 @@ static inline void prefetch_head(const void *cache, int64_t at, int64_t elem, in
 
 /* The weighted values of a group's n rows into K query heads' accumulators (j0 .. j0+K-1, all
  * of KV head hh), rescaled by the softmax's correction and kept in registers over the group:
- * each row is loaded once for all K. NV: fp32 vectors per head (head_dim / 16). */
+ * each row is loaded once for all K. NV: fp32 vectors per head (head_dim / 16). With each of
+ * the first n_ahead rows, head hh's value lines of row ahead[i] are prefetched (a spread task). */
 #define DEFINE_VALUES(NAME, T, LOAD_V, NV, K)                                                     \
 static inline void NAME(const T *v_cache, const int64_t *base, int64_t hh, int64_t n, int64_t j0, \
                         float p[][GROUP], const float *correction, float acc[][MAX_DIM],          \
@@ -158,7 +159,8 @@ static inline void NAME(const T *v_cache, const int64_t *base, int64_t hh, int64
 
 /* The task: NV fp32 vectors per head (head_dim / 16), QN query vectors, GB heads' accumulators
  * in registers at once (VAL: GB of them, VAL1: one, for a group's remainder). Q: the task's
- * queries, [MAX_QHEADS][MAX_DIM] of T. */
+ * queries, [MAX_QHEADS][MAX_DIM] of T. SPREAD: the prefetches spread over the group's work (a
+ * task of several KV heads) or issued at its start. */
 #define DEFINE_TASK(NAME, T, NV, QT, QN, QLOAD, DOT, VAL, VAL1, GB, SPREAD)                       \
 static void NAME(const T *k_cache, const T *v_cache, const int32_t *table, int64_t block_size,    \
                  int64_t row, int64_t h0, int64_t span, int64_t group, int64_t first, int64_t len, \
