@@ -130,8 +130,8 @@ async def run_until_signalled(
 
 
 def event_loop_runner() -> Callable[[Any], Any]:
-    """``uvloop.run`` where uvloop is installed, else ``asyncio.run``; ``PAGEWIRE_EVENT_LOOP=asyncio``
-    picks asyncio's own loop.
+    """``uvloop.run`` where uvloop is installed, else ``asyncio.run``; ``PAGEWIRE_EVENT_LOOP``
+    (``uvloop`` or ``asyncio``) picks one, and a loop it names must be there.
 
     A service's event loop does its per-token work (gRPC messages, SSE writes, Redis calls) on
     the cores a CPU worker's OpenMP team computes on, where each CPU-second it takes costs the
@@ -139,14 +139,18 @@ def event_loop_runner() -> Callable[[Any], Any]:
     bfloat16 burst of 64 streams on 2 cores the router took 0.071-0.074 CPU-ms per output token
     against 0.077-0.104, the scheduler 0.031-0.033 against 0.033-0.037, and the burst ran 3 %
     faster (4 of 4 alternating rounds)."""
-    if os.environ.get("PAGEWIRE_EVENT_LOOP", "uvloop") != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            return uvloop.run
-    return asyncio.run
+    choice = os.environ.get("PAGEWIRE_EVENT_LOOP", "")
+    if choice not in ("", "uvloop", "asyncio"):
+        raise ValueError(f"PAGEWIRE_EVENT_LOOP={choice!r}: must be 'uvloop' or 'asyncio'")
+    if choice == "asyncio":
+        return asyncio.run
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ValueError("PAGEWIRE_EVENT_LOOP=uvloop, but uvloop is not installed") from None
+        return asyncio.run
+    return uvloop.run
 
 
 def run_main(serve: Callable[[], Awaitable[None]]) -> None:

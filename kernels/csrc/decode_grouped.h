@@ -168,7 +168,6 @@ static void NAME(const T *k_cache, const T *v_cache, const int32_t *table, int64
                  float *run_max, float *run_sum) {                                                \
     const int64_t head_dim = 16 * NV, head_bytes = head_dim * sizeof(T);                          \
     const int64_t lines = span * head_bytes / 64; /* of a task's row */                          \
-    const int spread = SPREAD;                                                                    \
     struct cursor cur = {first / block_size, first % block_size};                                 \
     int64_t base[GROUP], next[GROUP], ahead[GROUP];                                               \
     group_rows(&cur, table, block_size, row, h0 * head_dim, len - first, lines, k_cache, v_cache, \
@@ -180,7 +179,7 @@ static void NAME(const T *k_cache, const T *v_cache, const int32_t *table, int64
         const int64_t left = len - t0 - 2 * GROUP, n_ahead = left < 0 ? 0 : left;                 \
         memcpy(base, next, sizeof base);                                                          \
         memcpy(next, ahead, sizeof next);                                                         \
-        group_rows(&cur, table, block_size, row, h0 * head_dim, left, spread ? 0 : lines,         \
+        group_rows(&cur, table, block_size, row, h0 * head_dim, left, SPREAD ? 0 : lines,         \
                    k_cache, v_cache, sizeof(T), ahead);                                           \
         float p[MAX_QHEADS][GROUP], correction[MAX_QHEADS];                                       \
         for (int64_t hh = 0; hh < span; hh++)                                                     \
@@ -192,7 +191,7 @@ static void NAME(const T *k_cache, const T *v_cache, const int32_t *table, int64
                 for (int64_t i = 0; i < GROUP; i++) {                                             \
                     dots[i] = _mm512_setzero_ps();                                                \
                     if (i >= n) continue;                                                         \
-                    if (spread && g == 0 && i < n_ahead)                                          \
+                    if (SPREAD && g == 0 && i < n_ahead)                                          \
                         prefetch_head(k_cache, ahead[i] + hh * head_dim, sizeof(T), head_bytes);  \
                     const T *kr = k_cache + base[i] + hh * head_dim;                              \
                     for (int c = 0; c < QN; c++) dots[i] = DOT(dots[i], kr, qv[c], c);            \
@@ -201,7 +200,7 @@ static void NAME(const T *k_cache, const T *v_cache, const int32_t *table, int64
                                               &run_sum[j]);                                       \
             }                                                                                     \
         for (int64_t hh = 0; hh < span; hh++) {                                                   \
-            int64_t g0 = 0, pf = spread ? n_ahead : 0; /* by the head's first call */           \
+            int64_t g0 = 0, pf = SPREAD ? n_ahead : 0; /* by the head's first call */           \
             for (; g0 + GB <= group; g0 += GB, pf = 0)                                            \
                 VAL(v_cache, base, hh, n, hh * group + g0, p, correction, acc, ahead, pf);        \
             for (; g0 < group; g0++, pf = 0)                                                      \

@@ -86,7 +86,8 @@ def test_a_service_that_stops_cleanly_exits_with_its_logs_and_exit_handlers_run(
     assert "INFO:svc:stopped cleanly" in done.stderr
 
 
-@pytest.mark.parametrize(("setting", "loop"), [(None, "uvloop"), ("asyncio", "asyncio")])
+@pytest.mark.parametrize(("setting", "loop"),
+                         [(None, "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
 def test_a_service_runs_on_uvloop_unless_told_asyncio(setting: str | None, loop: str) -> None:
     """run_main's event loop: uvloop's (installed with pagewire on Linux), or asyncio's own with
     PAGEWIRE_EVENT_LOOP=asyncio."""
@@ -104,3 +105,17 @@ def test_a_service_runs_on_uvloop_unless_told_asyncio(setting: str | None, loop:
                           timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == loop
+
+
+def test_an_event_loop_setting_it_cannot_honour_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PAGEWIRE_EVENT_LOOP", "uvlop")
+    with pytest.raises(ValueError, match="PAGEWIRE_EVENT_LOOP='uvlop'"):
+        serving.event_loop_runner()
+    monkeypatch.setenv("PAGEWIRE_EVENT_LOOP", "uvloop")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as where it is not installed
+    with pytest.raises(ValueError, match="uvloop is not installed"):
+        serving.event_loop_runner()
+    monkeypatch.delenv("PAGEWIRE_EVENT_LOOP")
+    assert serving.event_loop_runner() is asyncio.run  # not asked for by name: asyncio's
