@@ -27,6 +27,7 @@ fleet's other workers (``Fleet.hand_over``), and its load figures say ``draining
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -147,10 +148,13 @@ class WorkerEngine:
             stream = asyncio.create_task(self._run_stream())
             watchdog = asyncio.create_task(watch_heartbeat(
                 redis_client, self.store.keys, self.worker_id, heartbeat_s, self._state_lost))
-            done, _ = await asyncio.wait({stream, watchdog}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (stream, watchdog):
-                t.cancel()
-            await asyncio.gather(stream, watchdog, return_exceptions=True)
+            try:
+                done, _ = await asyncio.wait({stream, watchdog},
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:  # cancelled too: the step stream must not outlive the engine's loop
+                for t in (stream, watchdog):
+                    t.cancel()
+                await asyncio.gather(stream, watchdog, return_exceptions=True)
             reason = next((t.exception() for t in done if not t.cancelled() and t.exception()), None)
             if isinstance(reason, AssertionError):
                 # A broken invariant: crash rather than serve from corrupt bookkeeping. Redis
@@ -284,7 +288,8 @@ class WorkerEngine:
         if not self.scheduler.has_work:
             await self.wakeup.wait()
         else:  # work that cannot run yet (blocks, tokens in flight): poll gently
-            await asyncio.wait([asyncio.ensure_future(self.wakeup.wait())], timeout=0.01)
+            with contextlib.suppress(asyncio.TimeoutError):  # and the wait is cancelled
+                await asyncio.wait_for(self.wakeup.wait(), 0.01)
 
     def _encode(self, batch: ScheduledBatch, release: bool = True) -> worker_pb2.Step:
         self.steps_sent += 1

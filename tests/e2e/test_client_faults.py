@@ -24,6 +24,7 @@ import pytest
 import redis
 from e2e_util import assert_block_invariants, greedy_request, launch, redis_keys
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from pagewire import serving
 from pagewire.launcher import Stack, free_port
@@ -48,15 +49,23 @@ class FaultStack:
 
     def generated_tokens(self) -> float:
         """Tokens the scheduler has generated since it started, all requests together."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        return sum(
-            s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if s.name == "pagewire:generation_tokens_total"
-        )
+        samples = scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        return sum(s.value for s in samples if s.name == "pagewire:generation_tokens_total")
+
+    def ended(self) -> dict[str, float]:
+        """Requests the router has seen end, by finish reason (stop, length, abort, error)."""
+        samples = scrape(f"{self.http}/metrics")
+        return {
+            s.labels["finished_reason"]: s.value
+            for s in samples
+            if s.name == "pagewire:request_success_total"
+        }
+
+
+def scrape(url: str) -> list[Sample]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +166,18 @@ async def aftermath(fault_stack: FaultStack, model: Path, tokens_at_hang_up: flo
         last = now
 
 
-def assert_served_normally(fault_stack: FaultStack, model: Path, tokens_after: float) -> None:
-    # Finishing would have taken ~199 more tokens each: the aborts came within a few steps.
-    assert tokens_after < CLIENTS * LONG // 10, f"{tokens_after} tokens after the clients left"
+def assert_served_normally(
+    fault_stack: FaultStack, model: Path, tokens_after: float, ended_before: dict[str, float]
+) -> None:
+    """Every client's request ended as an abort, the scheduler stopped generating for them within
+    a few steps, every block is back, and the next request is served as before."""
+    ended = fault_stack.ended()
+    assert ended.get("abort", 0) - ended_before.get("abort", 0) == CLIENTS
+    assert ended.get("length", 0) == ended_before.get("length", 0)
+    # Finishing would have taken ~199 more tokens each (19,900). A step is 100 tokens; the aborts
+    # usually land within 2-7 steps, but a stalled core on a 2-core machine has stretched that
+    # to 28 (the router's cancellations wait for its event loop).
+    assert tokens_after < CLIENTS * LONG // 4, f"{tokens_after} tokens after the clients left"
     stack = fault_stack.stack
     assert_block_invariants(stack.redis_url, model, WORKER, NUM_BLOCKS)
     assert asyncio.run(greedy(stack.router, "after the storm", 16)) == fault_stack.reference
@@ -169,6 +187,8 @@ def assert_served_normally(fault_stack: FaultStack, model: Path, tokens_after: f
 def test_grpc_clients_that_hang_up_mid_generation_are_aborted_and_their_blocks_freed(
     fault_stack: FaultStack, tiny_model: Path, hang_up: str
 ) -> None:
+    ended_before = fault_stack.ended()
+
     async def scenario() -> tuple[list[grpc.StatusCode], float]:
         channels = [serving.insecure_channel(fault_stack.stack.router) for _ in range(CLIENTS)]
         try:
@@ -191,13 +211,14 @@ def test_grpc_clients_that_hang_up_mid_generation_are_aborted_and_their_blocks_f
 
     codes, tokens_after = asyncio.run(scenario())
     assert codes == [grpc.StatusCode.CANCELLED] * CLIENTS
-    assert_served_normally(fault_stack, tiny_model, tokens_after)
+    assert_served_normally(fault_stack, tiny_model, tokens_after, ended_before)
 
 
 def test_http_clients_that_drop_the_connection_mid_stream_are_aborted_and_their_blocks_freed(
     fault_stack: FaultStack, tiny_model: Path
 ) -> None:
     url = f"{fault_stack.http}/v1/completions"
+    ended_before = fault_stack.ended()
 
     async def first_event(session: aiohttp.ClientSession, i: int) -> None:
         body = {"prompt": f"client {i} streams a long story", "max_tokens": LONG,
@@ -216,7 +237,8 @@ def test_http_clients_that_drop_the_connection_mid_stream_are_aborted_and_their_
             await asyncio.gather(*(s.close() for s in sessions))
         return await aftermath(fault_stack, tiny_model, tokens_at_hang_up)
 
-    assert_served_normally(fault_stack, tiny_model, asyncio.run(scenario()))
+    tokens_after = asyncio.run(scenario())
+    assert_served_normally(fault_stack, tiny_model, tokens_after, ended_before)
 
 
 async def others_latencies(channel: grpc.aio.Channel, n: int = 8) -> list[float]:

@@ -62,6 +62,7 @@ async def served(fleet: Fleet, r: aioredis.Redis, keys: RedisKeys, info: worker_
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
+        assert_engine_stopped()
         with contextlib.suppress(TimeoutError):  # a server the test stopped already may not answer
             await asyncio.wait_for(server.stop(0), 5)
 
@@ -92,3 +93,13 @@ def scenario(redis_url: str, body: Callable[[aioredis.Redis, RedisKeys], Awaitab
             await r.aclose()
 
     asyncio.run(run())
+
+
+def assert_engine_stopped() -> None:
+    """No task is left running an engine's step stream or heartbeat watch: cancelling its loop
+    stops both (a step stream that outlived it would go on driving the worker)."""
+    names = {"_run_stream", "watch_heartbeat"}
+    left = [t.get_name() for t in asyncio.all_tasks()
+            if not t.done() and getattr(t.get_coro(), "__name__", "") in names]
+    if left:
+        raise AssertionError(f"the engine's loop left {left} running")
