@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pagewire.v1 import scheduler_pb2
+from pagewire.v1 import common_pb2, scheduler_pb2
 from scheduler_svc.request import Request, Status
 
 
@@ -105,12 +105,20 @@ def full_event(req: Request, worker_id: str) -> scheduler_pb2.TokenEvent:
 
 
 def replay_event(req: Request, start: int) -> scheduler_pb2.TokenEvent:
-    """Everything delivered from ``start`` on, for a router that re-attaches after a restart."""
+    """Everything delivered from ``start`` on, for a router that re-attaches after a restart.
+
+    The finish goes with it only once its last tokens are delivered too: a request can finish
+    while its last step's write is still on the way to Redis, and that step's own event (sent to
+    this router, now attached) carries those tokens and the finish. Told the finish here, the
+    router would end the stream without them, and read the last token it had as the one that
+    stopped generation."""
+    delivered_all = req.num_delivered >= len(req.output)
+    finished = req.finish_reason if delivered_all else common_pb2.FINISH_REASON_UNSPECIFIED
     return scheduler_pb2.TokenEvent(
         request_id=req.request_id,
         token_ids=req.output[start : req.num_delivered],
         index=start,
-        finish_reason=req.finish_reason,
+        finish_reason=finished,
         prompt_tokens=len(req.prompt),
         cached_tokens=max(req.num_cached, 0),
     )

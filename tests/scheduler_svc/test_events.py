@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pagewire.sampling import SamplingParams
 from pagewire.v1 import common_pb2
-from scheduler_svc.events import RouterConn, deliver, split_events
+from scheduler_svc.events import RouterConn, deliver, replay_event, split_events
 from scheduler_svc.request import Request, Status
 
 
@@ -59,3 +59,27 @@ def test_a_request_no_router_listens_to_still_counts_its_tokens_delivered() -> N
     a.conn = None
     step([a], 11)
     assert a.num_delivered == 2 and read_like_the_router(conn) == [("a", 0, 10)]
+
+
+def test_a_router_that_re_attaches_while_the_finishing_step_is_in_flight_gets_its_tokens() -> None:
+    """After a restart the request runs before its router re-attaches. It finishes (stop token
+    99) while that step's write is on its way to Redis; the router re-attaches then. The replay
+    carries what was delivered and no finish; the finishing step's event, once its write lands,
+    brings the stop token and the finish to the router now attached."""
+    a = streaming("a", RouterConn())
+    a.conn = None  # recovered: no router yet
+    step([a], 10)
+    a.output.append(99)
+    a.status, a.finish_reason = Status.FINISHED, common_pb2.FINISH_REASON_STOP
+    in_flight = split_events([a], "w")  # the finishing step, its write not landed yet
+    router = RouterConn()
+    a.conn = router
+    replay = replay_event(a, 0)
+    assert (list(replay.token_ids), replay.finish_reason) == ([10], common_pb2.FINISH_REASON_UNSPECIFIED)
+    deliver(*in_flight)
+    [batch] = router.take()
+    assert [(e.index, list(e.token_ids), e.finish_reason) for e in batch.events] == [
+        (1, [99], common_pb2.FINISH_REASON_STOP)]
+    again = replay_event(a, 0)  # everything delivered: a replay now tells the finish
+    assert (list(again.token_ids), again.finish_reason) == ([10, 99], common_pb2.FINISH_REASON_STOP)
+
