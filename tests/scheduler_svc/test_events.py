@@ -82,4 +82,3 @@ def test_a_router_that_re_attaches_while_the_finishing_step_is_in_flight_gets_it
         (1, [99], common_pb2.FINISH_REASON_STOP)]
     again = replay_event(a, 0)  # everything delivered: a replay now tells the finish
     assert (list(again.token_ids), again.finish_reason) == ([10, 99], common_pb2.FINISH_REASON_STOP)
-
