@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 from pagewire.v1 import generation_pb2
 
@@ -22,7 +22,7 @@ def score(responses: list[generation_pb2.GenerateResponse]) -> float:
 
 async def select(
     responses: AsyncGenerator[generation_pb2.GenerateResponse, None], n: int, keep_logprobs: bool
-) -> AsyncIterator[generation_pb2.GenerateResponse]:
+) -> AsyncGenerator[generation_pb2.GenerateResponse, None]:
     by_candidate: dict[int, list[generation_pb2.GenerateResponse]] = defaultdict(list)
     async with contextlib.aclosing(responses) as each:
         async for response in each:

@@ -25,7 +25,7 @@ For SentencePiece-style tokenizers they equal the text the output adds after the
 first generated token keeps its leading space.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -43,7 +43,7 @@ class IncrementalDetokenizer:
         prompt_ids: Sequence[int],
         skip_special_tokens: bool = True,
     ) -> None:
-        self._tokenizer = tokenizer
+        self._decode_ids = text_decoder(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         self._deltas: list[str] = []
         self._finished = False
@@ -93,4 +93,28 @@ class IncrementalDetokenizer:
         self._emitted = self._context_chars
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+        return self._decode_ids(ids, self._skip_special_tokens)
+
+
+Decoder = Callable[[list[int], bool], str]  # (ids, skip_special_tokens) -> text
+
+
+def text_decoder(tokenizer: PreTrainedTokenizerBase) -> Decoder:
+    """``tokenizer.decode`` as a function of (ids, skip_special_tokens); for a Rust-backed
+    tokenizer whose decode adds nothing to its backend's, the backend's own.
+
+    The detokenizer decodes two or three times per streamed token, and transformers' wrapper
+    (argument conversion, keyword handling) costs twice the Rust decode of a few ids. It adds
+    text only through ``clean_up_tokenization_spaces``, or through a subclass's own decode; with
+    either, every call goes through it."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    owner = next((c for c in type(tokenizer).__mro__ if "_decode" in vars(c)), None)
+    plain = (
+        backend is not None and owner is not None
+        and owner.__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast")
+        and type(tokenizer).decode is PreTrainedTokenizerBase.decode
+        and not tokenizer.clean_up_tokenization_spaces
+    )
+    if plain:
+        return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
+    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)

@@ -17,13 +17,14 @@ from pagewire.v1 import generation_pb2
 Responses = AsyncGenerator[generation_pb2.GenerateResponse, None]
 
 
-async def merged(streams: list[Responses], width: int) -> Responses:
+def merged(streams: list[Responses], width: int) -> Responses:
     """The responses of ``streams`` (each with indices in [0, width)) as one stream."""
-    if len(streams) == 1:  # the common case: no task, no queue
-        async with contextlib.aclosing(streams[0]) as only:
-            async for response in only:
-                yield response
-        return
+    if len(streams) == 1:  # the common case: the stream itself, no task, no queue, no hop
+        return streams[0]
+    return _merged(streams, width)
+
+
+async def _merged(streams: list[Responses], width: int) -> Responses:
     queue: asyncio.Queue[generation_pb2.GenerateResponse] = asyncio.Queue()
     tasks = [asyncio.ensure_future(_pump(p * width, s, queue)) for p, s in enumerate(streams)]
     running = set(tasks)

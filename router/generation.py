@@ -19,10 +19,9 @@ be scored (lm-eval-harness's loglikelihood).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import grpc
@@ -164,11 +163,12 @@ class Generator:
                                 output, tuple(images), request.cache_salt.encode(),
                                 request.return_prompt_token_ids)
 
-    async def stream(
+    def stream(
         self, plan: ValidatedRequest, parent: Context | None = None
-    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[generation_pb2.GenerateResponse, None]:
         """Submit the plan's completions and yield their responses as they come (with best_of,
-        the n best, once all candidates are done).
+        the n best, once all candidates are done). Nothing is submitted before the first
+        iteration.
 
         Close the iterator (``contextlib.aclosing``) when leaving early: that aborts the rest.
         ``parent``: the client's trace context; the router's span (the root of the scheduler's
@@ -177,14 +177,12 @@ class Generator:
         responses = self._stream(plan, parent)
         if plan.candidates > plan.params.n:
             keep_logprobs = plan.params.logprobs is not None
-            responses = best_of.select(responses, plan.params.n, keep_logprobs)
-        async with contextlib.aclosing(responses) as each:
-            async for response in each:
-                yield response
+            return best_of.select(responses, plan.params.n, keep_logprobs)
+        return responses  # itself: a layer around it would cost each streamed token a hop
 
     async def _stream(
         self, plan: ValidatedRequest, parent: Context | None
-    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[generation_pb2.GenerateResponse, None]:
         n = plan.candidates
         span = tracing.start_span(tracing.ROUTER_SPAN, parent, {
             tracing.REQUEST_ID: plan.rid, tracing.PROMPT_TOKENS: len(plan.prompt),

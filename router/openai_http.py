@@ -296,8 +296,11 @@ def _json(body: dict[str, Any], status: int = 200) -> web.Response:
     )
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one, not one per body
+
+
 def _dumps(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return _ENCODER.encode(body).encode()
 
 
 async def _send(stream: web.StreamResponse, body: dict[str, Any]) -> None:

@@ -93,9 +93,12 @@ class Answer:
         choice = self.choices[response.index]
         choice.text.append(response.text)
         choice.reasoning.append(response.reasoning_text)
-        choice.add_calls(response.tool_calls)
-        choice.logprobs.extend(response.logprobs)
-        choice.prompt_logprobs.extend(response.prompt_logprobs)
+        if response.tool_calls:
+            choice.add_calls(response.tool_calls)
+        if response.logprobs:
+            choice.logprobs.extend(response.logprobs)
+        if response.prompt_logprobs:
+            choice.prompt_logprobs.extend(response.prompt_logprobs)
         choice.token_ids.extend(response.token_ids)
         if response.prompt_token_ids:
             choice.prompt_ids = list(response.prompt_token_ids)

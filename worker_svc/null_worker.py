@@ -3,14 +3,18 @@
 For measuring the control plane (scheduler, Redis, router) without model compute, and for wide
 fleets in routing benchmarks. It keeps the same per-sequence cache as the real runner (so
 ``unknown_seq_ids`` and "feed the last sample" behave the same) and samples a token that depends
-only on the sequence and the output index, never an end-of-sequence token.
+only on the sequence and the output index, never an end-of-sequence token. ``--vocab-size``
+keeps those tokens inside a real tokenizer's vocabulary (a router then detokenizes them), and
+``--step-ms`` holds each step that long, so the router and scheduler see a real worker's pace.
 
-Start: ``python -m worker_svc.null_worker --port P --num-blocks N [--worker-id ID]``.
+Start: ``python -m worker_svc.null_worker --port P --num-blocks N [--worker-id ID]
+[--vocab-size V] [--step-ms MS]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -25,8 +29,10 @@ FIRST_TOKEN = 16  # below are "special" ids; never sampled
 
 
 class NullWorker(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, info: worker_pb2.WorkerInfo) -> None:
+    def __init__(self, info: worker_pb2.WorkerInfo, step_s: float = 0.0) -> None:
         self.info = info
+        self.vocab = info.vocab_size or VOCAB
+        self.step_s = step_s
 
     async def Describe(
         self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
@@ -49,10 +55,12 @@ class NullWorker(worker_pb2_grpc.WorkerServicer):
             sampled = [s for s in step.seqs if s.sample]
             seq_ids = [*d.seq_ids, *(s.seq_id for s in sampled)]
             indices = [*d.output_indices, *(s.output_index for s in sampled)]
+            if self.step_s:
+                await asyncio.sleep(self.step_s)
             yield worker_pb2.StepResult(
                 step_id=step.step_id,
                 seq_ids=seq_ids,
-                token_ids=[FIRST_TOKEN + (i * 31 + j) % (VOCAB - FIRST_TOKEN)
+                token_ids=[FIRST_TOKEN + (i * 31 + j) % (self.vocab - FIRST_TOKEN)
                            for i, j in zip(seq_ids, indices, strict=True)],
             )
 
@@ -67,13 +75,13 @@ async def serve(args: argparse.Namespace) -> None:
         block_size=args.block_size,
         num_blocks=args.num_blocks,
         max_model_len=args.max_model_len,
-        vocab_size=VOCAB,
+        vocab_size=args.vocab_size,
         eos_token_ids=[1],
         attention_backend="none",
         device="none",
         instance_id=uuid.uuid4().hex,
     )
-    guarded_service.add_service(server, worker_pb2.DESCRIPTOR.services_by_name["Worker"], NullWorker(info))
+    guarded_service.add_service(server, worker_pb2.DESCRIPTOR.services_by_name["Worker"], NullWorker(info, args.step_ms / 1e3))
     await server.start()
     await serving.set_serving(health_servicer, [SERVICE], True)
     await serving.run_until_signalled(server, health_servicer, [SERVICE])
@@ -88,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=65536)
     p.add_argument("--max-model-len", type=int, default=32768)
+    p.add_argument("--vocab-size", type=int, default=VOCAB, help="tokens are drawn below this")
+    p.add_argument("--step-ms", type=float, default=0.0, help="how long each step takes")
     args = p.parse_args(argv)
     serving.run_main(lambda: serve(args))
 

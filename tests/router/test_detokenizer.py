@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from router.detokenizer import IncrementalDetokenizer
+from router.detokenizer import IncrementalDetokenizer, text_decoder
 
 _PIECES = [
     "hello", " world", " the", "fox", "  ", "\n", "\t", ",", ".", "!", "123",
@@ -202,3 +202,31 @@ def test_deltas_concatenate_to_full_decode_of_arbitrary_ids(bpe_tokenizer):
             detok.add(chunk)
         detok.finish()
         assert detok.text == bpe_tokenizer.decode(output, skip_special_tokens=True)
+
+
+def test_the_decoder_is_the_backends_own_where_the_wrapper_adds_nothing(bpe_tokenizer):
+    bpe_tokenizer.clean_up_tokenization_spaces = False
+    assert text_decoder(bpe_tokenizer).__code__.co_names == ("decode",)  # backend.decode
+    assert "backend" in text_decoder(bpe_tokenizer).__code__.co_freevars
+    rng = random.Random(5)
+    for _ in range(500):
+        ids = rng.choices(range(len(bpe_tokenizer)), k=rng.randrange(0, 8))
+        for skip in (True, False):
+            assert text_decoder(bpe_tokenizer)(ids, skip) == bpe_tokenizer.decode(
+                ids, skip_special_tokens=skip)
+
+
+def test_a_tokenizer_that_cleans_up_spaces_or_decodes_its_own_way_is_called_itself(bpe_tokenizer):
+    bpe_tokenizer.clean_up_tokenization_spaces = True
+    assert "tokenizer" in text_decoder(bpe_tokenizer).__code__.co_freevars
+
+    class Shouting(type(bpe_tokenizer)):
+        def _decode(self, token_ids, skip_special_tokens=False, **kwargs):  # type: ignore[override]
+            return super()._decode(token_ids, skip_special_tokens, **kwargs).upper()
+
+    shouting = Shouting(tokenizer_object=bpe_tokenizer.backend_tokenizer)
+    shouting.clean_up_tokenization_spaces = False
+    ids = encode(shouting, "hello world")
+    assert text_decoder(shouting)(ids, True) == "HELLO WORLD"
+    detok = IncrementalDetokenizer(shouting, [])
+    assert "".join(stream(detok, ids)) == "HELLO WORLD"
