@@ -46,6 +46,7 @@ def build(flags: list[str]) -> ctypes.CDLL | None:
         for suffix in SUFFIX.values():
             fn = getattr(lib, f"{name}_{suffix}")
             fn.restype, fn.argtypes = None, args
+    lib.argmax_f32.restype, lib.argmax_f32.argtypes = None, [ptr, i64, i64, i64, ptr, i32]
     return lib
 
 
@@ -109,4 +110,18 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     out = empty_rows(tokens, inter, dtype=gate_up.dtype)  # the down projection's input
     _fn("silu_mul", gate_up)(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), tokens, inter,
                              torch.get_num_threads())
+    return out
+
+
+def takes_argmax(x: Tensor) -> bool:
+    """Whether :func:`argmax` takes ``x``: float32 [rows, cols] on the CPU, values contiguous."""
+    return x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] > 0 and takes(x)
+
+
+def argmax(x: Tensor) -> Tensor:
+    """``x.argmax(dim=-1)`` of a 2-D float32 ``x`` (the first of equal maxima; NaN wins)."""
+    rows, cols = x.shape
+    out = torch.empty(rows, dtype=torch.int64)
+    load().argmax_f32(x.data_ptr(), x.stride(0), rows, cols, out.data_ptr(),
+                      torch.get_num_threads())
     return out

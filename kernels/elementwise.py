@@ -33,6 +33,14 @@ def _fused(x: Tensor):  # noqa: ANN202
     return _triton_ops() if x.is_cuda else None
 
 
+def argmax(x: Tensor) -> Tensor:
+    """``x.argmax(dim=-1)`` of 2-D ``x`` [rows, cols] (int64 [rows]): a sampler's greedy pick and
+    its race. One vectorised pass on the CPU, where torch's compares one element at a time."""
+    if cpu_elementwise.takes_argmax(x):
+        return cpu_elementwise.argmax(x)
+    return x.argmax(dim=-1)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
     """x / sqrt(mean(x^2) + eps) in float32, then Llama's ``weight * y`` in x's dtype, or
     Gemma's (``gemma``) ``y * (1 + weight)`` in float32 before the cast, as transformers does

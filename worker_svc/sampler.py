@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kernels import elementwise
+
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) over the seed space
 NO_SEED = -1
 
@@ -116,7 +118,7 @@ def _exponential_noise(batch: SamplingBatch, shape: tuple[int, int], device: tor
 
 def sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
     """Next token id per row. logits [S, V] float32 (penalties already applied) -> [S] int64."""
-    greedy_ids = logits.argmax(dim=-1)
+    greedy_ids = elementwise.argmax(logits)
     if batch.all_greedy:
         return greedy_ids
     temp = torch.where(batch.temperature > 0, batch.temperature, 1.0).unsqueeze(-1)
@@ -127,5 +129,5 @@ def sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
         scaled = _mask_min_p(scaled, batch.min_p)
     probs = scaled.softmax(dim=-1)
     noise = _exponential_noise(batch, tuple(probs.shape), logits.device)  # type: ignore[arg-type]
-    sampled = (probs / noise).argmax(dim=-1)
+    sampled = elementwise.argmax(probs / noise)
     return torch.where(batch.temperature > 0, sampled, greedy_ids)

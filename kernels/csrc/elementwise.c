@@ -211,3 +211,73 @@ void silu_mul_f32(const float *gate_up, int64_t stride, float *out, int64_t toke
         for (int64_t j = 0; j < inter; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
     }
 }
+
+/* Index of each row's largest value, as torch's argmax picks it: the first of equal maxima,
+ * and the first NaN where a row holds one. torch's CPU argmax runs one compare at a time
+ * (0.9 ns an element: 7.8 ms for 64 rows of a 152k vocabulary). x rows are x_stride apart. */
+static int64_t first_nan(const float *x, int64_t cols) {
+    for (int64_t j = 0; j < cols; j++)
+        if (x[j] != x[j]) return j;
+    return -1;
+}
+
+#if AVX512_ROWS
+/* One pass: each of 4 x 16 lanes keeps its running maximum and where it first saw it (a strict
+ * greater-than keeps the first), and a lane holding a NaN is noted; then the lanes' maxima are
+ * reduced, the lowest index winning a tie. */
+static int64_t argmax_row_f32(const float *x, int64_t cols) {
+    const __m512i step = _mm512_set1_epi32(64);
+    __m512 best[4];
+    __m512i at[4], idx[4];
+    __mmask16 nan = 0;
+    for (int c = 0; c < 4; c++) {
+        best[c] = _mm512_set1_ps(-INFINITY);
+        at[c] = _mm512_setzero_si512();
+        idx[c] = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3,
+                                                   2, 1, 0), _mm512_set1_epi32(16 * c));
+    }
+    int64_t j = 0;
+    for (; j + 64 <= cols; j += 64) {
+        for (int c = 0; c < 4; c++) {
+            const __m512 v = _mm512_loadu_ps(x + j + 16 * c);
+            const __mmask16 gt = _mm512_cmp_ps_mask(v, best[c], _CMP_GT_OQ);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            best[c] = _mm512_mask_mov_ps(best[c], gt, v);
+            at[c] = _mm512_mask_mov_epi32(at[c], gt, idx[c]);
+            idx[c] = _mm512_add_epi32(idx[c], step);
+        }
+    }
+    float m = -INFINITY;
+    int64_t arg = -1;
+    for (int c = 0; c < 4; c++) {
+        float vals[16];
+        int32_t where[16];
+        _mm512_storeu_ps(vals, best[c]);
+        _mm512_storeu_si512(where, at[c]);
+        for (int l = 0; l < 16; l++)
+            if (vals[l] > m || (vals[l] == m && where[l] < arg)) m = vals[l], arg = where[l];
+    }
+    for (; j < cols; j++) {
+        if (x[j] != x[j]) nan = 1;
+        if (x[j] > m) m = x[j], arg = j;
+    }
+    if (nan) return first_nan(x, cols);
+    return arg < 0 ? 0 : arg; /* a row of -inf: its first */
+}
+#else
+static int64_t argmax_row_f32(const float *x, int64_t cols) {
+    float m = -INFINITY;
+    int64_t arg = 0;
+    for (int64_t j = 0; j < cols; j++) {
+        if (x[j] != x[j]) return j;
+        if (x[j] > m) m = x[j], arg = j;
+    }
+    return arg;
+}
+#endif
+
+void argmax_f32(const float *x, int64_t x_stride, int64_t rows, int64_t cols, int64_t *out,
+                int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) out[r] = argmax_row_f32(x + r * x_stride, cols);
+}

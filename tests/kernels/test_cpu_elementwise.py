@@ -164,3 +164,43 @@ def test_turned_off_by_environment() -> None:
     code = "from kernels import cpu_elementwise\nassert cpu_elementwise.load() is None\n"
     env = {**os.environ, "PAGEWIRE_CPU_ELEMENTWISE": "0"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+ARGMAX_ROWS = [
+    torch.randn(64, 4096),
+    torch.randn(3, 151_936),
+    torch.randn(5, 1),  # one column
+    torch.randn(4, 63),  # shorter than a vector pass: the tail only
+    torch.randn(4, 64 * 3 + 17),  # vector passes, then a tail
+    torch.full((2, 300), float("-inf")),  # every value -inf: the first
+    torch.tensor([[0.0, -0.0, 0.0], [-0.0, 0.0, -0.0]]),  # signed zeros are equal
+]
+
+
+def _ties_and_nans() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    ties = torch.randint(0, 4, (16, 1000), generator=g).float()  # many equal maxima per row
+    nans = torch.randn(6, 777, generator=g)
+    nans[0, 500], nans[1, 3], nans[1, 700], nans[2, 776] = (float("nan"),) * 4
+    nans[3, 100], nans[3, 200] = float("inf"), float("nan")
+    nans[4, :] = float("nan")
+    return [ties, nans]
+
+
+@pytest.mark.parametrize("x", ARGMAX_ROWS + _ties_and_nans(), ids=lambda x: "x".join(map(str, x.shape)))
+@pytest.mark.parametrize("plain", [False, True], ids=["native", "no-avx512"])
+def test_argmax_picks_as_torch_does_first_maximum_and_first_nan(x, plain, monkeypatch) -> None:
+    if plain:
+        lib = cpu_elementwise.build([*cpu_elementwise.FLAGS, "-mno-avx512f"])
+        monkeypatch.setattr(cpu_elementwise, "load", lambda: lib)
+    assert cpu_elementwise.takes_argmax(x)
+    assert torch.equal(cpu_elementwise.argmax(x), x.argmax(dim=-1))
+    wide = torch.cat([x, torch.zeros(x.shape[0], 5)], dim=1)[:, : x.shape[1]]  # strided rows
+    assert torch.equal(elementwise.argmax(wide), x.argmax(dim=-1))
+
+
+def test_argmax_of_other_tensors_is_torchs() -> None:
+    for x in (torch.randn(4, 9, dtype=BF16), torch.randn(4, 9).t(), torch.zeros(3, 0)[:, :0]):
+        assert not cpu_elementwise.takes_argmax(x)
+    x = torch.randn(3, 9).to(BF16)
+    assert torch.equal(elementwise.argmax(x), x.argmax(dim=-1))
