@@ -71,6 +71,8 @@ class CompletionStream:
         assert not self.done, "event after the completion ended"
         finished = event.finish_reason != UNFINISHED
         self.scheduler_done = self.scheduler_done or finished
+        # Told on the first event and the last: a stop string may end the completion between.
+        self.cached_tokens = event.cached_tokens or self.cached_tokens
         skip = max(self.completion - event.index, 0)
         ids = [] if self.prompt_only else list(event.token_ids[skip:])
         resp = generation_pb2.GenerateResponse(request_id=self.rid, index=self.index)
@@ -116,12 +118,11 @@ class CompletionStream:
             self.output.apply(resp)  # the last message: may become TOOL_CALLS
         self.finish_reason = resp.finish_reason
         resp.stop_string = stop_string or ""
-        self.cached_tokens = event.cached_tokens
         resp.usage.CopyFrom(
             common_pb2.Usage(
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion,
-                cached_tokens=event.cached_tokens,
+                cached_tokens=self.cached_tokens,
             )
         )
         return resp

@@ -155,6 +155,16 @@ def test_cached_tokens_come_from_the_last_event(bpe_tokenizer: PreTrainedTokeniz
     assert out[-1].usage.cached_tokens == 16
 
 
+def test_a_stop_string_between_the_first_and_last_events_keeps_the_cached_tokens(
+    bpe_tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    ids = ids_of(bpe_tokenizer, "The quick brown fox jumps over the lazy dog.")
+    events = one_by_one(ids)
+    events[0].cached_tokens = events[-1].cached_tokens = 16  # the scheduler tells first and last
+    _, out = run(bpe_tokenizer, events, stop=("fox",))
+    assert out[-1].stop_string == "fox" and out[-1].usage.cached_tokens == 16
+
+
 def test_index_tags_every_message(bpe_tokenizer: PreTrainedTokenizerFast) -> None:
     stream = CompletionStream("r", 3, PROMPT, SamplingParams(), bpe_tokenizer)
     response = stream.on_event(event(ids_of(bpe_tokenizer, "Hi"), 0, LENGTH))
