@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -43,37 +44,42 @@ def prompts(model: str, n: int, length: int, seed: int) -> list[str]:
     return [tok.decode([rng.randrange(16, tok.vocab_size) for _ in range(length)]) for _ in range(n)]
 
 
-async def one_stream(session: aiohttp.ClientSession, url: str, body: dict) -> int:
-    """One streamed completion; the number of SSE chunks that carried text."""
-    chunks = 0
+async def one_stream(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, int]:
+    """One streamed completion: (SSE chunks, completion tokens its usage chunk reports)."""
+    chunks, tokens = 0, 0
     async with session.post(url, json=body) as resp:
         resp.raise_for_status()
         async for line in resp.content:
-            if line.startswith(b"data: {"):
-                chunks += 1
-    return chunks
+            if not line.startswith(b"data: {"):
+                continue
+            chunks += 1
+            if b'"usage"' in line:  # the last chunk (stream_options.include_usage)
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return chunks, tokens
 
 
 async def one_round(url: str, model: str, texts: list[str], output_len: int,
                     pids: dict[str, int]) -> dict:
     bodies = [{"model": model, "prompt": t, "max_tokens": output_len, "stream": True,
-               "ignore_eos": True, "temperature": 0.0} for t in texts]
+               "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.0}
+              for t in texts]
     c0 = {role: cpu_seconds(pid) for role, pid in pids.items()}
     t0 = time.perf_counter()
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        chunks = await asyncio.gather(*(one_stream(session, url, b) for b in bodies))
+        streams = await asyncio.gather(*(one_stream(session, url, b) for b in bodies))
     wall = time.perf_counter() - t0
-    tokens = len(texts) * output_len
-    row = {"tokens": tokens, "chunks": sum(chunks), "wall_s": wall, "tokens_per_s": tokens / wall}
+    tokens = sum(n for _, n in streams)
+    if tokens != len(texts) * output_len:  # every stream runs to its length (ignore_eos)
+        raise RuntimeError(f"{tokens} tokens streamed, {len(texts) * output_len} asked for")
+    row = {"tokens": tokens, "chunks": sum(c for c, _ in streams), "wall_s": wall,
+           "tokens_per_s": tokens / wall}
     for role, pid in pids.items():
         row[f"{role}_cpu_ms_per_token"] = (cpu_seconds(pid) - c0[role]) * 1e3 / tokens
     return row
 
 
 async def main_async(args: argparse.Namespace) -> list[dict]:
-    import os
-
     model = ensure_model(args.model)
     config = json.loads((Path(model) / "config.json").read_text())
     texts = prompts(model, args.streams, args.input_len, seed=0)
@@ -114,7 +120,8 @@ def summary(rows: list[dict]) -> dict:
                 "min": min(r[k] for r in rows), "max": max(r[k] for r in rows)} for k in keys}
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, run the rounds, print the table, write and return the report."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="model directory (default: the small test model)")
@@ -124,7 +131,7 @@ def main() -> None:
     p.add_argument("--step-ms", type=float, default=25.0)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="router_cost.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rows = asyncio.run(main_async(args))
     s = summary(rows)
     print("\nmedian (range) over rounds; CPU in microseconds per output token")
@@ -134,9 +141,10 @@ def main() -> None:
         v = s[f"{role}_cpu_ms_per_token"]
         print(f"{role + ' us/token':>22}: {v['median'] * 1e3:.1f} "
               f"({v['min'] * 1e3:.1f}-{v['max'] * 1e3:.1f})")
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rounds": rows, "summary": s},
-                                         indent=2))
+    report = {"args": vars(args), "rounds": rows, "summary": s}
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    run()
