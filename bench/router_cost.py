@@ -41,7 +41,8 @@ def prompts(model: str, n: int, length: int, seed: int) -> list[str]:
 
     tok = PreTrainedTokenizerFast.from_pretrained(model)
     rng = random.Random(seed)
-    return [tok.decode([rng.randrange(16, tok.vocab_size) for _ in range(length)]) for _ in range(n)]
+    return [tok.decode([rng.randrange(16, tok.vocab_size) for _ in range(length)])
+            for _ in range(n)]
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, int]:

@@ -7,7 +7,8 @@ rounding (tests/kernels/test_cpu_elementwise.py bounds how often); in float32 th
 within a few units in the last place of torch's, as float32's products, packed for oneDNN,
 already are of transformers' MKL ones. With them a float32 decode step of one sequence took
 8.1 ms against 9.5 with the torch definitions (docs/BENCHMARKS.md). ``PAGEWIRE_CPU_ELEMENTWISE=0``
-turns them off.
+turns them off (and with them ``argmax``, the sampler's one vectorised pass per row, for which
+torch's CPU kernel compares one element at a time).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ for bfloat16 and float32 on the CPU, torch elsewhere.
 The torch versions are the definitions (Hugging Face's order of operations and roundings);
 :mod:`kernels.triton_ops.elementwise` fuses each into one kernel on the GPU and
 :mod:`kernels.cpu_elementwise` into one call on the CPU, where a handful of small ops per
-operation cost more than the operation itself.
+operation cost more than the operation itself. :func:`argmax` (the sampler's) lives here for the
+same reason: torch's CPU argmax is scalar.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ async def serve(args: argparse.Namespace) -> None:
         device="none",
         instance_id=uuid.uuid4().hex,
     )
-    guarded_service.add_service(server, worker_pb2.DESCRIPTOR.services_by_name["Worker"], NullWorker(info, args.step_ms / 1e3))
+    worker = NullWorker(info, args.step_ms / 1e3)
+    guarded_service.add_service(server, worker_pb2.DESCRIPTOR.services_by_name["Worker"], worker)
     await server.start()
     await serving.set_serving(health_servicer, [SERVICE], True)
     await serving.run_until_signalled(server, health_servicer, [SERVICE])

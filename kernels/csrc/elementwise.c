@@ -12,6 +12,7 @@
  * Built without contraction (-ffp-contract=off: a product rounds before the sum that uses it, as
  * in torch) and without reassociation except the sum of squares (an OpenMP simd reduction).
  * Built at run time by kernels/cpu_elementwise.py (kernels/c_library.py); no torch headers.
+ * The sampler's argmax is here too (the last function): a row pass like the others.
  */
 #include <math.h>
 #include <stdint.h>
