@@ -1,6 +1,7 @@
-"""Products of one to three rows read oneDNN's packed float32 weight in place (csrc/small_rows.c):
-within float32's error bound of a dot product of a float64 product, for any shape; a buffer in
-any other layout is never read."""
+"""Decode batches' products read oneDNN's packed weight in place: float32 one to three rows
+(csrc/small_rows.c), bfloat16 one to 64 rows (csrc/rows_bf16.c); within float32's error bound of
+a float64 product, for any shape (bfloat16: then rounded once); a buffer in any other layout is
+never read."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ pytestmark = pytest.mark.skipif(cpu_linear.load() is None, reason="no C compiler
 
 
 def packed_pair(
-    n: int, k: int, seed: int = 0
+    n: int, k: int, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, cpu_linear.BlockedWeight, torch.Tensor]:
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
     found = cpu_linear.blocked(w, packed)
     if found is None:
-        pytest.skip("oneDNN packs float32 in another layout on this CPU")
+        pytest.skip(f"no kernel for {dtype}, or oneDNN packs it in another layout on this CPU")
     return w, found, packed
 
 
@@ -52,3 +53,34 @@ def test_a_buffer_that_does_not_hold_the_weight_in_that_layout_is_not_read() -> 
     other = torch.ops.mkldnn._reorder_linear_weight(torch.randn(256, 128), None)
     assert cpu_linear.blocked(w, other) is None
     assert cpu_linear.blocked(w.bfloat16(), other) is None
+
+
+@pytest.mark.parametrize(("n", "k"), [(1024, 512), (1000, 300), (512, 1408), (70, 64)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 13, 37, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bfloat16_decode_batches_are_float32_sums_rounded_once(
+    n: int, k: int, rows: int, bias: bool
+) -> None:
+    w, found, _packed = packed_pair(n, k, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(n * rows + k)
+    x = torch.randn(rows, k + 6, generator=gen).bfloat16()[:, 2 : 2 + k]  # rows further apart
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    out = cpu_linear.product(x, found, b)
+    assert out is not None and out.shape == (rows, n) and out.dtype == torch.bfloat16
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    # float32 sums in any order stay within (k + 2) u32 sum |x w| (+ |b|) of the exact value; one
+    # rounding to bfloat16 adds up to u16 of the result. A misread weight is off by O(|x w|).
+    scale = x.abs().double() @ w.abs().double().T + (0 if b is None else b.abs().double())
+    bound = (k + 2) * 2.0**-24 * scale * (1 + 2.0**-8) + 2.0**-8 * ref.abs()
+    assert ((out.double() - ref).abs() <= bound).all()
+
+
+def test_bfloat16_prefill_rows_and_other_inputs_are_left_to_onednn() -> None:
+    w, found, _packed = packed_pair(256, 128, dtype=torch.bfloat16)
+    x = torch.randn(65, 128).bfloat16()
+    assert cpu_linear.product(x, found, None) is None  # a prefill's rows
+    assert cpu_linear.product(x[:4].float(), found, None) is None
+    assert cpu_linear.product(torch.randn(2, 256).bfloat16()[:, ::2], found, None) is None
+    assert cpu_linear.product(x[:4], found, torch.randn(256)) is None  # a float32 bias
+    odd = torch.randn(64, 127).bfloat16()  # k-pairs would read past a row
+    assert cpu_linear.blocked(odd, torch.ops.mkldnn._reorder_linear_weight(odd, None)) is None

@@ -1,6 +1,7 @@
-"""Projections pre-packed for oneDNN give what plain ``F.linear`` gives: exactly in bfloat16 (the
-same oneDNN kernels), to rounding in float32 (oneDNN's sum order, not MKL's), and the same greedy
-tokens in both; the compiled bfloat16 elementwise ops decode as their torch definitions do."""
+"""Projections pre-packed for oneDNN give what plain ``F.linear`` gives: exactly in bfloat16 where
+oneDNN computes them (the same kernels) and where kernels/cpu_linear.py sums a short row in the same
+order, to rounding otherwise (the sum order of a long one) and in float32 (oneDNN's sum order, not
+MKL's), and the same greedy tokens in both; the compiled bfloat16 elementwise ops decode as their torch definitions do."""
 
 from __future__ import annotations
 
@@ -48,6 +49,21 @@ def test_a_packed_projection_equals_the_plain_one(rows: int, bias: bool, dtype: 
     assert packed(x).dtype == dtype
 
 
+def record_kernel_products(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The row counts of the products kernels/cpu_linear.py computed (not left to oneDNN)."""
+    calls: list[int] = []
+    product = packed_linear.cpu_linear.product
+
+    def counted(*args: object) -> torch.Tensor | None:
+        out = product(*args)
+        if out is not None:
+            calls.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(packed_linear.cpu_linear, "product", counted)
+    return calls
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 16])
 def test_float32_products_of_one_to_three_rows_read_the_packed_weight_themselves(
     rows: int, monkeypatch: pytest.MonkeyPatch
@@ -57,13 +73,28 @@ def test_float32_products_of_one_to_three_rows_read_the_packed_weight_themselves
     packed = PackedLinear(plain)
     if packed.blocked is None:
         pytest.skip("oneDNN packs float32 in another layout on this CPU")
-    calls = []
-    product = packed_linear.cpu_linear.product
-    monkeypatch.setattr(packed_linear.cpu_linear, "product",
-                        lambda *a: calls.append(a[0].shape[0]) or product(*a))
+    calls = record_kernel_products(monkeypatch)
     x = torch.randn(rows, 300)
     assert torch.allclose(packed(x), plain(x), rtol=1e-5, atol=1e-5)
     assert calls == ([rows] if rows <= 3 else [])
+
+
+@BF16
+@pytest.mark.parametrize("rows", [1, 5, 64, 65])
+def test_bfloat16_decode_batches_read_the_packed_weight_themselves(
+    rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an AVX-512 BF16 CPU without AMX, kernels/cpu_linear.py computes decode batches (up to 64
+    rows); a prefill's rows are oneDNN's. The sums are float32's, rounded once, as oneDNN's are."""
+    plain = nn.Linear(1408, 200, bias=True).to(torch.bfloat16)
+    packed = PackedLinear(plain)
+    if packed.blocked is None:
+        pytest.skip("no bfloat16 kernel, or oneDNN packs bfloat16 in another layout on this CPU")
+    calls = record_kernel_products(monkeypatch)
+    x = torch.randn(rows, 1408, dtype=torch.bfloat16)
+    exact = F.linear(x.double(), plain.weight.double(), plain.bias.double())
+    assert torch.allclose(packed(x).double(), exact, rtol=2.0**-7, atol=1e-2)
+    assert calls == ([rows] if rows <= 64 else [])
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -15,7 +15,8 @@ no reduced-precision math mode). The packed tensor replaces the plain weight (no
 kept), except where the embedding shares it (tied ``lm_head``): that one stays plain. float32
 products of one to three rows (a decode step of a few sequences) read the packed buffer through
 kernels/cpu_linear.py instead, at the rate the cores stream memory, where oneDNN's product reads
-it at about half that.
+it at about half that; so do bfloat16 products of decode batches on CPUs with AVX-512 BF16 and no
+AMX, whose tasks are handed out dynamically (oneDNN splits its products statically).
 
 Where oneDNN has no bfloat16 kernels (AVX2-only CPUs), a bfloat16 ``F.linear`` runs a reference
 loop whose time grows with every row (measured on an AMD EPYC: 2,048 rows of a 512 x 2,816
@@ -92,12 +93,13 @@ class PackedLinear(nn.Module):
         self.dtype = linear.weight.dtype
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
-        # float32 products of 1-3 rows read this same buffer through kernels/cpu_linear.py
+        # decode batches' products read this same buffer through kernels/cpu_linear.py where
+        # that has a kernel for its layout (float32 1-3 rows on AVX2, bfloat16 on AVX-512 BF16)
         self.blocked = cpu_linear.blocked(linear.weight.detach(), self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 2 and x.shape[0] <= EXACT_UP_TO:  # a decode batch: one call, nothing around it
-            if self.blocked is not None and x.shape[0] <= cpu_linear.MAX_ROWS:
+            if self.blocked is not None:
                 out = cpu_linear.product(x, self.blocked, self.bias)
                 if out is not None:
                     return out
