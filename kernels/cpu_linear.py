@@ -1,25 +1,26 @@
 """Decode batches' products against a weight packed by oneDNN, read in place.
 
-- float32, one to three rows (``csrc/small_rows.c``): decode batches that small read the weight
-  from memory at the rate the cores can stream it, where oneDNN's own product reads it at about
-  half that (measured on an AVX2 CPU).
-- bfloat16, one to 64 rows, on CPUs with AVX-512 BF16 (``csrc/rows_bf16.c``): 1.05-1.8x
-  oneDNN's product alone, and its tasks are handed out dynamically where oneDNN splits a product
-  statically, so a core a neighbour takes for a moment no longer stalls the whole product
-  (docs/BENCHMARKS.md).
+- AVX-512 CPUs without AMX, float32 and bfloat16 (AVX-512 BF16), 1 to 64 rows (``csrc/rows.c``):
+  oneDNN's own product reaches 57-78 % of the cores' bfloat16 rate at these row counts and reads
+  a float32 weight at 17-25 GB/s up to 8 rows, and it splits each product statically between the
+  threads, so a core a neighbour takes for a moment stalls the whole product. These kernels are
+  1.04-1.6x faster alone and hand their tasks out dynamically (docs/BENCHMARKS.md).
+- AVX2 CPUs, float32, 1 to 3 rows (``csrc/small_rows.c``): decode batches that small read the
+  weight at the rate the cores stream memory, where oneDNN's product reads it at about half that.
 
 Both read oneDNN's packed buffer, so the weight has one copy: :func:`blocked` checks, once per
 weight at start-up, that the buffer is in the layout the kernel expects (blocks of 64 output
-columns, each [Kp][64] in float32 — what oneDNN chooses on an AVX2 CPU — or [K / 2][64][2] in
-bfloat16, k-pairs side by side, on an AVX-512 BF16 CPU without AMX), and returns where it is; a
-weight in any other layout keeps oneDNN's product at every row count.
-``PAGEWIRE_CPU_SMALL_ROWS=0`` turns both kernels off.
+columns, each [Kp][64] in float32 — what oneDNN chooses on AVX2 and AVX-512 CPUs — or
+[Kp / 2][64][2] in bfloat16, k-pairs side by side, on an AVX-512 BF16 CPU without AMX), and
+returns where it is; a weight in any other layout (an AMX CPU's) keeps oneDNN's product at every
+row count. ``PAGEWIRE_CPU_SMALL_ROWS=0`` turns the kernels off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,48 +29,55 @@ from torch import Tensor
 from kernels import c_library
 from kernels.row_buckets import EXACT_UP_TO
 
-FLAGS = [*c_library.BASE_FLAGS, "-mprefer-vector-width=256"]
 SWITCH = "PAGEWIRE_CPU_SMALL_ROWS"
-# Rows each kernel takes: float32, oneDNN's product is as fast from 4 rows (measured on an AVX2
-# CPU); bfloat16, every decode batch's count (prefill steps' rows are oneDNN's, blocked for them).
-MAX_ROWS = {torch.float32: 3, torch.bfloat16: EXACT_UP_TO}
 BLOCK = 64  # output columns per packed block
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+         ctypes.c_int]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A C product over a packed weight: ``run(x, x_stride, rows, weight, N, K, Kp, bias, out,
+    out_stride, threads)`` returns 1 when done, 0 when the call is not its to make."""
+
+    run: Callable[..., int]
+    max_rows: int
+
+
+# (source, function, flags, rows it takes): the first that answers on this CPU is used. AVX2's
+# float32 kernel stops at 3 rows, where oneDNN's product is as fast (measured on an AVX2 CPU); the
+# AVX-512 ones take every decode batch (prefill steps' rows are oneDNN's, blocked for them).
+_CANDIDATES = {
+    torch.float32: [("rows.c", "rows_f32", c_library.BASE_FLAGS, EXACT_UP_TO),
+                    ("small_rows.c", "small_rows_f32",
+                     [*c_library.BASE_FLAGS, "-mprefer-vector-width=256"], 3)],
+    torch.bfloat16: [("rows.c", "rows_bf16", c_library.BASE_FLAGS, EXACT_UP_TO)],
+}
+
+
+def _answers(run: Callable[..., int], dtype: torch.dtype) -> bool:
+    """Whether ``run`` computes a product of one row here (a build without its instructions
+    answers 0)."""
+    x = torch.ones(1, 2, dtype=dtype)
+    weight = torch.ones(BLOCK * 2, dtype=dtype)
+    out = torch.zeros(1, BLOCK, dtype=dtype)
+    done = run(x.data_ptr(), 2, 1, weight.data_ptr(), BLOCK, 2, 2, None, out.data_ptr(), BLOCK, 1)
+    return bool(done) and bool((out == 2).all())
 
 
 @functools.cache
-def load() -> ctypes.CDLL | None:
-    """The float32 kernel."""
-    lib = c_library.load("small_rows.c", FLAGS, SWITCH)
-    if lib is None:
-        return None
-    lib.small_rows_f32.restype = ctypes.c_int
-    lib.small_rows_f32.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64,
-                                   ctypes.c_int]
-    return lib
-
-
-@functools.cache
-def load_bf16() -> ctypes.CDLL | None:
-    """The bfloat16 kernel, where this CPU has AVX-512 BF16 (its build answers 0 elsewhere)."""
-    lib = c_library.load("rows_bf16.c", c_library.BASE_FLAGS, SWITCH)
-    if lib is None:
-        return None
-    lib.rows_bf16.restype = ctypes.c_int
-    lib.rows_bf16.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int]
-    probe = torch.ones(1, 2, dtype=torch.bfloat16)
-    out = torch.zeros(1, BLOCK, dtype=torch.bfloat16)
-    weight = torch.ones(BLOCK * 2, dtype=torch.bfloat16)
-    if not lib.rows_bf16(probe.data_ptr(), 2, 1, weight.data_ptr(), BLOCK, 2, None,
-                         out.data_ptr(), BLOCK, 1) or not bool((out == 2).all()):
-        return None
-    return lib
-
-
-def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
-    if dtype == torch.float32:
-        return load()
-    return load_bf16() if dtype == torch.bfloat16 else None
+def kernel(dtype: torch.dtype) -> Kernel | None:
+    """This CPU's kernel for ``dtype``, built if needed; None where it has none."""
+    for source, name, flags, max_rows in _CANDIDATES.get(dtype, []):
+        lib = c_library.load(source, flags, SWITCH)
+        if lib is None:
+            continue
+        run = getattr(lib, name)
+        run.restype, run.argtypes = ctypes.c_int, _ARGS
+        if _answers(run, dtype):
+            return Kernel(run, max_rows)
+    return None
 
 
 @dataclass(frozen=True)
@@ -97,8 +105,8 @@ def _expected_layout(plain: Tensor, padded_in: int) -> Tensor:
 
 def blocked(plain: Tensor, packed: Tensor) -> BlockedWeight | None:
     """The packed buffer of ``plain`` [N, K] if it holds exactly the kernel's layout for its dtype,
-    padding zero (bfloat16: none, K even); None otherwise (another layout or dtype, no kernel)."""
-    if _library(plain.dtype) is None:
+    padding zero (bfloat16: K even); None otherwise (another layout or dtype, no kernel)."""
+    if kernel(plain.dtype) is None:
         return None
     try:
         address = int(torch.ops.mkldnn.data_ptr(packed))
@@ -110,8 +118,8 @@ def blocked(plain: Tensor, packed: Tensor) -> BlockedWeight | None:
     padded_in, rest = divmod(nbytes // size, -(-n // BLOCK) * BLOCK)
     if rest or nbytes % size or padded_in < k:
         return None
-    if plain.dtype == torch.bfloat16 and (padded_in != k or k % 2):
-        return None  # the kernel reads k-pairs of the rows as they are: no padding to read
+    if plain.dtype == torch.bfloat16 and (padded_in % 2 or k % 2):
+        return None  # the kernel reads k-pairs of the rows as they are: none may run past one
     expected = _expected_layout(plain, padded_in)
     raw = (ctypes.c_uint8 * nbytes).from_address(address)
     found = torch.frombuffer(raw, dtype=torch.uint8).view(plain.dtype).view_as(expected)
@@ -121,25 +129,17 @@ def blocked(plain: Tensor, packed: Tensor) -> BlockedWeight | None:
 
 
 def product(x: Tensor, w: BlockedWeight, bias: Tensor | None) -> Tensor | None:
-    """x [rows, K] (the weight's dtype, rows <= MAX_ROWS of it, unit column stride) times the
+    """x [rows, K] (the weight's dtype, rows up to the kernel's, unit column stride) times the
     weight, plus bias (same dtype, contiguous); None where the call is not the kernel's (the caller
     runs oneDNN's)."""
     rows = x.shape[0]
-    if not (0 < rows <= MAX_ROWS[w.dtype] and x.dtype == w.dtype and x.stride(1) == 1):
+    run = kernel(w.dtype)
+    if run is None or not (0 < rows <= run.max_rows and x.dtype == w.dtype and x.stride(1) == 1):
         return None
     if bias is not None and (bias.dtype != w.dtype or not bias.is_contiguous()):
         return None
-    lib = _library(w.dtype)
-    if lib is None:
-        return None
     out = torch.empty(rows, w.out_features, dtype=w.dtype)
-    b = None if bias is None else bias.data_ptr()
-    threads = torch.get_num_threads()
-    if w.dtype == torch.float32:
-        done = lib.small_rows_f32(x.data_ptr(), x.stride(0), rows, w.address, w.out_features,
-                                  w.in_features, w.padded_in, b, out.data_ptr(), w.out_features,
-                                  threads)
-    else:
-        done = lib.rows_bf16(x.data_ptr(), x.stride(0), rows, w.address, w.out_features,
-                             w.in_features, b, out.data_ptr(), w.out_features, threads)
+    done = run.run(x.data_ptr(), x.stride(0), rows, w.address, w.out_features, w.in_features,
+                   w.padded_in, None if bias is None else bias.data_ptr(), out.data_ptr(),
+                   w.out_features, torch.get_num_threads())
     return out if done else None

@@ -64,11 +64,12 @@ def record_kernel_products(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 16])
-def test_float32_products_of_one_to_three_rows_read_the_packed_weight_themselves(
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 16, 64, 65])
+def test_float32_decode_batches_read_the_packed_weight_themselves(
     rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """kernels/cpu_linear.py reads oneDNN's buffer for 1-3 rows (4 and more: oneDNN's product)."""
+    """kernels/cpu_linear.py reads oneDNN's buffer for decode batches (AVX-512: up to 64 rows;
+    AVX2: 1-3, where oneDNN's product is as fast from 4 on); a prefill's rows are oneDNN's."""
     plain = nn.Linear(300, 1000, bias=True)
     packed = PackedLinear(plain)
     if packed.blocked is None:
@@ -76,7 +77,8 @@ def test_float32_products_of_one_to_three_rows_read_the_packed_weight_themselves
     calls = record_kernel_products(monkeypatch)
     x = torch.randn(rows, 300)
     assert torch.allclose(packed(x), plain(x), rtol=1e-5, atol=1e-5)
-    assert calls == ([rows] if rows <= 3 else [])
+    assert calls == ([rows] if rows <= packed_linear.cpu_linear.kernel(torch.float32).max_rows
+                     else [])
 
 
 @BF16

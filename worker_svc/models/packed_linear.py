@@ -12,11 +12,11 @@ CPU, docs/BENCHMARKS.md): keeping both layouts would double the weights' memory,
 are most of a server's. It sums in another order
 than MKL, so float32 results differ from plain ``F.linear`` by rounding, not more (strict fp32:
 no reduced-precision math mode). The packed tensor replaces the plain weight (no second copy is
-kept), except where the embedding shares it (tied ``lm_head``): that one stays plain. float32
-products of one to three rows (a decode step of a few sequences) read the packed buffer through
-kernels/cpu_linear.py instead, at the rate the cores stream memory, where oneDNN's product reads
-it at about half that; so do bfloat16 products of decode batches on CPUs with AVX-512 BF16 and no
-AMX, whose tasks are handed out dynamically (oneDNN splits its products statically).
+kept), except where the embedding shares it (tied ``lm_head``): that one stays plain. Decode
+batches' products read the packed buffer through kernels/cpu_linear.py instead where it has a
+kernel for this CPU and layout (AVX-512 without AMX: float32 and bfloat16, up to 64 rows, tasks
+handed out dynamically where oneDNN splits a product statically; AVX2: float32, 1-3 rows, at the
+rate the cores stream memory, where oneDNN's product reads it at about half that).
 
 Where oneDNN has no bfloat16 kernels (AVX2-only CPUs), a bfloat16 ``F.linear`` runs a reference
 loop whose time grows with every row (measured on an AMD EPYC: 2,048 rows of a 512 x 2,816
@@ -94,7 +94,7 @@ class PackedLinear(nn.Module):
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
         # decode batches' products read this same buffer through kernels/cpu_linear.py where
-        # that has a kernel for its layout (float32 1-3 rows on AVX2, bfloat16 on AVX-512 BF16)
+        # that has a kernel for this CPU and layout
         self.blocked = cpu_linear.blocked(linear.weight.detach(), self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
