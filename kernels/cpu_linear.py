@@ -38,21 +38,26 @@ _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctype
 
 @dataclass(frozen=True)
 class Kernel:
-    """A C product over a packed weight: ``run(x, x_stride, rows, weight, N, K, Kp, bias, out,
-    out_stride, threads)`` returns 1 when done, 0 when the call is not its to make."""
+    """A C product over a packed weight for ``min_rows`` to ``max_rows`` rows: ``run(x, x_stride,
+    rows, weight, N, K, Kp, bias, out, out_stride, threads)`` returns 1 when done, 0 when the call
+    is not its to make."""
 
     run: Callable[..., int]
+    min_rows: int
     max_rows: int
 
 
-# (source, function, flags, rows it takes): the first that answers on this CPU is used. AVX2's
-# float32 kernel stops at 3 rows, where oneDNN's product is as fast (measured on an AVX2 CPU); the
-# AVX-512 ones take every decode batch (prefill steps' rows are oneDNN's, blocked for them).
+_AVX2 = [*c_library.BASE_FLAGS, "-mprefer-vector-width=256"]
+# (source, function, flags, rows it takes), in order of preference; those that answer on this CPU
+# are used, the first that takes a product's rows computes it. One float32 row streams ~10 %
+# faster through small_rows' 256-bit passes than rows.c's (measured on a Zen 4); AVX2's float32
+# kernel stops at 3 rows, where oneDNN's product is as fast (measured on an AVX2 CPU); the AVX-512
+# ones take every decode batch (prefill steps' rows are oneDNN's, blocked for them).
 _CANDIDATES = {
-    torch.float32: [("rows.c", "rows_f32", c_library.BASE_FLAGS, EXACT_UP_TO),
-                    ("small_rows.c", "small_rows_f32",
-                     [*c_library.BASE_FLAGS, "-mprefer-vector-width=256"], 3)],
-    torch.bfloat16: [("rows.c", "rows_bf16", c_library.BASE_FLAGS, EXACT_UP_TO)],
+    torch.float32: [("small_rows.c", "small_rows_f32", _AVX2, 1, 1),
+                    ("rows.c", "rows_f32", c_library.BASE_FLAGS, 1, EXACT_UP_TO),
+                    ("small_rows.c", "small_rows_f32", _AVX2, 1, 3)],
+    torch.bfloat16: [("rows.c", "rows_bf16", c_library.BASE_FLAGS, 1, EXACT_UP_TO)],
 }
 
 
@@ -67,17 +72,23 @@ def _answers(run: Callable[..., int], dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def kernel(dtype: torch.dtype) -> Kernel | None:
-    """This CPU's kernel for ``dtype``, built if needed; None where it has none."""
-    for source, name, flags, max_rows in _CANDIDATES.get(dtype, []):
+def kernels(dtype: torch.dtype) -> tuple[Kernel, ...]:
+    """This CPU's kernels for ``dtype``, built if needed, in order of preference."""
+    found = []
+    for source, name, flags, min_rows, max_rows in _CANDIDATES.get(dtype, []):
         lib = c_library.load(source, flags, SWITCH)
         if lib is None:
             continue
         run = getattr(lib, name)
         run.restype, run.argtypes = ctypes.c_int, _ARGS
         if _answers(run, dtype):
-            return Kernel(run, max_rows)
-    return None
+            found.append(Kernel(run, min_rows, max_rows))
+    return tuple(found)
+
+
+def max_rows(dtype: torch.dtype) -> int:
+    """The most rows a kernel here takes in ``dtype`` (0: none)."""
+    return max((k.max_rows for k in kernels(dtype)), default=0)
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,7 @@ def _expected_layout(plain: Tensor, padded_in: int) -> Tensor:
 def blocked(plain: Tensor, packed: Tensor) -> BlockedWeight | None:
     """The packed buffer of ``plain`` [N, K] if it holds exactly the kernel's layout for its dtype,
     padding zero (bfloat16: K even); None otherwise (another layout or dtype, no kernel)."""
-    if kernel(plain.dtype) is None:
+    if not kernels(plain.dtype):
         return None
     try:
         address = int(torch.ops.mkldnn.data_ptr(packed))
@@ -133,13 +144,13 @@ def product(x: Tensor, w: BlockedWeight, bias: Tensor | None) -> Tensor | None:
     weight, plus bias (same dtype, contiguous); None where the call is not the kernel's (the caller
     runs oneDNN's)."""
     rows = x.shape[0]
-    run = kernel(w.dtype)
-    if run is None or not (0 < rows <= run.max_rows and x.dtype == w.dtype and x.stride(1) == 1):
+    run = next((k.run for k in kernels(w.dtype) if k.min_rows <= rows <= k.max_rows), None)
+    if run is None or x.dtype != w.dtype or x.stride(1) != 1:
         return None
     if bias is not None and (bias.dtype != w.dtype or not bias.is_contiguous()):
         return None
     out = torch.empty(rows, w.out_features, dtype=w.dtype)
-    done = run.run(x.data_ptr(), x.stride(0), rows, w.address, w.out_features, w.in_features,
+    done = run(x.data_ptr(), x.stride(0), rows, w.address, w.out_features, w.in_features,
                    w.padded_in, None if bias is None else bias.data_ptr(), out.data_ptr(),
                    w.out_features, torch.get_num_threads())
     return out if done else None

@@ -10,12 +10,8 @@ import torch
 
 from kernels import cpu_linear
 
-pytestmark = pytest.mark.skipif(cpu_linear.kernel(torch.float32) is None, reason="no C compiler")
-
-
-def max_rows(dtype: torch.dtype) -> int:
-    run = cpu_linear.kernel(dtype)
-    return 0 if run is None else run.max_rows
+pytestmark = pytest.mark.skipif(not cpu_linear.kernels(torch.float32), reason="no C compiler")
+max_rows = cpu_linear.max_rows
 
 
 def packed_pair(

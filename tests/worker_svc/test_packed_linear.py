@@ -77,7 +77,7 @@ def test_float32_decode_batches_read_the_packed_weight_themselves(
     calls = record_kernel_products(monkeypatch)
     x = torch.randn(rows, 300)
     assert torch.allclose(packed(x), plain(x), rtol=1e-5, atol=1e-5)
-    assert calls == ([rows] if rows <= packed_linear.cpu_linear.kernel(torch.float32).max_rows
+    assert calls == ([rows] if rows <= packed_linear.cpu_linear.max_rows(torch.float32)
                      else [])
 
 
