@@ -1,10 +1,11 @@
 """Decode batches' products against a weight packed by oneDNN, read in place.
 
-- AVX-512 CPUs without AMX, float32 and bfloat16 (AVX-512 BF16), 1 to 64 rows (``csrc/rows.c``):
-  oneDNN's own product reaches 57-78 % of the cores' bfloat16 rate at these row counts and reads
-  a float32 weight at 17-25 GB/s up to 8 rows, and it splits each product statically between the
-  threads, so a core a neighbour takes for a moment stalls the whole product. These kernels are
-  1.04-1.6x faster alone and hand their tasks out dynamically (docs/BENCHMARKS.md).
+- AVX-512 CPUs without AMX, float32 (1 to 128 rows) and bfloat16 (AVX-512 BF16, 1 to 256 rows),
+  ``csrc/rows.c``: oneDNN's own product reaches 57-78 % of the cores' bfloat16 rate at decode
+  batch sizes and reads a float32 weight at 17-25 GB/s up to 8 rows, and it splits each product
+  statically between the threads, so a core a neighbour takes for a moment stalls the whole
+  product. These kernels are 1.02-1.6x faster alone (at parity from 128 rows) and hand their
+  tasks out dynamically (docs/BENCHMARKS.md).
 - AVX2 CPUs, float32, 1 to 3 rows (``csrc/small_rows.c``): decode batches that small read the
   weight at the rate the cores stream memory, where oneDNN's product reads it at about half that.
 
@@ -27,7 +28,6 @@ import torch
 from torch import Tensor
 
 from kernels import c_library
-from kernels.row_buckets import EXACT_UP_TO
 
 SWITCH = "PAGEWIRE_CPU_SMALL_ROWS"
 BLOCK = 64  # output columns per packed block
@@ -51,13 +51,14 @@ _AVX2 = [*c_library.BASE_FLAGS, "-mprefer-vector-width=256"]
 # (source, function, flags, rows it takes), in order of preference; those that answer on this CPU
 # are used, the first that takes a product's rows computes it. One float32 row streams ~10 %
 # faster through small_rows' 256-bit passes than rows.c's (measured on a Zen 4); AVX2's float32
-# kernel stops at 3 rows, where oneDNN's product is as fast (measured on an AVX2 CPU); the AVX-512
-# ones take every decode batch (prefill steps' rows are oneDNN's, blocked for them).
+# kernel stops at 3 rows, where oneDNN's product is as fast (measured on an AVX2 CPU). The AVX-512
+# ones stop where oneDNN's product gets ahead of them on a quiet machine (Zen 4: float32 0.95 at
+# 256 rows, bfloat16 0.98 at 512; docs/BENCHMARKS.md): longer prefill chunks are oneDNN's.
 _CANDIDATES = {
     torch.float32: [("small_rows.c", "small_rows_f32", _AVX2, 1, 1),
-                    ("rows.c", "rows_f32", c_library.BASE_FLAGS, 1, EXACT_UP_TO),
+                    ("rows.c", "rows_f32", c_library.BASE_FLAGS, 1, 128),
                     ("small_rows.c", "small_rows_f32", _AVX2, 1, 3)],
-    torch.bfloat16: [("rows.c", "rows_bf16", c_library.BASE_FLAGS, 1, EXACT_UP_TO)],
+    torch.bfloat16: [("rows.c", "rows_bf16", c_library.BASE_FLAGS, 1, 256)],
 }
 
 

@@ -1,4 +1,4 @@
-/* Products of a decode batch's rows (1 to 64) against a weight in the layout oneDNN packs it to on
+/* Products of a decode batch's or a short chunk's rows (1 to 256) against a weight in the layout oneDNN packs it to on
  * a CPU with AVX-512 and no AMX: out[m][n] = sum_k x[m][k] w[n][k] (+ bias[n]), summed in float32
  * (bfloat16: rounded to bfloat16 once).
  *
@@ -21,7 +21,7 @@
 #include <string.h>
 
 #define BLOCK 64 /* output columns per packed block */
-#define MAX_ROWS 64
+#define MAX_ROWS 256 /* the most any caller asks (kernels/cpu_linear.py) */
 #define ROW_GROUP 6 /* rows per register pass: 6 x 4 accumulators + 4 weight vectors of 32 */
 
 #if defined(__AVX512F__)
@@ -127,8 +127,8 @@ DEFINE_BLOCK(BF16)
 #endif
 
 /* x: M rows of K float32, x_stride apart; wp: the packed weight, ceil(N / 64) blocks of [Kp][64];
- * out: M rows of N, out_stride apart. Returns 0 (nothing done) for M outside 1..64 or a build
- * without AVX-512. */
+ * out: M rows of N, out_stride apart. Returns 0 (nothing done) for M outside 1..256 or a
+ * build without AVX-512. */
 int rows_f32(const float *x, int64_t x_stride, int64_t M, const float *wp, int64_t N, int64_t K,
              int64_t Kp, const float *bias, float *out, int64_t out_stride, int num_threads) {
 #if defined(__AVX512F__)

@@ -1,5 +1,6 @@
-"""Decode batches' products read oneDNN's packed weight in place (csrc/rows.c on AVX-512: float32
-and bfloat16, 1 to 64 rows; csrc/small_rows.c on AVX2: float32, 1 to 3 rows); within float32's
+"""Decode batches' and short chunks' products read oneDNN's packed weight in place (csrc/rows.c on
+AVX-512: float32 1 to 128 rows, bfloat16 1 to 256; csrc/small_rows.c on AVX2: float32, 1 to 3
+rows); within float32's
 error bound of a float64 product, for any shape (bfloat16: then rounded once); a buffer in any
 other layout is never read."""
 
@@ -26,7 +27,7 @@ def packed_pair(
 
 
 @pytest.mark.parametrize(("n", "k"), [(1024, 512), (1000, 300), (512, 1408), (70, 64)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 13, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 13, 64, 128])
 @pytest.mark.parametrize("bias", [False, True])
 def test_float32_decode_batches_are_float32_dot_products(
     n: int, k: int, rows: int, bias: bool
@@ -61,7 +62,7 @@ def test_a_buffer_that_does_not_hold_the_weight_in_that_layout_is_not_read() -> 
 
 
 @pytest.mark.parametrize(("n", "k"), [(1024, 512), (1000, 300), (512, 1408), (70, 64)])
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 13, 37, 64])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 8, 13, 37, 64, 101, 256])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bfloat16_decode_batches_are_float32_sums_rounded_once(
     n: int, k: int, rows: int, bias: bool
@@ -80,10 +81,10 @@ def test_bfloat16_decode_batches_are_float32_sums_rounded_once(
     assert ((out.double() - ref).abs() <= bound).all()
 
 
-def test_bfloat16_prefill_rows_and_other_inputs_are_left_to_onednn() -> None:
+def test_bfloat16_long_chunks_and_other_inputs_are_left_to_onednn() -> None:
     w, found, _packed = packed_pair(256, 128, dtype=torch.bfloat16)
-    x = torch.randn(65, 128).bfloat16()
-    assert cpu_linear.product(x, found, None) is None  # a prefill's rows
+    x = torch.randn(max_rows(torch.bfloat16) + 1, 128).bfloat16()
+    assert cpu_linear.product(x, found, None) is None  # a long prefill chunk's rows
     assert cpu_linear.product(x[:4].float(), found, None) is None
     assert cpu_linear.product(torch.randn(2, 256).bfloat16()[:, ::2], found, None) is None
     assert cpu_linear.product(x[:4], found, torch.randn(256)) is None  # a float32 bias

@@ -64,12 +64,12 @@ def record_kernel_products(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 16, 64, 65])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 16, 64, 65, 128, 129])
 def test_float32_decode_batches_read_the_packed_weight_themselves(
     rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """kernels/cpu_linear.py reads oneDNN's buffer for decode batches (AVX-512: up to 64 rows;
-    AVX2: 1-3, where oneDNN's product is as fast from 4 on); a prefill's rows are oneDNN's."""
+    """kernels/cpu_linear.py reads oneDNN's buffer for decode batches and short chunks (AVX-512: up
+    to 128 rows; AVX2: 1-3, where oneDNN's product is as fast from 4 on); more rows are oneDNN's."""
     plain = nn.Linear(300, 1000, bias=True)
     packed = PackedLinear(plain)
     if packed.blocked is None:
@@ -82,12 +82,13 @@ def test_float32_decode_batches_read_the_packed_weight_themselves(
 
 
 @BF16
-@pytest.mark.parametrize("rows", [1, 5, 64, 65])
+@pytest.mark.parametrize("rows", [1, 5, 64, 65, 256, 257, 700])
 def test_bfloat16_decode_batches_read_the_packed_weight_themselves(
     rows: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On an AVX-512 BF16 CPU without AMX, kernels/cpu_linear.py computes decode batches (up to 64
-    rows); a prefill's rows are oneDNN's. The sums are float32's, rounded once, as oneDNN's are."""
+    """On an AVX-512 BF16 CPU without AMX, kernels/cpu_linear.py computes decode batches and short
+    chunks (up to 256 rows); longer chunks are oneDNN's. The sums are float32's, rounded once, as
+    oneDNN's are."""
     plain = nn.Linear(1408, 200, bias=True).to(torch.bfloat16)
     packed = PackedLinear(plain)
     if packed.blocked is None:
@@ -96,7 +97,10 @@ def test_bfloat16_decode_batches_read_the_packed_weight_themselves(
     x = torch.randn(rows, 1408, dtype=torch.bfloat16)
     exact = F.linear(x.double(), plain.weight.double(), plain.bias.double())
     assert torch.allclose(packed(x).double(), exact, rtol=2.0**-7, atol=1e-2)
-    assert calls == ([rows] if rows <= 64 else [])
+    assert torch.allclose(packed(x.view(1, rows, 1408)).double(), exact.view(1, rows, 200),
+                          rtol=2.0**-7, atol=1e-2)
+    taken = rows <= packed_linear.cpu_linear.max_rows(torch.bfloat16)
+    assert calls == ([rows, rows] if taken else [])
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -14,9 +14,10 @@ than MKL, so float32 results differ from plain ``F.linear`` by rounding, not mor
 no reduced-precision math mode). The packed tensor replaces the plain weight (no second copy is
 kept), except where the embedding shares it (tied ``lm_head``): that one stays plain. Decode
 batches' products read the packed buffer through kernels/cpu_linear.py instead where it has a
-kernel for this CPU and layout (AVX-512 without AMX: float32 and bfloat16, up to 64 rows, tasks
-handed out dynamically where oneDNN splits a product statically; AVX2: float32, 1-3 rows, at the
-rate the cores stream memory, where oneDNN's product reads it at about half that).
+kernel for this CPU and layout (AVX-512 without AMX: float32 up to 128 rows, bfloat16 up to 256,
+tasks handed out dynamically where oneDNN splits a product statically; AVX2: float32, 1-3 rows,
+at the rate the cores stream memory, where oneDNN's product reads it at about half that), and so
+do short prefill chunks of up to as many rows.
 
 Where oneDNN has no bfloat16 kernels (AVX2-only CPUs), a bfloat16 ``F.linear`` runs a reference
 loop whose time grows with every row (measured on an AMD EPYC: 2,048 rows of a 512 x 2,816
@@ -106,11 +107,13 @@ class PackedLinear(nn.Module):
             return _LINEAR(x, self.weight, self.bias, "none", [], "")
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
-        run_rows = bucket_rows(rows)  # kernels/row_buckets.py: why, and where the rows come from
-        if run_rows != rows:
-            flat = padded(flat, run_rows)
-        out = _LINEAR(flat, self.weight, self.bias, "none", [], "")
-        return out[:rows].view(*x.shape[:-1], self.out_features)
+        out = None if self.blocked is None else cpu_linear.product(flat, self.blocked, self.bias)
+        if out is None:
+            run_rows = bucket_rows(rows)  # kernels/row_buckets.py: why, and where the rows come from
+            if run_rows != rows:
+                flat = padded(flat, run_rows)
+            out = _LINEAR(flat, self.weight, self.bias, "none", [], "")[:rows]
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 def pack_linears(model: nn.Module, kind: type[nn.Module] = PackedLinear) -> int:
