@@ -117,6 +117,17 @@ static void T##_block(const Product *p, const T##_ELEMENT *wb, int64_t M, int64_
         }                                                                                         \
         r0 += rows;                                                                               \
     }                                                                                             \
+}                                                                                                 \
+/* Every block of the weight (wp: ceil(N / 64) blocks of Kp x 64), one task each, handed out      \
+ * dynamically. */                                                                                \
+static void T##_blocks(const Product *p, const T##_ELEMENT *wp, int64_t Kp, int64_t M,            \
+                       int num_threads) {                                                         \
+    const int64_t blocks = (p->N + BLOCK - 1) / BLOCK;                                            \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads)")                     \
+    for (int64_t b = 0; b < blocks; b++) {                                                        \
+        const int64_t n0 = b * BLOCK;                                                             \
+        T##_block(p, wp + b * Kp * BLOCK, M, n0, p->N - n0 < BLOCK ? p->N - n0 : BLOCK);          \
+    }                                                                                             \
 }
 
 DEFINE_BLOCK(F32)
@@ -126,6 +137,12 @@ DEFINE_BLOCK(BF16)
 
 #endif
 
+/* An entry point built without its instructions: nothing done (the caller runs oneDNN's). */
+#define NOT_BUILT()                                                                               \
+    (void)x; (void)x_stride; (void)M; (void)wp; (void)N; (void)K; (void)Kp; (void)bias;          \
+    (void)out; (void)out_stride; (void)num_threads;                                               \
+    return 0
+
 /* x: M rows of K float32, x_stride apart; wp: the packed weight, ceil(N / 64) blocks of [Kp][64];
  * out: M rows of N, out_stride apart. Returns 0 (nothing done) for M outside 1..256 or a
  * build without AVX-512. */
@@ -134,23 +151,16 @@ int rows_f32(const float *x, int64_t x_stride, int64_t M, const float *wp, int64
 #if defined(__AVX512F__)
     if (M < 1 || M > MAX_ROWS) return 0;
     const Product p = {x, x_stride, bias, out, out_stride, N, K};
-    const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = b * BLOCK;
-        F32_block(&p, wp + b * Kp * BLOCK, M, n0, N - n0 < BLOCK ? N - n0 : BLOCK);
-    }
+    F32_blocks(&p, wp, Kp, M, num_threads);
     return 1;
 #else
-    (void)x; (void)x_stride; (void)M; (void)wp; (void)N; (void)K; (void)Kp; (void)bias;
-    (void)out; (void)out_stride; (void)num_threads;
-    return 0;
+    NOT_BUILT();
 #endif
 }
 
 /* x: M rows of K bfloat16, x_stride apart; wp: the packed weight, ceil(N / 64) blocks of
  * [Kp / 2][64][2] (zero past K); out: M rows of N, out_stride apart. Returns 0 (nothing done) for
- * M outside 1..64, an odd K (its last pair would read past a row), or a build without AVX-512
+ * M outside 1..256, an odd K (its last pair would read past a row), or a build without AVX-512
  * BF16. */
 int rows_bf16(const uint16_t *x, int64_t x_stride, int64_t M, const uint16_t *wp, int64_t N,
               int64_t K, int64_t Kp, const uint16_t *bias, uint16_t *out, int64_t out_stride,
@@ -158,16 +168,9 @@ int rows_bf16(const uint16_t *x, int64_t x_stride, int64_t M, const uint16_t *wp
 #if defined(__AVX512BF16__)
     if (M < 1 || M > MAX_ROWS || K % 2 || Kp % 2 || Kp < K) return 0;
     const Product p = {x, x_stride, bias, out, out_stride, N, K / 2};
-    const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = b * BLOCK;
-        BF16_block(&p, wp + b * Kp * BLOCK, M, n0, N - n0 < BLOCK ? N - n0 : BLOCK);
-    }
+    BF16_blocks(&p, wp, Kp, M, num_threads);
     return 1;
 #else
-    (void)x; (void)x_stride; (void)M; (void)wp; (void)N; (void)K; (void)Kp; (void)bias;
-    (void)out; (void)out_stride; (void)num_threads;
-    return 0;
+    NOT_BUILT();
 #endif
 }
