@@ -152,6 +152,6 @@ def product(x: Tensor, w: BlockedWeight, bias: Tensor | None) -> Tensor | None:
         return None
     out = torch.empty(rows, w.out_features, dtype=w.dtype)
     done = run(x.data_ptr(), x.stride(0), rows, w.address, w.out_features, w.in_features,
-                   w.padded_in, None if bias is None else bias.data_ptr(), out.data_ptr(),
-                   w.out_features, torch.get_num_threads())
+               w.padded_in, None if bias is None else bias.data_ptr(), out.data_ptr(),
+               w.out_features, torch.get_num_threads())
     return out if done else None
