@@ -103,16 +103,23 @@ class BlockedWeight:
     dtype: torch.dtype = torch.float32
 
 
-def _expected_layout(plain: Tensor, padded_in: int) -> Tensor:
-    """``plain`` [N, K] as the kernel reads it: [blocks][Kp][64] in float32, [blocks][Kp / 2][64][2]
-    in bfloat16, padding zero."""
+def _holds(found: Tensor, plain: Tensor, padded_in: int) -> bool:
+    """Whether ``found`` (the packed buffer, flat) holds ``plain`` [N, K] in the kernel's layout,
+    [blocks][Kp][64] in float32, [blocks][Kp / 2][64][2] in bfloat16, padding zero. Compared
+    through strided views of the buffer, without a copy of the weight: start-up reads it once."""
     n, k = plain.shape
-    blocks = -(-n // BLOCK)
-    full = torch.zeros(blocks * BLOCK, padded_in, dtype=plain.dtype)
-    full[:n, :k] = plain
-    if plain.dtype == torch.float32:
-        return full.view(blocks, BLOCK, padded_in).transpose(1, 2).contiguous()
-    return full.view(blocks, BLOCK, padded_in // 2, 2).permute(0, 2, 1, 3).contiguous()
+    full, tail = divmod(n, BLOCK)
+    blocks = full + (tail > 0)
+    if plain.dtype == torch.float32:  # [block][column][k]
+        grid = found.view(blocks, padded_in, BLOCK).transpose(1, 2)
+        rows = plain.view(n, k)
+    else:  # [block][column][k-pair][2]
+        grid = found.view(blocks, padded_in // 2, BLOCK, 2).transpose(1, 2)
+        rows = plain.view(n, k // 2, 2)
+    width = rows.shape[1]  # k, or k-pairs
+    return (torch.equal(grid[:full, :, :width], rows[: full * BLOCK].unflatten(0, (full, BLOCK)))
+            and (not tail or torch.equal(grid[full, :tail, :width], rows[full * BLOCK :]))
+            and not grid[:, :, width:].any() and not grid[full:, tail:].any())
 
 
 def blocked(plain: Tensor, packed: Tensor) -> BlockedWeight | None:
@@ -132,10 +139,8 @@ def blocked(plain: Tensor, packed: Tensor) -> BlockedWeight | None:
         return None
     if plain.dtype == torch.bfloat16 and (padded_in % 2 or k % 2):
         return None  # the kernel reads k-pairs of the rows as they are: none may run past one
-    expected = _expected_layout(plain, padded_in)
     raw = (ctypes.c_uint8 * nbytes).from_address(address)
-    found = torch.frombuffer(raw, dtype=torch.uint8).view(plain.dtype).view_as(expected)
-    if not torch.equal(found, expected):
+    if not _holds(torch.frombuffer(raw, dtype=torch.uint8).view(plain.dtype), plain, padded_in):
         return None
     return BlockedWeight(address, n, k, padded_in, plain.dtype)
 

@@ -216,13 +216,13 @@ void silu_mul_f32(const float *gate_up, int64_t stride, float *out, int64_t toke
 /* Index of each row's largest value, as torch's argmax picks it: the first of equal maxima,
  * and the first NaN where a row holds one. torch's CPU argmax runs one compare at a time
  * (0.9 ns an element: 7.8 ms for 64 rows of a 152k vocabulary). x rows are x_stride apart. */
+#if AVX512_ROWS
 static int64_t first_nan(const float *x, int64_t cols) {
     for (int64_t j = 0; j < cols; j++)
         if (x[j] != x[j]) return j;
     return -1;
 }
 
-#if AVX512_ROWS
 /* One pass: each of 4 x 16 lanes keeps its running maximum and where it first saw it (a strict
  * greater-than keeps the first), and a lane holding a NaN is noted; then the lanes' maxima are
  * reduced, the lowest index winning a tie. */

@@ -1,5 +1,5 @@
 /* AVX-512 rows of the bfloat16 elementwise operations (included by elementwise.c where the
- * compiler targets AVX-512BW). The plain C loops of elementwise.c vectorise, but GCC turns each
+ * compiler targets AVX-512BW; rows.c takes its bfloat16 loads and stores). The plain C loops of elementwise.c vectorise, but GCC turns each
  * bfloat16 rounding into a long select chain and calls libmvec's expf out of line: RMSNorm ran
  * at ~1.5 cycles per element and SiLU at ~2 per thread, which made them a sixth of a bfloat16
  * prefill step. Here each rounding is one instruction (AVX512-BF16) or five integer ops, and
@@ -11,6 +11,8 @@
  * polynomial below rather than libm's.
  */
 #include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
 
 #include "exp_avx512.h"
 

@@ -1,5 +1,5 @@
-/* Products of a decode batch's or a short chunk's rows (1 to 256) against a weight in the layout oneDNN packs it to on
- * a CPU with AVX-512 and no AMX: out[m][n] = sum_k x[m][k] w[n][k] (+ bias[n]), summed in float32
+/* Products of a decode batch's or a short chunk's rows (1 to 256) against a weight in the layout
+ * oneDNN packs it to on a CPU with AVX-512 and no AMX: out[m][n] = sum_k x[m][k] w[n][k] (+ bias[n]), summed in float32
  * (bfloat16: rounded to bfloat16 once).
  *
  * Why not oneDNN's own product over the same buffer: at these row counts it reaches 57-78 % of the
@@ -11,9 +11,10 @@
  * vectors of one k (float32) or k-pair (bfloat16), 24 accumulators in registers.
  *
  * The packed layouts are blocks of 64 output columns: float32 [Kp][64]; bfloat16 [Kp / 2][64][2],
- * k-pairs of one column next to each other (Kp: K padded, the padding never read), which is vdpbf16ps's operand (kernels/cpu_linear.py
- * checks a weight is in one before using this). A row's k (k-pair) is one 32-bit broadcast. Every
- * output sums its k (k-pairs) in order, one FMA (vdpbf16ps) each, as oneDNN's AVX-512 kernels do.
+ * k-pairs of one column next to each other, which is vdpbf16ps's operand (Kp: K padded, the
+ * padding never read; kernels/cpu_linear.py checks a weight is in one before using this). A row's k (k-pair) is one 32-bit broadcast. Every
+ * output sums its k (k-pairs) in order, one FMA (vdpbf16ps) each, as oneDNN's AVX-512 kernels do;
+ * bfloat16 bias loads and roundings are elementwise_avx512.h's (torch's rounding).
  * Built at run time by kernels/cpu_linear.py (kernels/c_library.py); no torch headers.
  */
 #include <immintrin.h>
@@ -24,7 +25,8 @@
 #define MAX_ROWS 256 /* the most any caller asks (kernels/cpu_linear.py) */
 #define ROW_GROUP 6 /* rows per register pass: 6 x 4 accumulators + 4 weight vectors of 32 */
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include "elementwise_avx512.h" /* lanes(); bfloat16 loads and stores */
 
 typedef struct {
     const void *x; /* rows of K, x_stride elements apart */
@@ -45,9 +47,6 @@ typedef struct {
 #define F32_STORE(dst, keep, v) _mm512_mask_storeu_ps(dst, keep, v)
 
 #if defined(__AVX512BF16__)
-static inline __m512 widen(__m256i v) { /* 16 bfloat16 -> float32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
 static inline __m512bh row_pair(const uint16_t *xr, int64_t kk) {
     int32_t pair;
     memcpy(&pair, xr + 2 * kk, 4);
@@ -60,9 +59,8 @@ static inline __m512bh row_pair(const uint16_t *xr, int64_t kk) {
 #define BF16_ROW(xr, kk) row_pair(xr, kk)
 #define BF16_FMA(acc, a, w) _mm512_dpbf16_ps(acc, a, w)
 #define BF16_TYPE __m512bh
-#define BF16_BIAS(bias, keep) widen(_mm256_maskz_loadu_epi16(keep, bias))
-#define BF16_STORE(dst, keep, v) \
-    _mm256_mask_storeu_epi16(dst, keep, (__m256i)_mm512_cvtneps_pbh(v))
+#define BF16_BIAS(bias, keep) bf16x16_load(bias, keep)
+#define BF16_STORE(dst, keep, v) bf16x16_store(dst, v, keep)
 #endif
 
 /* Rows r0..r0+MR-1 of one block (wb: its steps x 64 columns) into out, columns n0.. (n_valid
@@ -88,7 +86,7 @@ static void T##_pass_##MR(const Product *p, const T##_ELEMENT *wb, int64_t r0, i
     for (int c = 0; c < 4; c++) {                                                                 \
         const int64_t left = n_valid - 16 * c;                                                    \
         if (left <= 0) break;                                                                     \
-        const __mmask16 keep = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);               \
+        const __mmask16 keep = lanes(left);                                                       \
         const __m512 b = bias ? T##_BIAS(bias + n0 + 16 * c, keep) : _mm512_setzero_ps();         \
         for (int m = 0; m < MR; m++)                                                              \
             T##_STORE(out + (r0 + m) * p->out_stride + n0 + 16 * c, keep,                         \
@@ -148,7 +146,7 @@ DEFINE_BLOCK(BF16)
  * build without AVX-512. */
 int rows_f32(const float *x, int64_t x_stride, int64_t M, const float *wp, int64_t N, int64_t K,
              int64_t Kp, const float *bias, float *out, int64_t out_stride, int num_threads) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
     if (M < 1 || M > MAX_ROWS) return 0;
     const Product p = {x, x_stride, bias, out, out_stride, N, K};
     F32_blocks(&p, wp, Kp, M, num_threads);
