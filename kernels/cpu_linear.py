@@ -87,6 +87,11 @@ def kernels(dtype: torch.dtype) -> tuple[Kernel, ...]:
     return tuple(found)
 
 
+def kernel(dtype: torch.dtype, rows: int) -> Callable[..., int] | None:
+    """The kernel that computes a product of ``rows`` rows in ``dtype`` here (None: oneDNN's)."""
+    return next((k.run for k in kernels(dtype) if k.min_rows <= rows <= k.max_rows), None)
+
+
 def max_rows(dtype: torch.dtype) -> int:
     """The most rows a kernel here takes in ``dtype`` (0: none)."""
     return max((k.max_rows for k in kernels(dtype)), default=0)
@@ -150,7 +155,7 @@ def product(x: Tensor, w: BlockedWeight, bias: Tensor | None) -> Tensor | None:
     weight, plus bias (same dtype, contiguous); None where the call is not the kernel's (the caller
     runs oneDNN's)."""
     rows = x.shape[0]
-    run = next((k.run for k in kernels(w.dtype) if k.min_rows <= rows <= k.max_rows), None)
+    run = kernel(w.dtype, rows)
     if run is None or x.dtype != w.dtype or x.stride(1) != 1:
         return None
     if bias is not None and (bias.dtype != w.dtype or not bias.is_contiguous()):

@@ -32,6 +32,7 @@ from worker_svc import compute_thread, cpu_heap
 from worker_svc.constraints import Constraints
 from worker_svc.cuda_graphs import DecodeGraphs
 from worker_svc.loader import load_model, read_model_dir, resolve_dtype
+from worker_svc.models import decode_layers
 from worker_svc.models.packed_linear import (
     WIDEN_FROM_ROWS,
     WidenedLinear,
@@ -89,6 +90,8 @@ def build_runner(cfg: pwconfig.WorkerConfig) -> tuple[ModelRunner, worker_pb2.Wo
         backend_name = kernels.default_backend_name(device)
     backend = kernels.get_backend(backend_name)
     caches = allocate_kv_cache(model, num_blocks, cfg.block_size, dtype, device)
+    if device.type == "cpu":
+        model.layer_stack = decode_layers.build(model, caches, backend)
     graphs = None
     if cfg.cuda_graphs and device.type == "cuda":
         graphs = DecodeGraphs(model, caches, backend, device, cfg.block_size, max_len,

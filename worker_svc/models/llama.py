@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels import AttentionBackend
+from kernels.cpu_decode_layers import LayerStack
 from worker_svc.models.config import ModelConfig
 from worker_svc.models.layers import MLP, RMSNorm, softcap
 from worker_svc.models.moe import SparseMoeBlock
@@ -176,6 +177,9 @@ class DecoderForCausalLM(nn.Module):
         # A vision-language model's image side (set by the loader): pixels to the rows that
         # replace image placeholders' token embeddings. None for a text model.
         self.vision: nn.Module | None = None
+        # A CPU worker's decode steps through every layer in one C call (set by the worker once
+        # the weights are packed and the caches allocated; worker_svc/models/decode_layers.py).
+        self.layer_stack: LayerStack | None = None
         self.init_rope(max_len)
 
     def init_rope(self, max_len: int, device: torch.device | None = None) -> None:
@@ -220,6 +224,13 @@ class DecoderForCausalLM(nn.Module):
             rows = table[positions] if positions.dim() == 1 else mrope_rows(
                 table, positions, self.cfg.mrope_section or ())
             rope[key] = rows.to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
+        stack, T = self.layer_stack, x.shape[0]
+        if (stack is not None and embeds is None and positions.dim() == 1 and meta.num_decode == T
+                and meta.every_slot_stored and stack.takes(T)):
+            (cos, sin), = rope.values()
+            pending = stack.run(x, cos, sin, meta.slot_mapping, meta.block_tables,
+                                meta.context_lens)
+            return self.norm.after_add(x, pending)
         pending = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x, pending = layer(x, pending, rope, kv, meta)
