@@ -32,7 +32,7 @@ _ptr, _i64, _f32, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes
 
 class _Kernels(ctypes.Structure):
     _fields_ = [(name, _ptr) for name in
-                ("rows", "norm", "add_norm", "rope", "silu_mul", "store_kv", "decode")]
+                ("rows", "norm", "norm_heads", "add_norm", "rope", "silu_mul", "store_kv", "decode")]
 
 
 class _Proj(ctypes.Structure):
@@ -40,7 +40,8 @@ class _Proj(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("in_norm", _ptr), ("post_norm", _ptr), ("qkv", _Proj), ("o", _Proj),
+    _fields_ = [("in_norm", _ptr), ("post_norm", _ptr), ("q_norm", _ptr), ("k_norm", _ptr),
+                ("qkv", _Proj), ("o", _Proj),
                 ("gate_up", _Proj), ("down", _Proj), ("k_cache", _ptr), ("v_cache", _ptr),
                 ("window", _i64), ("softcap", _f32), ("scale", _f32)]
 
@@ -84,7 +85,8 @@ def _kernels(dtype: torch.dtype, rows: int) -> _Kernels:
     decode = attn.paged_decode_bf16 if dtype == torch.bfloat16 else attn.paged_decode_f32
     return _Kernels(
         rows, *(_address(getattr(el, f"{name}_{suffix}"))
-                          for name in ("rms_norm", "add_rms_norm", "rope", "silu_mul")),
+                          for name in ("rms_norm", "rms_norm_heads", "add_rms_norm", "rope",
+                                       "silu_mul")),
         _address(attn.store_kv_rows), _address(decode))
 
 
@@ -102,10 +104,12 @@ class Projection:
 @dataclass(frozen=True)
 class LayerWeights:
     """One decoder layer as the C loop runs it: Llama's pre-norms (no Gemma offset), the fused q/k/v
-    projection, rotate-half RoPE, paged attention, the output projection, a SiLU-gated MLP."""
+    projection, Qwen3's per-head q/k norms where it has them, rotate-half RoPE, paged attention,
+    the output projection, a SiLU-gated MLP."""
 
     in_norm: Tensor  # [hidden], the model's dtype, contiguous
     post_norm: Tensor
+    qk_norms: tuple[Tensor, Tensor] | None  # [head dim] each
     qkv: Projection
     o: Projection
     gate_up: Projection
@@ -129,7 +133,9 @@ class LayerStack:
         _, block_size, kv_heads, _ = first.k_cache.shape
         self.qkv_size = self.q_size + 2 * kv_heads * head_dim
         self._layers = (_Layer * len(layers))(*(
-            _Layer(w.in_norm.data_ptr(), w.post_norm.data_ptr(), w.qkv.struct(), w.o.struct(),
+            _Layer(w.in_norm.data_ptr(), w.post_norm.data_ptr(),
+                   *((None, None) if w.qk_norms is None else (n.data_ptr() for n in w.qk_norms)),
+                   w.qkv.struct(), w.o.struct(),
                    w.gate_up.struct(), w.down.struct(), w.k_cache.data_ptr(),
                    w.v_cache.data_ptr(), w.window or 0, w.softcap or 0.0, w.scale)
             for w in layers))

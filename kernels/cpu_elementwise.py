@@ -39,6 +39,7 @@ def build(flags: list[str]) -> ctypes.CDLL | None:
     i64, f32, ptr, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     signatures = {
         "rms_norm": [ptr, i64, ptr, ptr, i64, i64, f32, i32, i32],
+        "rms_norm_heads": [ptr, i64, i64, i64, i64, ptr, f32, i32, i32],
         "add_rms_norm": [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32, i32],
         "rope": [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i32],
         "silu_mul": [ptr, i64, ptr, i64, i64, i32],
@@ -82,6 +83,19 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:
     _fn("rms_norm", x)(x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), rows, dim, eps,
                        int(gemma), torch.get_num_threads())
     return out
+
+
+def takes_heads(x: Tensor) -> bool:
+    """Whether :func:`rms_norm_heads_` takes ``x``: [T, H, D], heads side by side in a token."""
+    return x.dim() == 3 and x.stride(1) == x.shape[2] and takes(x)
+
+
+def rms_norm_heads_(x: Tensor, weight: Tensor, eps: float, gemma: bool) -> None:
+    """kernels.elementwise.rms_norm_heads_'s contract (check :func:`takes_heads`)."""
+    tokens, heads, dim = x.shape
+    w = weight.to(x.dtype).contiguous()
+    _fn("rms_norm_heads", x)(x.data_ptr(), x.stride(0), tokens, heads, dim, w.data_ptr(), eps,
+                             int(gemma), torch.get_num_threads())
 
 
 def add_rms_norm_(x: Tensor, h: Tensor, weight: Tensor, eps: float, gemma: bool) -> Tensor:

@@ -63,6 +63,15 @@ def rms_norm_torch(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -
     return weight * xf.to(x.dtype)
 
 
+def rms_norm_heads_(x: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> None:
+    """:func:`rms_norm` of every head of x [T, H, D] (weight [D]), in place: the per-head q/k
+    norms of Qwen3 and Gemma 3 on the fused projection's output. One pass on the CPU."""
+    if cpu_elementwise.takes_heads(x):
+        cpu_elementwise.rms_norm_heads_(x, weight, eps, gemma)
+        return
+    x.copy_(rms_norm(x, weight, eps, gemma))
+
+
 def add_rms_norm_(x: Tensor, h: Tensor, weight: Tensor, eps: float, gemma: bool = False) -> Tensor:
     """The residual stream between sublayers: ``x += h`` in place (rounded to x's dtype, as
     torch adds), then :func:`rms_norm` of the sum. One pass in bfloat16 on the CPU, where the

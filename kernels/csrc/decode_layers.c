@@ -21,6 +21,8 @@ typedef int (*rows_fn)(const void *x, int64_t x_stride, int64_t M, const void *w
                        int threads);
 typedef void (*norm_fn)(const void *x, int64_t x_stride, const void *w, void *out, int64_t rows,
                         int64_t dim, float eps, int gemma, int threads);
+typedef void (*norm_heads_fn)(void *x, int64_t token_stride, int64_t tokens, int64_t heads,
+                              int64_t dim, const void *w, float eps, int gemma, int threads);
 typedef void (*add_norm_fn)(const void *x, const void *h, const void *w, void *sum, void *out,
                             int64_t rows, int64_t dim, float eps, int gemma, int threads);
 typedef void (*rope_fn)(void *x, int64_t token_stride, int64_t head_dim, int64_t tokens,
@@ -41,6 +43,7 @@ typedef void (*decode_fn)(const void *q, int64_t q_stride, const void *k_cache,
 typedef struct {
     rows_fn rows;
     norm_fn norm;
+    norm_heads_fn norm_heads;
     add_norm_fn add_norm;
     rope_fn rope;
     silu_mul_fn silu_mul;
@@ -57,6 +60,7 @@ typedef struct {
 
 typedef struct {
     const void *in_norm, *post_norm;
+    const void *q_norm, *k_norm; /* per-head norms before RoPE (Qwen3), or NULL */
     Proj qkv, o, gate_up, down;
     void *k_cache, *v_cache;
     int64_t window; /* 0: the whole context */
@@ -105,6 +109,11 @@ int64_t decode_layers(const Kernels *kn, const Layer *layers, int64_t n_layers, 
         if (!kn->rows(st->normed, H, T, L->qkv.w, L->qkv.n, L->qkv.k, L->qkv.kp, L->qkv.bias, qkv,
                       qkv_n, s->threads))
             return i;
+        if (L->q_norm) {
+            kn->norm_heads(qkv, qkv_n, T, s->heads, s->head_dim, L->q_norm, s->eps, 0, s->threads);
+            kn->norm_heads(qkv + q_size * e, qkv_n, T, s->kv_heads, s->head_dim, L->k_norm, s->eps,
+                           0, s->threads);
+        }
         kn->rope(qkv, qkv_n, s->head_dim, T, s->heads + s->kv_heads, st->half, st->cos, st->sin,
                  st->cs_stride, s->threads);
         kn->store_kv(qkv + q_size * e, qkv + (q_size + kv_size) * e, qkv_n * e,

@@ -56,20 +56,34 @@ static void rms_row_out(const uint16_t *x, const uint16_t *w, uint16_t *o, int64
 
 /* y = x / sqrt(mean(x^2) + eps) in float32, then Llama's bf16(w * bf16(y)) or, gemma != 0,
  * Gemma's bf16(y * (1 + w)). x rows are x_stride apart; out is contiguous [rows, dim]. */
+static inline void rms_one_bf16(const uint16_t *xr, const uint16_t *w, uint16_t *o, int64_t dim,
+                                float eps, int gemma) {
+#if AVX512_ROWS
+    rms_row(xr, w, o, dim, eps, gemma);
+#else
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < dim; j++) s += bf(xr[j]) * bf(xr[j]);
+    rms_row_out(xr, w, o, dim, s, eps, gemma);
+#endif
+}
+
 void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, uint16_t *out,
                    int64_t rows, int64_t dim, float eps, int gemma, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim >= PARALLEL_MIN)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * x_stride;
-        uint16_t *o = out + r * dim;
-#if AVX512_ROWS
-        rms_row(xr, w, o, dim, eps, gemma);
-#else
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < dim; j++) s += bf(xr[j]) * bf(xr[j]);
-        rms_row_out(xr, w, o, dim, s, eps, gemma);
-#endif
+    for (int64_t r = 0; r < rows; r++) rms_one_bf16(x + r * x_stride, w, out + r * dim, dim, eps, gemma);
+}
+
+/* rms_norm_bf16 of each of `heads` heads (dim values each) of `tokens` tokens, in place: Qwen3's
+ * and Gemma 3's per-head q/k norms on the fused projection's output, where token t's heads
+ * start at x + t * token_stride, side by side. (A row's sum is taken before it is written.) */
+void rms_norm_heads_bf16(uint16_t *x, int64_t token_stride, int64_t tokens, int64_t heads,
+                         int64_t dim, const uint16_t *w, float eps, int gemma, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) \
+    if (tokens * heads * dim >= PARALLEL_MIN)
+    for (int64_t r = 0; r < tokens * heads; r++) {
+        uint16_t *xr = x + (r / heads) * token_stride + (r % heads) * dim;
+        rms_one_bf16(xr, w, xr, dim, eps, gemma);
     }
 }
 
@@ -168,6 +182,16 @@ void rms_norm_f32(const float *x, int64_t x_stride, const float *w, float *out, 
                   int64_t dim, float eps, int gemma, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim >= PARALLEL_MIN)
     for (int64_t r = 0; r < rows; r++) rms_row_f32(x + r * x_stride, w, out + r * dim, dim, eps, gemma);
+}
+
+void rms_norm_heads_f32(float *x, int64_t token_stride, int64_t tokens, int64_t heads,
+                        int64_t dim, const float *w, float eps, int gemma, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) \
+    if (tokens * heads * dim >= PARALLEL_MIN)
+    for (int64_t r = 0; r < tokens * heads; r++) {
+        float *xr = x + (r / heads) * token_stride + (r % heads) * dim;
+        rms_row_f32(xr, w, xr, dim, eps, gemma);
+    }
 }
 
 void add_rms_norm_f32(const float *x, const float *h, const float *w, float *sum, float *out,

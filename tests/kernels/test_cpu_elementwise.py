@@ -74,6 +74,26 @@ def test_add_rms_norm_adds_in_place_as_torch_does_then_norms(rows: int, dim: int
         nearly_equal(normed, want)
 
 
+@DTYPES
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+def test_per_head_norms_in_place_on_the_fused_projection(tokens: int, gemma: bool,
+                                                         dtype: torch.dtype) -> None:
+    """Qwen3's q and k norms: every head of a strided view of the q/k/v output normed in place,
+    the other heads (v) untouched; the dispatcher takes the compiled op."""
+    g = torch.Generator().manual_seed(tokens)
+    qkv = (torch.randn(tokens, 16 + 2 * 4, 128, generator=g) * 3).to(dtype)
+    w = (1 + torch.randn(128, generator=g) * 0.3).to(dtype)
+    want = qkv.clone()
+    want[:, :16] = elementwise.rms_norm_torch(qkv[:, :16], w, 1e-6, gemma)
+    for op in (cpu_elementwise.rms_norm_heads_, elementwise.rms_norm_heads_):
+        got = qkv.clone()
+        assert cpu_elementwise.takes_heads(got[:, :16])
+        op(got[:, :16], w, 1e-6, gemma)
+        nearly_equal(got, want)
+        assert torch.equal(got[:, 16:], qkv[:, 16:])
+
+
 def test_rms_norm_reads_rows_of_a_wider_tensor() -> None:
     """A view whose rows are further apart than their length (a slice of a fused output)."""
     wide = torch.randn(5, 96).to(BF16)
@@ -150,6 +170,9 @@ def test_the_plain_c_rows_agree_too(monkeypatch) -> None:
         normed = cpu_elementwise.add_rms_norm_(summed, h, w, 1e-6, gemma)
         assert torch.equal(summed, x + h)
         nearly_equal(normed, elementwise.rms_norm_torch(x + h, w, 1e-6, gemma))
+        heads = x.view(40, 8, 64).clone()
+        cpu_elementwise.rms_norm_heads_(heads, w[:64], 1e-6, gemma)
+        nearly_equal(heads, elementwise.rms_norm_torch(x.view(40, 8, 64), w[:64], 1e-6, gemma))
     gate_up = (torch.randn(9, 2 * 300, generator=g) * 4).to(BF16)
     nearly_equal(cpu_elementwise.silu_mul(gate_up), act_and_mul_(gate_up.clone(), "silu"))
     qkv = torch.randn(9, 8, 64, generator=g).to(BF16)

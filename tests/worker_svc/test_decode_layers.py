@@ -22,9 +22,11 @@ TAKEN = {
     "qwen2": ("qwen2", {}),
     "mistral-window": ("mistral", {"sliding_window": 8}),
     "phi3-partial-rope": ("phi3", {"partial_rotary_factor": 0.5}),
+    "qwen3 (per-head q/k norms)": ("qwen3", {}),
+    "qwen3-window": ("qwen3", {"use_sliding_window": True, "sliding_window": 8,
+                               "max_window_layers": 1}),
 }
 KEPT = {
-    "qwen3 (per-head q/k norms)": ("qwen3", {}),
     "gemma (GeGLU, offset norms)": ("gemma", {}),
     "gemma2 (sandwich norms, soft-caps)": ("gemma2", {}),
     "llama-gelu": ("llama", {"hidden_act": "gelu"}),

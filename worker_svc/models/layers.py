@@ -21,6 +21,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return elementwise.rms_norm(x, self.weight, self.eps, self.gemma)  # one kernel on CUDA
 
+    def heads_(self, x: Tensor) -> None:
+        """The norm of each head of x [T, H, D], in place (per-head q/k norms)."""
+        elementwise.rms_norm_heads_(x, self.weight, self.eps, self.gemma)
+
     def after_add(self, x: Tensor, h: Tensor | None) -> Tensor:
         """The norm of ``x + h``, the sum left in ``x`` (in place; ``h`` None: just the norm)."""
         if h is None:

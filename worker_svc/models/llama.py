@@ -117,8 +117,8 @@ class Attention(nn.Module):
         T, H = x.shape[0], self.n_heads
         qkv = self.qkv_proj(x).view(T, H + 2 * self.n_kv, self.head_dim)
         if self.qk_norm:  # per-head norms before rope (Qwen3, Gemma 3)
-            qkv[:, :H] = self.q_norm(qkv[:, :H])
-            qkv[:, H : H + self.n_kv] = self.k_norm(qkv[:, H : H + self.n_kv])
+            self.q_norm.heads_(qkv[:, :H])
+            self.k_norm.heads_(qkv[:, H : H + self.n_kv])
         apply_rope_(qkv[:, : H + self.n_kv], *rope[self.rope_key])
         q, k, v = qkv.split([H, self.n_kv, self.n_kv], dim=1)
         k_cache, v_cache = kv
@@ -227,7 +227,7 @@ class DecoderForCausalLM(nn.Module):
         stack, T = self.layer_stack, x.shape[0]
         if (stack is not None and embeds is None and positions.dim() == 1 and meta.num_decode == T
                 and meta.every_slot_stored and stack.takes(T)):
-            (cos, sin), = rope.values()
+            cos, sin = next(iter(rope.values()))  # every layer's table is this one (build checked)
             pending = stack.run(x, cos, sin, meta.slot_mapping, meta.block_tables,
                                 meta.context_lens)
             return self.norm.after_add(x, pending)
