@@ -36,6 +36,14 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": True,
         "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
     },
+    "qwen3-0.6b": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+        "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

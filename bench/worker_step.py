@@ -20,7 +20,8 @@ sampled) through the worker's own step loop. Reported per step:
 
 ``--packed on,off`` compares the CPU's pre-packed bfloat16 projections with plain ``F.linear``;
 ``--elementwise on,off`` the CPU's compiled RMSNorm/RoPE/SiLU (kernels/cpu_elementwise.py)
-with their torch definitions; ``--rounds N`` repeats every variant N times, alternating, and the
+with their torch definitions; ``--layers on,off`` a CPU decode step's layers in one C call
+(kernels/cpu_decode_layers.py) with the Python layers calling the same kernels one by one; ``--rounds N`` repeats every variant N times, alternating, and the
 table gives medians and ranges. ``--model DIR`` runs a model directory (its real weights) instead
 of a dummy-weight ``--shape``.
 
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 from model_shapes import SHAPES, parse_override, write_shape
 
-from kernels import cpu_elementwise
+from kernels import cpu_decode_layers, cpu_elementwise
 from pagewire.config import WorkerConfig
 from pagewire.v1 import common_pb2, worker_pb2
 from worker_svc import compute_thread
@@ -200,17 +201,20 @@ def bound(runner: ModelRunner, context: int, bandwidth: float) -> dict:
             "bound_tok_s": 1 / step_s}
 
 
-VARIANT = ("graphs", "packed", "elementwise")
+VARIANT = ("graphs", "packed", "elementwise", "layers")
 
 
 def variant(run: dict) -> tuple[str, ...]:
     return tuple(run.get(k, "on") for k in VARIANT)
 
 
-def use_elementwise(on: bool) -> None:
-    """Switch the compiled CPU elementwise ops on or off for the runners built from now on."""
-    os.environ["PAGEWIRE_CPU_ELEMENTWISE"] = "1" if on else "0"
+def use_kernels(elementwise: bool, layers: bool) -> None:
+    """Switch the compiled CPU elementwise ops, and the decode steps' one-call layer stack, on or
+    off for the runners built from now on."""
+    os.environ["PAGEWIRE_CPU_ELEMENTWISE"] = "1" if elementwise else "0"
+    os.environ["PAGEWIRE_CPU_DECODE_LAYERS"] = "1" if layers else "0"
     cpu_elementwise.load.cache_clear()
+    cpu_decode_layers.load.cache_clear()
 
 
 def print_table(runs: list[dict]) -> None:
@@ -278,6 +282,7 @@ def main() -> None:
     p.add_argument("--graphs", default="on,off", help="on, off, or on,off")
     p.add_argument("--packed", default="on", help="on, off, or on,off (CPU bfloat16 weights)")
     p.add_argument("--elementwise", default="on", help="on, off, or on,off (CPU compiled elementwise ops)")
+    p.add_argument("--layers", default="on", help="on, off, or on,off (CPU decode steps' layers in one C call)")
     p.add_argument("--model", default="", help="a model directory (real weights) instead of --shape")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
@@ -299,10 +304,10 @@ def main() -> None:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     blocks = max(batches) * (-(-(args.prompt_len + 4 * args.steps + 16) // BLOCK)) + 16
     report: dict = {"shape": args.model or args.shape, "override": args.override, "args": vars(args), "runs": []}
-    variants = [(g, p, e) for g in args.graphs.split(",") for p in args.packed.split(",")
-                for e in args.elementwise.split(",")]
-    for graphs, packed, elementwise in variants * args.rounds:
-        use_elementwise(elementwise == "on")
+    variants = [(g, p, e, la) for g in args.graphs.split(",") for p in args.packed.split(",")
+                for e in args.elementwise.split(",") for la in args.layers.split(",")]
+    for graphs, packed, elementwise, layers in variants * args.rounds:
+        use_kernels(elementwise == "on", layers == "on")
         cfg = WorkerConfig(model=str(model_dir), load_format="auto" if args.model else "dummy",
                            dtype=args.dtype,
                            device=args.device, num_blocks=blocks, block_size=BLOCK,
@@ -315,7 +320,8 @@ def main() -> None:
         if args.bound and runner.device.type == "cuda" and "bandwidth" not in report:
             report["bandwidth_gbs"] = copy_bandwidth(runner.device) / 1e9
         for batch in batches:
-            row = {"graphs": graphs, "packed": packed, "elementwise": elementwise, "start_s": start_s,
+            row = {"graphs": graphs, "packed": packed, "elementwise": elementwise, "layers": layers,
+                   "start_s": start_s,
                    **measure(runner, batch, args, vocab)}
             if args.bound and "bandwidth_gbs" in report:
                 row.update(bound(runner, row["context"], report["bandwidth_gbs"] * 1e9))
