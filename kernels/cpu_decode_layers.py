@@ -140,13 +140,16 @@ class LayerStack:
                    w.v_cache.data_ptr(), w.window or 0, w.softcap or 0.0, w.scale)
             for w in layers))
         self._keep = layers  # the tensors those pointers are into
+        self._first_cache = first.k_cache.data_ptr()
         self._shape = _Shape(self.hidden, heads, kv_heads, head_dim, self.inter, block_size,
                              first.in_norm.element_size(), eps, int(self.dtype == torch.bfloat16),
                              1)
 
-    def takes(self, tokens: int) -> bool:
-        """Whether a product kernel here takes ``tokens`` rows (else the step runs layer by layer)."""
-        return cpu_linear.kernel(self.dtype, tokens) is not None
+    def takes(self, tokens: int, k_cache: Tensor) -> bool:
+        """Whether a product kernel here takes ``tokens`` rows, and ``k_cache`` (the step's first
+        layer's) is the cache laid out (else the step runs layer by layer)."""
+        return (k_cache.data_ptr() == self._first_cache
+                and cpu_linear.kernel(self.dtype, tokens) is not None)
 
     def run(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, tables: Tensor,
             lens: Tensor) -> Tensor:

@@ -105,11 +105,14 @@ def test_a_chosen_attention_backend_keeps_the_python_layers(backend: str) -> Non
 
 
 def test_steps_the_stack_does_not_take_run_layer_by_layer() -> None:
-    """A batch past the product kernels' rows, and a step whose slots hold a -1 (not stored)."""
+    """A batch past the product kernels' rows, a step whose slots hold a -1 (not stored), and
+    caches other than those the stack was laid out over."""
     _kernels_here("float32")
     runner = _runner("llama", {}, "float32")
     stack = runner.model.layer_stack
-    assert stack is not None and not stack.takes(cpu_linear.max_rows(torch.float32) + 1)
+    k_cache = runner.kv_caches[0][0]
+    assert stack is not None and not stack.takes(cpu_linear.max_rows(torch.float32) + 1, k_cache)
+    assert stack.takes(3, k_cache) and not stack.takes(3, k_cache.clone())
     calls = []
     stack.run = lambda *a: calls.append(a)  # type: ignore[method-assign]
     try:
@@ -119,6 +122,8 @@ def test_steps_the_stack_does_not_take_run_layer_by_layer() -> None:
         ids, positions, meta = _decode_step(runner, [3, 4], seed=0)
         meta.every_slot_stored = False
         runner.model(ids, positions, runner.kv_caches, meta)
+        ids, positions, meta = _decode_step(runner, [3, 4], seed=0)
+        runner.model(ids, positions, [(k.clone(), v.clone()) for k, v in runner.kv_caches], meta)
     finally:
         del stack.run
     assert not calls

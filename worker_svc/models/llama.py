@@ -226,7 +226,7 @@ class DecoderForCausalLM(nn.Module):
             rope[key] = rows.to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
         stack, T = self.layer_stack, x.shape[0]
         if (stack is not None and embeds is None and positions.dim() == 1 and meta.num_decode == T
-                and meta.every_slot_stored and stack.takes(T)):
+                and meta.every_slot_stored and stack.takes(T, kv_caches[0][0])):
             cos, sin = next(iter(rope.values()))  # every layer's table is this one (build checked)
             pending = stack.run(x, cos, sin, meta.slot_mapping, meta.block_tables,
                                 meta.context_lens)
