@@ -156,11 +156,11 @@ class LayerStack:
         """A decode step of ``x.shape[0]`` sequences (check :meth:`takes`): ``x`` [T, hidden], the
         embeddings, becomes the residual stream after the last layer's attention half, and the
         last MLP's output is returned (the stream is their sum, as the Python layers leave it).
-        cos/sin [T, 1, R/2] with a common row stride; slots int64 [T] (no -1); tables int32
-        [T, width]; lens int32 [T]."""
+        cos/sin [T, 1, R/2] in x's dtype with a common row stride; slots [T] (no -1); tables
+        [T, width]; lens [T]."""
         tokens, dtype = x.shape[0], self.dtype
-        assert x.is_contiguous() and x.dtype == dtype and slots.dtype == torch.int64
-        assert tables.dtype == lens.dtype == torch.int32 and tables.stride(1) == 1
+        assert x.is_contiguous() and x.dtype == dtype and cos.dtype == sin.dtype == dtype
+        assert cos.stride(0) == sin.stride(0) and cos.stride(-1) == sin.stride(-1) == 1
         rows = cpu_linear.kernel(dtype, tokens)
         assert rows is not None, f"no product kernel for {tokens} rows"
         widths = (self.hidden, self.hidden, self.qkv_size, self.q_size, self.hidden,
@@ -169,7 +169,8 @@ class LayerStack:
         pending, normed, qkv, attn, h, gate_up, act = (
             t.view(tokens, -1) for t in space.split([tokens * w for w in widths]))
         self._shape.threads = torch.get_num_threads()
-        slots, lens = slots.contiguous(), lens.contiguous()
+        slots = slots.to(torch.int64).contiguous()
+        tables, lens = tables.to(torch.int32).contiguous(), lens.to(torch.int32).contiguous()
         step = _Step(tokens, x.data_ptr(), pending.data_ptr(), normed.data_ptr(), qkv.data_ptr(),
                      attn.data_ptr(), h.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
                      cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[-1],
