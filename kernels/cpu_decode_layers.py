@@ -31,8 +31,9 @@ _ptr, _i64, _f32, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes
 
 
 class _Kernels(ctypes.Structure):
-    _fields_ = [(name, _ptr) for name in
-                ("rows", "norm", "norm_heads", "add_norm", "rope", "silu_mul", "store_kv", "decode")]
+    _fields_ = [(name, _ptr) for name in ("rows", "norm", "norm_heads", "add_norm", "rope",
+                                          "silu_mul", "gelu_tanh_mul", "tanh16", "store_kv",
+                                          "decode")]
 
 
 class _Proj(ctypes.Structure):
@@ -40,22 +41,23 @@ class _Proj(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("in_norm", _ptr), ("post_norm", _ptr), ("q_norm", _ptr), ("k_norm", _ptr),
-                ("qkv", _Proj), ("o", _Proj),
-                ("gate_up", _Proj), ("down", _Proj), ("k_cache", _ptr), ("v_cache", _ptr),
-                ("window", _i64), ("softcap", _f32), ("scale", _f32)]
+    _fields_ = [(name, _ptr) for name in ("in_norm", "post_norm", "q_norm", "k_norm",
+                                          "pre_ff_norm", "post_ff_norm")] + [
+        ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj), ("down", _Proj), ("k_cache", _ptr),
+        ("v_cache", _ptr), ("window", _i64), ("softcap", _f32), ("scale", _f32),
+        ("gelu_tanh", _int), ("rope", _int)]
 
 
 class _Shape(ctypes.Structure):
     _fields_ = [(name, _i64) for name in
                 ("hidden", "heads", "kv_heads", "head_dim", "inter", "block_size", "elem")] + [
-        ("eps", _f32), ("q_bf16", _int), ("threads", _int)]
+        ("eps", _f32), ("gemma", _int), ("q_bf16", _int), ("threads", _int)]
 
 
 class _Step(ctypes.Structure):
     _fields_ = [("tokens", _i64)] + [(name, _ptr) for name in (
-        "x", "pending", "normed", "qkv", "attn", "h", "gate_up", "act", "cos", "sin")] + [
-        ("cs_stride", _i64), ("half", _i64), ("slots", _ptr), ("tables", _ptr),
+        "x", "pending", "normed", "qkv", "attn", "h", "gate_up", "act")] + [
+        ("cos", _ptr * 2), ("sin", _ptr * 2), ("cs_stride", _i64), ("half", _i64), ("slots", _ptr), ("tables", _ptr),
         ("tables_stride", _i64), ("lens", _ptr)]
 
 
@@ -85,9 +87,13 @@ def _kernels(dtype: torch.dtype, rows: int) -> _Kernels:
     decode = attn.paged_decode_bf16 if dtype == torch.bfloat16 else attn.paged_decode_f32
     return _Kernels(
         rows, *(_address(getattr(el, f"{name}_{suffix}"))
-                          for name in ("rms_norm", "rms_norm_heads", "add_rms_norm", "rope",
-                                       "silu_mul")),
-        _address(attn.store_kv_rows), _address(decode))
+                for name in ("rms_norm", "rms_norm_heads", "add_rms_norm", "rope", "silu_mul",
+                             "gelu_tanh_mul")),
+        cpu_elementwise.torch_tanh16(), _address(attn.store_kv_rows), _address(decode))
+
+
+def _pointers(pair: tuple[Tensor, Tensor] | None) -> tuple[int | None, int | None]:
+    return (None, None) if pair is None else (pair[0].data_ptr(), pair[1].data_ptr())
 
 
 @dataclass(frozen=True)
@@ -103,13 +109,16 @@ class Projection:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One decoder layer as the C loop runs it: Llama's pre-norms (no Gemma offset), the fused q/k/v
-    projection, Qwen3's per-head q/k norms where it has them, rotate-half RoPE, paged attention,
-    the output projection, a SiLU-gated MLP."""
+    """One decoder layer as the C loop runs it: a norm, the fused q/k/v projection, per-head q/k
+    norms where it has them (Qwen3, Gemma 3), rotate-half RoPE from one of the step's tables,
+    paged attention, the output projection, the residual add and the MLP's norm (Gemma 2 and 3:
+    the attention's output normed first), a gated MLP (SiLU, or Gemma's tanh GELU), Gemma 2 and
+    3's norm of its output."""
 
     in_norm: Tensor  # [hidden], the model's dtype, contiguous
-    post_norm: Tensor
+    post_norm: Tensor  # the MLP's input norm; with a sandwich, the attention output's
     qk_norms: tuple[Tensor, Tensor] | None  # [head dim] each
+    sandwich: tuple[Tensor, Tensor] | None  # the MLP's input norm and its output's
     qkv: Projection
     o: Projection
     gate_up: Projection
@@ -119,12 +128,19 @@ class LayerWeights:
     scale: float
     window: int | None  # sliding window (None: the whole context)
     softcap: float | None  # attention score soft-capping
+    gelu_tanh: bool  # the MLP's activation: tanh GELU (GeGLU), else SiLU
+    rope: int  # which of the step's RoPE tables, 0 or 1
 
 
 class LayerStack:
     """Every layer's pointers, laid out once; :meth:`run` runs a decode step through them."""
 
-    def __init__(self, layers: list[LayerWeights], heads: int, head_dim: int, eps: float) -> None:
+    def __init__(self, layers: list[LayerWeights], heads: int, head_dim: int, eps: float,
+                 gemma: bool, rope_keys: tuple[str, ...]) -> None:
+        """``gemma``: every norm is Gemma's; ``rope_keys``: the caller's names of the RoPE tables
+        :meth:`run` takes, in order (at most two)."""
+        assert 1 <= len(rope_keys) <= 2
+        self.rope_keys = rope_keys
         first = layers[0]
         self.dtype = first.in_norm.dtype
         self.hidden = first.in_norm.shape[0]
@@ -133,17 +149,16 @@ class LayerStack:
         _, block_size, kv_heads, _ = first.k_cache.shape
         self.qkv_size = self.q_size + 2 * kv_heads * head_dim
         self._layers = (_Layer * len(layers))(*(
-            _Layer(w.in_norm.data_ptr(), w.post_norm.data_ptr(),
-                   *((None, None) if w.qk_norms is None else (n.data_ptr() for n in w.qk_norms)),
-                   w.qkv.struct(), w.o.struct(),
-                   w.gate_up.struct(), w.down.struct(), w.k_cache.data_ptr(),
-                   w.v_cache.data_ptr(), w.window or 0, w.softcap or 0.0, w.scale)
+            _Layer(w.in_norm.data_ptr(), w.post_norm.data_ptr(), *_pointers(w.qk_norms),
+                   *_pointers(w.sandwich), w.qkv.struct(), w.o.struct(), w.gate_up.struct(),
+                   w.down.struct(), w.k_cache.data_ptr(), w.v_cache.data_ptr(), w.window or 0,
+                   w.softcap or 0.0, w.scale, int(w.gelu_tanh), w.rope)
             for w in layers))
         self._keep = layers  # the tensors those pointers are into
         self._first_cache = first.k_cache.data_ptr()
         self._shape = _Shape(self.hidden, heads, kv_heads, head_dim, self.inter, block_size,
-                             first.in_norm.element_size(), eps, int(self.dtype == torch.bfloat16),
-                             1)
+                             first.in_norm.element_size(), eps, int(gemma),
+                             int(self.dtype == torch.bfloat16), 1)
 
     def takes(self, tokens: int, k_cache: Tensor) -> bool:
         """Whether a product kernel here takes ``tokens`` rows, and ``k_cache`` (the step's first
@@ -151,16 +166,20 @@ class LayerStack:
         return (k_cache.data_ptr() == self._first_cache
                 and cpu_linear.kernel(self.dtype, tokens) is not None)
 
-    def run(self, x: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, tables: Tensor,
+    def run(self, x: Tensor, rope: list[tuple[Tensor, Tensor]], slots: Tensor, tables: Tensor,
             lens: Tensor) -> Tensor:
         """A decode step of ``x.shape[0]`` sequences (check :meth:`takes`): ``x`` [T, hidden], the
         embeddings, becomes the residual stream after the last layer's attention half, and the
         last MLP's output is returned (the stream is their sum, as the Python layers leave it).
-        cos/sin [T, 1, R/2] in x's dtype with a common row stride; slots [T] (no -1); tables
-        [T, width]; lens [T]."""
+        ``rope``: (cos, sin) rows of each table of ``rope_keys``, [T, 1, R/2] in x's dtype, all
+        with one row stride and R; slots [T] (no -1); tables [T, width]; lens [T]."""
         tokens, dtype = x.shape[0], self.dtype
-        assert x.is_contiguous() and x.dtype == dtype and cos.dtype == sin.dtype == dtype
-        assert cos.stride(0) == sin.stride(0) and cos.stride(-1) == sin.stride(-1) == 1
+        cos, sin = rope[0]
+        assert x.is_contiguous() and x.dtype == dtype and len(rope) == len(self.rope_keys)
+        for c, s in rope:
+            assert c.dtype == s.dtype == dtype and c.shape == cos.shape
+            assert c.stride(0) == s.stride(0) == cos.stride(0) and c.stride(-1) == s.stride(-1) == 1
+        pairs = rope * 2  # a second table's slot, unused with one
         rows = cpu_linear.kernel(dtype, tokens)
         assert rows is not None, f"no product kernel for {tokens} rows"
         widths = (self.hidden, self.hidden, self.qkv_size, self.q_size, self.hidden,
@@ -173,12 +192,13 @@ class LayerStack:
         tables, lens = tables.to(torch.int32).contiguous(), lens.to(torch.int32).contiguous()
         step = _Step(tokens, x.data_ptr(), pending.data_ptr(), normed.data_ptr(), qkv.data_ptr(),
                      attn.data_ptr(), h.data_ptr(), gate_up.data_ptr(), act.data_ptr(),
-                     cos.data_ptr(), sin.data_ptr(), cos.stride(0), cos.shape[-1],
+                     (_ptr * 2)(*(c.data_ptr() for c, _ in pairs[:2])),
+                     (_ptr * 2)(*(s.data_ptr() for _, s in pairs[:2])), cos.stride(0),
+                     cos.shape[-1],
                      slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr())
         failed = load().decode_layers(ctypes.byref(_kernels(dtype, _address(rows))), self._layers,
                                       len(self._layers), ctypes.byref(self._shape),
                                       ctypes.byref(step))
         if failed >= 0:  # checked above; the caches and x are then partly written: fail the step
-            raise RuntimeError(f"decode layers: layer {failed}'s product kernel declined "
-                               f"{tokens} rows")
+            raise RuntimeError(f"decode layers: a kernel of layer {failed} declined {tokens} rows")
         return pending

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import c_library
@@ -43,11 +45,12 @@ def build(flags: list[str]) -> ctypes.CDLL | None:
         "add_rms_norm": [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32, i32],
         "rope": [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i32],
         "silu_mul": [ptr, i64, ptr, i64, i64, i32],
+        "gelu_tanh_mul": [ptr, i64, ptr, i64, i64, ptr, i32],
     }
     for name, args in signatures.items():
         for suffix in SUFFIX.values():
             fn = getattr(lib, f"{name}_{suffix}")
-            fn.restype, fn.argtypes = None, args
+            fn.restype, fn.argtypes = (ctypes.c_int if name == "gelu_tanh_mul" else None), args
     lib.argmax_f32.restype, lib.argmax_f32.argtypes = None, [ptr, i64, i64, i64, ptr, i32]
     return lib
 
@@ -125,6 +128,50 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     out = empty_rows(tokens, inter, dtype=gate_up.dtype)  # the down projection's input
     _fn("silu_mul", gate_up)(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), tokens, inter,
                              torch.get_num_threads())
+    return out
+
+
+@functools.cache
+def torch_tanh16() -> int:
+    """The address of the vector tanh torch's CPU kernels use on 16 float32 lanes (Sleef's, which
+    libtorch exports), if this torch has it and the compiled GeGLU with it gives torch's own
+    GELU bit for bit in both dtypes here; else 0 (GeGLU then runs torch's ops)."""
+    lib = load()
+    try:
+        torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        address = int(ctypes.cast(torch_cpu.Sleef_tanhf16_u10, ctypes.c_void_p).value or 0)
+    except (OSError, AttributeError):
+        return 0
+    if lib is None or not address:
+        return 0
+    g = torch.Generator().manual_seed(0)
+    for dtype in SUFFIX:
+        gate_up = (torch.randn(8, 2 * 4096, generator=g) * 4).to(dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        want = F.gelu(gate, approximate="tanh") * up
+        got = torch.empty_like(want)
+        done = _fn("gelu_tanh_mul", gate_up)(gate_up.data_ptr(), gate_up.stride(0), got.data_ptr(),
+                                              8, 4096, address, 1)
+        if not done or not torch.equal(got, want):
+            return 0
+    return address
+
+
+def takes_gelu_tanh(gate_up: Tensor) -> bool:
+    """Whether :func:`gelu_tanh_mul` takes this fused [T, 2 * I] projection (I a multiple of 16,
+    and torch's tanh found and checked)."""
+    return (gate_up.dim() == 2 and gate_up.shape[1] % 32 == 0 and gate_up.stride(1) == 1
+            and takes(gate_up) and torch_tanh16() != 0)
+
+
+def gelu_tanh_mul(gate_up: Tensor) -> Tensor:
+    """GeGLU, gelu_tanh(gate) * up, of a fused [T, 2 * I] projection -> a new contiguous [T, I],
+    as torch's ``F.gelu(gate, approximate="tanh") * up`` (check :func:`takes_gelu_tanh`)."""
+    tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = empty_rows(tokens, inter, dtype=gate_up.dtype)
+    done = _fn("gelu_tanh_mul", gate_up)(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(),
+                                          tokens, inter, torch_tanh16(), torch.get_num_threads())
+    assert done, "takes_gelu_tanh checked the call"
     return out
 
 

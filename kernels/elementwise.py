@@ -110,14 +110,16 @@ def rope_torch_(x: Tensor, cos: Tensor, sin: Tensor) -> None:
 
 def act_and_mul(gate_up: Tensor, activation: str) -> Tensor:
     """act(gate) * up of a fused gate/up projection [T, 2 * I] -> [T, I]; one kernel for SiLU on
-    CUDA and in bfloat16 on the CPU, else in place on the projection's output
-    (kernels.moe.act_and_mul_)."""
+    CUDA, for SiLU and GeGLU's tanh GELU on the CPU (the latter torch's own arithmetic, bit for
+    bit), else in place on the projection's output (kernels.moe.act_and_mul_)."""
     ops = _fused(gate_up)
     if activation == "silu" and gate_up.dim() == 2:
         if ops is not None:
             return ops.silu_mul(gate_up)
         if cpu_elementwise.takes(gate_up):
             return cpu_elementwise.silu_mul(gate_up)
+    if activation == "gelu_tanh" and cpu_elementwise.takes_gelu_tanh(gate_up):
+        return cpu_elementwise.gelu_tanh_mul(gate_up)
     return act_and_mul_(gate_up, activation)
 
 

@@ -10,8 +10,8 @@
  * own library with its own build flags and this file knows only their signatures.
  *
  * What a layer does is kernels/cpu_decode_layers.py's to decide (it takes only the decoders it
- * can run exactly as the Python would: a dense SiLU MLP, Llama's norms, one RoPE table); this
- * file knows no model family.
+ * can run exactly as the Python would: a dense MLP, one of the layouts of norms below, at most two
+ * RoPE tables); this file knows no model family.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -30,6 +30,8 @@ typedef void (*rope_fn)(void *x, int64_t token_stride, int64_t head_dim, int64_t
                         int64_t cs_stride, int threads);
 typedef void (*silu_mul_fn)(const void *gate_up, int64_t stride, void *out, int64_t tokens,
                             int64_t inter, int threads);
+typedef int (*gelu_tanh_mul_fn)(const void *gate_up, int64_t stride, void *out, int64_t tokens,
+                                int64_t inter, const void *tanh16, int threads);
 typedef void (*store_kv_fn)(const char *k, const char *v, int64_t src_stride, char *k_cache,
                             char *v_cache, const int64_t *slots, int64_t rows, int64_t row_bytes,
                             int threads);
@@ -47,6 +49,8 @@ typedef struct {
     add_norm_fn add_norm;
     rope_fn rope;
     silu_mul_fn silu_mul;
+    gelu_tanh_mul_fn gelu_tanh_mul; /* Gemma's GeGLU, with torch's vector tanh (tanh16) */
+    const void *tanh16;
     store_kv_fn store_kv;
     decode_fn decode;
 } Kernels;
@@ -60,18 +64,25 @@ typedef struct {
 
 typedef struct {
     const void *in_norm, *post_norm;
-    const void *q_norm, *k_norm; /* per-head norms before RoPE (Qwen3), or NULL */
+    const void *q_norm, *k_norm; /* per-head norms before RoPE (Qwen3, Gemma 3), or NULL */
+    /* Gemma 2 and 3's sandwich: post_norm norms the attention's output before it joins the
+     * stream, pre_ff_norm is the MLP's input norm, post_ff_norm norms the MLP's output; NULL
+     * for a pre-norm layer (post_norm is then the MLP's input norm) */
+    const void *pre_ff_norm, *post_ff_norm;
     Proj qkv, o, gate_up, down;
     void *k_cache, *v_cache;
     int64_t window; /* 0: the whole context */
     float softcap;  /* 0: none */
     float scale;
+    int gelu_tanh; /* the MLP's activation: Gemma's tanh GELU, else SiLU */
+    int rope;      /* which of the step's RoPE tables (Gemma 3's local layers have their own) */
 } Layer;
 
 /* What every layer shares. */
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter, block_size, elem;
     float eps;
+    int gemma;  /* Gemma's norms, y * (1 + w), every norm of the model */
     int q_bf16; /* the query (and attention output) in bfloat16 */
     int threads;
 } Shape;
@@ -82,7 +93,7 @@ typedef struct {
 typedef struct {
     int64_t tokens;
     void *x, *pending, *normed, *qkv, *attn, *h, *gate_up, *act;
-    const void *cos, *sin;
+    const void *cos[2], *sin[2];
     int64_t cs_stride, half;
     const int64_t *slots;
     const int32_t *tables;
@@ -90,49 +101,61 @@ typedef struct {
     const int32_t *lens;
 } Step;
 
-/* Returns -1 when every layer ran, else the index of the layer whose product a kernel declined
- * (the caller checked that none would: the buffers are then partly updated, and it must fail
- * the step, not recompute it). */
+/* Returns -1 when every layer ran, else the index of the layer whose product or GeGLU a kernel
+ * declined (the caller checked that none would: the buffers are then partly updated, and it
+ * must fail the step, not recompute it). */
 int64_t decode_layers(const Kernels *kn, const Layer *layers, int64_t n_layers, const Shape *s,
                       const Step *st) {
-    const int64_t T = st->tokens, H = s->hidden, e = s->elem;
+    const int64_t T = st->tokens, H = s->hidden, I = s->inter, e = s->elem;
     const int64_t q_size = s->heads * s->head_dim, kv_size = s->kv_heads * s->head_dim;
     const int64_t qkv_n = q_size + 2 * kv_size;
+    const int gm = s->gemma, th = s->threads;
+    const float eps = s->eps;
     char *qkv = (char *)st->qkv;
     for (int64_t i = 0; i < n_layers; i++) {
         const Layer *L = &layers[i];
         if (i == 0)
-            kn->norm(st->x, H, L->in_norm, st->normed, T, H, s->eps, 0, s->threads);
+            kn->norm(st->x, H, L->in_norm, st->normed, T, H, eps, gm, th);
         else
-            kn->add_norm(st->x, st->pending, L->in_norm, st->x, st->normed, T, H, s->eps, 0,
-                         s->threads);
+            kn->add_norm(st->x, st->pending, L->in_norm, st->x, st->normed, T, H, eps, gm, th);
         if (!kn->rows(st->normed, H, T, L->qkv.w, L->qkv.n, L->qkv.k, L->qkv.kp, L->qkv.bias, qkv,
-                      qkv_n, s->threads))
+                      qkv_n, th))
             return i;
         if (L->q_norm) {
-            kn->norm_heads(qkv, qkv_n, T, s->heads, s->head_dim, L->q_norm, s->eps, 0, s->threads);
-            kn->norm_heads(qkv + q_size * e, qkv_n, T, s->kv_heads, s->head_dim, L->k_norm, s->eps,
-                           0, s->threads);
+            kn->norm_heads(qkv, qkv_n, T, s->heads, s->head_dim, L->q_norm, eps, gm, th);
+            kn->norm_heads(qkv + q_size * e, qkv_n, T, s->kv_heads, s->head_dim, L->k_norm, eps,
+                           gm, th);
         }
-        kn->rope(qkv, qkv_n, s->head_dim, T, s->heads + s->kv_heads, st->half, st->cos, st->sin,
-                 st->cs_stride, s->threads);
+        kn->rope(qkv, qkv_n, s->head_dim, T, s->heads + s->kv_heads, st->half, st->cos[L->rope],
+                 st->sin[L->rope], st->cs_stride, th);
         kn->store_kv(qkv + q_size * e, qkv + (q_size + kv_size) * e, qkv_n * e,
-                     (char *)L->k_cache, (char *)L->v_cache, st->slots, T, kv_size * e,
-                     s->threads);
+                     (char *)L->k_cache, (char *)L->v_cache, st->slots, T, kv_size * e, th);
         kn->decode(qkv, qkv_n, L->k_cache, L->v_cache, st->tables, st->tables_stride, st->lens, T,
-                   s->heads, s->kv_heads, s->head_dim, s->block_size, L->scale, st->attn,
-                   s->threads, L->window, L->softcap, s->q_bf16);
+                   s->heads, s->kv_heads, s->head_dim, s->block_size, L->scale, st->attn, th,
+                   L->window, L->softcap, s->q_bf16);
         if (!kn->rows(st->attn, q_size, T, L->o.w, L->o.n, L->o.k, L->o.kp, L->o.bias, st->h, H,
-                      s->threads))
+                      th))
             return i;
-        kn->add_norm(st->x, st->h, L->post_norm, st->x, st->normed, T, H, s->eps, 0, s->threads);
+        if (L->pre_ff_norm) { /* sandwich: the normed attention output joins the stream */
+            kn->norm(st->h, H, L->post_norm, st->pending, T, H, eps, gm, th);
+            kn->add_norm(st->x, st->pending, L->pre_ff_norm, st->x, st->normed, T, H, eps, gm,
+                         th);
+        } else {
+            kn->add_norm(st->x, st->h, L->post_norm, st->x, st->normed, T, H, eps, gm, th);
+        }
         if (!kn->rows(st->normed, H, T, L->gate_up.w, L->gate_up.n, L->gate_up.k, L->gate_up.kp,
-                      L->gate_up.bias, st->gate_up, 2 * s->inter, s->threads))
+                      L->gate_up.bias, st->gate_up, 2 * I, th))
             return i;
-        kn->silu_mul(st->gate_up, 2 * s->inter, st->act, T, s->inter, s->threads);
-        if (!kn->rows(st->act, s->inter, T, L->down.w, L->down.n, L->down.k, L->down.kp,
-                      L->down.bias, st->pending, H, s->threads))
+        if (L->gelu_tanh) {
+            if (!kn->gelu_tanh_mul(st->gate_up, 2 * I, st->act, T, I, kn->tanh16, th)) return i;
+        } else {
+            kn->silu_mul(st->gate_up, 2 * I, st->act, T, I, th);
+        }
+        void *mlp_out = L->post_ff_norm ? st->h : st->pending;
+        if (!kn->rows(st->act, I, T, L->down.w, L->down.n, L->down.k, L->down.kp, L->down.bias,
+                      mlp_out, H, th))
             return i;
+        if (L->post_ff_norm) kn->norm(st->h, H, L->post_ff_norm, st->pending, T, H, eps, gm, th);
     }
     return -1;
 }

@@ -161,6 +161,73 @@ void silu_mul_bf16(const uint16_t *gate_up, int64_t stride, uint16_t *out, int64
     }
 }
 
+/* GeGLU: out = act(gate) * up with torch's tanh GELU, 0.5 x (1 + tanh(b (x + k x^3))), in torch's
+ * own arithmetic: its vector kernel's order (the inner sum an FMA, as GCC contracts ATen's
+ * vector code) and its own vector tanh, whose address the caller passes (Sleef's, exported by
+ * libtorch; kernels/cpu_elementwise.py checks at load that the results equal torch's). Where
+ * torch's threads split a row off a 16-value boundary torch takes those few values through
+ * its scalar tanh instead. AVX-512 builds only (the tanh takes a 512-bit vector); returns 0,
+ * nothing done, elsewhere or when inter is not a multiple of 16. bfloat16: the activation
+ * rounded, then the product, as torch's two ops round. */
+#if AVX512_ROWS
+typedef __m512 (*tanh16_fn)(__m512);
+
+static inline __m512 gelu_tanh16(__m512 x, tanh16_fn tanh16) {
+    /* torch's sqrt(2) * 2 / sqrt(pi) * 0.5, formed in double and rounded once */
+    const __m512 beta =
+        _mm512_set1_ps((float)(1.41421356237309504880 * 1.12837916709551257390 * 0.5));
+    const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+    const __m512 inner = _mm512_mul_ps(beta, _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), cube, x));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x),
+                         _mm512_add_ps(_mm512_set1_ps(1.0f), tanh16(inner)));
+}
+#endif
+
+int gelu_tanh_mul_bf16(const uint16_t *gate_up, int64_t stride, uint16_t *out, int64_t tokens,
+                       int64_t inter, const void *tanh16, int num_threads) {
+#if AVX512_ROWS
+    if (inter % 16) return 0;
+    const tanh16_fn th = (tanh16_fn)tanh16;
+#pragma omp parallel for schedule(static) num_threads(num_threads) \
+    if (tokens * inter >= PARALLEL_MIN)
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint16_t *g = gate_up + t * stride, *u = g + inter;
+        uint16_t *o = out + t * inter;
+        for (int64_t j = 0; j < inter; j += 16) {
+            const __m512 act = bf16x16_round(gelu_tanh16(bf16x16_load(g + j, 0xffff), th));
+            bf16x16_store(o + j, _mm512_mul_ps(act, bf16x16_load(u + j, 0xffff)), 0xffff);
+        }
+    }
+    return 1;
+#else
+    (void)gate_up; (void)stride; (void)out; (void)tokens; (void)inter; (void)tanh16;
+    (void)num_threads;
+    return 0;
+#endif
+}
+
+int gelu_tanh_mul_f32(const float *gate_up, int64_t stride, float *out, int64_t tokens,
+                      int64_t inter, const void *tanh16, int num_threads) {
+#if AVX512_ROWS
+    if (inter % 16) return 0;
+    const tanh16_fn th = (tanh16_fn)tanh16;
+#pragma omp parallel for schedule(static) num_threads(num_threads) \
+    if (tokens * inter >= PARALLEL_MIN)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *g = gate_up + t * stride, *u = g + inter;
+        float *o = out + t * inter;
+        for (int64_t j = 0; j < inter; j += 16)
+            _mm512_storeu_ps(o + j, _mm512_mul_ps(gelu_tanh16(_mm512_loadu_ps(g + j), th),
+                                                  _mm512_loadu_ps(u + j)));
+    }
+    return 1;
+#else
+    (void)gate_up; (void)stride; (void)out; (void)tokens; (void)inter; (void)tanh16;
+    (void)num_threads;
+    return 0;
+#endif
+}
+
 /* float32: the same operations, rounded only where torch rounds (after each op). */
 
 static void rms_row_f32(const float *x, const float *w, float *o, int64_t dim, float eps,

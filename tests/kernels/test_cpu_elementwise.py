@@ -133,6 +133,31 @@ def test_silu_mul(rows: int, inter: int, dtype: torch.dtype) -> None:
     nearly_equal(got, act_and_mul_(gate_up.clone(), "silu"))
 
 
+@DTYPES
+@pytest.mark.parametrize("rows,inter", [(1, 64), (9, 1408), (64, 4096)])
+def test_geglu_is_torchs_tanh_gelu_bit_for_bit(rows: int, inter: int, dtype: torch.dtype) -> None:
+    """Gemma's act(gate) * up, computed with torch's own vector tanh in torch's order: equal to
+    ``F.gelu(gate, approximate="tanh") * up``, also where the tanh's argument is far below zero
+    (where the formula cancels, and a tanh of its own would differ in many places)."""
+    if not cpu_elementwise.torch_tanh16():
+        pytest.skip("this torch exports no 16-lane tanh, or the CPU has no AVX-512: torch's ops run")
+    g = torch.Generator().manual_seed(rows + inter)
+    gate_up = (torch.randn(rows, 2 * inter, generator=g) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    assert cpu_elementwise.takes_gelu_tanh(gate_up)
+    assert torch.equal(cpu_elementwise.gelu_tanh_mul(gate_up), want)
+    assert torch.equal(elementwise.act_and_mul(gate_up, "gelu_tanh"), want)
+
+
+def test_geglu_of_widths_off_sixteen_runs_torchs_ops() -> None:
+    gate_up = torch.randn(3, 2 * 40)
+    assert not cpu_elementwise.takes_gelu_tanh(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(elementwise.act_and_mul(gate_up, "gelu_tanh"),
+                       torch.nn.functional.gelu(gate, approximate="tanh") * up)
+
+
 def test_the_decoder_uses_them_for_bfloat16_and_float32_on_the_cpu() -> None:
     x = torch.randn(3, 64)
     assert cpu_elementwise.takes(x.to(BF16)) and cpu_elementwise.takes(x)

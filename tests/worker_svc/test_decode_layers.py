@@ -25,10 +25,12 @@ TAKEN = {
     "qwen3 (per-head q/k norms)": ("qwen3", {}),
     "qwen3-window": ("qwen3", {"use_sliding_window": True, "sliding_window": 8,
                                "max_window_layers": 1}),
+    "gemma": ("gemma", {}),
+    "gemma2 (sandwich norms, soft-caps, windows)": ("gemma2", {
+        "sliding_window": 8, "attn_logit_softcapping": 3.0, "final_logit_softcapping": 5.0}),
+    "gemma3 (two RoPE tables, per-head norms)": ("gemma3", {"sliding_window": 8}),
 }
 KEPT = {
-    "gemma (GeGLU, offset norms)": ("gemma", {}),
-    "gemma2 (sandwich norms, soft-caps)": ("gemma2", {}),
     "llama-gelu": ("llama", {"hidden_act": "gelu"}),
     "mixtral (experts)": ("mixtral", {}),
 }

@@ -227,9 +227,8 @@ class DecoderForCausalLM(nn.Module):
         stack, T = self.layer_stack, x.shape[0]
         if (stack is not None and embeds is None and positions.dim() == 1 and meta.num_decode == T
                 and meta.every_slot_stored and stack.takes(T, kv_caches[0][0])):
-            cos, sin = next(iter(rope.values()))  # every layer's table is this one (build checked)
-            pending = stack.run(x, cos, sin, meta.slot_mapping, meta.block_tables,
-                                meta.context_lens)
+            pending = stack.run(x, [rope[key] for key in stack.rope_keys], meta.slot_mapping,
+                                meta.block_tables, meta.context_lens)
             return self.norm.after_add(x, pending)
         pending = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
