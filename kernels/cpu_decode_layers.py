@@ -57,8 +57,8 @@ class _Shape(ctypes.Structure):
 class _Step(ctypes.Structure):
     _fields_ = [("tokens", _i64)] + [(name, _ptr) for name in (
         "x", "pending", "normed", "qkv", "attn", "h", "gate_up", "act")] + [
-        ("cos", _ptr * 2), ("sin", _ptr * 2), ("cs_stride", _i64), ("half", _i64), ("slots", _ptr), ("tables", _ptr),
-        ("tables_stride", _i64), ("lens", _ptr)]
+        ("cos", _ptr * 2), ("sin", _ptr * 2), ("cs_stride", _i64), ("half", _i64),
+        ("slots", _ptr), ("tables", _ptr), ("tables_stride", _i64), ("lens", _ptr)]
 
 
 @functools.cache

@@ -71,7 +71,8 @@ static inline void rms_one_bf16(const uint16_t *xr, const uint16_t *w, uint16_t 
 void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, uint16_t *out,
                    int64_t rows, int64_t dim, float eps, int gemma, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim >= PARALLEL_MIN)
-    for (int64_t r = 0; r < rows; r++) rms_one_bf16(x + r * x_stride, w, out + r * dim, dim, eps, gemma);
+    for (int64_t r = 0; r < rows; r++)
+        rms_one_bf16(x + r * x_stride, w, out + r * dim, dim, eps, gemma);
 }
 
 /* rms_norm_bf16 of each of `heads` heads (dim values each) of `tokens` tokens, in place: Qwen3's

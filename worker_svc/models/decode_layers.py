@@ -39,7 +39,7 @@ def _projection(linear: torch.nn.Module) -> Projection | None:
 
 
 def _norms(layer: DecoderLayer) -> list[RMSNorm]:
-    """The layer's norms, in LayerWeights' order: input, post-attention, [q, k], [pre-, post-MLP]."""
+    """The layer's norms in LayerWeights' order: input, post-attention, [q, k], [pre-, post-MLP]."""
     attn = layer.self_attn
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
     if attn.qk_norm:
