@@ -1,8 +1,8 @@
 """A decode step's decoder layers in one call (``csrc/decode_layers.c``).
 
-Each layer of a decode step is ten C kernels (two norms, four products, RoPE, the K/V store,
-attention, SiLU-and-multiply), and driving them one by one from Python costs more than some of
-them: 2 ms of a 17 ms step of 64 sequences, 0.6 of a 2.9 ms step of one (the small test model,
+Each layer of a decode step is ten or more C kernels (norms, four products, RoPE, the K/V store,
+attention, the gated activation), and driving them one by one from Python costs more than some
+of them: 2 ms of a 17 ms step of 64 sequences, 0.6 of a 2.9 ms step of one (the small test model,
 docs/BENCHMARKS.md), while the OpenMP team's other thread waits. :class:`LayerStack` lays out
 once where every layer's weights, norms and caches are, and :meth:`LayerStack.run` hands a step's
 buffers to one C call that runs the same kernels in the same order; the results are the
