@@ -80,8 +80,9 @@ def _address(fn: Callable[..., object]) -> int:
 
 
 @functools.cache
-def _kernels(dtype: torch.dtype, rows: int) -> _Kernels:
-    """The kernels of ``dtype``, the products' at address ``rows``."""
+def _kernels(dtype: torch.dtype, rows: int, tanh16: int) -> _Kernels:
+    """The kernels of ``dtype``, the products' at address ``rows``; ``tanh16``: torch's vector
+    tanh for GeGLU (0 where no layer has it)."""
     suffix = cpu_elementwise.SUFFIX[dtype]
     el, attn = cpu_elementwise.load(), cpu_decode.load()
     decode = attn.paged_decode_bf16 if dtype == torch.bfloat16 else attn.paged_decode_f32
@@ -89,7 +90,7 @@ def _kernels(dtype: torch.dtype, rows: int) -> _Kernels:
         rows, *(_address(getattr(el, f"{name}_{suffix}"))
                 for name in ("rms_norm", "rms_norm_heads", "add_rms_norm", "rope", "silu_mul",
                              "gelu_tanh_mul")),
-        cpu_elementwise.torch_tanh16(), _address(attn.store_kv_rows), _address(decode))
+        tanh16, _address(attn.store_kv_rows), _address(decode))
 
 
 def _pointers(pair: tuple[Tensor, Tensor] | None) -> tuple[int | None, int | None]:
@@ -156,6 +157,9 @@ class LayerStack:
             for w in layers))
         self._keep = layers  # the tensors those pointers are into
         self._first_cache = first.k_cache.data_ptr()
+        # found and checked at start-up (tens of ms), and only for a model that uses it
+        self._tanh16 = (cpu_elementwise.torch_tanh16() if any(w.gelu_tanh for w in layers)
+                        else 0)
         self._shape = _Shape(self.hidden, heads, kv_heads, head_dim, self.inter, block_size,
                              first.in_norm.element_size(), eps, int(gemma),
                              int(self.dtype == torch.bfloat16), 1)
@@ -196,7 +200,8 @@ class LayerStack:
                      (_ptr * 2)(*(s.data_ptr() for _, s in pairs[:2])), cos.stride(0),
                      cos.shape[-1],
                      slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr())
-        failed = load().decode_layers(ctypes.byref(_kernels(dtype, _address(rows))), self._layers,
+        kernels = _kernels(dtype, _address(rows), self._tanh16)
+        failed = load().decode_layers(ctypes.byref(kernels), self._layers,
                                       len(self._layers), ctypes.byref(self._shape),
                                       ctypes.byref(step))
         if failed >= 0:  # checked above; the caches and x are then partly written: fail the step

@@ -184,49 +184,45 @@ static inline __m512 gelu_tanh16(__m512 x, tanh16_fn tanh16) {
 }
 #endif
 
-int gelu_tanh_mul_bf16(const uint16_t *gate_up, int64_t stride, uint16_t *out, int64_t tokens,
-                       int64_t inter, const void *tanh16, int num_threads) {
+/* Both dtypes' rows (bf16: gate_up and out are bfloat16, else float32). */
+static int gelu_tanh_mul(const void *gate_up, int64_t stride, void *out, int64_t tokens,
+                         int64_t inter, const void *tanh16, int bf16, int num_threads) {
 #if AVX512_ROWS
     if (inter % 16) return 0;
     const tanh16_fn th = (tanh16_fn)tanh16;
 #pragma omp parallel for schedule(static) num_threads(num_threads) \
     if (tokens * inter >= PARALLEL_MIN)
     for (int64_t t = 0; t < tokens; t++) {
-        const uint16_t *g = gate_up + t * stride, *u = g + inter;
-        uint16_t *o = out + t * inter;
         for (int64_t j = 0; j < inter; j += 16) {
-            const __m512 act = bf16x16_round(gelu_tanh16(bf16x16_load(g + j, 0xffff), th));
-            bf16x16_store(o + j, _mm512_mul_ps(act, bf16x16_load(u + j, 0xffff)), 0xffff);
+            const int64_t at = t * stride + j, to = t * inter + j;
+            if (bf16) {
+                const uint16_t *g = (const uint16_t *)gate_up + at;
+                const __m512 act = bf16x16_round(gelu_tanh16(bf16x16_load(g, 0xffff), th));
+                bf16x16_store((uint16_t *)out + to,
+                              _mm512_mul_ps(act, bf16x16_load(g + inter, 0xffff)), 0xffff);
+            } else {
+                const float *g = (const float *)gate_up + at;
+                const __m512 act = gelu_tanh16(_mm512_loadu_ps(g), th);
+                _mm512_storeu_ps((float *)out + to, _mm512_mul_ps(act, _mm512_loadu_ps(g + inter)));
+            }
         }
     }
     return 1;
 #else
-    (void)gate_up; (void)stride; (void)out; (void)tokens; (void)inter; (void)tanh16;
+    (void)gate_up; (void)stride; (void)out; (void)tokens; (void)inter; (void)tanh16; (void)bf16;
     (void)num_threads;
     return 0;
 #endif
 }
 
+int gelu_tanh_mul_bf16(const uint16_t *gate_up, int64_t stride, uint16_t *out, int64_t tokens,
+                       int64_t inter, const void *tanh16, int num_threads) {
+    return gelu_tanh_mul(gate_up, stride, out, tokens, inter, tanh16, 1, num_threads);
+}
+
 int gelu_tanh_mul_f32(const float *gate_up, int64_t stride, float *out, int64_t tokens,
                       int64_t inter, const void *tanh16, int num_threads) {
-#if AVX512_ROWS
-    if (inter % 16) return 0;
-    const tanh16_fn th = (tanh16_fn)tanh16;
-#pragma omp parallel for schedule(static) num_threads(num_threads) \
-    if (tokens * inter >= PARALLEL_MIN)
-    for (int64_t t = 0; t < tokens; t++) {
-        const float *g = gate_up + t * stride, *u = g + inter;
-        float *o = out + t * inter;
-        for (int64_t j = 0; j < inter; j += 16)
-            _mm512_storeu_ps(o + j, _mm512_mul_ps(gelu_tanh16(_mm512_loadu_ps(g + j), th),
-                                                  _mm512_loadu_ps(u + j)));
-    }
-    return 1;
-#else
-    (void)gate_up; (void)stride; (void)out; (void)tokens; (void)inter; (void)tanh16;
-    (void)num_threads;
-    return 0;
-#endif
+    return gelu_tanh_mul(gate_up, stride, out, tokens, inter, tanh16, 0, num_threads);
 }
 
 /* float32: the same operations, rounded only where torch rounds (after each op). */

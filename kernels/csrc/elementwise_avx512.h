@@ -1,8 +1,8 @@
 /* AVX-512 rows of the bfloat16 elementwise operations (included by elementwise.c where the
- * compiler targets AVX-512BW; rows.c takes its bfloat16 loads and stores). The plain C loops of elementwise.c vectorise, but GCC turns each
- * bfloat16 rounding into a long select chain and calls libmvec's expf out of line: RMSNorm ran
- * at ~1.5 cycles per element and SiLU at ~2 per thread, which made them a sixth of a bfloat16
- * prefill step. Here each rounding is one instruction (AVX512-BF16) or five integer ops, and
+ * compiler targets AVX-512BW; rows.c takes its bfloat16 loads and stores). The plain C loops of
+ * elementwise.c vectorise, but GCC turns each bfloat16 rounding into a long select chain and
+ * calls libmvec's expf out of line: RMSNorm ran at ~1.5 cycles per element and SiLU at ~2 per
+ * thread, which made them a sixth of a bfloat16 prefill step. Here each rounding is one instruction (AVX512-BF16) or five integer ops, and
  * exp is inline.
  *
  * Same arithmetic as the C loops, in the same order (no contraction: -ffp-contract=off, and
