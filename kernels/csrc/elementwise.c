@@ -165,7 +165,7 @@ void silu_mul_bf16(const uint16_t *gate_up, int64_t stride, uint16_t *out, int64
 /* GeGLU: out = act(gate) * up with torch's tanh GELU, 0.5 x (1 + tanh(b (x + k x^3))), in torch's
  * own arithmetic: its vector kernel's order (the inner sum an FMA, as GCC contracts ATen's
  * vector code) and its own vector tanh, whose address the caller passes (Sleef's, exported by
- * libtorch; kernels/cpu_elementwise.py checks at load that the results equal torch's). Where
+ * libtorch; kernels/cpu_elementwise.py checks once that the results equal torch's). Where
  * torch's threads split a row off a 16-value boundary torch takes those few values through
  * its scalar tanh instead. AVX-512 builds only (the tanh takes a 512-bit vector); returns 0,
  * nothing done, elsewhere or when inter is not a multiple of 16. bfloat16: the activation
