@@ -17,7 +17,9 @@ Where a launch only queues device work (CUDA) it runs on the event loop's own th
 finish, which runs once the tokens are on the host: a thread hand-off costs more than either.
 Only the wait for the device runs in a thread, so that a step arriving meanwhile is launched. On
 the CPU, where a launch is the whole forward pass, launches and finishes run on the worker's one
-compute thread (:mod:`worker_svc.compute_thread`) so the server stays responsive.
+compute thread (:mod:`worker_svc.compute_thread`) so the server stays responsive, and a step
+launched with none before it unanswered is finished in the same call: each hand-off to that
+thread and back costs 0.2-0.5 ms on a 2-vCPU VM, a twentieth of a one-sequence decode step.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ class StepPipeline:
                         while self.pending:
                             for result in await self._finish():
                                 yield result
-                    self.pending.append(await self._call(self.runner.launch, step))
+                    for result in await self._launch(step):
+                        yield result
                 elif self.pending:
                     await self._wait_head()
                 elif self.closed:
@@ -103,6 +106,19 @@ class StepPipeline:
         await asyncio.wait({head, arrival}, return_when=asyncio.FIRST_COMPLETED)
         arrival.cancel()
 
+    async def _launch(self, step: worker_pb2.Step) -> list[worker_pb2.StepResult]:
+        """Launch ``step``; its results where it was also finished. On the CPU, with nothing
+        launched before it unanswered, it is finished in the same call to the compute thread
+        (its tokens are on the host once it is launched): one thread hand-off a step, not two."""
+        if self.inline or self.pending:
+            self.pending.append(await self._call(self.runner.launch, step))
+            return []
+        pending, result = await compute_thread.run(self._launch_and_finish, step)
+        if result is None:  # its tokens are not on the host yet
+            self.pending.append(pending)
+            return []
+        return self._answered(pending, result)
+
     async def _call(self, fn: Callable[..., Any], arg: Any) -> Any:
         return fn(arg) if self.inline else await compute_thread.run(fn, arg)
 
@@ -118,7 +134,18 @@ class StepPipeline:
     async def _finish(self) -> list[worker_pb2.StepResult]:
         """The oldest launched step's result; one per step if others ran inside it."""
         pending = self.pending.popleft()
-        result = await self._call(self.runner.finish, pending)
+        return self._answered(pending, await self._call(self.runner.finish, pending))
+
+    def _launch_and_finish(
+        self, step: worker_pb2.Step
+    ) -> tuple[PendingStep, worker_pb2.StepResult | None]:
+        """On the compute thread: launch ``step`` and, where its tokens are then on the host (a
+        CPU step), finish it in the same call."""
+        pending = self.runner.launch(step)
+        return pending, self.runner.finish(pending) if pending.ready() else None
+
+    def _answered(self, pending: PendingStep,
+                  result: worker_pb2.StepResult) -> list[worker_pb2.StepResult]:
         if self.on_result is not None:
             self.on_result(pending)
         return step_join.split(result, self.joined.pop(result.step_id, []))

@@ -183,6 +183,27 @@ def test_on_the_cpu_a_finished_step_is_answered_before_the_next_is_launched(
     assert calls == [(kind, i) for i in range(1, 5) for kind in ("launch", "finish")]
 
 
+def test_on_the_cpu_a_step_is_launched_and_finished_in_one_call_to_the_compute_thread(
+    runners: tuple[ModelRunner, ModelRunner], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CPU step's tokens are on the host once it is launched: one hand-off to the compute
+    thread a step, not one to launch it and one to finish it (each costs a thread wake-up)."""
+    _, runner = runners
+    runner.reset()
+    handoffs: list[str] = []
+    run = compute_thread.run
+
+    async def counted(fn, *args):  # type: ignore[no-untyped-def]
+        handoffs.append(getattr(fn, "__name__", "?"))
+        return await run(fn, *args)
+
+    monkeypatch.setattr(compute_thread, "run", counted)
+    steps = scheduled_steps(GREEDY, decodes=5)
+    results = run_pipeline(runner, steps)
+    assert [r.step_id for r in results] == [s.step_id for s in steps]
+    assert handoffs == ["_launch_and_finish"] * len(steps)
+
+
 def test_on_the_cpu_every_step_runs_on_the_one_compute_thread(
     runners: tuple[ModelRunner, ModelRunner],
 ) -> None:
