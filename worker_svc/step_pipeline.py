@@ -19,7 +19,7 @@ Only the wait for the device runs in a thread, so that a step arriving meanwhile
 the CPU, where a launch is the whole forward pass, launches and finishes run on the worker's one
 compute thread (:mod:`worker_svc.compute_thread`) so the server stays responsive, and a step
 launched with none before it unanswered is finished in the same call: each hand-off to that
-thread and back costs 0.2-0.5 ms on a 2-vCPU VM, a twentieth of a one-sequence decode step.
+thread and back costs 0.2-0.5 ms on a 2-vCPU VM, up to a tenth of a one-sequence decode step.
 """
 
 from __future__ import annotations
