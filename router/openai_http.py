@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,7 +45,7 @@ from router.openai_requests import (
     embedding_call,
     parse_body,
 )
-from router.openai_responses import Answer, TokenTexts
+from router.openai_responses import Answer, TokenTexts, dumps, sse
 from router.placement import Placer
 
 log = logging.getLogger("router.http")
@@ -173,11 +172,11 @@ class OpenAIApi:
         try:
             async with contextlib.aclosing(merged) as responses:
                 async for response in responses:
-                    await _send(stream, answer.chunk([answer.stream_choice(response)]))
+                    await _send_with_the_step(stream, answer.stream_event(response))
             if call.include_usage:
-                await _send(stream, answer.chunk([], usage=True))
+                await stream.write(sse(answer.chunk([], usage=True)))
         except RequestError as e:  # after the headers went out: the error travels as an event
-            await _send(stream, error_body(e.http_status, str(e), _param(request, e.field)))
+            await stream.write(sse(error_body(e.http_status, str(e), _param(request, e.field))))
         await stream.write(b"data: [DONE]\n\n")
         await stream.write_eof()
         return stream
@@ -256,6 +255,18 @@ class _ServerLog:
         return getattr(self.logger, name)
 
 
+async def _send_with_the_step(stream: web.StreamResponse, event: bytes) -> None:
+    """Write a streamed chunk once every stream that the same scheduler step woke has shaped
+    its own: a scheduler's EventBatch wakes all of its requests' handlers in one pass of the event
+    loop, and yielding to it once lets them all do their Python work before any writes, so the
+    writes leave back to back. A client's event loop then wakes once for a step's chunks, not
+    once per chunk, and each write finds its reader awake: on a served 64-stream burst this took
+    the router's CPU per token down by a quarter and the client's (``vllm bench serve``) by more
+    than a third (docs/BENCHMARKS.md)."""
+    await asyncio.sleep(0)
+    await stream.write(event)
+
+
 def _trace_parent(request: web.Request) -> Context | None:
     """The client's W3C trace context (``traceparent`` / ``tracestate`` headers), if any."""
     return tracing.extract({k: v for k in ("traceparent", "tracestate") if (v := request.headers.get(k))})
@@ -292,19 +303,8 @@ def error_response(
 
 def _json(body: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(
-        body=_dumps(body), status=status, content_type="application/json", charset="utf-8"
+        body=dumps(body), status=status, content_type="application/json", charset="utf-8"
     )
-
-
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one, not one per body
-
-
-def _dumps(body: dict[str, Any]) -> bytes:
-    return _ENCODER.encode(body).encode()
-
-
-async def _send(stream: web.StreamResponse, body: dict[str, Any]) -> None:
-    await stream.write(b"data: " + _dumps(body) + b"\n\n")
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

@@ -9,10 +9,15 @@ counted once; cached tokens are the fewest any completion had, so they never exc
 Completions with ``echo`` put the prompt before each choice's text; with logprobs, the prompt's
 tokens lead the choice's ``logprobs`` too, the first with ``null`` token_logprob and
 top_logprobs (nothing predicts it), as OpenAI's legacy API and lm-eval-harness read them.
+
+A streamed response that is text and nothing else (no logprobs, ids, echo, reasoning or tool
+calls, not the first chat delta nor the last) -- the one sent for almost every token -- is encoded
+from a template made once per answer, byte for byte what the general path encodes.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +33,20 @@ FINISH_REASONS = {
     common_pb2.FINISH_REASON_ABORT: "abort",
     common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # one, not one per body
+_STRING = json.encoder.encode_basestring  # a JSON string as _ENCODER writes it (non-ASCII kept)
+
+
+def dumps(body: dict[str, Any]) -> bytes:
+    """A JSON body as every OpenAI answer and chunk is written: compact, UTF-8."""
+    return _ENCODER.encode(body).encode()
+
+
+def sse(body: dict[str, Any]) -> bytes:
+    """One server-sent event carrying ``body``."""
+    return b"data: " + dumps(body) + b"\n\n"
 
 
 class TokenTexts:
@@ -87,6 +106,13 @@ class Answer:
         self.echo = echo  # completions' echo: the prompt leads the text (and logprobs)
         self.token_ids = token_ids  # vLLM's return_token_ids: prompt and output ids shown
         self._prompt_ids_sent = False  # chat streams them once, at the top of a chunk
+        # A plain text chunk: head + index + field + the text as a JSON string + tail.
+        head = dumps({"id": self.id, "object": "chat.completion.chunk" if chat else "text_completion",
+                      "created": self.created, "model": model})
+        self._plain_head = "data: " + head.decode()[:-1] + ',"choices":[{"index":'
+        self._plain_field = ',"delta":{"content":' if chat else ',"text":'
+        self._plain_tail = ('}' if chat else '') + ',"logprobs":null,"finish_reason":null}]}\n\n'
+        self._plain_ok = not (logprobs or token_ids)
 
     def record(self, response: generation_pb2.GenerateResponse) -> _Choice:
         """Keep a response for the whole answer (:meth:`body`)."""
@@ -110,6 +136,23 @@ class Answer:
             choice.stop_string = response.stop_string or None
             choice.usage = response.usage
         return choice
+
+    def stream_event(self, response: generation_pb2.GenerateResponse) -> bytes:
+        """Record a streamed response; return its SSE chunk (``data: {...}\\n\\n``)."""
+        if self._plain_ok and self._plain(response):
+            self.record(response)
+            return (self._plain_head + str(response.index) + self._plain_field
+                    + _STRING(response.text) + self._plain_tail).encode()
+        return sse(self.chunk([self.stream_choice(response)]))
+
+    def _plain(self, response: generation_pb2.GenerateResponse) -> bool:
+        """Text and nothing else, mid-stream (not a chat's first delta, which names the role)."""
+        if response.finish_reason or response.prompt_token_ids or response.prompt_logprobs:
+            return False
+        if self.chat:
+            return (bool(self.choices[response.index].text) and not response.reasoning_text
+                    and not response.tool_calls)
+        return not response.prompt_text
 
     def stream_choice(self, response: generation_pb2.GenerateResponse) -> dict[str, Any]:
         """Record a response; return it as one SSE chunk's choice object."""

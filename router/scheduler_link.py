@@ -1,7 +1,7 @@
 """The router's one connection to its scheduler, shared by all of the router's requests.
 
 Requests and aborts go up one ``Connect`` stream; token events come back batched (one message
-per scheduler step) and are handed to each request's queue. When the stream breaks — the
+per scheduler step) and are handed to each request's inbox (``router.event_inbox``). When the stream breaks — the
 scheduler restarted — the link reconnects and re-attaches every request in flight from the
 number of tokens it already has (``resume``), so client streams continue with nothing lost or
 repeated. A request the new scheduler never heard of and that has no tokens yet is submitted
@@ -19,6 +19,7 @@ import grpc
 from pagewire import serving
 from pagewire.tls import TLSFiles
 from pagewire.v1 import scheduler_pb2, scheduler_pb2_grpc
+from router.event_inbox import EventInbox
 
 log = logging.getLogger("router.link")
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
@@ -30,7 +31,7 @@ class SchedulerLink:
         self.address = address
         self.tls = tls
         self.resume_timeout_s = resume_timeout_s
-        self.queues: dict[str, asyncio.Queue[scheduler_pb2.TokenEvent]] = {}
+        self.queues: dict[str, EventInbox] = {}
         self.submits: dict[str, scheduler_pb2.SubmitRequest] = {}
         self.received: dict[str, int] = {}  # output tokens each request has been sent
         self.resuming: set[str] = set()
@@ -42,11 +43,11 @@ class SchedulerLink:
         self.connected = False
 
     # ---- used by request handlers ---------------------------------------------------------
-    def submit(self, sub: scheduler_pb2.SubmitRequest) -> asyncio.Queue[scheduler_pb2.TokenEvent]:
-        """The queue of ``sub``'s events. Its id must not be in flight on this link: the caller
-        refuses duplicates (replacing the queue would orphan the first request's stream)."""
+    def submit(self, sub: scheduler_pb2.SubmitRequest) -> EventInbox:
+        """The inbox of ``sub``'s events. Its id must not be in flight on this link: the caller
+        refuses duplicates (replacing the inbox would orphan the first request's stream)."""
         assert sub.request_id not in self.queues, f"request id {sub.request_id!r} is in flight"
-        queue: asyncio.Queue[scheduler_pb2.TokenEvent] = asyncio.Queue()
+        queue = EventInbox()
         self.queues[sub.request_id] = queue
         self.submits[sub.request_id] = sub
         self.received[sub.request_id] = 0
@@ -150,7 +151,7 @@ class SchedulerLink:
             return
         self.resuming.discard(rid)
         self.received[rid] = max(self.received[rid], event.index + len(event.token_ids))
-        queue.put_nowait(event)
+        queue.put(event)
 
     def _dispatch_tokens(self, batch: scheduler_pb2.EventBatch) -> None:
         """The packed one-token events: a request streaming with nothing else to say."""
@@ -163,11 +164,11 @@ class SchedulerLink:
                 continue
             self.resuming.discard(rid)
             received[rid] = max(received[rid], index + 1)
-            queue.put_nowait(scheduler_pb2.TokenEvent(request_id=rid, token_ids=[token], index=index))
+            queue.put_token(rid, token, index)
 
     def _fail_all(self, message: str) -> None:
         for rid, queue in self.queues.items():
-            queue.put_nowait(scheduler_pb2.TokenEvent(
+            queue.put(scheduler_pb2.TokenEvent(
                 request_id=rid, error_code=UNAVAILABLE, error_message=message))
 
 

@@ -179,3 +179,33 @@ def test_chat_tool_calls_and_reasoning_stream_and_collect_as_openai_shapes_them(
         "tool_calls": [{"id": "call_a", "type": "function",
                         "function": {"name": "f", "arguments": '{"x": 1}'}}],
     }
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_every_streamed_chunk_is_the_general_paths_bytes(tokens: TokenTexts, chat: bool) -> None:
+    """Plain text chunks come from a template; they must be what chunk(stream_choice()) writes,
+    for any text (quotes, escapes, control and non-ASCII characters) and any choice."""
+    import json
+
+    from router.openai_responses import sse
+
+    delta = generation_pb2.ToolCallDelta
+    stream = [
+        generation_pb2.GenerateResponse(index=0, text="He"),  # a chat's first names the role
+        generation_pb2.GenerateResponse(index=1, text='"q" \\ \n\t\x01 é 漢 😀'),
+        generation_pb2.GenerateResponse(index=0, text=""),
+        generation_pb2.GenerateResponse(index=1, text="x", reasoning_text="r"),
+        generation_pb2.GenerateResponse(index=1, tool_calls=[delta(index=0, id="c", name="f")]),
+        generation_pb2.GenerateResponse(index=0, text="</s>", token_ids=[5, 6]),
+        last(1, "end", 7, 0),
+        last(0, "stop", 8, 0, finish=STOP, stop_string="."),
+    ]
+    fast = Answer("r\"id", "m/ü", 2, chat=chat, logprobs=False, tokens=tokens)
+    general = Answer("r\"id", "m/ü", 2, chat=chat, logprobs=False, tokens=tokens)
+    general.created = fast.created
+    for response in stream:
+        event = fast.stream_event(response)
+        assert event == sse(general.chunk([general.stream_choice(response)]))
+        assert event.startswith(b"data: {") and event.endswith(b"}\n\n")
+        json.loads(event[6:])
+    assert fast.chunk([], usage=True) == general.chunk([], usage=True)
