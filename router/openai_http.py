@@ -259,10 +259,10 @@ async def _send_with_the_step(stream: web.StreamResponse, event: bytes) -> None:
     """Write a streamed chunk once every stream that the same scheduler step woke has shaped
     its own: a scheduler's EventBatch wakes all of its requests' handlers in one pass of the event
     loop, and yielding to it once lets them all do their Python work before any writes, so the
-    writes leave back to back. A client's event loop then wakes once for a step's chunks, not
-    once per chunk, and each write finds its reader awake: on a served 64-stream burst this took
-    the router's CPU per token down by a quarter and the client's (``vllm bench serve``) by more
-    than a third (docs/BENCHMARKS.md)."""
+    writes leave back to back and a client's event loop wakes once for a step's chunks, not once
+    per chunk. With 64 streams and the cores otherwise idle (``bench/router_cost.py``) the
+    client's CPU per token fell by a quarter and the router's by 5 %; where a worker keeps the
+    cores busy, clients wake late anyway and it changes nothing (docs/BENCHMARKS.md)."""
     await asyncio.sleep(0)
     await stream.write(event)
 
