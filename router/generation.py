@@ -35,6 +35,7 @@ from router import best_of, tools, vllm_extras
 from router.chat_output import OutputSpec
 from router.completion import CompletionStream
 from router.errors import RequestError
+from router.event_inbox import EventInbox
 from router.model import ServedModel
 from router.placement import Placer
 from router.scheduler_link import SchedulerLink
@@ -282,7 +283,7 @@ class _Merged:
     With one queue (n = 1, the common case) it is a plain ``get``, with no task per event.
     """
 
-    def __init__(self, queues: list[asyncio.Queue[scheduler_pb2.TokenEvent]]) -> None:
+    def __init__(self, queues: list[EventInbox]) -> None:
         self.queues = queues
         self.getters: dict[int, asyncio.Future[scheduler_pb2.TokenEvent]] = {}
 

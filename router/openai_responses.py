@@ -107,8 +107,8 @@ class Answer:
         self.token_ids = token_ids  # vLLM's return_token_ids: prompt and output ids shown
         self._prompt_ids_sent = False  # chat streams them once, at the top of a chunk
         # A plain text chunk: head + index + field + the text as a JSON string + tail.
-        head = dumps({"id": self.id, "object": "chat.completion.chunk" if chat else "text_completion",
-                      "created": self.created, "model": model})
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        head = dumps({"id": self.id, "object": kind, "created": self.created, "model": model})
         self._plain_head = "data: " + head.decode()[:-1] + ',"choices":[{"index":'
         self._plain_field = ',"delta":{"content":' if chat else ',"text":'
         self._plain_tail = ('}' if chat else '') + ',"logprobs":null,"finish_reason":null}]}\n\n'

@@ -1,11 +1,11 @@
 """The router's one connection to its scheduler, shared by all of the router's requests.
 
 Requests and aborts go up one ``Connect`` stream; token events come back batched (one message
-per scheduler step) and are handed to each request's inbox (``router.event_inbox``). When the stream breaks — the
-scheduler restarted — the link reconnects and re-attaches every request in flight from the
-number of tokens it already has (``resume``), so client streams continue with nothing lost or
-repeated. A request the new scheduler never heard of and that has no tokens yet is submitted
-afresh. Past ``resume_timeout_s`` without a scheduler, requests fail with UNAVAILABLE.
+per scheduler step) and are handed to each request's inbox (``router.event_inbox``). When the
+stream breaks — the scheduler restarted — the link reconnects and re-attaches every request in
+flight from the number of tokens it already has (``resume``), so client streams continue with
+nothing lost or repeated. A request the new scheduler never heard of and that has no tokens yet
+is submitted afresh. Past ``resume_timeout_s`` without a scheduler, requests fail with UNAVAILABLE.
 """
 
 from __future__ import annotations
