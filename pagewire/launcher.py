@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -26,19 +27,46 @@ from pagewire.redis_server import RedisServer, start_redis, stop_process
 from pagewire.tls import TLSFiles
 from pagewire.v1 import generation_pb2, scheduler_pb2, worker_pb2
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LISTEN_PORTS_FROM = 10000  # the low end of the range listening ports are drawn from
+
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct ports free now: bound all at once, so none repeats another (one at a time,
-    the router was once handed the port its worker was about to listen on)."""
+    the router was once handed the port its worker was about to listen on).
+
+    Drawn below the kernel's ephemeral range where there is room (Linux: 32768-60999 unless
+    configured otherwise), as port 0 would not be: a port is free when handed out but bound by its
+    service only later, and in between any process's outgoing connection may take an ephemeral one
+    (a scheduler once failed to bind its metrics port in CI so). No connection takes a port below
+    the range; only another listener drawing the same one could, one chance in thousands."""
     sockets: list[socket.socket] = []
+    room = range(LISTEN_PORTS_FROM, _ephemeral_low())
+    draws = random.sample(room, min(len(room), 4 * n + 64)) if len(room) >= 4 * n else []
     try:
-        for _ in range(n):
-            sockets.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sockets[-1].bind((host, 0))
+        for port in [*draws, *[0] * n]:  # port 0 (ephemeral) only if the draws run out
+            if len(sockets) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            sockets.append(s)
         return [int(s.getsockname()[1]) for s in sockets]
     finally:
         for s in sockets:
             s.close()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (LISTEN_PORTS_FROM where unknown,
+    so that port 0 is used)."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return LISTEN_PORTS_FROM
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pagewire import serving
+from pagewire import launcher, serving
 from pagewire.launcher import Service, Stack, free_port, free_ports, shared_cores
 
 
@@ -99,6 +100,19 @@ def test_a_stack_stops_its_router_first_and_its_workers_last(monkeypatch: pytest
 
 def test_ports_handed_out_together_are_distinct() -> None:
     assert len(set(free_ports(64))) == 64
+
+
+def test_ports_are_drawn_where_no_outgoing_connection_can_take_them() -> None:
+    """Below the kernel's ephemeral range: between being handed out and being bound by its
+    service, a port there cannot become some connection's local port."""
+    low = int(launcher.EPHEMERAL_RANGE.read_text().split()[0])
+    if low - launcher.LISTEN_PORTS_FROM < 1000:
+        pytest.skip(f"the ephemeral range starts at {low}: no room below it")
+    ports = free_ports(32)
+    assert all(launcher.LISTEN_PORTS_FROM <= p < low for p in ports)
+    for p in ports:  # and each is free
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
 
 
 def test_another_server_answering_on_the_port_is_not_taken_for_the_service(tiny_model: Path) -> None:
