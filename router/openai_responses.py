@@ -112,7 +112,6 @@ class Answer:
         self._plain_head = "data: " + head.decode()[:-1] + ',"choices":[{"index":'
         self._plain_field = ',"delta":{"content":' if chat else ',"text":'
         self._plain_tail = ('}' if chat else '') + ',"logprobs":null,"finish_reason":null}]}\n\n'
-        self._plain_ok = not (logprobs or token_ids)
 
     def record(self, response: generation_pb2.GenerateResponse) -> _Choice:
         """Keep a response for the whole answer (:meth:`body`)."""
@@ -139,7 +138,7 @@ class Answer:
 
     def stream_event(self, response: generation_pb2.GenerateResponse) -> bytes:
         """Record a streamed response; return its SSE chunk (``data: {...}\\n\\n``)."""
-        if self._plain_ok and self._plain(response):
+        if self._plain(response):
             self.record(response)
             return (self._plain_head + str(response.index) + self._plain_field
                     + _STRING(response.text) + self._plain_tail).encode()
@@ -147,7 +146,8 @@ class Answer:
 
     def _plain(self, response: generation_pb2.GenerateResponse) -> bool:
         """Text and nothing else, mid-stream (not a chat's first delta, which names the role)."""
-        if response.finish_reason or response.prompt_token_ids or response.prompt_logprobs:
+        if self.logprobs or self.token_ids or response.finish_reason or response.prompt_token_ids \
+                or response.prompt_logprobs:
             return False
         if self.chat:
             return (bool(self.choices[response.index].text) and not response.reasoning_text
