@@ -157,6 +157,7 @@ class OpenAIApi:
             plans[0].rid, self.model.name, n * len(plans), call.chat, call.logprobs, self.tokens,
             prompt_logprobs=call.prompt_logprobs, prompts=len(plans),
             echo=call.requests[0].echo, token_ids=call.requests[0].return_prompt_token_ids,
+            prompt_tokens=[len(p.prompt) for p in plans], continuous_usage=call.continuous_usage,
         )
         parent = _trace_parent(request)
         merged = fanout.merged([self.generator.stream(p, parent) for p in plans], n)

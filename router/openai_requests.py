@@ -52,6 +52,7 @@ class CompletionCall:
     chat: bool
     stream: bool
     include_usage: bool
+    continuous_usage: bool  # vLLM's stream_options.continuous_usage_stats, with include_usage
     logprobs: bool  # render logprobs in the answer
     prompt_logprobs: bool = False  # render vLLM's prompt_logprobs field (asked for by name)
     structured_field: str = ""  # the JSON field sampling.structured came from (named in errors)
@@ -121,12 +122,17 @@ def _call(
     options = f.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise RequestError.invalid("stream_options", "must be an object")
-    include_usage = Fields(options or {}).boolean("include_usage")
+    include_usage = bool(Fields(options or {}).boolean("include_usage"))
+    try:
+        continuous = bool(Fields(options or {}).boolean("continuous_usage_stats"))
+    except RequestError as e:
+        raise e.renamed("stream_options.continuous_usage_stats") from None
     constraint = openai_structured.read(f.body)
     if constraint is not None:
         request.sampling.structured.CopyFrom(constraint.output.to_proto())
     return CompletionCall(
-        [request], chat, bool(f.boolean("stream")), bool(include_usage), logprobs,
+        [request], chat, bool(f.boolean("stream")), include_usage, include_usage and continuous,
+        logprobs,
         prompt_logprobs=f.get("prompt_logprobs") is not None,
         structured_field=constraint.field if constraint else "",
     )

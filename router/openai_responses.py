@@ -10,9 +10,10 @@ Completions with ``echo`` put the prompt before each choice's text; with logprob
 tokens lead the choice's ``logprobs`` too, the first with ``null`` token_logprob and
 top_logprobs (nothing predicts it), as OpenAI's legacy API and lm-eval-harness read them.
 
-A streamed response that is text and nothing else (no logprobs, ids, echo, reasoning or tool
-calls, not the first chat delta nor the last) -- the one sent for almost every token -- is encoded
-from a template made once per answer, byte for byte what the general path encodes.
+A streamed response that is text and nothing else (no logprobs, ids, echo, reasoning, tool
+calls or running usage, not the first chat delta nor the last) -- the one sent for almost every
+token -- is encoded from a template made once per answer, byte for byte what the general path
+encodes.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Answer:
     def __init__(
         self, rid: str, model: str, n: int, chat: bool, logprobs: bool, tokens: TokenTexts,
         prompt_logprobs: bool = True, prompts: int = 1, echo: bool = False,
-        token_ids: bool = False,
+        token_ids: bool = False, prompt_tokens: Sequence[int] = (), continuous_usage: bool = False,
     ) -> None:
         self.id = ("chatcmpl-" if chat else "cmpl-") + rid
         self.model = model
@@ -106,6 +107,9 @@ class Answer:
         self.echo = echo  # completions' echo: the prompt leads the text (and logprobs)
         self.token_ids = token_ids  # vLLM's return_token_ids: prompt and output ids shown
         self._prompt_ids_sent = False  # chat streams them once, at the top of a chunk
+        # vLLM's continuous_usage_stats: each streamed chunk says its choice's usage so far
+        self.continuous_usage = continuous_usage
+        self.prompt_tokens = list(prompt_tokens)  # per prompt, for the running usage
         # A plain text chunk: head + index + field + the text as a JSON string + tail.
         kind = "chat.completion.chunk" if chat else "text_completion"
         head = dumps({"id": self.id, "object": kind, "created": self.created, "model": model})
@@ -142,12 +146,24 @@ class Answer:
             self.record(response)
             return (self._plain_head + str(response.index) + self._plain_field
                     + _STRING(response.text) + self._plain_tail).encode()
-        return sse(self.chunk([self.stream_choice(response)]))
+        body = self.chunk([self.stream_choice(response)])
+        if self.continuous_usage:
+            body["usage"] = self.running_usage(response.index)
+        return sse(body)
+
+    def running_usage(self, index: int) -> dict[str, int]:
+        """One choice's usage so far, as vLLM puts it on every chunk: its prompt's tokens and
+        the output tokens streamed for it (the last chunk's count is the final usage's)."""
+        per_prompt = max(len(self.choices) // self.prompts, 1)
+        prompt = self.prompt_tokens[index // per_prompt]
+        completion = len(self.choices[index].token_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
 
     def _plain(self, response: generation_pb2.GenerateResponse) -> bool:
         """Text and nothing else, mid-stream (not a chat's first delta, which names the role)."""
         if self.logprobs or self.token_ids or response.finish_reason or response.prompt_token_ids \
-                or response.prompt_logprobs:
+                or response.prompt_logprobs or self.continuous_usage:
             return False
         if self.chat:
             return (bool(self.choices[response.index].text) and not response.reasoning_text

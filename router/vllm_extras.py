@@ -93,10 +93,6 @@ def set_extras(request: generation_pb2.GenerateRequest, f: Fields, chat: bool) -
     rid = f.string("request_id")
     if rid:
         request.request_id = rid  # an X-Request-Id header wins (router.openai_http)
-    options = f.get("stream_options")
-    if isinstance(options, dict) and options.get("continuous_usage_stats") not in (None, False):
-        raise RequestError.invalid("stream_options.continuous_usage_stats",
-                                   "is not supported: usage comes with the last chunk only")
     priority = f.integer("priority")
     if priority is not None:
         request.priority = -priority  # vLLM: lower runs first; pagewire: higher runs first

@@ -120,6 +120,27 @@ def test_streamed_completion_adds_up_to_the_whole_one_and_ends_with_usage(
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_stats_count_every_chunks_tokens(
+    client: openai.OpenAI, model: str, chat: bool, hf_reference: HFReference
+) -> None:
+    """vLLM's continuous_usage_stats: each chunk's usage is its prompt and the output tokens
+    streamed so far, rising to the final usage's count (a benchmark client counts tokens by it)."""
+    extra = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    args = {"messages": MESSAGES} if chat else {"prompt": PROMPT}
+    create = client.chat.completions.create if chat else client.completions.create
+    chunks = list(create(model=model, max_tokens=20, temperature=0, stream=True,
+                         extra_body={"ignore_eos": True}, **args, **extra))
+    prompt = len(chat_prompt_ids(hf_reference) if chat else hf_reference.tokenizer.encode(PROMPT))
+    with_choices = [c for c in chunks if c.choices]
+    assert len(with_choices) > 1 and all(c.usage is not None for c in with_choices)
+    counts = [c.usage.completion_tokens for c in with_choices]
+    assert counts == sorted(counts) and counts[-1] == 20
+    assert {(c.usage.prompt_tokens, c.usage.total_tokens - c.usage.completion_tokens)
+            for c in with_choices} == {(prompt, prompt)}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
 def test_chat_completion_is_transformers_greedy_on_the_templated_prompt(
     client: openai.OpenAI, model: str, hf_reference: HFReference
 ) -> None:

@@ -412,3 +412,29 @@ def test_structured_output_fields_become_one_constraint(
 def test_text_response_format_is_unconstrained() -> None:
     call = completion_call({"prompt": "x", "response_format": {"type": "text"}})
     assert not call.request.sampling.HasField("structured") and call.structured_field == ""
+
+
+@pytest.mark.parametrize(
+    ("options", "continuous"),
+    [
+        ({"include_usage": True, "continuous_usage_stats": True}, True),
+        ({"include_usage": True, "continuous_usage_stats": False}, False),
+        ({"continuous_usage_stats": True}, False),  # vLLM: no usage at all without include_usage
+        ({"include_usage": True}, False),
+    ],
+)
+def test_continuous_usage_stats_is_vllms_running_usage_with_include_usage(
+    options: dict, continuous: bool
+) -> None:
+    body = {"model": "m", "prompt": "Hi", "stream": True, "stream_options": options}
+    call = completion_call(body)
+    assert call.continuous_usage is continuous
+    assert call.include_usage is bool(options.get("include_usage"))
+
+
+def test_continuous_usage_stats_must_be_a_boolean() -> None:
+    body = {"model": "m", "prompt": "Hi", "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": "yes"}}
+    with pytest.raises(RequestError) as e:
+        completion_call(body)
+    assert e.value.field == "stream_options.continuous_usage_stats"

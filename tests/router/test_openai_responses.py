@@ -209,3 +209,42 @@ def test_every_streamed_chunk_is_the_general_paths_bytes(tokens: TokenTexts, cha
         assert event.startswith(b"data: {") and event.endswith(b"}\n\n")
         json.loads(event[6:])
     assert fast.chunk([], usage=True) == general.chunk([], usage=True)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_puts_each_choices_running_usage_on_every_chunk(
+    tokens: TokenTexts, chat: bool
+) -> None:
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's prompt and
+    output tokens so far; choices are prompt-major (two prompts of 10 and 3 tokens, n = 2)."""
+    import json
+
+    answer = Answer("r", "m", 4, chat=chat, logprobs=False, tokens=tokens, prompts=2,
+                    prompt_tokens=[10, 3], continuous_usage=True)
+    stream = [
+        generation_pb2.GenerateResponse(index=0, text="a", token_ids=[4]),
+        generation_pb2.GenerateResponse(index=3, text="bc", token_ids=[5, 6]),
+        generation_pb2.GenerateResponse(index=0, text="d", token_ids=[7]),
+        generation_pb2.GenerateResponse(index=2, text="", token_ids=[]),
+        generation_pb2.GenerateResponse(
+            index=3, text="", token_ids=[8], finish_reason=STOP,
+            usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=3)),
+    ]
+    seen = []
+    for response in stream:
+        body = json.loads(answer.stream_event(response)[6:])
+        [choice] = body["choices"]
+        assert choice["index"] == response.index
+        usage = body["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        seen.append((response.index, usage["prompt_tokens"], usage["completion_tokens"]))
+    assert seen == [(0, 10, 1), (3, 3, 2), (0, 10, 2), (2, 3, 0), (3, 3, 3)]
+
+
+def test_without_continuous_usage_no_chunk_but_the_last_has_usage(tokens: TokenTexts) -> None:
+    import json
+
+    answer = Answer("r", "m", 1, chat=False, logprobs=False, tokens=tokens, prompt_tokens=[10])
+    body = json.loads(answer.stream_event(
+        generation_pb2.GenerateResponse(index=0, text="a", token_ids=[4]))[6:])
+    assert "usage" not in body
