@@ -24,6 +24,12 @@ so every image is a prefix-cache hit, and reports that run as ``image_prefix_hit
 Without ``--addr`` the script starts its own stack (Redis, worker, scheduler, router as separate
 processes) on ``--model`` (default: the small test model, built on first use). The worker gets
 ``--threads`` torch threads, the same number the transformers baseline uses.
+
+``--openai-url http://HOST:PORT`` drives any OpenAI-compatible server instead (pagewire's HTTP API,
+vLLM): streamed ``/v1/completions`` of the same token-id prompts, each chunk's tokens counted from
+vLLM's ``continuous_usage_stats`` (``serving_client``); ``--model`` then only names the model
+directory whose vocabulary the prompts are drawn from. ``bench/vs_vllm.py`` runs it against both
+servers as a second opinion beside ``vllm bench serve``.
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import serving_compare
 import serving_plots
-from serving_client import run_requests, warm_up
+from serving_client import OpenAITarget, Target, run_requests, warm_up
 from serving_data import (
     BenchRequest,
     RequestSetSpec,
@@ -69,6 +76,10 @@ def parse_ints(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--addr", default="", help="router address; empty: start a local stack")
+    p.add_argument("--openai-url", default="",
+                   help="an OpenAI-compatible server's base URL (no /v1) to drive instead of gRPC")
+    p.add_argument("--served-model-name", default="",
+                   help="with --openai-url: the model name (default: the server's first model)")
     p.add_argument("--model", default="", help=f"model dir (default {DEFAULT_MODEL}, built if missing)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--input-len", type=int, default=272, help="mean prompt length in tokens")
@@ -122,9 +133,23 @@ def worker_args(args: argparse.Namespace, requests: list[BenchRequest]) -> list[
             *shlex.split(args.worker_args)]
 
 
+async def openai_target(args: argparse.Namespace) -> OpenAITarget:
+    """``--openai-url`` and its model: ``--served-model-name``, or the first ``/v1/models`` lists."""
+    url = args.openai_url.rstrip("/")
+    if args.served_model_name:
+        return OpenAITarget(url, args.served_model_name)
+    async with aiohttp.ClientSession() as session, session.get(url + "/v1/models") as resp:
+        resp.raise_for_status()
+        return OpenAITarget(url, (await resp.json())["data"][0]["id"])
+
+
 @asynccontextmanager
-async def router_address(args: argparse.Namespace, requests: list[BenchRequest]) -> AsyncIterator[str]:
-    """``--addr`` as given, or a local stack started for the benchmark and stopped after it."""
+async def server_target(args: argparse.Namespace, requests: list[BenchRequest]) -> AsyncIterator[Target]:
+    """``--openai-url`` or ``--addr`` as given, or a local stack started for the benchmark and
+    stopped after it."""
+    if args.openai_url:
+        yield await openai_target(args)
+        return
     if args.addr:
         yield args.addr
         return
@@ -143,7 +168,7 @@ async def router_address(args: argparse.Namespace, requests: list[BenchRequest])
 
 
 async def bench_point(
-    addr: str, source: RequestSource, args: argparse.Namespace, rate: float, concurrency: int
+    addr: Target, source: RequestSource, args: argparse.Namespace, rate: float, concurrency: int
 ) -> dict[str, object]:
     """One (rate, concurrency) point, ``--repeats`` times; keeps the median run by output tok/s.
 
@@ -168,7 +193,7 @@ async def run_points(
 ) -> list[dict[str, object]]:
     """Warm the server once (round 0's prompts), then run every point against the same router."""
     warm = source.round(0)
-    async with router_address(args, warm) as addr:
+    async with server_target(args, warm) as addr:
         await warm_up(addr, warm)
         results = []
         for i, (rate, conc) in enumerate(points):
@@ -182,7 +207,7 @@ async def run_points(
 
 
 async def prefix_hit_point(
-    addr: str, source: RequestSource, args: argparse.Namespace, rate: float, concurrency: int
+    addr: Target, source: RequestSource, args: argparse.Namespace, rate: float, concurrency: int
 ) -> dict[str, object]:
     """The latest run's requests (same images, same text) again: prefix-cache hits."""
     assert source.last is not None

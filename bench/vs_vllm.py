@@ -12,8 +12,11 @@ are compared (``vs_vllm_parity.py``); then one client, vLLM's own ``vllm bench s
 each server's OpenAI completions endpoint (greedy, ``ignore_eos``), runs every workload
 (``vs_vllm_workloads.py``) in rounds that alternate which server goes first. During each run the
 CPU time of every process of both servers is read from /proc, so the report also says where the
-time goes, per process, per output token. Prints the tables (``vs_vllm_report.py``), writes the
-JSON (``--out``) and a PNG beside it.
+time goes, per process, per output token. pagewire's own client (``bench/serving.py
+--openai-url``, tokens counted per chunk from vLLM's continuous usage stats) runs the workloads
+named by ``--second-opinion`` on both servers too, right after ``vllm bench serve``, as a second
+opinion on the same ratios. Prints the tables (``vs_vllm_report.py``), writes the JSON
+(``--out``) and a PNG beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sweep's stream counts; empty: no sweep")
     p.add_argument("--only", default="", help="comma list: run only the workloads whose name "
                    "contains one of these (e.g. 'mixed,Poisson')")
+    p.add_argument("--second-opinion", default="all at once,1 stream",
+                   help="comma list: the workloads (by name, as --only) pagewire's own client "
+                   "also runs on both servers; empty: none")
     p.add_argument("--vllm-bind", default="", help="VLLM_CPU_OMP_THREADS_BIND (default: cores "
                    "0..threads-1; 'auto' is vLLM's own default, which keeps a core for its front end)")
     p.add_argument("--log-dir", default="", help="server and client logs (default: a temp dir)")
@@ -119,9 +126,23 @@ def run_once(servers: dict[str, RunningServer], name: str, w: wl.Workload, venv:
             "client_cpu_s": client, "other_jobs_cpu_s": others}
 
 
+def second_opinion(server: RunningServer, w: wl.Workload, settings: ServerSettings, seed: int,
+                   work: Path) -> dict[str, float]:
+    """pagewire's own client on one workload and server (its figures under vLLM's keys)."""
+    result = work / f"{server.name}-serving.json"
+    cmd = wl.serving_command(w, server.base_url, settings.model, settings.served_name, seed, result)
+    return wl.run_serving(cmd, result, work / "serving-client.log")
+
+
+def matches(name: str, fragments: list[str]) -> bool:
+    return any(k in name for k in fragments)
+
+
 def run_rounds(servers: dict[str, RunningServer], workloads: list[wl.Workload], venv: Path,
-               settings: ServerSettings, rounds: int, work: Path) -> dict[str, dict]:
-    """Every workload on both servers, round after round; the first server alternates."""
+               settings: ServerSettings, rounds: int, work: Path,
+               second: Sequence[str] = ()) -> dict[str, dict]:
+    """Every workload on both servers, round after round; the first server alternates. The
+    workloads named in ``second`` then run pagewire's client on the same server."""
     results = {w.name: {"workload": vars(w) | {"request_rate": str(w.request_rate)}, "rounds": []}
                for w in workloads}
     for r in range(rounds):
@@ -138,6 +159,9 @@ def run_rounds(servers: dict[str, RunningServer], workloads: list[wl.Workload], 
                 rec["idle_cpu"][other] = run["cpu"][other]
                 rec["client_cpu_s"][name] = run["client_cpu_s"]
                 rec["other_jobs_cpu_s"][name] = run["other_jobs_cpu_s"]
+                if matches(w.name, list(second)):
+                    opinion = second_opinion(servers[name], w, settings, seed, work)
+                    rec.setdefault("second_opinion", {})[name] = opinion
                 print(f"[{settings.dtype} round {r + 1}/{rounds}] {w.name} | {name}: "
                       f"{run['metrics']['output_throughput']:.0f} tok/s, TPOT p50 "
                       f"{run['metrics']['p50_tpot_ms']:.1f} ms", flush=True)
@@ -168,8 +192,9 @@ def bench_dtype(args: argparse.Namespace, dtype: str, venv: Path, work: Path) ->
         warm_up(servers, venv, settings, work)
         loads = wl.workloads(args.quick, dtype, tuple(args.rates), tuple(args.concurrency))
         if args.only:
-            loads = [w for w in loads if any(k in w.name for k in parse_list(args.only, str))]
-        return run_rounds(servers, loads, venv, settings, args.rounds, work), par
+            loads = [w for w in loads if matches(w.name, parse_list(args.only, str))]
+        second = parse_list(args.second_opinion, str)
+        return run_rounds(servers, loads, venv, settings, args.rounds, work, second), par
     finally:
         for server in servers.values():
             server.stop()
@@ -197,6 +222,10 @@ def print_report(report: dict) -> None:
               f" in both runs): {sum(len(r['rounds']) for r in quiet.values())} of "
               f"{sum(len(r['rounds']) for r in results.values())} rounds\n")
         print(report_mod.ratio_table(quiet) if quiet else "(none)")
+        if report_mod.second_opinion(results):
+            print(f"\n{dtype}: the same ratios from two clients, vLLM's and pagewire's own "
+                  "(bench/serving.py --openai-url), on the workloads both ran\n")
+            print(report_mod.second_opinion_table(results))
         print(f"\n{dtype}: medians (output tok/s with its range; latencies in ms)\n")
         print(report_mod.absolute_table(results))
         print(f"\n{dtype}: CPU per output token, every process (median over rounds)\n")

@@ -114,6 +114,33 @@ def absolute_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+SECOND_COLUMNS = (("output_throughput", "out tok/s"), ("p50_ttft_ms", "TTFT p50"),
+                  ("p50_tpot_ms", "TPOT p50"), ("p50_itl_ms", "ITL p50"), ("p99_itl_ms", "ITL p99"))
+
+
+def second_opinion(results: dict[str, dict]) -> dict[str, dict]:
+    """The workloads pagewire's own client also ran, as records of its figures (its rounds)."""
+    out = {}
+    for name, rec in results.items():
+        rounds = [r["second_opinion"] for r in rec["rounds"] if "second_opinion" in r]
+        if rounds:
+            out[name] = {"rounds": rounds}
+    return out
+
+
+def second_opinion_table(results: dict[str, dict]) -> str:
+    """Per workload both clients ran: each client's per-round ratios, median (min–max)."""
+    head = "| workload | client | rounds | " + " | ".join(t for _, t in SECOND_COLUMNS) + " |"
+    lines = [head, "|---|---|---:|" + "---:|" * len(SECOND_COLUMNS)]
+    for name, mine in second_opinion(results).items():
+        for client, record in (("vllm bench serve", results[name]), ("bench/serving.py", mine)):
+            s = summarize(record)
+            cells = [fmt_spread(s[k]["ratio"], ".2f") for k, _ in SECOND_COLUMNS]
+            lines.append(f"| {name} | {client} | {len(record['rounds'])} | " + " | ".join(cells)
+                         + " |")
+    return "\n".join(lines)
+
+
 def cpu_per_token(record: dict, server: str) -> dict[str, dict]:
     """Process role -> spread over rounds of CPU-ms per output token (and ``total``)."""
     roles = sorted({role for r in record["rounds"] for role in r["cpu"][server]})

@@ -1,4 +1,5 @@
-"""The bench's workloads and how ``vllm bench serve`` runs one against a server.
+"""The bench's workloads and how ``vllm bench serve`` runs one against a server; and how
+pagewire's own client (``bench/serving.py --openai-url``) runs one, the second opinion.
 
 Every workload uses vLLM's random dataset (random token ids decoded to text, so both servers
 tokenize the same prompt text), greedy sampling and ``ignore_eos`` (every request generates
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,4 +106,40 @@ def metrics(data: dict) -> dict[str, float]:
     out = {k: float(data[k]) for k in METRIC_KEYS}
     out["total_output_tokens"] = float(data["total_output_tokens"])
     out["duration_s"] = float(data["duration"])
+    return out
+
+
+SERVING = Path(__file__).resolve().parent / "serving.py"
+
+
+def serving_command(w: Workload, base_url: str, model: str, served_name: str, seed: int,
+                    result: Path) -> list[str]:
+    """pagewire's client on ``w`` over the OpenAI API: the same lengths, rate and cap as
+    ``vllm bench serve`` gets (its own random token-id prompts, the same for both servers)."""
+    rate = "inf" if math.isinf(w.request_rate) else str(w.request_rate)
+    return [sys.executable, str(SERVING), "--openai-url", base_url, "--served-model-name",
+            served_name, "--model", model, "--num-requests", str(w.num_prompts),
+            "--input-len", str(w.input_len), "--input-len-range", str(w.input_range),
+            "--output-len", str(w.output_len), "--output-len-range", str(w.output_range),
+            "--request-rate", rate, "--max-concurrency", str(w.max_concurrency),
+            "--seed", str(seed), "--no-progress", "--out", str(result)]
+
+
+def run_serving(cmd: list[str], result: Path, log: Path, timeout: float = 1800) -> dict[str, float]:
+    """Run pagewire's client; its figures under vLLM's result keys (:data:`METRIC_KEYS`), checked:
+    every request completed with exactly its tokens."""
+    result.unlink(missing_ok=True)
+    repo = str(SERVING.parents[1])
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    with open(log, "ab") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+    if proc.returncode != 0 or not result.exists():
+        raise RuntimeError(f"bench/serving.py failed (exit {proc.returncode}); see {log}")
+    s = json.loads(result.read_text())["results"]["main"][0]["summary"]
+    if s["failed"]:
+        raise RuntimeError(f"{s['failed']} requests failed ({s['errors']}); see {log}")
+    out = {"output_throughput": s["output_throughput"], "request_throughput": s["request_throughput"],
+           "total_output_tokens": float(s["total_output_tokens"]), "duration_s": s["duration_s"]}
+    for name in ("ttft", "tpot", "itl"):
+        out |= {f"p{p}_{name}_ms": s[f"{name}_ms"][f"p{p}"] for p in (50, 99)}
     return out

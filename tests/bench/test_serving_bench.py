@@ -69,6 +69,35 @@ def test_serving_bench_reports_exact_tokens_and_ordered_latencies(
     assert rows[0]["pagewire_ratio"] == 1.0 and rows[2]["output_tokens"] == expected
 
 
+def test_openai_client_counts_every_chunks_tokens_from_the_running_usage(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """``--openai-url``: the same requests over pagewire's HTTP API (as against vLLM), every
+    request's tokens counted exactly from each chunk's continuous usage; a burst, so chunks
+    can carry several tokens when the router's reader falls behind."""
+    import asyncio
+
+    from pagewire.launcher import free_port, start_stack
+
+    port = free_port()
+    stack = asyncio.run(start_stack(str(tiny_model), worker_args=["--threads", "1"],
+                                    router_args=["--http-port", str(port)], log_dir=tmp_path))
+    try:
+        report = serving.run([
+            "--openai-url", f"http://127.0.0.1:{port}", "--model", str(tiny_model),
+            "--num-requests", str(NUM_REQUESTS), "--input-len", "24", "--input-len-range", "0.5",
+            "--output-len", "8", "--output-len-range", "0.5", "--no-progress",
+            "--out", str(tmp_path / "openai.json"),
+        ])
+    finally:
+        stack.stop()
+    requests = make_requests(RequestSetSpec(NUM_REQUESTS, 24, 8, 0.5, 0.5),
+                             model_vocab_size(tiny_model), round_=1)
+    [point] = report["results"]["main"]
+    check_summary(point["summary"], sum(r.output_len for r in requests))
+    assert point["summary"]["total_input_tokens"] == sum(r.input_len for r in requests)
+
+
 def test_hf_baseline_counts_requested_tokens(tiny_model: Path) -> None:
     spec = RequestSetSpec(2, 12, 6, 0.5, 0.5)
     requests = make_requests(spec, model_vocab_size(tiny_model))

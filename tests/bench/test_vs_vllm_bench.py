@@ -68,6 +68,36 @@ def test_client_command_is_greedy_ignore_eos_with_the_workloads_lengths(tmp_path
     assert single[single.index("--max-concurrency") + 1] == "1"
 
 
+def test_second_opinion_client_gets_the_workloads_lengths_rate_and_cap(tmp_path: Path) -> None:
+    import serving
+
+    cmd = wl.serving_command(wl.MIXED, "http://127.0.0.1:1", "/m", "name", 5, tmp_path / "r.json")
+    args = serving.build_parser().parse_args(cmd[2:])
+    assert cmd[1] == str(wl.SERVING)
+    assert (args.openai_url, args.served_model_name, args.model) == ("http://127.0.0.1:1", "name", "/m")
+    assert (args.num_requests, args.input_len, args.input_len_range) == (64, 272, 0.88)
+    assert (args.output_len, args.output_len_range, args.seed) == (80, 0.6, 5)
+    assert math.isinf(args.request_rate) and args.max_concurrency == 0
+    sweep = serving.build_parser().parse_args(
+        wl.serving_command(wl.sweep(32), "u", "/m", "n", 1, tmp_path / "r.json")[2:])
+    assert (sweep.max_concurrency, sweep.num_requests, sweep.output_len_range) == (32, 32, 0.0)
+    poisson = serving.build_parser().parse_args(
+        wl.serving_command(wl.poisson(4.0), "u", "/m", "n", 1, tmp_path / "r.json")[2:])
+    assert poisson.request_rate == 4.0
+
+
+def test_second_opinion_table_puts_both_clients_ratios_side_by_side() -> None:
+    rec = record([(80, 100), (90, 100)])
+    for r, (p, v) in zip(rec["rounds"], [(85, 100), (95, 100)], strict=True):
+        r["second_opinion"] = {"pagewire": metrics(p, 1e3 / p), "vllm": metrics(v, 1e3 / v)}
+    results = {wl.BURST.name: rec, wl.MIXED.name: record([(50, 100)])}
+    assert list(rep.second_opinion(results)) == [wl.BURST.name]
+    table = rep.second_opinion_table(results).splitlines()
+    assert len(table) == 4 and wl.MIXED.name not in "".join(table)
+    assert "| vllm bench serve | 2 | 0.85 (0.80–0.90) |" in table[2]
+    assert "| bench/serving.py | 2 | 0.90 (0.85–0.95) |" in table[3]
+
+
 def test_ratio_reads_as_pagewire_speed_for_throughput_and_latency() -> None:
     assert rep.speed_ratio("output_throughput", 50, 100) == 0.5
     assert rep.speed_ratio("p50_tpot_ms", 20, 10) == 0.5
