@@ -10,10 +10,10 @@ Completions with ``echo`` put the prompt before each choice's text; with logprob
 tokens lead the choice's ``logprobs`` too, the first with ``null`` token_logprob and
 top_logprobs (nothing predicts it), as OpenAI's legacy API and lm-eval-harness read them.
 
-A streamed response that is text and nothing else (no logprobs, ids, echo, reasoning, tool
-calls or running usage, not the first chat delta nor the last) -- the one sent for almost every
-token -- is encoded from a template made once per answer, byte for byte what the general path
-encodes.
+A streamed response that is text and nothing else (no logprobs, ids, echo, reasoning or tool
+calls, not the first chat delta nor the last; vLLM's running usage may follow) -- the one sent
+for almost every token -- is encoded from a template made once per answer, byte for byte what
+the general path encodes.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class Answer:
         head = dumps({"id": self.id, "object": kind, "created": self.created, "model": model})
         self._plain_head = "data: " + head.decode()[:-1] + ',"choices":[{"index":'
         self._plain_field = ',"delta":{"content":' if chat else ',"text":'
-        self._plain_tail = ('}' if chat else '') + ',"logprobs":null,"finish_reason":null}]}\n\n'
+        self._plain_tail = ('}' if chat else '') + ',"logprobs":null,"finish_reason":null}]'
 
     def record(self, response: generation_pb2.GenerateResponse) -> _Choice:
         """Keep a response for the whole answer (:meth:`body`)."""
@@ -144,8 +144,13 @@ class Answer:
         """Record a streamed response; return its SSE chunk (``data: {...}\\n\\n``)."""
         if self._plain(response):
             self.record(response)
+            end = "}\n\n"
+            if self.continuous_usage:
+                u = self.running_usage(response.index)
+                end = (f',"usage":{{"prompt_tokens":{u["prompt_tokens"]},"completion_tokens":'
+                       f'{u["completion_tokens"]},"total_tokens":{u["total_tokens"]}}}}}\n\n')
             return (self._plain_head + str(response.index) + self._plain_field
-                    + _STRING(response.text) + self._plain_tail).encode()
+                    + _STRING(response.text) + self._plain_tail + end).encode()
         body = self.chunk([self.stream_choice(response)])
         if self.continuous_usage:
             body["usage"] = self.running_usage(response.index)
@@ -163,7 +168,7 @@ class Answer:
     def _plain(self, response: generation_pb2.GenerateResponse) -> bool:
         """Text and nothing else, mid-stream (not a chat's first delta, which names the role)."""
         if self.logprobs or self.token_ids or response.finish_reason or response.prompt_token_ids \
-                or response.prompt_logprobs or self.continuous_usage:
+                or response.prompt_logprobs:
             return False
         if self.chat:
             return (bool(self.choices[response.index].text) and not response.reasoning_text

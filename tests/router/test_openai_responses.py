@@ -181,10 +181,14 @@ def test_chat_tool_calls_and_reasoning_stream_and_collect_as_openai_shapes_them(
     }
 
 
+@pytest.mark.parametrize("usage", [False, True])
 @pytest.mark.parametrize("chat", [False, True])
-def test_every_streamed_chunk_is_the_general_paths_bytes(tokens: TokenTexts, chat: bool) -> None:
+def test_every_streamed_chunk_is_the_general_paths_bytes(
+    tokens: TokenTexts, chat: bool, usage: bool
+) -> None:
     """Plain text chunks come from a template; they must be what chunk(stream_choice()) writes,
-    for any text (quotes, escapes, control and non-ASCII characters) and any choice."""
+    for any text (quotes, escapes, control and non-ASCII characters), any choice, and with
+    vLLM's running usage on every chunk."""
     import json
 
     from router.openai_responses import sse
@@ -200,12 +204,16 @@ def test_every_streamed_chunk_is_the_general_paths_bytes(tokens: TokenTexts, cha
         last(1, "end", 7, 0),
         last(0, "stop", 8, 0, finish=STOP, stop_string="."),
     ]
-    fast = Answer("r\"id", "m/ü", 2, chat=chat, logprobs=False, tokens=tokens)
-    general = Answer("r\"id", "m/ü", 2, chat=chat, logprobs=False, tokens=tokens)
+    kw = {"prompt_tokens": [12], "continuous_usage": usage}
+    fast = Answer("r\"id", "m/ü", 2, chat=chat, logprobs=False, tokens=tokens, **kw)
+    general = Answer("r\"id", "m/ü", 2, chat=chat, logprobs=False, tokens=tokens, **kw)
     general.created = fast.created
     for response in stream:
         event = fast.stream_event(response)
-        assert event == sse(general.chunk([general.stream_choice(response)]))
+        body = general.chunk([general.stream_choice(response)])
+        if usage:
+            body["usage"] = general.running_usage(response.index)
+        assert event == sse(body)
         assert event.startswith(b"data: {") and event.endswith(b"}\n\n")
         json.loads(event[6:])
     assert fast.chunk([], usage=True) == general.chunk([], usage=True)
