@@ -134,7 +134,7 @@ def second_opinion(server: RunningServer, w: wl.Workload, settings: ServerSettin
     return wl.run_serving(cmd, result, work / "serving-client.log")
 
 
-def matches(name: str, fragments: list[str]) -> bool:
+def matches(name: str, fragments: Sequence[str]) -> bool:
     return any(k in name for k in fragments)
 
 
@@ -159,7 +159,7 @@ def run_rounds(servers: dict[str, RunningServer], workloads: list[wl.Workload], 
                 rec["idle_cpu"][other] = run["cpu"][other]
                 rec["client_cpu_s"][name] = run["client_cpu_s"]
                 rec["other_jobs_cpu_s"][name] = run["other_jobs_cpu_s"]
-                if matches(w.name, list(second)):
+                if matches(w.name, second):
                     opinion = second_opinion(servers[name], w, settings, seed, work)
                     rec.setdefault("second_opinion", {})[name] = opinion
                 print(f"[{settings.dtype} round {r + 1}/{rounds}] {w.name} | {name}: "

@@ -122,9 +122,10 @@ def _call(
     options = f.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise RequestError.invalid("stream_options", "must be an object")
-    include_usage = bool(Fields(options or {}).boolean("include_usage"))
+    stream_options = Fields(options or {})
+    include_usage = bool(stream_options.boolean("include_usage"))
     try:
-        continuous = bool(Fields(options or {}).boolean("continuous_usage_stats"))
+        continuous = bool(stream_options.boolean("continuous_usage_stats"))
     except RequestError as e:
         raise e.renamed("stream_options.continuous_usage_stats") from None
     constraint = openai_structured.read(f.body)

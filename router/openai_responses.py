@@ -156,11 +156,15 @@ class Answer:
             body["usage"] = self.running_usage(response.index)
         return sse(body)
 
+    @property
+    def _per_prompt(self) -> int:
+        """Choices per prompt (``n``): they are prompt-major."""
+        return max(len(self.choices) // self.prompts, 1)
+
     def running_usage(self, index: int) -> dict[str, int]:
         """One choice's usage so far, as vLLM puts it on every chunk: its prompt's tokens and
         the output tokens streamed for it (the last chunk's count is the final usage's)."""
-        per_prompt = max(len(self.choices) // self.prompts, 1)
-        prompt = self.prompt_tokens[index // per_prompt]
+        prompt = self.prompt_tokens[index // self._per_prompt]
         completion = len(self.choices[index].token_ids)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
@@ -256,7 +260,7 @@ class Answer:
 
     def usage(self) -> dict[str, Any]:
         usages = [c.usage for c in self.choices if c.usage is not None]
-        firsts = self.choices[:: max(len(self.choices) // self.prompts, 1)]
+        firsts = self.choices[:: self._per_prompt]
         prompt = sum(c.usage.prompt_tokens for c in firsts if c.usage is not None)
         completion = sum(u.completion_tokens for u in usages)
         cached = min((u.cached_tokens for u in usages), default=0)
