@@ -226,6 +226,10 @@ def print_report(report: dict) -> None:
             print(f"\n{dtype}: the same ratios from two clients, vLLM's and pagewire's own "
                   "(bench/serving.py --openai-url), on the workloads both ran\n")
             print(report_mod.second_opinion_table(results))
+        if report_mod.phases(results):
+            print(f"\n{dtype}: where an all-at-once run's time goes (from each request's TTFT), "
+                  "median (min–max)\n")
+            print(report_mod.phase_table(results))
         print(f"\n{dtype}: medians (output tok/s with its range; latencies in ms)\n")
         print(report_mod.absolute_table(results))
         print(f"\n{dtype}: CPU per output token, every process (median over rounds)\n")

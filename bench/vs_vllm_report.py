@@ -141,6 +141,33 @@ def second_opinion_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+PHASES = (("last_first_token_s", "prompts: last first token (s)"),
+          ("after_last_first_s", "decodes after it (s)"), ("duration_s", "whole run (s)"))
+
+
+def phases(results: dict[str, dict]) -> dict[str, dict]:
+    """The all-at-once workloads whose every round has both servers' per-request TTFTs."""
+    return {name: rec for name, rec in results.items()
+            if rec["workload"]["request_rate"] == "inf" and not rec["workload"]["max_concurrency"]
+            and all(PHASES[0][0] in r[s] for r in rec["rounds"] for s in SERVERS)}
+
+
+def phase_table(results: dict[str, dict]) -> str:
+    """Where an all-at-once run's time goes, per server: until the last request's first token
+    (the prompts, with the decodes that ran beside them), and after it; medians over rounds and
+    vLLM / pagewire per round (> 1: pagewire is quicker)."""
+    head = "| workload | phase | pagewire | vLLM | vLLM / pagewire |"
+    lines = [head, "|---|---|---:|---:|---:|"]
+    for name, rec in phases(results).items():
+        for key, title in PHASES:
+            per = {s: spread([r[s][key] for r in rec["rounds"]]) for s in SERVERS}
+            ratio = spread([r["vllm"][key] / r["pagewire"][key] for r in rec["rounds"]
+                            if r["pagewire"][key] > 0])
+            lines.append(f"| {name} | {title} | {fmt_spread(per['pagewire'], '.2f')} | "
+                         f"{fmt_spread(per['vllm'], '.2f')} | {fmt_spread(ratio, '.2f')} |")
+    return "\n".join(lines)
+
+
 def cpu_per_token(record: dict, server: str) -> dict[str, dict]:
     """Process role -> spread over rounds of CPU-ms per output token (and ``total``)."""
     roles = sorted({role for r in record["rounds"] for role in r["cpu"][server]})

@@ -80,7 +80,7 @@ def bench_command(venv: Path, w: Workload, base_url: str, model: str, served_nam
         "--ignore-eos", "--temperature", "0", "--seed", str(seed),
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
         "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
-        "--disable-tqdm",
+        "--save-detailed", "--disable-tqdm",  # per-request TTFTs: the phases of a burst
     ]
     if w.max_concurrency:
         args += ["--max-concurrency", str(w.max_concurrency)]
@@ -102,10 +102,16 @@ def run_bench(cmd: list[str], result: Path, log: Path, timeout: float = 1800) ->
 
 
 def metrics(data: dict) -> dict[str, float]:
-    """The reported figures of one run, plus the token count that CPU-per-token divides by."""
+    """The reported figures of one run, plus the token count that CPU-per-token divides by and,
+    from the per-request TTFTs, when the last request got its first token (for requests sent all
+    at once: how long the prompts took) and how long the run went on after it (the decodes that
+    only the last prompts' tokens still needed)."""
     out = {k: float(data[k]) for k in METRIC_KEYS}
     out["total_output_tokens"] = float(data["total_output_tokens"])
     out["duration_s"] = float(data["duration"])
+    if data.get("ttfts"):
+        out["last_first_token_s"] = float(max(data["ttfts"]))
+        out["after_last_first_s"] = out["duration_s"] - out["last_first_token_s"]
     return out
 
 

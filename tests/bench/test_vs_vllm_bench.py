@@ -64,6 +64,7 @@ def test_client_command_is_greedy_ignore_eos_with_the_workloads_lengths(tmp_path
     assert json.loads(flags["--random-range-ratio"]) == {"input": 0.88, "output": 0.6}
     assert (flags["--random-input-len"], flags["--random-output-len"]) == ("272", "80")
     assert flags["--request-rate"] == "inf" and "--max-concurrency" not in cmd
+    assert "--save-detailed" in cmd  # per-request TTFTs: the phase table
     single = wl.bench_command(tmp_path, wl.SINGLE, "u", "/m", "n", 5, tmp_path / "r.json")
     assert single[single.index("--max-concurrency") + 1] == "1"
 
@@ -96,6 +97,34 @@ def test_second_opinion_table_puts_both_clients_ratios_side_by_side() -> None:
     assert len(table) == 4 and wl.MIXED.name not in "".join(table)
     assert "| vllm bench serve | 2 | 0.85 (0.80–0.90) |" in table[2]
     assert "| bench/serving.py | 2 | 0.90 (0.85–0.95) |" in table[3]
+
+
+def test_a_runs_phases_come_from_its_requests_ttfts() -> None:
+    data = {k: 1.0 for k in wl.METRIC_KEYS} | {"total_output_tokens": 100, "duration": 9.0,
+                                                "ttfts": [0.5, 4.0, 2.5]}
+    m = wl.metrics(data)
+    assert (m["last_first_token_s"], m["after_last_first_s"]) == (4.0, 5.0)
+    assert "last_first_token_s" not in wl.metrics(data | {"ttfts": []})
+
+
+def test_phase_table_splits_all_at_once_runs_at_the_last_first_token() -> None:
+    def phased(rec: dict, split: list[tuple[float, float]]) -> dict:
+        for r, (p, v) in zip(rec["rounds"], split, strict=True):
+            r["pagewire"].update(last_first_token_s=p, after_last_first_s=r["pagewire"]["duration_s"] - p)
+            r["vllm"].update(last_first_token_s=v, after_last_first_s=r["vllm"]["duration_s"] - v)
+        return rec
+
+    burst = phased(record([(100, 80), (100, 90)]), [(4.0, 5.0), (4.0, 4.4)])  # runs 10 / 12.5, 11.1 s
+    poisson = phased(record([(100, 80)]), [(4.0, 5.0)])
+    poisson["workload"] |= {"request_rate": "4.0"}
+    no_ttfts = record([(100, 80)])
+    results = {"burst": burst, "poisson": poisson, "old run": no_ttfts}
+    assert list(rep.phases(results)) == ["burst"]
+    table = rep.phase_table(results).splitlines()
+    assert len(table) == 2 + len(rep.PHASES)
+    assert table[2] == ("| burst | prompts: last first token (s) | 4.00 (4.00–4.00) | 4.70 (4.40–5.00)"
+                        " | 1.18 (1.10–1.25) |")
+    assert table[3].startswith("| burst | decodes after it (s) | 6.00 (6.00–6.00) | 7.11 (6.71–7.50) |")
 
 
 def test_ratio_reads_as_pagewire_speed_for_throughput_and_latency() -> None:
