@@ -104,8 +104,8 @@ def run_bench(cmd: list[str], result: Path, log: Path, timeout: float = 1800) ->
 def metrics(data: dict) -> dict[str, float]:
     """The reported figures of one run, plus the token count that CPU-per-token divides by and,
     from the per-request TTFTs, when the last request got its first token (for requests sent all
-    at once: how long the prompts took) and how long the run went on after it (the decodes that
-    only the last prompts' tokens still needed)."""
+    at once: how long the prompts took, with the decodes that ran beside them) and how long the
+    run went on after it (decodes only)."""
     out = {k: float(data[k]) for k in METRIC_KEYS}
     out["total_output_tokens"] = float(data["total_output_tokens"])
     out["duration_s"] = float(data["duration"])
