@@ -146,6 +146,8 @@ class Answer:
             self.record(response)
             end = "}\n\n"
             if self.continuous_usage:
+                # three ints, written out: 1.5 us a chunk less than the encoder; the general
+                # path's bytes (tests/router/test_openai_responses.py)
                 u = self.running_usage(response.index)
                 end = (f',"usage":{{"prompt_tokens":{u["prompt_tokens"]},"completion_tokens":'
                        f'{u["completion_tokens"]},"total_tokens":{u["total_tokens"]}}}}}\n\n')
